@@ -1,0 +1,158 @@
+"""Contrast transfer function, RELION's ``CTF::getCTF`` convention.
+
+For a spatial frequency (x, y) in 1/Å, u² = x² + y², θ = atan2(y, x):
+
+- wavelength λ (Å) = 12.2643247 / sqrt(V·(1 + V·0.978466e-6)), V in volts;
+- Cs (Å) = cs_mm·1e7;
+- K1 = π·λ, K2 = π/2·Cs·λ³, K3 = atan(Q0/sqrt(1 − Q0²)), K4 = −B/4,
+  K5 = phase shift in radians;
+- Δf(θ) = −(U + V)/2 − (U − V)/2·cos(2(θ − angle));
+- χ = K1·Δf·u² + K2·u⁴ − K5 − K3;
+- CTF = −sin(χ)·exp(K4·u²).
+
+So CTF(0) = sin(K3) = Q0 (positive) without phase shift, and the low
+frequencies of an image keep their sign: protein stays bright. RELION ≥ 3.1
+writes K1·Δf·u² as the quadratic form K1·(Axx·x² + 2·Axy·x·y + Ayy·y²) to
+allow an anisotropic magnification matrix; with no magnification matrix the
+two are identical, and cryo2d has none. RELION's ``scale`` factor (always 1 in
+STAR files) is left out.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryo2d.particles import CTFParams
+
+__all__ = ["wavelength_angst", "ctf_2d", "ctf_grid"]
+
+
+def wavelength_angst(voltage_kv: np.ndarray | float) -> np.ndarray:
+    """Relativistic electron wavelength.
+
+    Parameters
+    ----------
+    voltage_kv : float or (n,) array
+        Acceleration voltage in kV.
+
+    Returns
+    -------
+    float64 array, same shape as ``voltage_kv``
+        Wavelength in Å (0.0197 Å at 300 kV).
+    """
+    volts = np.asarray(voltage_kv, dtype=np.float64) * 1e3
+    return 12.2643247 / np.sqrt(volts * (1.0 + volts * 0.978466e-6))
+
+
+def _column(values: np.ndarray, n: int, ndim: int, device, dtype) -> Tensor:
+    """Length-n parameter as a float64 tensor shaped (n, 1, ..., 1) for broadcasting."""
+    arr = np.array(np.broadcast_to(np.asarray(values, dtype=np.float64), (n,)))
+    return torch.as_tensor(arr, device=device, dtype=dtype).reshape((n,) + (1,) * ndim)
+
+
+def ctf_2d(
+    freqs: Tensor,
+    params: CTFParams,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Phase-contrast transfer function, RELION's ``CTF::getCTF`` convention.
+
+    Parameters
+    ----------
+    freqs : (..., 2) float tensor
+        Spatial frequency (x, y) in 1/Å (any layout: centred grid, rfft
+        half-plane or a list of points).
+    params : CTFParams
+        Length-n arrays: defocus U/V in Å (positive = underfocus), angle of U
+        from the x axis in degrees, kV, Cs in mm, amplitude contrast Q0
+        (fraction), phase shift in degrees, B-factor in Å².
+    device : torch device, optional
+        Where to compute; default the device of ``freqs``.
+    dtype : torch dtype
+        Output dtype (float32 default). The phase χ is evaluated in float64
+        and only the result is cast, so large defoci lose no accuracy.
+
+    Returns
+    -------
+    (n, ...) tensor of ``dtype``
+        Unitless CTF, one plane per particle; equals Q0 at zero frequency
+        when the phase shift is 0.
+    """
+    device = freqs.device if device is None else torch.device(device)
+    f = torch.as_tensor(freqs, device=device).to(torch.float64)
+    assert f.shape[-1] == 2, "freqs must end in a dimension of 2 (x, y)"
+    n = len(params)
+    nd = f.ndim - 1
+    c = lambda v: _column(v, n, nd, device, torch.float64)  # noqa: E731
+
+    lam = c(wavelength_angst(params.voltage_kv))
+    cs_angst = c(np.asarray(params.cs_mm, dtype=np.float64) * 1e7)
+    q0 = np.asarray(params.amplitude_contrast, dtype=np.float64)
+    k1 = math.pi * lam
+    k2 = (math.pi / 2.0) * cs_angst * lam**3
+    k3 = c(np.arctan(q0 / np.sqrt(1.0 - q0 * q0)))
+    k4 = -c(params.bfactor_angst2) / 4.0
+    k5 = c(np.deg2rad(np.asarray(params.phase_shift_deg, dtype=np.float64)))
+    du = c(params.defocus_u_angst)
+    dv = c(params.defocus_v_angst)
+    angle_rad = c(np.deg2rad(np.asarray(params.defocus_angle_deg, dtype=np.float64)))
+
+    x = f[..., 0].unsqueeze(0)
+    y = f[..., 1].unsqueeze(0)
+    u2 = x * x + y * y
+    theta = torch.atan2(y, x)
+    defocus_average = -(du + dv) * 0.5
+    defocus_deviation = -(du - dv) * 0.5
+    deltaf = defocus_average + defocus_deviation * torch.cos(2.0 * (theta - angle_rad))
+    chi = k1 * deltaf * u2 + k2 * u2 * u2 - k5 - k3
+    ctf = -torch.sin(chi) * torch.exp(k4 * u2)
+    return ctf.to(dtype)
+
+
+def ctf_grid(
+    params: CTFParams,
+    box: int,
+    pixel_size_angst: float,
+    *,
+    rfft: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """CTF sampled on the Fourier grid of a ``box``-pixel image.
+
+    Parameters
+    ----------
+    params : CTFParams
+        Length-n CTF parameters (see :func:`ctf_2d`).
+    box : int
+        Image edge length in pixels.
+    pixel_size_angst : float
+        Pixel size in Å.
+    rfft : bool
+        False: centred full grid, zero frequency at index [box//2, box//2]
+        (the layout of :func:`cryo2d.fourier.fft2c`). True: the layout of
+        ``torch.fft.rfft2`` (not shifted): rows are ``fftfreq(box)`` order
+        (zero at row 0), columns are x = 0 .. box//2.
+    device : torch device, optional
+    dtype : torch dtype
+
+    Returns
+    -------
+    (n, box, box) or (n, box, box//2 + 1) tensor of ``dtype``
+        Indexed [particle, y, x].
+    """
+    from cryo2d.fourier import freq_grid
+
+    if rfft:
+        fy = torch.fft.fftfreq(box, d=float(pixel_size_angst), dtype=torch.float64, device=device)
+        fx = torch.fft.rfftfreq(box, d=float(pixel_size_angst), dtype=torch.float64, device=device)
+        yy, xx = torch.meshgrid(fy, fx, indexing="ij")
+        freqs = torch.stack([xx, yy], dim=-1)
+    else:
+        freqs = freq_grid(box, pixel_size_angst, device=device, dtype=torch.float64)
+    return ctf_2d(freqs, params, device=device, dtype=dtype)
