@@ -1,0 +1,218 @@
+"""CryoSPARC ``.cs`` particle files: numpy structured arrays (``numpy.load``).
+
+Conventions converted here and nowhere else: ``blob/idx`` is 0-based,
+``ctf/df_angle_rad`` and ``ctf/phase_shift_rad`` are radians (``CTFParams``
+holds degrees), ``alignments2D/class`` is 0-based, ``alignments2D/pose`` is
+radians and ``alignments2D/shift`` pixels.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cryo2d.errors import Cryo2DError
+from cryo2d.io.mrc import StackRefs, _one_line
+from cryo2d.io.outputs import atomic_path
+from cryo2d.particles import Assignments, CTFParams, ParticleSet
+
+# CTFParams field -> (.cs field, factor to RELION units).
+CTF_FIELDS = {
+    "defocus_u_angst": ("ctf/df1_A", 1.0),
+    "defocus_v_angst": ("ctf/df2_A", 1.0),
+    "defocus_angle_deg": ("ctf/df_angle_rad", 180.0 / np.pi),
+    "voltage_kv": ("ctf/accel_kv", 1.0),
+    "cs_mm": ("ctf/cs_mm", 1.0),
+    "amplitude_contrast": ("ctf/amp_contrast", 1.0),
+}
+OPTIONAL_CTF_FIELDS = {
+    "phase_shift_deg": ("ctf/phase_shift_rad", 180.0 / np.pi),
+    "bfactor_angst2": ("ctf/bfactor", 1.0),
+}
+# Fields write_cs adds (replacing any of the same name).
+ALIGNMENT_FIELDS = [
+    ("alignments2D/class", "<u4"),
+    ("alignments2D/pose", "<f4"),
+    ("alignments2D/shift", "<f4", (2,)),
+    ("alignments2D/psize_A", "<f4"),
+    ("alignments2D/class_posterior", "<f4"),
+    ("alignments2D/class_ess", "<f4"),
+    ("alignments2D/alpha", "<f4"),
+]
+
+
+def read_cs(
+    path: str | os.PathLike,
+    *,
+    project_dir: str | os.PathLike | None = None,
+    no_ctf: bool = False,
+    open_stacks: bool = True,
+) -> ParticleSet:
+    """Read a CryoSPARC particle ``.cs`` file.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The ``.cs`` file (a numpy structured array).
+    project_dir : str or PathLike, optional
+        Folder that ``blob/path`` is relative to (a leading ``>`` is
+        stripped). Default: the .cs file's folder, then its parent (the
+        CryoSPARC project folder for ``PROJECT/J24/x.cs``), then the current
+        folder, first that holds the stack.
+    no_ctf : bool
+        Do not read ``ctf/*`` fields (``ctf`` is None); otherwise a missing
+        CTF field is an error.
+    open_stacks : bool
+        Open and validate the stacks (``MRCStack``), or leave a ``StackRefs``
+        with ``box`` from ``blob/shape``.
+
+    Returns
+    -------
+    ParticleSet
+        ``kind="cs"``; ``table`` has one column per scalar field (bytes
+        decoded to str) and ``name[j]`` columns for vector fields; ``extra``
+        holds ``cs_array`` (the original array), ``blob_sign`` ((n,) float
+        or None: CryoSPARC's contrast sign, -1 = protein dark; RELION expects
+        protein bright, flipping is left to ``--invert-contrast``) and
+        ``project_dir``.
+    """
+    path = Path(path)
+    label = str(path)
+    if not path.is_file():
+        raise Cryo2DError(f"{label}: file not found")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise Cryo2DError(f"{label}: not a CryoSPARC .cs file ({_one_line(err)})") from err
+    if not isinstance(array, np.ndarray) or array.dtype.names is None or array.ndim != 1:
+        raise Cryo2DError(f"{label}: not a CryoSPARC .cs file (expected a 1-D structured array)")
+    for name in ("blob/path", "blob/idx"):
+        if name not in array.dtype.names:
+            raise Cryo2DError(f"{label}: field {name} missing (no particle images)")
+    if "blob/psize_A" not in array.dtype.names:
+        raise Cryo2DError(f"{label}: field blob/psize_A missing (no pixel size)")
+
+    refs = _stack_refs(array, path, project_dir, label)
+    particles = ParticleSet(
+        stack=refs,
+        ctf=None if no_ctf else _ctf(array, label),
+        pixel_size_angst=array["blob/psize_A"].astype(np.float64),
+        table=_table(array),
+        source=path,
+        kind="cs",
+        extra={
+            "cs_array": array,
+            "blob_sign": array["blob/sign"].astype(np.float64) if "blob/sign" in array.dtype.names else None,
+            "project_dir": project_dir,
+        },
+    )
+    if open_stacks:
+        particles = replace(particles, stack=refs.open())
+    return particles
+
+
+def _ctf(array: np.ndarray, label: str) -> CTFParams:
+    values = {}
+    for field, (name, factor) in CTF_FIELDS.items():
+        if name not in array.dtype.names:
+            raise Cryo2DError(f"{label}: field {name} missing (use --no-ctf to classify without CTF)")
+        values[field] = array[name].astype(np.float64) * factor
+    for field, (name, factor) in OPTIONAL_CTF_FIELDS.items():
+        present = name in array.dtype.names
+        values[field] = array[name].astype(np.float64) * factor if present else np.zeros(len(array))
+    return CTFParams(**values)
+
+
+def _stack_refs(array: np.ndarray, path: Path, project_dir, label: str) -> StackRefs:
+    raw_names, codes = np.unique(array["blob/path"], return_inverse=True)
+    names = [_decode(n).removeprefix(">") for n in raw_names]
+    if project_dir is not None:
+        bases = [Path(project_dir)]
+    else:
+        bases = list(dict.fromkeys([path.parent, path.parent.parent, Path.cwd()]))
+    places = [[Path(n)] if Path(n).is_absolute() else [base / n for base in bases] for n in names]
+    box = 0
+    if "blob/shape" in array.dtype.names and len(array):
+        shapes = np.unique(array["blob/shape"].reshape(len(array), -1), axis=0)
+        if len(shapes) == 1 and shapes[0][0] == shapes[0][-1]:
+            box = int(shapes[0][0])
+    return StackRefs(
+        label=label, names=names, candidates=places, file_index=codes.reshape(-1).astype(np.int64),
+        image_index=array["blob/idx"].astype(np.int64), index_base=0, box=box,
+    )
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _table(array: np.ndarray) -> pd.DataFrame:
+    """One column per scalar field, ``name[j]`` per element of vector fields."""
+    columns = {}
+    for name in array.dtype.names:
+        values = array[name]
+        if values.dtype.kind == "S":
+            uniques, inverse = np.unique(values, return_inverse=True)
+            columns[name] = np.array([_decode(u) for u in uniques], dtype=object)[inverse.reshape(-1)]
+        elif values.ndim == 1:
+            columns[name] = values
+        else:
+            for j, column in enumerate(values.reshape(len(array), -1).T):
+                columns[f"{name}[{j}]"] = column
+    return pd.DataFrame(columns)
+
+
+def write_cs(
+    particles: ParticleSet,
+    path: str | os.PathLike,
+    assignments: Assignments | None = None,
+    rows: np.ndarray | None = None,
+) -> None:
+    """Write particles, with 2D classification results, as a CryoSPARC ``.cs`` file.
+
+    Parameters
+    ----------
+    particles : ParticleSet
+        Read by ``read_cs`` (needs ``extra["cs_array"]``); every input field
+        is kept.
+    path : str or PathLike
+        Output file, written atomically (``numpy.save`` to a file object, so
+        the name keeps its ``.cs``).
+    assignments : Assignments, optional
+        Same length as ``particles``. Adds (or replaces) ``alignments2D/class``
+        (0-based), ``pose`` (psi in radians), ``shift`` ((m, 2) px),
+        ``psize_A`` (Å), ``class_posterior``, ``class_ess`` and ``alpha``
+        (scale). ``keep`` is not applied: pass ``rows`` to leave particles out.
+    rows : (m,) int array, optional
+        0-based particles to write, in this order (default: all).
+    """
+    array = particles.extra["cs_array"]
+    pixel_size_angst = particles.pixel_size_angst
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        array, pixel_size_angst = array[rows], pixel_size_angst[rows]
+    if assignments is not None:
+        assert len(assignments.class_index) == len(particles), "assignments must cover every particle"
+        picked = assignments if rows is None else assignments.subset(rows)
+        array = _with_assignments(array, picked, pixel_size_angst)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+def _with_assignments(array: np.ndarray, a: Assignments, pixel_size_angst: np.ndarray) -> np.ndarray:
+    added = {spec[0] for spec in ALIGNMENT_FIELDS}
+    kept = [(name, array.dtype.fields[name][0]) for name in array.dtype.names if name not in added]
+    out = np.zeros(len(array), dtype=kept + ALIGNMENT_FIELDS)
+    for name, _ in kept:
+        out[name] = array[name]
+    out["alignments2D/class"] = np.asarray(a.class_index, dtype=np.int64)
+    out["alignments2D/pose"] = np.deg2rad(np.asarray(a.psi_deg, dtype=np.float64))
+    out["alignments2D/shift"] = np.asarray(a.shift_px, dtype=np.float64).reshape(-1, 2)
+    out["alignments2D/psize_A"] = pixel_size_angst
+    out["alignments2D/class_posterior"] = a.class_posterior
+    out["alignments2D/class_ess"] = a.class_ess
+    out["alignments2D/alpha"] = a.scale
+    return out

@@ -1,0 +1,425 @@
+"""MRC image stacks, read memory-mapped, and single maps/stacks written whole.
+
+``MRCStack`` is the ``ImageSource`` the engine reads particles from: it maps
+each stack file lazily (``mrcfile.mmap``) and copies out only the images
+asked for, so a dataset larger than memory is never loaded. ``StackRefs``
+holds the same references before any file is opened (the STAR/.cs readers
+return it when asked not to open stacks); ``ArrayStack`` wraps an in-memory
+array for tests and simulations.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import mrcfile.utils
+import numpy as np
+
+from cryo2d.errors import Cryo2DError
+from cryo2d.io.outputs import atomic_path
+
+HEADER_BYTES = 1024
+MAX_OPEN_FILES = 64
+
+
+@dataclass(frozen=True)
+class _StackFile:
+    """What the header of one stack file says (validated)."""
+
+    n_images: int
+    ny: int
+    nx: int
+    strict: bool  # passed mrcfile's permissive=False checks (False: old file without map ID)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def inspect_mrc(path: Path, label: str, name: str | None = None) -> _StackFile:
+    """Validate an MRC file's header and size without reading its data.
+
+    A file that fails ``mrcfile``'s strict checks (``permissive=False``,
+    warnings as errors) is still accepted when its header gives a valid data
+    mode and shape and the file size matches it exactly: old RELION stacks
+    have no map ID. Anything else is refused.
+
+    Raises
+    ------
+    Cryo2DError
+        ``"{label}: {name} is not an MRC file (...)"`` or ``"... is truncated (...)"``.
+    """
+    name = name or str(path)
+    strict_error = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with mrcfile.open(path, mode="r", permissive=False, header_only=True) as mrc:
+                header = mrc.header.copy()
+    except (ValueError, Warning, OSError) as err:
+        strict_error = _one_line(err)
+    try:
+        if strict_error is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
+                    header = mrc.header.copy()
+        shape = mrcfile.utils.data_shape_from_header(header)
+        dtype = mrcfile.utils.data_dtype_from_header(header)
+    except (ValueError, OSError) as err:
+        raise Cryo2DError(f"{label}: {name} is not an MRC file ({strict_error or _one_line(err)})") from err
+    expected = HEADER_BYTES + int(header.nsymbt) + int(np.prod(shape)) * dtype.itemsize
+    size = os.path.getsize(path)
+    if strict_error is not None and (size > expected or min(shape) < 1 or int(header.nsymbt) < 0):
+        raise Cryo2DError(f"{label}: {name} is not an MRC file ({strict_error})")
+    if size < expected:
+        raise Cryo2DError(
+            f"{label}: {name} is truncated (its header says {'x'.join(map(str, shape))} {dtype.name} "
+            f"= {expected} bytes, the file has {size})"
+        )
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3:
+        raise Cryo2DError(f"{label}: {name} is a stack of volumes, not of images (shape {shape})")
+    return _StackFile(n_images=int(shape[0]), ny=int(shape[1]), nx=int(shape[2]), strict=strict_error is None)
+
+
+class MRCStack:
+    """Particle images from one or more MRC stacks, memory-mapped.
+
+    Parameters
+    ----------
+    files : sequence of Path
+        The distinct stack files (existing paths).
+    file_index : (n,) int array
+        For each particle, its file's position in ``files``.
+    image_index : (n,) int array
+        For each particle, the 0-based image number in its file.
+    label : str
+        Name used at the start of error messages (the STAR/.cs file).
+    names : sequence of str, optional
+        The files as the metadata spells them (default: ``files``).
+    index_base : int
+        1 to name images as STAR does (``000001@stack.mrcs``), 0 for .cs.
+
+    Raises
+    ------
+    Cryo2DError
+        At construction: a missing, non-MRC or truncated file; an image
+        number past the end of its stack; non-square images; box sizes that
+        differ between stacks. ``read`` raises for NaN/Inf pixels.
+
+    Notes
+    -----
+    Every header is checked at construction (files are opened and closed);
+    files are then mapped on first read and at most ``MAX_OPEN_FILES`` stay
+    open (least recently used are closed). No method reads a whole stack.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str | os.PathLike],
+        file_index: np.ndarray,
+        image_index: np.ndarray,
+        *,
+        label: str = "",
+        names: Sequence[str] | None = None,
+        index_base: int = 0,
+    ) -> None:
+        self.files = [Path(f) for f in files]
+        self.names = [str(n) for n in names] if names is not None else [str(f) for f in self.files]
+        self.file_index = np.asarray(file_index, dtype=np.int64)
+        self.image_index = np.asarray(image_index, dtype=np.int64)
+        self.index_base = index_base
+        assert len(self.names) == len(self.files)
+        assert self.file_index.shape == self.image_index.shape and self.file_index.ndim == 1
+        self.label = label or (self.names[0] if self.names else "stack")
+        self._strict: list[bool] = []
+        self.box = self._validate()
+        self._handles: OrderedDict[int, mrcfile.mrcmemmap.MrcMemmap] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_paths(
+        cls, paths: Sequence[str | os.PathLike], indices: np.ndarray, **kwargs
+    ) -> "MRCStack":
+        """Build from per-particle stack paths (n,) and 0-based indices (n,)."""
+        codes, uniques = _factorize([str(p) for p in paths])
+        return cls(uniques, codes, indices, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.file_index)
+
+    def _describe(self, file_no: int, image0: int) -> str:
+        if self.index_base == 1:
+            return f"image {image0 + 1:06d}@{self.names[file_no]}"
+        return f"image {image0} of {self.names[file_no]}"
+
+    def _validate(self) -> int:
+        box = None
+        first_name = None
+        last_image = np.full(len(self.files), -1, dtype=np.int64)
+        if len(self.file_index):
+            np.maximum.at(last_image, self.file_index, self.image_index)
+        if len(self.image_index) and self.image_index.min() < 0:
+            i = int(np.argmin(self.image_index))
+            raise Cryo2DError(f"{self.label}: {self._describe(self.file_index[i], self.image_index[i])} is not a valid image number")
+        for file_no, (path, name) in enumerate(zip(self.files, self.names)):
+            if not path.is_file():
+                raise Cryo2DError(f"{self.label}: stack file {name} not found")
+            info = inspect_mrc(path, self.label, name)
+            self._strict.append(info.strict)
+            if info.nx != info.ny:
+                raise Cryo2DError(f"{self.label}: {name} has non-square images ({info.nx}x{info.ny} px)")
+            if box is None:
+                box, first_name = info.nx, name
+            elif info.nx != box:
+                raise Cryo2DError(
+                    f"{self.label}: mixed box sizes: {first_name} has {box} px images, {name} has {info.nx} px"
+                )
+            if last_image[file_no] >= info.n_images:
+                raise Cryo2DError(
+                    f"{self.label}: {self._describe(file_no, int(last_image[file_no]))} is past the end "
+                    f"of {name} ({info.n_images} images)"
+                )
+        return int(box or 0)
+
+    def _data(self, file_no: int) -> np.ndarray:
+        """The memory-mapped (n_images, box, box) array of file ``file_no``."""
+        handle = self._handles.get(file_no)
+        if handle is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore" if not self._strict[file_no] else "default")
+                handle = mrcfile.mmap(self.files[file_no], mode="r", permissive=not self._strict[file_no])
+            self._handles[file_no] = handle
+            while len(self._handles) > MAX_OPEN_FILES:
+                _, old = self._handles.popitem(last=False)
+                old.close()
+        else:
+            self._handles.move_to_end(file_no)
+        data = handle.data
+        return data.reshape(1, *data.shape) if data.ndim == 2 else data
+
+    def read_unchecked(self, idx: np.ndarray) -> np.ndarray:
+        """Like ``read`` but without the NaN/Inf check."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), self.box, self.box), dtype=np.float32)
+        file_of = self.file_index[idx]
+        order = np.argsort(file_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(file_of[order])) + 1
+        with self._lock:
+            for group in np.split(order, bounds):
+                if len(group) == 0:
+                    continue
+                images, inverse = np.unique(self.image_index[idx[group]], return_inverse=True)
+                block = np.asarray(self._data(int(file_of[group[0]]))[images], dtype=np.float32)
+                out[group] = block[inverse.reshape(-1)]
+        return out
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        """Images ``idx`` (0-based particle indices) as (b, box, box) float32.
+
+        Raises
+        ------
+        Cryo2DError
+            If any image read has NaN or Inf pixels (names the first one).
+        """
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        out = self.read_unchecked(idx)
+        bad = _first_nonfinite(out)
+        if bad is not None:
+            i = idx[bad]
+            raise Cryo2DError(
+                f"{self.label}: {self._describe(self.file_index[i], self.image_index[i])} has NaN/Inf pixels"
+            )
+        return out
+
+    def close(self) -> None:
+        """Close every mapped file (they reopen on the next read)."""
+        with self._lock:
+            while self._handles:
+                self._handles.popitem()[1].close()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"] = OrderedDict()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __del__(self) -> None:
+        for handle in getattr(self, "_handles", {}).values():
+            handle.close()
+
+
+class ArrayStack:
+    """An in-memory ``ImageSource`` over an (n, box, box) array (tests, simulations).
+
+    Parameters
+    ----------
+    images : (n, box, box) array
+        Any real dtype; ``read`` returns float32 copies.
+    label : str
+        Name used in error messages.
+    """
+
+    def __init__(self, images: np.ndarray, *, label: str = "in-memory stack") -> None:
+        images = np.asarray(images)
+        assert images.ndim == 3 and images.shape[1] == images.shape[2], images.shape
+        self.images = images
+        self.box = int(images.shape[1])
+        self.label = label
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read_unchecked(self, idx: np.ndarray) -> np.ndarray:
+        """Like ``read`` but without the NaN/Inf check."""
+        return np.asarray(self.images[np.asarray(idx, dtype=np.int64).reshape(-1)], dtype=np.float32)
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        """Images ``idx`` as (b, box, box) float32; Cryo2DError on NaN/Inf pixels."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        out = self.read_unchecked(idx)
+        bad = _first_nonfinite(out)
+        if bad is not None:
+            raise Cryo2DError(f"{self.label}: image {idx[bad]} has NaN/Inf pixels")
+        return out
+
+
+@dataclass(frozen=True)
+class StackRefs:
+    """Particle image references before any stack file is opened.
+
+    Attributes
+    ----------
+    label : str
+        The metadata file, for error messages.
+    names : list of str
+        Distinct stack files as the metadata spells them.
+    candidates : list of list of Path
+        For each name, the places to look for it, in order.
+    file_index, image_index : (n,) int64
+        Per particle: position in ``names``, 0-based image number.
+    index_base : int
+        1 for STAR image names, 0 for .cs ``blob/idx``.
+    box : int
+        Box size (px) the metadata states, 0 when unknown.
+    """
+
+    label: str
+    names: list[str]
+    candidates: list[list[Path]]
+    file_index: np.ndarray
+    image_index: np.ndarray
+    index_base: int
+    box: int = 0
+
+    def __len__(self) -> int:
+        return len(self.file_index)
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        raise Cryo2DError(f"{self.label}: image stacks were not opened")
+
+    def open(self) -> MRCStack:
+        """Find and validate the stack files; see ``MRCStack`` for the errors."""
+        files = []
+        for name, places in zip(self.names, self.candidates):
+            found = next((p for p in places if p.is_file()), None)
+            if found is None:
+                where = " or ".join(str(p) for p in places)
+                raise Cryo2DError(f"{self.label}: stack file {name} not found (looked for {where})")
+            files.append(found)
+        return MRCStack(
+            files, self.file_index, self.image_index,
+            label=self.label, names=self.names, index_base=self.index_base,
+        )
+
+
+def _factorize(values: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """(codes (n,) int64, uniques in first-seen order)."""
+    uniques: dict[str, int] = {}
+    codes = np.fromiter((uniques.setdefault(v, len(uniques)) for v in values), dtype=np.int64, count=len(values))
+    return codes, list(uniques)
+
+
+def _first_nonfinite(images: np.ndarray) -> int | None:
+    finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+    return None if finite.all() else int(np.argmin(finite))
+
+
+def check_finite(stack, *, chunk: int = 1024) -> None:
+    """Read every image of ``stack`` in chunks; Cryo2DError at the first NaN/Inf.
+
+    Memory stays bounded by ``chunk`` images (chunk × box² × 4 bytes).
+    """
+    for start in range(0, len(stack), chunk):
+        stack.read(np.arange(start, min(start + chunk, len(stack))))
+
+
+def nonfinite_indices(stack, *, chunk: int = 1024) -> np.ndarray:
+    """0-based indices (m,) int64 of the images with any NaN/Inf pixel (for ``--skip-bad``)."""
+    read = getattr(stack, "read_unchecked", stack.read)
+    bad = []
+    for start in range(0, len(stack), chunk):
+        images = read(np.arange(start, min(start + chunk, len(stack))))
+        finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+        bad.append(start + np.flatnonzero(~finite))
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+
+def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """Read a 3D density map.
+
+    Returns
+    -------
+    volume : (n, n, n) float32
+        The map, indexed [z, y, x] as stored.
+    voxel_size_angst : float
+        Voxel size in Å from the header (x); 0.0 when the header has none.
+        Headers are often wrong (0 or 1): let the user override it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise Cryo2DError(f"{path}: file not found")
+    info = inspect_mrc(path, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mrcfile.open(path, mode="r", permissive=not info.strict) as mrc:
+            volume = np.array(mrc.data, dtype=np.float32)
+            voxel_size_angst = float(mrc.voxel_size.x)
+    if volume.ndim != 3 or len(set(volume.shape)) != 1:
+        raise Cryo2DError(f"{path}: not a cubic 3D map (shape {volume.shape})")
+    if not np.isfinite(volume).all():
+        raise Cryo2DError(f"{path}: map has NaN/Inf voxels")
+    return volume, voxel_size_angst
+
+
+def write_stack(path: str | os.PathLike, images: np.ndarray, pixel_size_angst: float) -> None:
+    """Write (n, box, box) images as a float32 MRC image stack, atomically.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Output file (``.mrcs`` by convention).
+    images : (n, box, box) array
+        Converted to float32.
+    pixel_size_angst : float
+        Stored as the header voxel size, Å.
+    """
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    assert images.ndim == 3, images.shape
+    with atomic_path(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(images)
+            mrc.set_image_stack()
+            mrc.voxel_size = float(pixel_size_angst)

@@ -1,0 +1,59 @@
+"""Atomic file writes: a temporary file in the same folder, renamed on success.
+
+An interrupted run never leaves a half-written output that looks complete:
+the final name appears only once the whole file has been written and
+flushed to disk (``os.replace`` is atomic within one file system).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it onto ``path`` on success.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The final file name. Its folder must exist.
+
+    Yields
+    ------
+    Path
+        A fresh temporary file name in the same folder (``.NAME.XXXX.tmp``).
+        Write the whole file there; when the ``with`` block ends without an
+        exception the file is flushed to disk and renamed onto ``path``. On an
+        exception the temporary file is removed and ``path`` is left as it was.
+    """
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON (UTF-8, trailing newline) to ``path`` atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")

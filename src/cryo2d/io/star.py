@@ -1,0 +1,258 @@
+"""RELION STAR particle files (3.0 single block, 3.1+ optics + particles).
+
+A thin layer over the ``starfile`` library: it finds the particle block,
+merges optics-group values into per-particle CTF and pixel size, turns the
+1-based ``index@stack`` image names into 0-based stack references, and
+writes the rows back with classification results in RELION's units.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from cryo2d.errors import Cryo2DError
+from cryo2d.io.mrc import StackRefs, _factorize, _one_line
+from cryo2d.io.outputs import atomic_path
+from cryo2d.particles import Assignments, CTFParams, ParticleSet
+
+# CTFParams field -> STAR label (without the leading underscore, as starfile gives it).
+CTF_COLUMNS = {
+    "defocus_u_angst": "rlnDefocusU",
+    "defocus_v_angst": "rlnDefocusV",
+    "defocus_angle_deg": "rlnDefocusAngle",
+    "voltage_kv": "rlnVoltage",
+    "cs_mm": "rlnSphericalAberration",
+    "amplitude_contrast": "rlnAmplitudeContrast",
+}
+OPTIONAL_CTF_COLUMNS = {"phase_shift_deg": "rlnPhaseShift", "bfactor_angst2": "rlnCtfBfactor"}
+
+
+def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: bool = True) -> ParticleSet:
+    """Read a RELION 3.0 or 3.1+ particle STAR file.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The STAR file. Stack paths in ``_rlnImageName`` are looked up relative
+        to its folder, then to the current folder (RELION project paths).
+    no_ctf : bool
+        Do not read CTF columns (``ctf`` is None); otherwise a missing CTF
+        column is an error.
+    open_stacks : bool
+        Open and validate the MRC stacks (``stack`` is an ``MRCStack``);
+        False leaves a ``StackRefs`` (no file touched, ``box`` from
+        ``_rlnImageSize`` or 0).
+
+    Returns
+    -------
+    ParticleSet
+        ``kind="star"``; ``table`` is the particle block as read; ``extra``
+        holds ``optics`` (DataFrame or None), ``blocks`` (every block, in
+        file order), ``particles_block`` (its name) and ``star_version``
+        (``"3.1"`` or ``"3.0"``).
+
+    Notes
+    -----
+    Optics-group values take precedence over particle columns of the same
+    name. Pixel size: ``_rlnImagePixelSize``, else ``_rlnDetectorPixelSize``
+    × 1e4 / ``_rlnMagnification``, else ``_rlnPixelSize``. Values are not
+    checked for sign/finiteness here; ``cryo2d.io.read_particles`` does.
+    """
+    path = Path(path)
+    label = str(path)
+    if not path.is_file():
+        raise Cryo2DError(f"{label}: file not found")
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as err:  # starfile raises many kinds on malformed text
+        raise Cryo2DError(f"{label}: not a readable STAR file ({_one_line(err)})") from err
+    blocks = {name: pd.DataFrame([b]) if isinstance(b, dict) else b for name, b in blocks.items()}
+    particles_block = _particles_block(blocks, label)
+    table = blocks[particles_block]
+    optics = blocks.get("optics") if particles_block != "optics" else None
+    columns = _merged_columns(table, optics, label)
+
+    ctf = None if no_ctf else _ctf(columns, label)
+    refs = _stack_refs(table, optics, path, label)
+    particles = ParticleSet(
+        stack=refs,
+        ctf=ctf,
+        pixel_size_angst=_pixel_size(columns, label),
+        table=table,
+        source=path,
+        kind="star",
+        extra={
+            "optics": optics,
+            "blocks": blocks,
+            "particles_block": particles_block,
+            "star_version": "3.1" if optics is not None else "3.0",
+        },
+    )
+    if open_stacks:
+        particles = replace(particles, stack=refs.open())
+    return particles
+
+
+def _particles_block(blocks: dict, label: str) -> str:
+    if isinstance(blocks.get("particles"), pd.DataFrame) and "rlnImageName" in blocks["particles"]:
+        return "particles"
+    for name, block in blocks.items():
+        if "rlnImageName" in block.columns:
+            return name
+    raise Cryo2DError(f"{label}: no data block with an _rlnImageName column (not a particle STAR file?)")
+
+
+def _merged_columns(table: pd.DataFrame, optics: pd.DataFrame | None, label: str) -> dict[str, pd.Series]:
+    """Per-particle columns: the particle block's, overlaid by its optics group's."""
+    columns = {name: table[name] for name in table.columns}
+    if optics is None:
+        return columns
+    if "rlnOpticsGroup" not in optics:
+        raise Cryo2DError(f"{label}: data_optics has no _rlnOpticsGroup column")
+    if "rlnOpticsGroup" in table:
+        groups = pd.to_numeric(table["rlnOpticsGroup"], errors="coerce")
+    elif len(optics) == 1:
+        groups = pd.Series(np.full(len(table), optics["rlnOpticsGroup"].iloc[0]), index=table.index)
+    else:
+        raise Cryo2DError(f"{label}: column _rlnOpticsGroup missing but data_optics has {len(optics)} groups")
+    by_group = optics.set_index(pd.to_numeric(optics["rlnOpticsGroup"], errors="coerce"))
+    unknown = ~groups.isin(by_group.index)
+    if unknown.any():
+        raise Cryo2DError(
+            f"{label}: particle rows refer to optics group {groups[unknown].iloc[0]}, which data_optics does not define"
+        )
+    for name in by_group.columns:
+        columns[name] = pd.Series(by_group[name].reindex(groups.to_numpy()).to_numpy(), index=table.index)
+    return columns
+
+
+def _numeric(columns: dict[str, pd.Series], name: str, label: str) -> np.ndarray | None:
+    if name not in columns:
+        return None
+    values = pd.to_numeric(columns[name], errors="coerce").to_numpy(dtype=np.float64)
+    if np.isnan(values).any():
+        bad = columns[name].iloc[int(np.argmax(np.isnan(values)))]
+        raise Cryo2DError(f"{label}: column _{name} has a non-numeric value ({bad!r})")
+    return values
+
+
+def _ctf(columns: dict[str, pd.Series], label: str) -> CTFParams:
+    values = {}
+    for field, name in CTF_COLUMNS.items():
+        values[field] = _numeric(columns, name, label)
+        if values[field] is None:
+            raise Cryo2DError(f"{label}: column _{name} missing (use --no-ctf to classify without CTF)")
+    n = len(values["defocus_u_angst"])
+    for field, name in OPTIONAL_CTF_COLUMNS.items():
+        found = _numeric(columns, name, label)
+        values[field] = np.zeros(n) if found is None else found
+    return CTFParams(**values)
+
+
+def _pixel_size(columns: dict[str, pd.Series], label: str) -> np.ndarray:
+    image = _numeric(columns, "rlnImagePixelSize", label)
+    if image is not None:
+        return image
+    detector = _numeric(columns, "rlnDetectorPixelSize", label)
+    magnification = _numeric(columns, "rlnMagnification", label)
+    if detector is not None and magnification is not None:
+        return detector * 1e4 / magnification
+    plain = _numeric(columns, "rlnPixelSize", label)
+    if plain is not None:
+        return plain
+    raise Cryo2DError(
+        f"{label}: no pixel size (_rlnImagePixelSize, _rlnDetectorPixelSize with _rlnMagnification, "
+        "or _rlnPixelSize) in the file"
+    )
+
+
+def _stack_refs(table: pd.DataFrame, optics: pd.DataFrame | None, path: Path, label: str) -> StackRefs:
+    """Parse ``000001@stack.mrcs`` names (1-based) into 0-based stack references."""
+    image_names = table["rlnImageName"].astype(str)
+    parts = image_names.str.partition("@")
+    has_at = parts[1] == "@"
+    numbers = pd.to_numeric(parts[0].where(has_at, "1"), errors="coerce")
+    stack_names = parts[2].where(has_at, parts[0]).str.strip()
+    bad = numbers.isna() | (numbers < 1) | (numbers % 1 != 0) | (stack_names == "")
+    if bad.any():
+        raise Cryo2DError(
+            f"{label}: bad _rlnImageName {image_names[bad].iloc[0]!r} (expected e.g. 000001@stack.mrcs)"
+        )
+    codes, names = _factorize(stack_names.tolist())
+    places = [[path.parent / name, Path.cwd() / name] if not Path(name).is_absolute() else [Path(name)]
+              for name in names]
+    places = [list(dict.fromkeys(p)) for p in places]
+    box = 0
+    if optics is not None and "rlnImageSize" in optics and optics["rlnImageSize"].nunique() == 1:
+        box = int(optics["rlnImageSize"].iloc[0])
+    return StackRefs(
+        label=label, names=names, candidates=places, file_index=codes,
+        image_index=numbers.to_numpy(dtype=np.int64) - 1, index_base=1, box=box,
+    )
+
+
+def write_star(
+    particles: ParticleSet,
+    path: str | os.PathLike,
+    assignments: Assignments | None = None,
+    rows: np.ndarray | None = None,
+) -> None:
+    """Write particle rows, with classification results, as a RELION STAR file.
+
+    Parameters
+    ----------
+    particles : ParticleSet
+        Read by ``read_star`` (``kind="star"``); every block and every input
+        column is written back as read (3.0 input stays 3.0: no optics block).
+    path : str or PathLike
+        Output file, written atomically.
+    assignments : Assignments, optional
+        Same length as ``particles``. Adds (or overwrites) ``_rlnClassNumber``
+        (class_index + 1), ``_rlnAnglePsi`` (degrees), ``_rlnOriginXAngst`` /
+        ``_rlnOriginYAngst`` (shift_px × pixel size, Å; 3.0 input gets
+        ``_rlnOriginX`` / ``_rlnOriginY`` in pixels), ``_rlnMaxValueProbDistribution``
+        and ``_rlnNormCorrection`` (scale). ``keep`` is not applied: pass
+        ``rows`` to leave particles out.
+    rows : (m,) int array, optional
+        0-based particles to write, in this order (default: all).
+    """
+    extra = particles.extra
+    table = particles.table
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        table = table.iloc[rows]
+    table = table.reset_index(drop=True)
+    if assignments is not None:
+        assert len(assignments.class_index) == len(particles), "assignments must cover every particle"
+        picked = assignments if rows is None else assignments.subset(rows)
+        pixel_size_angst = particles.pixel_size_angst if rows is None else particles.pixel_size_angst[rows]
+        table = _with_assignments(table, picked, pixel_size_angst, extra.get("optics") is not None)
+    optics = extra.get("optics")
+    blocks = dict(extra.get("blocks") or ({"optics": optics} if optics is not None else {}))
+    blocks[extra.get("particles_block", "particles")] = table
+    with atomic_path(path) as tmp:
+        # float_format=None: shortest repr, so every value reads back exactly.
+        starfile.write(blocks, tmp, float_format=None)
+
+
+def _with_assignments(
+    table: pd.DataFrame, a: Assignments, pixel_size_angst: np.ndarray, angstrom_origins: bool
+) -> pd.DataFrame:
+    table = table.copy()
+    shift_px = np.asarray(a.shift_px, dtype=np.float64).reshape(-1, 2)
+    table["rlnClassNumber"] = np.asarray(a.class_index, dtype=np.int64) + 1
+    table["rlnAnglePsi"] = np.asarray(a.psi_deg, dtype=np.float64)
+    if angstrom_origins:
+        table["rlnOriginXAngst"] = shift_px[:, 0] * pixel_size_angst
+        table["rlnOriginYAngst"] = shift_px[:, 1] * pixel_size_angst
+    else:
+        table["rlnOriginX"] = shift_px[:, 0]
+        table["rlnOriginY"] = shift_px[:, 1]
+    table["rlnMaxValueProbDistribution"] = np.asarray(a.max_prob, dtype=np.float64)
+    table["rlnNormCorrection"] = np.asarray(a.scale, dtype=np.float64)
+    return table
