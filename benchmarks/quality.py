@@ -1,0 +1,345 @@
+"""Classification quality of cryo2d vs RELION 3.1 Class2D on simulated data.
+
+Simulates a data set with ground truth (``cryo2d simulate``), classifies it
+with ``cryo2d classify`` and with RELION (cached, see ``relion.py``), scores
+both with :func:`cryo2d.evaluate.score_job`, prints a table and writes it,
+with the exact commands, into ``benchmarks/README.md`` under
+"## Quality vs RELION".
+
+Presets:
+
+- default ("hard"): 5,000 particles, 64 px, SNR 0.05, 10% junk, views
+  uniform over the sphere plus a rare view at 3%, K = 20;
+- ``--small``: 1,500 particles, 48 px, SNR 0.1, 8 discrete views, one at 3%,
+  K = 12.
+
+    $ python benchmarks/quality.py --small
+    $ python benchmarks/quality.py                      # ~35 min of RELION the first time
+    $ python benchmarks/quality.py --relion-background  # start RELION, score what is ready
+
+RELION's results are cached by input and command, so only the first run of a
+preset waits for it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import relion  # noqa: E402  (benchmarks/relion.py)
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+CACHE = BENCH_DIR / "_cache"
+README = BENCH_DIR / "README.md"
+SECTION = "## Quality vs RELION"
+
+PRESETS = {
+    "hard": dict(n=5000, box=64, snr=0.05, junk_fraction=0.1, classes=20, views="uniform", rare_fraction=0.03),
+    "small": dict(n=1500, box=48, snr=0.1, junk_fraction=0.1, classes=12, views="8", rare_fraction=0.03),
+}
+
+
+def bundled_map() -> Path:
+    """The map shipped with cryo2d (EMD-1832)."""
+    import cryo2d
+
+    return Path(cryo2d.__file__).resolve().parent / "data" / "emd_1832.map.gz"
+
+
+def cryo2d_exe() -> list[str]:
+    """How to call the cryo2d CLI from this interpreter."""
+    return [sys.executable, "-m", "cryo2d"]
+
+
+def simulate_command(p: dict, out: Path, seed: int, extra: list[str]) -> list[str]:
+    """``cryo2d simulate`` arguments for a preset."""
+    cmd = [
+        "cryo2d", "simulate", str(bundled_map()), "-o", str(out),
+        "-n", str(p["n"]), "--box", str(p["box"]), "--snr", f"{p['snr']:g}",
+        "--junk-fraction", f"{p['junk_fraction']:g}", "--seed", str(seed),
+    ]
+    return cmd + _view_args(p) + extra
+
+
+def _view_args(p: dict) -> list[str]:
+    """Simulator flags for the view distribution, as far as its CLI offers them."""
+    try:
+        help_text = subprocess.run(
+            [*cryo2d_exe(), "simulate", "--help"], capture_output=True, text=True, timeout=120
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    args = []
+    if "--views" in help_text:
+        args += ["--views", p["views"]]
+    if "--rare-fraction" in help_text:
+        args += ["--rare-fraction", f"{p['rare_fraction']:g}"]
+    elif "--rare-view-fraction" in help_text:
+        args += ["--rare-view-fraction", f"{p['rare_fraction']:g}"]
+    return args
+
+
+def timed_run(cmd: list[str], log_path: Path, cwd: Path | None = None) -> tuple[int, float, float]:
+    """Run a command; return (exit code, wall s, peak RSS MB of the child)."""
+    with open(log_path, "w") as log:
+        start = time.time()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        _, status, rusage = os.wait4(proc.pid, 0)
+    return os.waitstatus_to_exitcode(status), time.time() - start, rusage.ru_maxrss / 1024.0
+
+
+def _shell(cmd: list[str]) -> str:
+    exe = cryo2d_exe()
+    if cmd[: len(exe)] == exe:
+        cmd = ["cryo2d", *cmd[len(exe):]]
+    return shlex.join(cmd)
+
+
+def simulate(p: dict, sim_dir: Path, seed: int, extra: list[str]) -> str:
+    """Simulate into ``sim_dir`` unless it is already there; return the command."""
+    cmd = simulate_command(p, sim_dir, seed, extra)
+    done = sim_dir / "particles.star"
+    if done.exists() and (sim_dir / "truth.json").exists() and (sim_dir / "views.mrcs").exists():
+        print(f"simulate: cached {sim_dir}", flush=True)
+        return shlex.join(cmd)
+    sim_dir.parent.mkdir(parents=True, exist_ok=True)
+    print(f"simulate: {shlex.join(cmd)}", flush=True)
+    run = subprocess.run([*cryo2d_exe(), *cmd[1:]], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"cryo2d simulate failed:\n{run.stdout}{run.stderr}")
+    return shlex.join(cmd)
+
+
+def particle_diameter_angst(sim_dir: Path) -> float:
+    """Mask diameter for RELION (Å): 1.15 × the widest extent of the clean views, within the box."""
+    import mrcfile
+
+    meta = json.loads((sim_dir / "truth.json").read_text())
+    with mrcfile.open(sim_dir / "views.mrcs", permissive=True) as m:
+        views = np.asarray(m.data, dtype=np.float64)
+        voxel = float(m.voxel_size.x)
+    psize = float(meta.get("pixel_size_angst") or voxel or 1.0)
+    box = views.shape[-1]
+    yy, xx = np.mgrid[:box, :box] - box // 2
+    r = np.hypot(xx, yy)
+    radius = 0.0
+    for v in views:
+        support = np.abs(v) > 0.05 * np.abs(v).max()
+        if support.any():
+            radius = max(radius, float(r[support].max()))
+    diameter_px = min(2.3 * radius, 0.95 * box)
+    return round(diameter_px * psize, 1)
+
+
+def run_cryo2d(star: Path, job: Path, classes: int, seed: int, extra: list[str]) -> dict:
+    """Run ``cryo2d classify``; return command, wall time, peak RSS, exit code."""
+    cmd = [*cryo2d_exe(), "classify", str(star), "-o", str(job), "--classes", str(classes), "--seed", str(seed), *extra]
+    job.mkdir(parents=True, exist_ok=True)
+    print(f"cryo2d: {_shell(cmd)}", flush=True)
+    code, wall, rss = timed_run(cmd, job.parent / f"{job.name}.log")
+    print(f"cryo2d: exit {code} in {wall:.0f} s, peak RSS {rss:.0f} MB (log {job.parent / (job.name + '.log')})", flush=True)
+    return {"command": _shell(cmd), "wall_s": wall, "peak_rss_mb": rss, "returncode": code}
+
+
+def classify_available() -> bool:
+    """Whether ``cryo2d classify`` exists in this checkout."""
+    run = subprocess.run([*cryo2d_exe(), "classify", "--help"], capture_output=True, text=True)
+    return run.returncode == 0
+
+
+COLUMNS = [
+    ("tool", "{}"),
+    ("wall s", "{:.0f}"),
+    ("peak RSS MB", "{:.0f}"),
+    ("junk F1", "{:.3f}"),
+    ("purity", "{:.3f}"),
+    ("rare view kept", "{}"),
+    ("median NCC", "{:.3f}"),
+    ("#particle classes", "{}"),
+    ("#junk classes", "{}"),
+    ("#empty", "{}"),
+]
+
+
+def table_row(tool: str, timing: dict, s: dict) -> list[str]:
+    values = [
+        tool, timing.get("wall_s"), timing.get("peak_rss_mb"), s["junk_f1"], s["purity"],
+        "yes" if s["rare_view_recovered"] else "no", s["median_ncc"], s["n_particle_classes"],
+        s["n_junk_classes"], s["n_empty_classes"],
+    ]
+    return [fmt.format(v) if v is not None else "–" for (_, fmt), v in zip(COLUMNS, values)]
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    return "\n".join([head, rule, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def update_readme(block: str, readme: Path = README) -> None:
+    """Replace (or append) the "## Quality vs RELION" section of the README."""
+    text = readme.read_text() if readme.exists() else "# cryo2d benchmarks\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip() + "\n\n" + block.rstrip() + "\n"
+    else:
+        nxt = text.find("\n## ", start + len(SECTION))
+        tail = text[nxt:] if nxt >= 0 else "\n"
+        text = text[:start] + block.rstrip() + "\n" + tail
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(readme)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="1,500 particles, 48 px, SNR 0.1, 8 views, K = 12")
+    p.add_argument("-n", type=int, help="number of particles")
+    p.add_argument("--box", type=int, help="box (px)")
+    p.add_argument("--snr", type=float)
+    p.add_argument("--junk-fraction", type=float)
+    p.add_argument("--classes", "-K", type=int)
+    p.add_argument("--seed", type=int, default=0, help="simulation and cryo2d seed (RELION gets seed + 1)")
+    p.add_argument("--sim-args", default="", help="extra cryo2d simulate arguments (one string)")
+    p.add_argument("--classify-args", default="", help="extra cryo2d classify arguments (one string)")
+    p.add_argument("--relion-iter", type=int, default=25)
+    p.add_argument("--skip-relion", action="store_true")
+    p.add_argument("--skip-cryo2d", action="store_true")
+    p.add_argument("--relion-background", action="store_true",
+                   help="start RELION in the background when not cached; score it only once done")
+    p.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cryo2d.evaluate import score_job
+
+    args = build_parser().parse_args(argv)
+    name = "small" if args.small else "hard"
+    p = dict(PRESETS[name])
+    for key, value in (("n", args.n), ("box", args.box), ("snr", args.snr),
+                       ("junk_fraction", args.junk_fraction), ("classes", args.classes)):
+        if value is not None:
+            p[key] = value
+    tag = f"{name}-n{p['n']}-b{p['box']}-snr{p['snr']:g}-j{p['junk_fraction']:g}-s{args.seed}"
+    sim_dir = CACHE / "sim" / tag
+    sim_cmd = simulate(p, sim_dir, args.seed, shlex.split(args.sim_args))
+    star = sim_dir / "particles.star"
+    rows, notes, commands = [], [], {"simulate": sim_cmd}
+
+    if not args.skip_cryo2d:
+        if classify_available():
+            job = CACHE / "cryo2d" / f"{tag}-K{p['classes']}"
+            timing = run_cryo2d(star, job, p["classes"], args.seed, shlex.split(args.classify_args))
+            commands["cryo2d"] = timing["command"]
+            if timing["returncode"] == 0:
+                rows.append(("cryo2d", timing, score_job(job, sim_dir)))
+            else:
+                notes.append(f"cryo2d classify failed (exit {timing['returncode']}); see {job}.log")
+        else:
+            notes.append("`cryo2d classify` is not available in this checkout yet; only RELION was scored.")
+
+    if not args.skip_relion:
+        kwargs = dict(
+            n_classes=p["classes"],
+            diameter_angst=particle_diameter_angst(sim_dir),
+            iterations=args.relion_iter,
+            seed=args.seed + 1,
+            threads=2,
+        )
+        cache_dir = relion.cache_dir_for(star, **kwargs)
+        meta = relion.read_meta(cache_dir)
+        if not relion.is_done(meta) and args.relion_background:
+            if not (meta and meta.get("status") in ("running", "queued") and relion._pid_alive(int(meta["pid"]))):
+                cli = [str(star), "--K", str(kwargs["n_classes"]), "--diameter", str(kwargs["diameter_angst"]),
+                       "--iter", str(kwargs["iterations"]), "--seed", str(kwargs["seed"]), "--background"]
+                relion.main(cli)
+            notes.append(f"RELION is running in the background ({cache_dir}); rerun this script when it is done.")
+        else:
+            meta = relion.run_relion(star, **kwargs)
+        if relion.is_done(meta):
+            commands["relion"] = f"(cd {meta['cwd']} && {meta['command']})"
+            rows.append((f"RELION 3.1 ({kwargs['iterations']} it)", meta, score_job(cache_dir, sim_dir)))
+        elif meta and meta.get("status") == "failed":
+            notes.append(f"RELION failed (exit {meta.get('returncode')}); see {cache_dir / 'relion.log'}")
+
+    table = markdown_table([table_row(tool, t, s) for tool, t, s in rows])
+    print()
+    print(table)
+    for n in notes:
+        print(f"note: {n}")
+    for tool, _, s in rows:
+        if s.get("n_missing"):
+            print(f"note: {tool}: {s['n_missing']} particles missing from its table (scored as unassigned)")
+
+    if not args.no_readme and rows:
+        dataset = (f"{p['n']} particles, {p['box']} px, SNR {p['snr']:g}, {p['junk_fraction']:.0%} junk, "
+                   f"views {'uniform over the sphere' if p['views'] == 'uniform' else p['views'] + ' discrete'} "
+                   f"plus a rare view at {p['rare_fraction']:.0%}, K = {p['classes']}, seed {args.seed}")
+        lines = [
+            SECTION,
+            "",
+            "Produced by `benchmarks/quality.py` (ground-truth scores from `cryo2d.evaluate`: a junk class",
+            "is more than half junk; purity = mean dominant-view fraction of the non-junk classes;",
+            "median NCC = best rotation/shift normalised cross-correlation of each non-junk class average",
+            "with the clean projection of its dominant view). Each preset's latest figures:",
+            "",
+            f"### Preset `{name}`: {dataset}",
+            "",
+            f"{time.strftime('%Y-%m-%d')}, {_cpu_name()}, {os.cpu_count()} cores; RELION 3.1 (CPU, `--j 2`).",
+            "",
+            table,
+            "",
+            *(f"Note: {n}" for n in notes),
+            "",
+            "Commands:",
+            "",
+            "```",
+            shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]),
+            *(f"{k}: {v}".replace(f"{REPO}/", "") for k, v in commands.items()),
+            "```",
+            "",
+        ]
+        update_readme(_merge_preset("\n".join(lines), name))
+        print(f"\nwrote {README} ({SECTION})")
+    return 0
+
+
+def _merge_preset(block: str, name: str) -> str:
+    """Keep the other preset's figures from the README section, replace this preset's."""
+    if not README.exists():
+        return block
+    text = README.read_text()
+    start = text.find(SECTION)
+    if start < 0:
+        return block
+    nxt = text.find("\n## ", start + len(SECTION))
+    old = text[start: nxt if nxt >= 0 else len(text)]
+    kept = [part for part in old.split("\n### ")[1:] if not part.startswith(f"Preset `{name}`")]
+    head, _, mine = block.partition("\n### ")
+    parts = sorted(["### " + k.rstrip() for k in kept] + ["### " + mine.rstrip()])
+    return head.rstrip() + "\n\n" + "\n\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
