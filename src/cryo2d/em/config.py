@@ -1,0 +1,105 @@
+"""Configuration of a 2D classification run: every user-facing parameter.
+
+Defaults and meanings follow CryoSPARC's 2D classification (DESIGN §2).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from cryo2d.errors import Cryo2DError
+
+
+@dataclass(frozen=True)
+class EMConfig:
+    """Parameters of the online-EM 2D classification.
+
+    Resolutions are in Å, angles in degrees, shifts in pixels of the input
+    box. ``None`` means "derive from the data" as described per field.
+    """
+
+    n_classes: int = 50
+    #: Highest resolution of the class averages (Fourier crop of the data), Å.
+    max_res_angst: float = 6.0
+    #: Highest resolution used by the E-step (None = max_res_angst), Å.
+    max_align_res_angst: float | None = None
+    #: Lowest resolution used by the E-step, a high-pass (None = keep all), Å.
+    min_align_res_angst: float | None = None
+    n_online_iterations: int = 20
+    batch_size_per_class: int = 100
+    n_full_iterations: int = 1
+    #: Initial classification uncertainty factor: sigma^2 x factor at the start.
+    uncertainty_factor: float = 2.0
+    anneal_start: int = 2
+    anneal_iterations: int = 15
+    white_noise: bool = False
+    #: Hard assignment to the best (class, pose); None = on unless K <= 20.
+    force_max: bool | None = None
+    #: Inner diameter of the soft circular mask, Å (None = the box: corners only).
+    mask_diameter_angst: float | None = None
+    #: Outer diameter of the soft edge, Å (None = 1.2 x inner).
+    mask_diameter_outer_angst: float | None = None
+    recenter: bool = True
+    recenter_threshold: float = 0.2
+    #: Fourier oversampling of classes for rotation interpolation (1 or more).
+    zeropad: int = 2
+    estimate_scale: bool = False
+    clamp_solvent: bool = False
+    non_negative: bool = False
+    align_filaments: bool = False
+    use_ctf: bool = True
+    #: In-plane angular step, degrees (None = from the current resolution).
+    psi_step_deg: float | None = None
+    #: Largest shift searched, px of the input box (None = 10 % of the box).
+    shift_range_px: float | None = None
+    #: Shift grid step, px of the input box (None = one working pixel).
+    shift_step_px: float | None = None
+    hard_last: bool = True
+    remove_duplicates: bool = True
+    #: Duplicate separation, Å (None = 0.5 x particle diameter).
+    min_separation_angst: float | None = None
+    sort_classes: bool = True
+    seed: int = 0
+    #: RELION's tau2_fudge: multiplies the estimated signal power (regularisation).
+    tau2_fudge: float = 2.0
+    #: Particles per E-step chunk (memory bound); None = automatic.
+    chunk_size: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def force_max_effective(self) -> bool:
+        """Whether assignments are hard (CryoSPARC: auto off at <= 20 classes)."""
+        if self.force_max is None:
+            return self.n_classes > 20
+        return bool(self.force_max)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Raise Cryo2DError for values that make no sense."""
+        checks = [
+            (self.n_classes >= 1, "--classes must be at least 1"),
+            (self.max_res_angst > 0, "--max-res must be positive"),
+            (self.max_align_res_angst is None or self.max_align_res_angst > 0, "--max-align-res must be positive"),
+            (
+                self.min_align_res_angst is None
+                or self.min_align_res_angst > (self.max_align_res_angst or self.max_res_angst),
+                "--min-align-res must be a lower resolution (larger Å) than --max-align-res",
+            ),
+            (self.n_online_iterations >= 0, "--online-iterations must be >= 0"),
+            (self.batch_size_per_class >= 1, "--batch-per-class must be >= 1"),
+            (self.n_full_iterations >= 0, "--full-iterations must be >= 0"),
+            (self.n_online_iterations + self.n_full_iterations >= 1, "need at least one iteration"),
+            (self.uncertainty_factor >= 1, "--uncertainty-factor must be >= 1"),
+            (self.anneal_start >= 0 and self.anneal_iterations >= 0, "annealing iterations must be >= 0"),
+            (self.zeropad >= 1, "--zeropad must be >= 1"),
+            (0 < self.recenter_threshold < 1, "--recenter-threshold must be in (0, 1)"),
+            (self.psi_step_deg is None or 0 < self.psi_step_deg <= 180, "--psi-step must be in (0, 180]"),
+            (self.shift_range_px is None or self.shift_range_px >= 0, "--shift-range must be >= 0"),
+            (self.shift_step_px is None or self.shift_step_px > 0, "--shift-step must be positive"),
+            (self.tau2_fudge > 0, "--tau2-fudge must be positive"),
+            (self.mask_diameter_angst is None or self.mask_diameter_angst > 0, "--mask-diameter must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise Cryo2DError(message)

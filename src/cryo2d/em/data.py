@@ -1,0 +1,90 @@
+"""Reading particle batches and putting them on the working Fourier grid."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryo2d.ctf import ctf_2d
+from cryo2d.em.geometry import Geometry
+from cryo2d.fourier import crop_fourier, fft2c, freq_grid, radius_grid
+from cryo2d.particles import ParticleSet
+
+
+def normalise_images(images: Tensor, background_radius_px: float) -> Tensor:
+    """RELION-style normalisation: background (outside the radius) mean 0, std 1.
+
+    Parameters
+    ----------
+    images : (b, box, box) float tensor
+    background_radius_px : float
+        Pixels farther than this from the centre are background.
+
+    Returns
+    -------
+    (b, box, box) float tensor
+    """
+    bg = radius_grid(images.shape[-1], device=images.device) > background_radius_px
+    vals = images[:, bg]
+    mean = vals.mean(dim=1)
+    std = vals.std(dim=1).clamp(min=1e-6)
+    return (images - mean[:, None, None]) / std[:, None, None]
+
+
+def load_batch(particles: ParticleSet, idx: np.ndarray, geom: Geometry, device) -> Tensor:
+    """Particles ``idx`` as centred transforms on the working grid.
+
+    Returns
+    -------
+    (b, work_box, work_box) complex64 tensor
+        Unnormalised centred FFT of the normalised input images, cropped to
+        the working box (same frequency spacing as the input).
+    """
+    images = torch.from_numpy(np.ascontiguousarray(particles.stack.read(np.asarray(idx)), dtype=np.float32))
+    images = normalise_images(images.to(device), 0.45 * geom.box)
+    return crop_fourier(fft2c(images), geom.work_box)
+
+
+def batch_ctf(particles: ParticleSet, idx: np.ndarray, geom: Geometry, use_ctf: bool, device) -> Tensor:
+    """CTF of particles ``idx`` on the centred working grid, (b, work_box, work_box) float32 (ones without CTF)."""
+    b = len(idx)
+    if not use_ctf:
+        return torch.ones((b, geom.work_box, geom.work_box), device=device)
+    freqs = freq_grid(geom.work_box, geom.work_pixel_angst, device=device)
+    return ctf_2d(freqs, particles.ctf.subset(np.asarray(idx)), device=device)
+
+
+def noise_spectrum(X: Tensor, geom: Geometry, n_shells: int) -> Tensor:
+    """Initial noise power per shell from the background of the images.
+
+    The images are masked to the region outside the particle (the mask's
+    outer radius, or the corners when no mask was given) with a soft edge,
+    and the power spectrum of what remains is divided by the fraction of the
+    box it covers.
+
+    Parameters
+    ----------
+    X : (b, work_box, work_box) complex tensor
+        Working-grid transforms.
+
+    Returns
+    -------
+    (n_shells,) float tensor of mean |noise(f)|² per shell.
+    """
+    from cryo2d.em.geometry import soft_mask
+    from cryo2d.fourier import ifft2c, shell_index
+
+    bwork = geom.work_box
+    inner = min(geom.mask_outer_px, 0.45 * bwork)
+    bg = 1.0 - soft_mask(bwork, inner, inner + 2.0, device=X.device)
+    images = ifft2c(X, real=True)
+    Fb = fft2c(images * bg)
+    frac = float((bg * bg).mean())
+    power = (Fb.abs() ** 2).mean(dim=0) / max(frac, 1e-3)
+    shells = shell_index(bwork, device=X.device)
+    out = torch.zeros(n_shells, device=X.device)
+    cnt = torch.zeros(n_shells, device=X.device)
+    keep = shells < n_shells
+    out.index_add_(0, shells[keep], power[keep])
+    cnt.index_add_(0, shells[keep], torch.ones_like(power[keep]))
+    return out / cnt.clamp(min=1)

@@ -1,0 +1,481 @@
+"""The online-EM 2D classification loop (DESIGN §2).
+
+``run_em`` draws batches of ``batch_size_per_class × n_classes`` particles for
+``n_online_iterations`` iterations, updating classes from running sufficient
+statistics, then makes ``n_full_iterations`` passes over all particles; the
+last pass assigns every particle. Everything random flows from ``config.seed``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryo2d.em import state as st
+from cryo2d.em.config import EMConfig
+from cryo2d.em.data import batch_ctf, load_batch, noise_spectrum
+from cryo2d.em.estep import deshift_phases, e_step
+from cryo2d.em.geometry import Geometry, PointSet, disc_points, make_geometry, soft_mask
+from cryo2d.em.mstep import PoseSums, estimate_tau2, resolution_shell, solve_classes, ssnr
+from cryo2d.em.rotation import oversample, psi_grid, rotate_classes, rotated_points, sample_grid
+from cryo2d.errors import Cryo2DError
+from cryo2d.fourier import fft2c, ifft2c
+from cryo2d.particles import ParticleSet
+
+_PSI_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0)
+
+
+@dataclass
+class IterationPlan:
+    """Search grid of one iteration (depends on the current resolution)."""
+
+    r_cur: float
+    psi_rad: Tensor
+    shifts_px: Tensor  # (T, 2) working px
+    points: PointSet  # E-step points
+    temperature: float
+
+
+@dataclass
+class EMResult:
+    """Output of :func:`run_em` (classes in the engine's order, unsorted).
+
+    Attributes
+    ----------
+    classes : (K, box, box) float32
+        Class averages at the input box and pixel size.
+    counts : (K,) float64
+        Particles per class (hard count in the final assignment).
+    resolution_angst : (K,) float64
+        SSNR-based resolution per class (Å).
+    class_index, psi_deg, shift_px, max_prob, class_posterior, class_ess, scale :
+        Per-particle results (see :class:`cryo2d.particles.Assignments`);
+        shifts in px of the input box.
+    history : list of dict
+        One entry per iteration (also written to iterations.jsonl).
+    geometry : Geometry
+    """
+
+    classes: np.ndarray
+    counts: np.ndarray
+    resolution_angst: np.ndarray
+    class_index: np.ndarray
+    psi_deg: np.ndarray
+    shift_px: np.ndarray
+    max_prob: np.ndarray
+    class_posterior: np.ndarray
+    class_ess: np.ndarray
+    scale: np.ndarray
+    history: list = field(default_factory=list)
+    geometry: Geometry | None = None
+
+
+def _single_pixel_size(particles: ParticleSet) -> float:
+    p = np.asarray(particles.pixel_size_angst, dtype=np.float64)
+    if not np.allclose(p, p[0], rtol=1e-3):
+        raise Cryo2DError(
+            f"{particles.source.name}: particles have different pixel sizes "
+            f"({p.min():.4f}-{p.max():.4f} Å); classify each optics group separately"
+        )
+    return float(p[0])
+
+
+def temperature_at(config: EMConfig, iteration: int) -> float:
+    """Noise-annealing factor of an online iteration: ICUF, then linear to 1."""
+    f = config.uncertainty_factor
+    if iteration < config.anneal_start:
+        return f
+    if config.anneal_iterations <= 0:
+        return 1.0
+    frac = min(1.0, (iteration - config.anneal_start + 1) / config.anneal_iterations)
+    return f + (1.0 - f) * frac
+
+
+def auto_psi_step(r_cur: float, geom: Geometry) -> float:
+    """In-plane step (degrees) so the particle edge moves ≤ half a resolution element.
+
+    At radius ρ (half the particle diameter, working px) and resolution
+    radius r (Fourier px), an arc of ρ·Δψ must stay ≤ box / (2r).
+    """
+    rho = 0.5 * geom.particle_diameter_angst / geom.work_pixel_angst
+    step = math.degrees(geom.work_box / (2.0 * max(r_cur, 1.0) * max(rho, 1.0)))
+    return max(s for s in _PSI_STEPS if s <= max(step, _PSI_STEPS[0]))
+
+
+def shift_grid(geom: Geometry, config: EMConfig, device) -> Tensor:
+    """Shifts (x, y) in working px within a disc of the search range, (T, 2)."""
+    to_work = geom.work_box / geom.box
+    rng = (0.1 * geom.box if config.shift_range_px is None else config.shift_range_px) * to_work
+    step = 1.0 if config.shift_step_px is None else config.shift_step_px * to_work
+    n = int(math.floor(rng / step + 1e-9))
+    k = torch.arange(-n, n + 1, device=device, dtype=torch.float32) * step
+    yy, xx = torch.meshgrid(k, k, indexing="ij")
+    keep = xx**2 + yy**2 <= rng**2 + 1e-6
+    return torch.stack([xx[keep], yy[keep]], dim=1)
+
+
+class Engine:
+    """State and steps of one classification run (use :func:`run_em`)."""
+
+    def __init__(self, particles: ParticleSet, config: EMConfig, device: str = "cpu") -> None:
+        config.validate()
+        n = len(particles)
+        if n < config.n_classes:
+            raise Cryo2DError(f"{particles.source.name}: {n} particles is fewer than the {config.n_classes} classes asked for")
+        if config.use_ctf and particles.ctf is None:
+            raise Cryo2DError(f"{particles.source.name}: no CTF parameters (use --no-ctf to classify without CTF)")
+        self.particles = particles
+        self.config = config
+        self.device = torch.device(device)
+        self.geom = make_geometry(particles.box, _single_pixel_size(particles), config)
+        g = self.geom
+        self.n_shells = g.work_box // 2 + 1
+        self.mpts = disc_points(g.work_box, 0.0, g.r_max, half=False, device=self.device)
+        self.mask = soft_mask(g.work_box, g.mask_inner_px, g.mask_outer_px, device=self.device)
+        self.K = config.n_classes
+        self.rng = np.random.default_rng(config.seed)
+        self.state = st.new_state(n, self.K, len(self.mpts), self.n_shells, self.device)
+
+    # ---------------------------------------------------------------- helpers
+    def _to_real(self, A: Tensor) -> Tensor:
+        """(K, m) class transforms at the M-step points -> (K, B, B) real images."""
+        B = self.geom.work_box
+        grid = torch.zeros((A.shape[0], B * B), dtype=torch.complex64, device=self.device)
+        grid[:, self.mpts.flat] = A
+        return ifft2c(grid.view(-1, B, B), real=True)
+
+    def _to_points(self, images: Tensor) -> Tensor:
+        """(K, B, B) real images -> (K, m) transforms at the M-step points."""
+        return fft2c(images).flatten(1)[:, self.mpts.flat]
+
+    def _grid(self, A: Tensor) -> Tensor:
+        B = self.geom.work_box
+        grid = torch.zeros((A.shape[0], B * B), dtype=torch.complex64, device=self.device)
+        grid[:, self.mpts.flat] = A
+        return grid.view(-1, B, B)
+
+    def _chunk_size(self, plan: IterationPlan) -> int:
+        if self.config.chunk_size:
+            return int(self.config.chunk_size)
+        T, KR, M = len(plan.shifts_px), self.K * len(plan.psi_rad), len(plan.points)
+        per_particle = T * (16 * KR + 16 * M) + 8 * KR
+        return int(max(1, min(512, 512e6 // per_particle)))
+
+    def plan(self, iteration: int, online: bool) -> IterationPlan:
+        """Search grid for an iteration from the current class resolution."""
+        g, cfg = self.geom, self.config
+        r_res = float(self.state.r_res)
+        floor = min(g.r_align, max(g.r_min_align + 3.0, 0.35 * g.r_align))
+        r_cur = float(min(g.r_align, max(floor, r_res + 3.0)))
+        step = cfg.psi_step_deg if cfg.psi_step_deg is not None else auto_psi_step(r_cur, g)
+        temperature = temperature_at(cfg, iteration) if online else 1.0
+        return IterationPlan(
+            r_cur=r_cur,
+            psi_rad=psi_grid(step, device=self.device),
+            shifts_px=shift_grid(g, cfg, self.device),
+            points=disc_points(g.work_box, g.r_min_align, r_cur, half=True, device=self.device),
+            temperature=temperature,
+        )
+
+    # ---------------------------------------------------------------- init
+    def initialise(self) -> None:
+        """Noise from the image backgrounds; classes from random subsets at random angles."""
+        s, n = self.state, len(self.particles)
+        m = min(n, max(self.K * min(self.config.batch_size_per_class, 20), min(n, 1000)))
+        idx = np.sort(self.rng.choice(n, size=m, replace=False))
+        X = load_batch(self.particles, idx, self.geom, self.device)
+        sig_shell = noise_spectrum(X, self.geom, self.n_shells)
+        s.sigma2_shell = self._noise_model(sig_shell)
+        labels = torch.from_numpy(np.arange(m) % self.K)[torch.from_numpy(self.rng.permutation(m))]
+        psi = torch.from_numpy(self.rng.uniform(0, 2 * np.pi, size=m)).float()
+        sums = self._accumulate_fixed(idx, X, labels.to(self.device), psi.to(self.device))
+        num, den, counts = sums
+        s.num, s.den, s.counts = num, den, counts
+        self._update_classes(online=True, allow_recenter=False)
+
+    def _noise_model(self, sig_shell: Tensor) -> Tensor:
+        if self.config.white_noise:
+            return torch.full_like(sig_shell, float(sig_shell[1:].mean()))
+        return sig_shell.clamp(min=float(sig_shell[1:].mean()) * 1e-4)
+
+    def _accumulate_fixed(self, idx: np.ndarray, X: Tensor, labels: Tensor, psi: Tensor):
+        """Sums for particles with given class and angle (zero shift): the initial classes."""
+        ctf = batch_ctf(self.particles, idx, self.geom, self.config.use_ctf, self.device)
+        flat = self.mpts.flat
+        Xm, cm = X.flatten(1)[:, flat], ctf.flatten(1)[:, flat]
+        sums = PoseSums(self.K, len(psi), len(self.mpts), self.device)
+        from cryo2d.em.estep import EStepResult
+
+        b = len(idx)
+        ar = torch.arange(b, device=self.device)
+        one = torch.ones(b, device=self.device)
+        post = torch.zeros((b, self.K), device=self.device)
+        post[ar, labels] = 1.0
+        res = EStepResult(post, ar * 0, labels, ar, one, one, one, ar, ar * 0, labels, ar, one, one)
+        sums.add(Xm, cm, one, self.mpts.xy / self.geom.work_box, torch.zeros((1, 2), device=self.device), res)
+        num, den = sums.class_frame(psi, flat, self.mpts.xy, self.geom.work_box, self.config.zeropad)
+        return num, den, sums.counts
+
+    # ---------------------------------------------------------------- classes
+    def _update_classes(self, online: bool, allow_recenter: bool) -> None:
+        """Wiener solve from the current sums, then mask/clamp/recentre/re-seed."""
+        s, cfg = self.state, self.config
+        sigma2 = s.sigma2_shell[self.mpts.shell]
+        s.tau2 = estimate_tau2(s.num, s.den, sigma2, self.mpts.shell, self.n_shells, cfg.tau2_fudge)
+        A = solve_classes(s.num, s.den, sigma2, s.tau2, self.mpts.shell)
+        if cfg.clamp_solvent or cfg.non_negative:
+            img = self._to_real(A)
+            if cfg.clamp_solvent:
+                img = img * self.mask
+            if cfg.non_negative:
+                img = img.clamp(min=0)
+            A = self._to_points(img)
+        if allow_recenter and cfg.recenter:
+            A = self._recenter(A)
+        s.A = A
+        snr = ssnr(s.den, sigma2, s.tau2, self.mpts.shell, self.n_shells, cfg.tau2_fudge)
+        s.res_shell = resolution_shell(snr)
+        occupied = s.counts > 0.5
+        s.r_res = float(s.res_shell[occupied].max()) if bool(occupied.any()) else 1.0
+        total = float(s.counts.sum())
+        s.log_prior = torch.log((s.counts / max(total, 1e-12)).clamp(min=1e-6)).float()
+
+    def _recenter(self, A: Tensor) -> Tensor:
+        """Shift each class (and its running sums) to its centre of mass above threshold."""
+        s, cfg = self.state, self.config
+        img = self._to_real(A) * self.mask
+        thr = cfg.recenter_threshold * img.flatten(1).amax(dim=1).clamp(min=1e-12)
+        w = torch.where(img > thr[:, None, None], img, torch.zeros_like(img))
+        B = self.geom.work_box
+        k = torch.arange(B, device=self.device, dtype=torch.float32) - B // 2
+        tot = w.sum(dim=(1, 2)).clamp(min=1e-12)
+        com = torch.stack([(w.sum(dim=1) * k).sum(dim=1) / tot, (w.sum(dim=2) * k).sum(dim=1) / tot], dim=1)
+        com = torch.where(w.sum(dim=(1, 2), keepdim=False)[:, None] > 0, com, torch.zeros_like(com))
+        # Shifting the class by -com multiplies its transform by exp(+2πi f·com).
+        ph = torch.polar(
+            torch.ones(len(com), len(self.mpts), device=self.device),
+            2 * math.pi * (com @ (self.mpts.xy / B).T),
+        )
+        s.num = s.num * ph
+        return A * ph
+
+    def _reseed_empty(self) -> int:
+        """Give each empty class half of the largest class (copy + small perturbation)."""
+        s = self.state
+        expected = float(s.counts.sum()) / self.K
+        empty = torch.nonzero(s.counts < max(1.0, 0.002 * expected)).squeeze(1).tolist()
+        for k in empty:
+            big = int(torch.argmax(s.counts))
+            noise = torch.from_numpy(self.rng.standard_normal((len(self.mpts), 2)).astype(np.float32)).to(self.device)
+            amp = (s.num[big].abs() * 0.1).unsqueeze(1)
+            for name in ("num", "den"):
+                arr = getattr(s, name)
+                arr[big] = arr[big] * 0.5
+                arr[k] = arr[big]
+            s.num[k] = s.num[k] + torch.view_as_complex((noise * amp).contiguous())
+            s.counts[big] *= 0.5
+            s.counts[k] = s.counts[big]
+        return len(empty)
+
+    # ---------------------------------------------------------------- E/M pass
+    def pass_over(self, idx: np.ndarray, plan: IterationPlan, mode: str, iteration: int):
+        """E-step over particles ``idx`` (in chunks) and M-step sums.
+
+        Returns the new sums (num, den, counts, noise) and per-particle results.
+        """
+        s, g, cfg = self.state, self.geom, self.config
+        dev = self.device
+        R = len(plan.psi_rad)
+        masked = self._to_points(self._to_real(s.A) * self.mask)
+        refs = rotate_classes(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad)
+        inv_sig = plan.points.weight / s.sigma2_shell[plan.points.shell]
+        phases = deshift_phases(plan.points.xy / g.work_box, plan.shifts_px)
+        G_full = oversample(self._grid(s.A), cfg.zeropad)
+        sums = PoseSums(self.K, R, len(self.mpts), dev)
+        noise_sum = torch.zeros(self.n_shells, device=dev, dtype=torch.float64)
+        noise_cnt = torch.zeros(self.n_shells, device=dev, dtype=torch.float64)
+        chunk = self._chunk_size(plan)
+        read = max(chunk, 256)
+        out = {k: [] for k in ("k", "psi", "shift", "max_prob", "post", "ess", "cross", "norm")}
+        for start in range(0, len(idx), read):
+            ridx = idx[start : start + read]
+            X_all = load_batch(self.particles, ridx, g, dev).flatten(1)
+            C_all = batch_ctf(self.particles, ridx, g, cfg.use_ctf, dev).flatten(1)
+            for c0 in range(0, len(ridx), chunk):
+                cidx = ridx[c0 : c0 + chunk]
+                X, C = X_all[c0 : c0 + chunk], C_all[c0 : c0 + chunk]
+                scale = torch.from_numpy(s.scale[cidx]).float().to(dev)
+                res = e_step(
+                    X[:, plan.points.flat], C[:, plan.points.flat], inv_sig, refs, phases, s.log_prior, scale,
+                    temperature=plan.temperature, mode=mode,
+                )
+                Xm, Cm = X[:, self.mpts.flat], C[:, self.mpts.flat]
+                sums.add(Xm, Cm, scale, self.mpts.xy / g.work_box, plan.shifts_px, res)
+                # Noise: residual at the best pose, per shell.
+                pts = rotated_points(self.mpts.xy, -plan.psi_rad[res.best_r]).unsqueeze(1)
+                Zb = sample_grid(G_full[res.best_k], pts, cfg.zeropad)[:, :, 0]
+                Zb = torch.complex(Zb[:, 0], Zb[:, 1])
+                ph = deshift_phases(self.mpts.xy / g.work_box, plan.shifts_px[res.best_t])
+                resid = (Xm * ph - scale[:, None] * Cm * Zb).abs() ** 2
+                noise_sum.index_add_(0, self.mpts.shell, resid.sum(dim=0).double())
+                noise_cnt.index_add_(0, self.mpts.shell, torch.full((len(self.mpts),), float(len(cidx)), device=dev, dtype=torch.float64))
+                p = res.class_post
+                out["k"].append(res.best_k if mode == "hard" else p.argmax(dim=1))
+                out["psi"].append(plan.psi_rad[res.best_r])
+                out["shift"].append(plan.shifts_px[res.best_t])
+                out["max_prob"].append(res.max_prob)
+                out["post"].append(p.max(dim=1).values)
+                out["ess"].append(1.0 / (p * p).sum(dim=1))
+                out["cross"].append(res.best_cross)
+                out["norm"].append(res.best_norm)
+        num, den = sums.class_frame(plan.psi_rad, self.mpts.flat, self.mpts.xy, g.work_box, cfg.zeropad)
+        per = {k: torch.cat(v).cpu().numpy() for k, v in out.items()}
+        return (num, den, sums.counts, noise_sum, noise_cnt), per
+
+    def record(self, idx: np.ndarray, per: dict, iteration: int) -> float:
+        """Store per-particle results; return the fraction whose class changed."""
+        s, g = self.state, self.geom
+        prev = s.class_index[idx]
+        seen = prev >= 0
+        changed = float(np.mean(prev[seen] != per["k"][seen])) if seen.any() else 1.0
+        s.class_index[idx] = per["k"]
+        s.psi_rad[idx] = per["psi"]
+        s.shift_work[idx] = per["shift"]
+        s.max_prob[idx] = per["max_prob"]
+        s.class_post[idx] = per["post"]
+        s.class_ess[idx] = per["ess"]
+        if self.config.estimate_scale and iteration >= 1:
+            est = per["cross"] / np.maximum(per["norm"], 1e-12)
+            s.scale[idx] = np.clip(np.where(per["norm"] > 0, est, 1.0), 0.2, 5.0)
+        return changed
+
+
+def run_em(
+    particles: ParticleSet,
+    config: EMConfig,
+    *,
+    device: str = "cpu",
+    on_iteration: Callable[[dict], None] | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+) -> EMResult:
+    """Classify ``particles`` into ``config.n_classes`` 2D classes.
+
+    Parameters
+    ----------
+    particles : ParticleSet
+    config : EMConfig
+    device : str
+        "cpu" or "cuda".
+    on_iteration : callable, optional
+        Called with each iteration's log record (dict).
+    checkpoint : Path, optional
+        File to save the state to after every iteration (atomically).
+    resume : bool
+        Continue from ``checkpoint`` if it exists.
+
+    Returns
+    -------
+    EMResult
+    """
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Cryo2DError("--device cuda asked for, but no CUDA device is available")
+    eng = Engine(particles, config, device)
+    s, cfg, n = eng.state, config, len(particles)
+    start_iter = 0
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        start_iter = st.load_checkpoint(eng, checkpoint)
+    else:
+        eng.initialise()
+    n_online, n_full = cfg.n_online_iterations, cfg.n_full_iterations
+    total = n_online + max(n_full, 1)
+    all_idx = np.arange(n)
+    for it in range(start_iter, total):
+        t0 = time.perf_counter()
+        online = it < n_online
+        last = it == total - 1
+        plan = eng.plan(it, online)
+        if online:
+            size = min(n, cfg.batch_size_per_class * cfg.n_classes)
+            idx = np.sort(eng.rng.choice(n, size=size, replace=False))
+        else:
+            idx = all_idx
+        if cfg.force_max_effective:
+            mode = "hard"
+        elif last and cfg.hard_last:
+            mode = "hard_class"
+        else:
+            mode = "soft"
+        (num, den, counts, nsum, ncnt), per = eng.pass_over(idx, plan, mode, it)
+        changed = eng.record(idx, per, it)
+        update = n_full > 0 or online
+        reseeded = 0
+        if update:
+            if online:
+                eta = 1.0 if it == 0 else (it + 1) ** -0.7
+                lam = 1.0 - eta
+                s.num = lam * s.num + num
+                s.den = lam * s.den + den
+                s.counts = lam * s.counts + counts
+                s.noise_sum = lam * s.noise_sum + nsum
+                s.noise_cnt = lam * s.noise_cnt + ncnt
+            else:
+                s.num, s.den, s.counts, s.noise_sum, s.noise_cnt = num, den, counts, nsum, ncnt
+            sig = (s.noise_sum / s.noise_cnt.clamp(min=1)).float()
+            s.sigma2_shell = eng._noise_model(torch.where(s.noise_cnt > 0, sig, s.sigma2_shell))
+            if online:
+                reseeded = eng._reseed_empty()
+            eng._update_classes(online=online, allow_recenter=not last)
+        res_angst = eng.geom.radius_to_angst(s.r_res)
+        record = {
+            "iteration": it + 1,
+            "phase": "online" if online else "full",
+            "particles": int(len(idx)),
+            "particles_seen": int(np.sum(s.class_index >= 0)),
+            "resolution_angst": round(res_angst, 2),
+            "align_radius": round(plan.r_cur, 2),
+            "psi_step_deg": round(360.0 / len(plan.psi_rad), 3),
+            "n_shifts": int(len(plan.shifts_px)),
+            "temperature": round(plan.temperature, 3),
+            "class_changes": round(changed, 4),
+            "reseeded": reseeded,
+            "time_s": round(time.perf_counter() - t0, 3),
+        }
+        s.history.append(record)
+        if checkpoint is not None:
+            st.save_checkpoint(eng, checkpoint, it + 1)
+        if on_iteration is not None:
+            on_iteration(record)
+    return eng_result(eng)
+
+
+def eng_result(eng: Engine) -> EMResult:
+    """Collect the final classes and per-particle results (input-box units)."""
+    s, g = eng.state, eng.geom
+    B, D = g.work_box, g.box
+    padded = torch.zeros((eng.K, D, D), dtype=torch.complex64, device=eng.device)
+    lo = D // 2 - B // 2
+    padded[:, lo : lo + B, lo : lo + B] = eng._grid(s.A)
+    classes = ifft2c(padded, real=True).cpu().numpy().astype(np.float32)
+    counts = np.bincount(s.class_index[s.class_index >= 0], minlength=eng.K).astype(np.float64)
+    res = np.array([g.radius_to_angst(float(r)) for r in s.res_shell.cpu()])
+    return EMResult(
+        classes=classes,
+        counts=counts,
+        resolution_angst=res,
+        class_index=s.class_index.copy(),
+        psi_deg=np.degrees(s.psi_rad).astype(np.float64) % 360.0,
+        shift_px=s.shift_work.astype(np.float64) * (D / B),
+        max_prob=s.max_prob.astype(np.float64),
+        class_posterior=s.class_post.astype(np.float64),
+        class_ess=s.class_ess.astype(np.float64),
+        scale=s.scale.astype(np.float64),
+        history=list(s.history),
+        geometry=g,
+    )

@@ -1,0 +1,105 @@
+"""Mutable state of a run and its checkpoints (atomic, resumable)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryo2d.errors import Cryo2DError
+
+_VERSION = 1
+
+
+@dataclass
+class RunState:
+    """Everything that changes during a run.
+
+    Class quantities live at the M-step points (m of them); per-particle
+    arrays have length n. ``sigma2_shell`` and ``tau2`` are per Fourier shell.
+    """
+
+    A: Tensor  # (K, m) complex class transforms
+    num: Tensor  # (K, m) complex running sums
+    den: Tensor  # (K, m) float running sums
+    counts: Tensor  # (K,) float64 running class occupancy
+    noise_sum: Tensor  # (n_shells,) float64
+    noise_cnt: Tensor  # (n_shells,) float64
+    sigma2_shell: Tensor  # (n_shells,)
+    tau2: Tensor  # (K, n_shells)
+    log_prior: Tensor  # (K,)
+    res_shell: Tensor  # (K,) int64
+    r_res: float
+    class_index: np.ndarray  # (n,) int64, -1 = not yet seen
+    psi_rad: np.ndarray
+    shift_work: np.ndarray  # (n, 2) working px
+    max_prob: np.ndarray
+    class_post: np.ndarray
+    class_ess: np.ndarray
+    scale: np.ndarray
+    history: list = field(default_factory=list)
+
+
+def new_state(n: int, K: int, m: int, n_shells: int, device) -> RunState:
+    """A blank state for n particles, K classes, m M-step points."""
+    z = lambda *shape, **kw: torch.zeros(shape, device=device, **kw)  # noqa: E731
+    return RunState(
+        A=z(K, m, dtype=torch.complex64),
+        num=z(K, m, dtype=torch.complex64),
+        den=z(K, m),
+        counts=z(K, dtype=torch.float64),
+        noise_sum=z(n_shells, dtype=torch.float64),
+        noise_cnt=z(n_shells, dtype=torch.float64),
+        sigma2_shell=torch.ones(n_shells, device=device),
+        tau2=torch.ones((K, n_shells), device=device),
+        log_prior=torch.full((K,), -float(np.log(K)), device=device),
+        res_shell=torch.ones(K, dtype=torch.int64, device=device),
+        r_res=1.0,
+        class_index=np.full(n, -1, dtype=np.int64),
+        psi_rad=np.zeros(n, dtype=np.float32),
+        shift_work=np.zeros((n, 2), dtype=np.float32),
+        max_prob=np.zeros(n, dtype=np.float32),
+        class_post=np.zeros(n, dtype=np.float32),
+        class_ess=np.zeros(n, dtype=np.float32),
+        scale=np.ones(n, dtype=np.float32),
+    )
+
+
+def save_checkpoint(engine, path: Path, next_iteration: int) -> None:
+    """Write the state, the RNG and the iteration counter atomically."""
+    path = Path(path)
+    s = engine.state
+    payload = {
+        "version": _VERSION,
+        "next_iteration": next_iteration,
+        "config": engine.config.to_dict(),
+        "n_particles": len(engine.particles),
+        "rng": engine.rng.bit_generator.state,
+        "state": {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in s.__dict__.items()},
+    }
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(engine, path: Path) -> int:
+    """Restore ``engine`` from ``path``; returns the iteration to continue from."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a damaged checkpoint is a user-visible problem
+        raise Cryo2DError(f"{path}: cannot read checkpoint ({type(err).__name__})") from None
+    if payload.get("version") != _VERSION or payload.get("n_particles") != len(engine.particles):
+        raise Cryo2DError(f"{path}: checkpoint is from a different dataset or version; remove it or drop --resume")
+    ours = engine.config.to_dict()
+    theirs = payload["config"]
+    diff = [k for k in ours if k not in ("extra",) and ours[k] != theirs.get(k)]
+    if diff:
+        raise Cryo2DError(f"{path}: checkpoint was made with other settings ({', '.join(diff)}); drop --resume to start again")
+    for k, v in payload["state"].items():
+        setattr(engine.state, k, v.to(engine.device) if isinstance(v, Tensor) else v)
+    engine.rng.bit_generator.state = payload["rng"]
+    return int(payload["next_iteration"])
