@@ -92,6 +92,8 @@ def read_cs(
     for name in ("blob/path", "blob/idx"):
         if name not in array.dtype.names:
             raise Cryo2DError(f"{label}: field {name} missing (no particle images)")
+    if len(array) == 0:
+        raise Cryo2DError(f"{label}: no particles")
     if "blob/psize_A" not in array.dtype.names:
         raise Cryo2DError(f"{label}: field blob/psize_A missing (no pixel size)")
 

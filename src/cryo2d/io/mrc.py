@@ -219,7 +219,8 @@ class MRCStack:
                     continue
                 images, inverse = np.unique(self.image_index[idx[group]], return_inverse=True)
                 block = np.asarray(self._data(int(file_of[group[0]]))[images], dtype=np.float32)
-                out[group] = block[inverse.reshape(-1)]
+                inverse = inverse.reshape(-1)
+                out[group] = block if len(images) == len(group) and (np.diff(inverse) > 0).all() else block[inverse]
         return out
 
     def read(self, idx: np.ndarray) -> np.ndarray:

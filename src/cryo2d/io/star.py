@@ -74,6 +74,8 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
     blocks = {name: pd.DataFrame([b]) if isinstance(b, dict) else b for name, b in blocks.items()}
     particles_block = _particles_block(blocks, label)
     table = blocks[particles_block]
+    if len(table) == 0:
+        raise Cryo2DError(f"{label}: no particles")
     optics = blocks.get("optics") if particles_block != "optics" else None
     columns = _merged_columns(table, optics, label)
 

@@ -1,0 +1,154 @@
+"""RELION STAR: optics merge, 1-based names, units on writing, every column kept."""
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+from particle_files import make_star_dataset, random_assignments, shared_data
+
+from cryo2d.io import read_particles, write_particles
+from cryo2d.io.mrc import MRCStack, StackRefs
+
+
+def test_read_31_merges_optics_per_particle(tmp_path):
+    star, images, ctf = make_star_dataset(tmp_path)
+    particles = read_particles(star)
+    assert isinstance(particles.stack, MRCStack) and particles.kind == "star"
+    assert len(particles) == 12 and particles.box == 16
+    np.testing.assert_array_equal(particles.pixel_size_angst, ctf["pixel_size_angst"])
+    for field in ("defocus_u_angst", "defocus_v_angst", "defocus_angle_deg", "voltage_kv", "cs_mm",
+                  "amplitude_contrast", "phase_shift_deg"):
+        np.testing.assert_allclose(getattr(particles.ctf, field), ctf[field], rtol=1e-9, err_msg=field)
+    np.testing.assert_array_equal(particles.ctf.bfactor_angst2, 0)
+    np.testing.assert_array_equal(particles.stack.read(np.arange(12)), images)
+    assert list(particles.extra["blocks"]) == ["optics", "particles"]
+
+
+def test_read_30_pixel_size_from_detector_and_magnification(tmp_path):
+    star, images, ctf = make_star_dataset(tmp_path, version="3.0")
+    particles = read_particles(star)
+    assert particles.extra["optics"] is None and particles.extra["star_version"] == "3.0"
+    np.testing.assert_allclose(particles.pixel_size_angst, 2.0)
+    np.testing.assert_array_equal(particles.stack.read(np.array([5, 2])), images[[5, 2]])
+
+
+def test_no_ctf_and_metadata_only(tmp_path):
+    star, _, _ = make_star_dataset(tmp_path)
+    particles = read_particles(star, no_ctf=True, open_stacks=False)
+    assert particles.ctf is None
+    assert isinstance(particles.stack, StackRefs) and particles.box == 16
+
+
+def test_stack_paths_relative_to_current_folder(tmp_path, monkeypatch):
+    """RELION project paths: image names relative to the project (CWD), not the STAR folder."""
+    (tmp_path / "Extract").mkdir()
+    star, images, _ = make_star_dataset(tmp_path / "Extract")
+    table = starfile.read(star, always_dict=True)
+    table["particles"]["rlnImageName"] = table["particles"]["rlnImageName"].str.replace("@", "@Extract/")
+    (tmp_path / "Select").mkdir()
+    starfile.write(table, tmp_path / "Select" / "particles.star")
+    monkeypatch.chdir(tmp_path)
+    particles = read_particles("Select/particles.star")
+    np.testing.assert_array_equal(particles.stack.read(np.arange(12)), images)
+
+
+def _assert_columns_equal(written: pd.DataFrame, original: pd.DataFrame, skip=()):
+    for column in original.columns:
+        if column in skip:
+            continue
+        assert column in written, column
+        if pd.api.types.is_numeric_dtype(original[column]):
+            np.testing.assert_array_equal(written[column].to_numpy(), original[column].to_numpy(), err_msg=column)
+        else:
+            assert written[column].astype(str).tolist() == original[column].astype(str).tolist(), column
+
+
+def test_write_31_roundtrip_all_columns_and_units(tmp_path):
+    star, _, ctf = make_star_dataset(tmp_path)
+    particles = read_particles(star)
+    assignments = random_assignments(len(particles))
+    write_particles(particles, tmp_path / "out.star", assignments)
+    written = starfile.read(tmp_path / "out.star", always_dict=True)
+    assert list(written) == ["optics", "particles"]
+    _assert_columns_equal(written["optics"], particles.extra["optics"])
+    out = written["particles"]
+    _assert_columns_equal(out, particles.table, skip={"rlnClassNumber"})
+    np.testing.assert_array_equal(out["rlnClassNumber"], assignments.class_index + 1)
+    np.testing.assert_allclose(out["rlnAnglePsi"], assignments.psi_deg, rtol=1e-15)
+    np.testing.assert_allclose(out["rlnOriginXAngst"], assignments.shift_px[:, 0] * ctf["pixel_size_angst"], rtol=1e-15)
+    np.testing.assert_allclose(out["rlnOriginYAngst"], assignments.shift_px[:, 1] * ctf["pixel_size_angst"], rtol=1e-15)
+    np.testing.assert_allclose(out["rlnMaxValueProbDistribution"], assignments.max_prob, rtol=1e-15)
+    np.testing.assert_allclose(out["rlnNormCorrection"], assignments.scale, rtol=1e-15)
+    assert "rlnOriginX" not in out and "rlnClassPosterior" not in out
+    assert list(out.columns[: len(particles.table.columns)]) == list(particles.table.columns)
+    again = read_particles(tmp_path / "out.star")
+    np.testing.assert_array_equal(again.ctf.defocus_u_angst, particles.ctf.defocus_u_angst)
+    np.testing.assert_array_equal(again.pixel_size_angst, particles.pixel_size_angst)
+
+
+def test_write_30_keeps_single_block_and_pixel_origins(tmp_path):
+    star, _, _ = make_star_dataset(tmp_path, version="3.0")
+    particles = read_particles(star)
+    assignments = random_assignments(len(particles))
+    write_particles(particles, tmp_path / "out.star", assignments)
+    written = starfile.read(tmp_path / "out.star", always_dict=True)
+    assert list(written) == ["particles"]
+    out = written["particles"]
+    _assert_columns_equal(out, particles.table, skip={"rlnClassNumber"})
+    np.testing.assert_allclose(out["rlnOriginX"], assignments.shift_px[:, 0], rtol=1e-15)
+    np.testing.assert_allclose(out["rlnOriginY"], assignments.shift_px[:, 1], rtol=1e-15)
+    assert "rlnOriginXAngst" not in out
+
+
+def test_write_rows_subset(tmp_path):
+    star, _, ctf = make_star_dataset(tmp_path)
+    particles = read_particles(star)
+    assignments = random_assignments(len(particles))
+    rows = np.array([9, 0, 4])
+    write_particles(particles, tmp_path / "sub.star", assignments, rows=rows)
+    out = starfile.read(tmp_path / "sub.star", always_dict=True)["particles"]
+    assert out["rlnImageName"].tolist() == particles.table["rlnImageName"].iloc[rows].tolist()
+    np.testing.assert_array_equal(out["rlnClassNumber"], assignments.class_index[rows] + 1)
+    np.testing.assert_allclose(out["rlnOriginXAngst"], assignments.shift_px[rows, 0] * ctf["pixel_size_angst"][rows])
+    write_particles(particles, tmp_path / "plain.star", rows=rows)
+    plain = starfile.read(tmp_path / "plain.star", always_dict=True)["particles"]
+    _assert_columns_equal(plain, particles.table.iloc[rows])
+    assert "rlnAnglePsi" not in plain
+
+
+def test_real_relion31_two_optics_groups():
+    particles = read_particles(shared_data("particles/aspire_sample_80S/sample_relion31.star"))
+    group = particles.table["rlnOpticsGroup"].to_numpy()
+    assert (group == 1).sum() == 8 and (group == 2).sum() == 9
+    np.testing.assert_array_equal(particles.ctf.voltage_kv[group == 1], 300.0)
+    np.testing.assert_array_equal(particles.ctf.voltage_kv[group == 2], 200.0)
+    np.testing.assert_array_equal(particles.pixel_size_angst, 1.4)
+    assert particles.ctf.defocus_u_angst[0] == 21186.804688
+    assert particles.box == 200
+
+
+def test_real_relion31_pixel_size_and_images():
+    particles = read_particles(shared_data("particles/cryodrgn_relion31/relion31.star"))
+    np.testing.assert_array_equal(particles.pixel_size_angst, 2.806)
+    np.testing.assert_array_equal(particles.ctf.cs_mm, 0.01)
+    assert particles.box == 256 and particles.stack.read(np.arange(5)).shape == (5, 256, 256)
+
+
+@pytest.mark.parametrize("relative, pixel_size", [
+    ("particles/aspire_sample_80S/sample_relion30.star", 5.0 * 1e4 / 37369.207031),
+    ("particles/cryodrgn_sta_ribosome_bin8/sta_testing_bin8.star", 1.96),
+])
+def test_real_relion30(relative, pixel_size):
+    particles = read_particles(shared_data(relative))
+    np.testing.assert_allclose(particles.pixel_size_angst, pixel_size, rtol=1e-12)
+    assert particles.extra["optics"] is None
+
+
+def test_real_files_write_back_unchanged(tmp_path):
+    for relative in ("particles/aspire_sample_80S/sample_relion31.star",
+                     "particles/aspire_sample_80S/sample_relion30.star"):
+        particles = read_particles(shared_data(relative), open_stacks=False)
+        write_particles(particles, tmp_path / "copy.star")
+        written = starfile.read(tmp_path / "copy.star", always_dict=True)
+        assert list(written) == list(particles.extra["blocks"])
+        for name, block in particles.extra["blocks"].items():
+            _assert_columns_equal(written[name], block)

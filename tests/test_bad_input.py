@@ -1,0 +1,149 @@
+"""Every bad input: exit code 1 and one stderr line naming the file and the problem."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "io"))
+from particle_files import make_cs_dataset, make_star_dataset, rewrite_star, run_cli, write_mrcs  # noqa: E402
+
+from cryo2d.errors import Cryo2DError  # noqa: E402
+from cryo2d.io import check_finite, read_particles  # noqa: E402
+
+
+@pytest.fixture
+def info(monkeypatch, capsys):
+    """Run ``cryo2d info PATH [ARGS]``; assert exit 1 and a single error line naming PATH; return it."""
+    def run(path, *args):
+        code, _, err = run_cli(monkeypatch, capsys, "info", path, *args)
+        assert code == 1
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert err.startswith(f"cryo2d: error: {path}: ")
+        return err
+    return run
+
+
+@pytest.fixture
+def star(tmp_path):
+    return make_star_dataset(tmp_path)[0]
+
+
+def test_missing_ctf_columns(star, info):
+    rewrite_star(star, lambda blocks: blocks["particles"].pop("rlnDefocusU"))
+    err = info(star)
+    assert "column _rlnDefocusU missing (use --no-ctf to classify without CTF)" in err
+
+
+def _set_image_name(star, row, name):
+    def change(blocks):
+        blocks["particles"].loc[row, "rlnImageName"] = name
+    rewrite_star(star, change)
+
+
+def test_image_past_end_of_stack(star, info):
+    _set_image_name(star, 3, "000007@stack0.mrcs")
+    assert "image 000007@stack0.mrcs is past the end of stack0.mrcs (6 images)" in info(star)
+
+
+def test_missing_stack_file(star, info):
+    (star.parent / "stack1.mrcs").unlink()
+    assert "stack file stack1.mrcs not found" in info(star)
+
+
+def test_mixed_box_sizes(star, info):
+    write_mrcs(star.parent / "stack1.mrcs", np.zeros((6, 20, 20)))
+    assert "mixed box sizes" in info(star) and "20 px" in info(star)
+
+
+def test_non_square_images(star, info):
+    write_mrcs(star.parent / "stack1.mrcs", np.zeros((6, 16, 20)))
+    assert "stack1.mrcs has non-square images (20x16 px)" in info(star)
+
+
+def test_truncated_mrc(star, info):
+    stack = star.parent / "stack1.mrcs"
+    stack.write_bytes(stack.read_bytes()[:-100])
+    assert "stack1.mrcs is truncated" in info(star)
+
+
+def test_not_an_mrc_file(star, info):
+    (star.parent / "stack1.mrcs").write_text("this is not an MRC file\n" * 100)
+    assert "stack1.mrcs is not an MRC file" in info(star)
+
+
+def test_empty_stack_file(star, info):
+    (star.parent / "stack1.mrcs").write_bytes(b"")
+    assert "stack1.mrcs is not an MRC file" in info(star)
+
+
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
+def test_nan_pixels(star, info):
+    images = np.zeros((6, 16, 16))
+    images[2, 5, 5] = np.nan
+    write_mrcs(star.parent / "stack1.mrcs", images)
+    particles = read_particles(star)
+    with pytest.raises(Cryo2DError, match=rf"^{star}: image 000003@stack1.mrcs has NaN/Inf pixels$"):
+        check_finite(particles.stack, chunk=5)
+    assert "image 000003@stack1.mrcs has NaN/Inf pixels" in info(star, "--check-pixels")
+
+
+def test_no_pixel_size(tmp_path, info):
+    star = make_star_dataset(tmp_path, version="3.0")[0]
+    rewrite_star(star, lambda blocks: blocks["particles"].pop("rlnMagnification"))
+    assert "no pixel size" in info(star)
+
+
+def test_bad_pixel_size_value(tmp_path, info):
+    star = make_star_dataset(tmp_path, version="3.0")[0]
+    rewrite_star(star, lambda blocks: blocks["particles"].__setitem__("rlnDetectorPixelSize", 0.0))
+    assert "pixel size of particle 1 is 0.0 (must be finite and > 0)" in info(star)
+
+
+def test_undefined_optics_group(star, info):
+    rewrite_star(star, lambda blocks: blocks["particles"].__setitem__("rlnOpticsGroup", 3))
+    assert "optics group 3, which data_optics does not define" in info(star)
+
+
+def test_malformed_image_name(star, info):
+    _set_image_name(star, 0, "0@stack0.mrcs")
+    assert "bad _rlnImageName '0@stack0.mrcs'" in info(star)
+
+
+def test_no_particles(star, info):
+    rewrite_star(star, lambda blocks: blocks.__setitem__("particles", blocks["particles"].iloc[:0]))
+    assert "no particles" in info(star)
+
+
+@pytest.mark.parametrize("name, text, problem", [
+    ("model.star", "data_model\n\nloop_\n_rlnReferenceImage #1\nclass1.mrc\n",
+     "no data block with an _rlnImageName column"),
+    ("particles.txt", "x", "unknown particle file type '.txt'"),
+    ("particles.cs", "not numpy", "not a CryoSPARC .cs file"),
+], ids=["star-without-particles", "unknown-suffix", "cs-not-numpy"])
+def test_wrong_kind_of_file(tmp_path, info, name, text, problem):
+    path = tmp_path / name
+    path.write_text(text)
+    assert problem in info(path)
+
+
+def test_missing_file(tmp_path, info):
+    assert "file not found" in info(tmp_path / "nothing.star")
+
+
+def test_cs_missing_ctf_field(tmp_path, info):
+    cs = make_cs_dataset(tmp_path)[1]
+    array = np.load(cs)
+    keep = [name for name in array.dtype.names if name != "ctf/df1_A"]
+    with open(cs, "wb") as handle:
+        np.save(handle, array[keep])
+    assert "field ctf/df1_A missing (use --no-ctf to classify without CTF)" in info(cs)
+
+
+def test_non_numeric_ctf_value(star, info):
+    def change(blocks):
+        table = blocks["particles"]
+        table["rlnDefocusV"] = table["rlnDefocusV"].astype(object)
+        table.loc[2, "rlnDefocusV"] = "abc"
+    rewrite_star(star, change)
+    assert "column _rlnDefocusV has a non-numeric value ('abc')" in info(star)

@@ -1,0 +1,83 @@
+"""``cryo2d info``: the numbers it prints are the ones in the file."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "io"))
+from particle_files import make_cs_dataset, make_star_dataset, run_cli, shared_data  # noqa: E402
+
+KEYS = ["n_particles", "box", "pixel_size", "n_optics_groups", "defocus_min", "defocus_max",
+        "voltage", "cs", "amplitude_contrast"]
+
+
+def test_info_json_star_two_optics_groups(tmp_path, monkeypatch, capsys):
+    star, _, ctf = make_star_dataset(tmp_path)
+    code, out, err = run_cli(monkeypatch, capsys, "info", star, "--json")
+    assert code == 0 and err == ""
+    summary = json.loads(out)
+    assert list(summary) == KEYS
+    defocus = np.concatenate([ctf["defocus_u_angst"], ctf["defocus_v_angst"]])
+    assert summary == {
+        "n_particles": 12, "box": 16, "pixel_size": [1.5, 2.0], "n_optics_groups": 2,
+        "defocus_min": defocus.min(), "defocus_max": defocus.max(),
+        "voltage": [200.0, 300.0], "cs": 2.7, "amplitude_contrast": [0.07, 0.1],
+    }
+
+
+def test_info_json_cs(tmp_path, monkeypatch, capsys):
+    _, cs, _, ctf = make_cs_dataset(tmp_path)
+    code, out, _ = run_cli(monkeypatch, capsys, "info", cs, "--json", "--project-dir", tmp_path)
+    summary = json.loads(out)
+    assert code == 0
+    assert summary["n_particles"] == 12 and summary["box"] == 16 and summary["n_optics_groups"] == 2
+    assert summary["pixel_size"] == [1.5, 2.0] and summary["voltage"] == [200.0, 300.0]
+    assert summary["defocus_max"] == pytest.approx(ctf["defocus_u_angst"].max(), rel=1e-7)
+
+
+def test_info_text(tmp_path, monkeypatch, capsys):
+    star, _, _ = make_star_dataset(tmp_path, version="3.0")
+    code, out, _ = run_cli(monkeypatch, capsys, "info", star)
+    assert code == 0
+    assert "(RELION 3.0 STAR)" in out
+    for line in ("particles      12", "box            16 px", "pixel size     2 Å", "optics groups  1",
+                 "voltage        300 kV", "Cs             2.7 mm", "amp. contrast  0.1"):
+        assert line in out.splitlines()
+
+
+def test_info_real_relion31(monkeypatch, capsys):
+    star = shared_data("particles/cryodrgn_relion31/relion31.star")
+    code, out, _ = run_cli(monkeypatch, capsys, "info", star, "--json", "--check-pixels")
+    summary = json.loads(out)
+    assert code == 0
+    assert summary["pixel_size"] == 2.806 and summary["box"] == 256 and summary["n_particles"] == 5
+    assert summary["voltage"] == 300.0 and summary["cs"] == 0.01 and summary["amplitude_contrast"] == 0.1
+
+
+def test_info_real_sample_two_voltages(monkeypatch, capsys):
+    star = shared_data("particles/aspire_sample_80S/sample_relion31.star")
+    code, out, _ = run_cli(monkeypatch, capsys, "info", star, "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["n_optics_groups"] == 2 and summary["voltage"] == [200.0, 300.0]
+    assert summary["pixel_size"] == 1.4 and summary["box"] == 200
+
+
+def test_info_real_cs_without_stacks(monkeypatch, capsys):
+    """Metadata is printed even when the stacks are absent; the missing stack is the one error line."""
+    cs = shared_data("metadata/cryosparc_P12_J24_001_particles.cs")
+    code, out, err = run_cli(monkeypatch, capsys, "info", cs, "--json")
+    summary = json.loads(out)
+    assert code == 1 and len(err.splitlines()) == 1 and "not found" in err
+    assert summary["n_particles"] == 2019 and summary["box"] == 180 and summary["pixel_size"] == 2.95
+    assert summary["defocus_max"] == pytest.approx(45842.97, abs=0.01)
+    code, out, err = run_cli(monkeypatch, capsys, "info", cs, "--json", "--no-images")
+    assert code == 0 and err == "" and json.loads(out) == summary
+
+
+def test_info_metadata_only_star_box_unknown(monkeypatch, capsys):
+    star = shared_data("metadata/FinalRefinement-OriginalParticles-PfCRT.star")
+    code, out, err = run_cli(monkeypatch, capsys, "info", star, "--no-ctf", "--no-images")
+    assert code == 0 and err == ""
+    assert "box            unknown" in out and "pixel size     1.035 Å" in out
