@@ -109,6 +109,11 @@ def test_write_rows_subset(tmp_path):
     assert out["rlnImageName"].tolist() == particles.table["rlnImageName"].iloc[rows].tolist()
     np.testing.assert_array_equal(out["rlnClassNumber"], assignments.class_index[rows] + 1)
     np.testing.assert_allclose(out["rlnOriginXAngst"], assignments.shift_px[rows, 0] * ctf["pixel_size_angst"][rows])
+    mask = np.zeros(len(particles), dtype=bool)
+    mask[rows] = True
+    write_particles(particles, tmp_path / "masked.star", rows=mask)
+    masked = starfile.read(tmp_path / "masked.star", always_dict=True)["particles"]
+    assert masked["rlnImageName"].tolist() == particles.table["rlnImageName"].iloc[np.sort(rows)].tolist()
     write_particles(particles, tmp_path / "plain.star", rows=rows)
     plain = starfile.read(tmp_path / "plain.star", always_dict=True)["particles"]
     _assert_columns_equal(plain, particles.table.iloc[rows])

@@ -188,13 +188,14 @@ def write_cs(
         (0-based), ``pose`` (psi in radians), ``shift`` ((m, 2) px),
         ``psize_A`` (Å), ``class_posterior``, ``class_ess`` and ``alpha``
         (scale). ``keep`` is not applied: pass ``rows`` to leave particles out.
-    rows : (m,) int array, optional
+    rows : (m,) int array or (n,) bool mask, optional
         0-based particles to write, in this order (default: all).
     """
     array = particles.extra["cs_array"]
     pixel_size_angst = particles.pixel_size_angst
     if rows is not None:
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.asarray(rows)
+        rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
         array, pixel_size_angst = array[rows], pixel_size_angst[rows]
     if assignments is not None:
         assert len(assignments.class_index) == len(particles), "assignments must cover every particle"

@@ -195,7 +195,7 @@ class MRCStack:
         handle = self._handles.get(file_no)
         if handle is None:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore" if not self._strict[file_no] else "default")
+                warnings.simplefilter("ignore")  # the header was validated at construction
                 handle = mrcfile.mmap(self.files[file_no], mode="r", permissive=not self._strict[file_no])
             self._handles[file_no] = handle
             while len(self._handles) > MAX_OPEN_FILES:
@@ -259,7 +259,10 @@ class MRCStack:
 
     def __del__(self) -> None:
         for handle in getattr(self, "_handles", {}).values():
-            handle.close()
+            try:
+                handle.close()
+            except Exception:  # interpreter shutdown: nothing left to release
+                pass
 
 
 class ArrayStack:
@@ -358,7 +361,7 @@ def _first_nonfinite(images: np.ndarray) -> int | None:
     return None if finite.all() else int(np.argmin(finite))
 
 
-def check_finite(stack, *, chunk: int = 1024) -> None:
+def check_finite(stack, chunk: int = 1024) -> None:
     """Read every image of ``stack`` in chunks; Cryo2DError at the first NaN/Inf.
 
     Memory stays bounded by ``chunk`` images (chunk × box² × 4 bytes).
@@ -367,7 +370,7 @@ def check_finite(stack, *, chunk: int = 1024) -> None:
         stack.read(np.arange(start, min(start + chunk, len(stack))))
 
 
-def nonfinite_indices(stack, *, chunk: int = 1024) -> np.ndarray:
+def nonfinite_indices(stack, chunk: int = 1024) -> np.ndarray:
     """0-based indices (m,) int64 of the images with any NaN/Inf pixel (for ``--skip-bad``)."""
     read = getattr(stack, "read_unchecked", stack.read)
     bad = []

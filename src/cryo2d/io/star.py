@@ -220,13 +220,14 @@ def write_star(
         ``_rlnOriginX`` / ``_rlnOriginY`` in pixels), ``_rlnMaxValueProbDistribution``
         and ``_rlnNormCorrection`` (scale). ``keep`` is not applied: pass
         ``rows`` to leave particles out.
-    rows : (m,) int array, optional
+    rows : (m,) int array or (n,) bool mask, optional
         0-based particles to write, in this order (default: all).
     """
     extra = particles.extra
     table = particles.table
     if rows is not None:
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.asarray(rows)
+        rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
         table = table.iloc[rows]
     table = table.reset_index(drop=True)
     if assignments is not None:
