@@ -32,8 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import relion  # noqa: E402  (benchmarks/relion.py)
 
@@ -44,16 +42,13 @@ README = BENCH_DIR / "README.md"
 SECTION = "## Quality vs RELION"
 
 PRESETS = {
-    "hard": dict(n=5000, box=64, snr=0.05, junk_fraction=0.1, classes=20, views="uniform", rare_fraction=0.03),
-    "small": dict(n=1500, box=48, snr=0.1, junk_fraction=0.1, classes=12, views="8", rare_fraction=0.03),
+    # uniform: view id = nearest of n_views bin directions, plus the rare view (id n_views)
+    "hard": dict(n=5000, box=64, snr=0.05, junk_fraction=0.1, classes=20, views="uniform", n_views=20,
+                 rare_fraction=0.03),
+    # discrete: n_views directions, the last one rare
+    "small": dict(n=1500, box=48, snr=0.1, junk_fraction=0.1, classes=12, views="discrete", n_views=8,
+                  rare_fraction=0.03),
 }
-
-
-def bundled_map() -> Path:
-    """The map shipped with cryo2d (EMD-1832)."""
-    import cryo2d
-
-    return Path(cryo2d.__file__).resolve().parent / "data" / "emd_1832.map.gz"
 
 
 def cryo2d_exe() -> list[str]:
@@ -63,39 +58,23 @@ def cryo2d_exe() -> list[str]:
 
 def simulate_command(p: dict, out: Path, seed: int, extra: list[str]) -> list[str]:
     """``cryo2d simulate`` arguments for a preset."""
-    cmd = [
-        "cryo2d", "simulate", str(bundled_map()), "-o", str(out),
+    return [
+        "cryo2d", "simulate", "bundled", "-o", str(out),
         "-n", str(p["n"]), "--box", str(p["box"]), "--snr", f"{p['snr']:g}",
-        "--junk-fraction", f"{p['junk_fraction']:g}", "--seed", str(seed),
+        "--junk-fraction", f"{p['junk_fraction']:g}", "--views", p["views"],
+        "--n-views", str(p["n_views"]), "--rare-fraction", f"{p['rare_fraction']:g}",
+        "--seed", str(seed), *extra,
     ]
-    return cmd + _view_args(p) + extra
 
 
-def _view_args(p: dict) -> list[str]:
-    """Simulator flags for the view distribution, as far as its CLI offers them."""
-    try:
-        help_text = subprocess.run(
-            [*cryo2d_exe(), "simulate", "--help"], capture_output=True, text=True, timeout=120
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    args = []
-    if "--views" in help_text:
-        args += ["--views", p["views"]]
-    if "--rare-fraction" in help_text:
-        args += ["--rare-fraction", f"{p['rare_fraction']:g}"]
-    elif "--rare-view-fraction" in help_text:
-        args += ["--rare-view-fraction", f"{p['rare_fraction']:g}"]
-    return args
-
-
-def timed_run(cmd: list[str], log_path: Path, cwd: Path | None = None) -> tuple[int, float, float]:
-    """Run a command; return (exit code, wall s, peak RSS MB of the child)."""
+def timed_run(cmd: list[str], log_path: Path, cwd: Path | None = None) -> tuple[int, float, float, float]:
+    """Run a command; return (exit code, wall s, peak RSS MB, user + system CPU s of the child)."""
     with open(log_path, "w") as log:
         start = time.time()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
         _, status, rusage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), time.time() - start, rusage.ru_maxrss / 1024.0
+    wall = time.time() - start
+    return os.waitstatus_to_exitcode(status), wall, rusage.ru_maxrss / 1024.0, rusage.ru_utime + rusage.ru_stime
 
 
 def _shell(cmd: list[str]) -> str:
@@ -114,31 +93,23 @@ def simulate(p: dict, sim_dir: Path, seed: int, extra: list[str]) -> str:
         return shlex.join(cmd)
     sim_dir.parent.mkdir(parents=True, exist_ok=True)
     print(f"simulate: {shlex.join(cmd)}", flush=True)
-    run = subprocess.run([*cryo2d_exe(), *cmd[1:]], capture_output=True, text=True)
-    if run.returncode != 0:
-        raise SystemExit(f"cryo2d simulate failed:\n{run.stdout}{run.stderr}")
+    # The sub-command's own module, in-process: same code path as the CLI.
+    from cryo2d.cli import simulate as simulate_cli
+
+    parser = argparse.ArgumentParser(prog="cryo2d simulate")
+    simulate_cli.add_args(parser)
+    if simulate_cli.run(parser.parse_args(cmd[2:])) != 0:
+        raise SystemExit("cryo2d simulate failed")
     return shlex.join(cmd)
 
 
 def particle_diameter_angst(sim_dir: Path) -> float:
-    """Mask diameter for RELION (Å): 1.15 × the widest extent of the clean views, within the box."""
-    import mrcfile
-
+    """RELION mask diameter (Å): 1.1 × the simulator's particle diameter, at most 0.95 × the box."""
     meta = json.loads((sim_dir / "truth.json").read_text())
-    with mrcfile.open(sim_dir / "views.mrcs", permissive=True) as m:
-        views = np.asarray(m.data, dtype=np.float64)
-        voxel = float(m.voxel_size.x)
-    psize = float(meta.get("pixel_size_angst") or voxel or 1.0)
-    box = views.shape[-1]
-    yy, xx = np.mgrid[:box, :box] - box // 2
-    r = np.hypot(xx, yy)
-    radius = 0.0
-    for v in views:
-        support = np.abs(v) > 0.05 * np.abs(v).max()
-        if support.any():
-            radius = max(radius, float(r[support].max()))
-    diameter_px = min(2.3 * radius, 0.95 * box)
-    return round(diameter_px * psize, 1)
+    psize = float(meta["pixel_size_angst"])
+    box = int(relion.read_star_particles(sim_dir / "particles.star")[1]["rlnImageSize"].iloc[0])
+    diameter = float(meta.get("particle_diameter_angst") or 0.8 * box * psize)
+    return round(min(1.1 * diameter, 0.95 * box * psize), 1)
 
 
 def run_cryo2d(star: Path, job: Path, classes: int, seed: int, extra: list[str]) -> dict:
@@ -146,9 +117,9 @@ def run_cryo2d(star: Path, job: Path, classes: int, seed: int, extra: list[str])
     cmd = [*cryo2d_exe(), "classify", str(star), "-o", str(job), "--classes", str(classes), "--seed", str(seed), *extra]
     job.mkdir(parents=True, exist_ok=True)
     print(f"cryo2d: {_shell(cmd)}", flush=True)
-    code, wall, rss = timed_run(cmd, job.parent / f"{job.name}.log")
+    code, wall, rss, cpu = timed_run(cmd, job.parent / f"{job.name}.log")
     print(f"cryo2d: exit {code} in {wall:.0f} s, peak RSS {rss:.0f} MB (log {job.parent / (job.name + '.log')})", flush=True)
-    return {"command": _shell(cmd), "wall_s": wall, "peak_rss_mb": rss, "returncode": code}
+    return {"command": _shell(cmd), "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": rss, "returncode": code}
 
 
 def classify_available() -> bool:
@@ -160,6 +131,7 @@ def classify_available() -> bool:
 COLUMNS = [
     ("tool", "{}"),
     ("wall s", "{:.0f}"),
+    ("CPU s", "{:.0f}"),
     ("peak RSS MB", "{:.0f}"),
     ("junk F1", "{:.3f}"),
     ("purity", "{:.3f}"),
@@ -173,8 +145,8 @@ COLUMNS = [
 
 def table_row(tool: str, timing: dict, s: dict) -> list[str]:
     values = [
-        tool, timing.get("wall_s"), timing.get("peak_rss_mb"), s["junk_f1"], s["purity"],
-        "yes" if s["rare_view_recovered"] else "no", s["median_ncc"], s["n_particle_classes"],
+        tool, timing.get("wall_s"), timing.get("cpu_s", timing.get("user_cpu_s")), timing.get("peak_rss_mb"),
+        s["junk_f1"], s["purity"], "yes" if s["rare_view_recovered"] else "no", s["median_ncc"], s["n_particle_classes"],
         s["n_junk_classes"], s["n_empty_classes"],
     ]
     return [fmt.format(v) if v is not None else "–" for (_, fmt), v in zip(COLUMNS, values)]
@@ -219,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snr", type=float)
     p.add_argument("--junk-fraction", type=float)
     p.add_argument("--classes", "-K", type=int)
+    p.add_argument("--n-views", type=int, help="discrete views / uniform bins")
     p.add_argument("--seed", type=int, default=0, help="simulation and cryo2d seed (RELION gets seed + 1)")
     p.add_argument("--sim-args", default="", help="extra cryo2d simulate arguments (one string)")
     p.add_argument("--classify-args", default="", help="extra cryo2d classify arguments (one string)")
@@ -238,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     name = "small" if args.small else "hard"
     p = dict(PRESETS[name])
     for key, value in (("n", args.n), ("box", args.box), ("snr", args.snr),
-                       ("junk_fraction", args.junk_fraction), ("classes", args.classes)):
+                       ("junk_fraction", args.junk_fraction), ("classes", args.classes),
+                       ("n_views", args.n_views)):
         if value is not None:
             p[key] = value
-    tag = f"{name}-n{p['n']}-b{p['box']}-snr{p['snr']:g}-j{p['junk_fraction']:g}-s{args.seed}"
+    tag = (f"{name}-n{p['n']}-b{p['box']}-snr{p['snr']:g}-j{p['junk_fraction']:g}-v{p['n_views']}"
+           f"-s{args.seed}")
     sim_dir = CACHE / "sim" / tag
     sim_cmd = simulate(p, sim_dir, args.seed, shlex.split(args.sim_args))
     star = sim_dir / "particles.star"
@@ -249,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_cryo2d:
         if classify_available():
+            if relion.running_runs():
+                notes.append("a RELION run was going on while cryo2d ran: cryo2d's wall time is contended.")
             job = CACHE / "cryo2d" / f"{tag}-K{p['classes']}"
             timing = run_cryo2d(star, job, p["classes"], args.seed, shlex.split(args.classify_args))
             commands["cryo2d"] = timing["command"]
@@ -278,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             meta = relion.run_relion(star, **kwargs)
         if relion.is_done(meta):
+            if "loadavg_start" in meta:
+                notes.append(f"load average (1 min) at RELION's start / end: {meta['loadavg_start'][0]:.1f} / "
+                             f"{meta['loadavg_end'][0]:.1f} on {os.cpu_count()} cores (wall times are contended "
+                             "when it exceeds the cores; CPU s is not).")
             commands["relion"] = f"(cd {meta['cwd']} && {meta['command']})"
             rows.append((f"RELION 3.1 ({kwargs['iterations']} it)", meta, score_job(cache_dir, sim_dir)))
         elif meta and meta.get("status") == "failed":
@@ -293,9 +274,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {tool}: {s['n_missing']} particles missing from its table (scored as unassigned)")
 
     if not args.no_readme and rows:
+        if p["views"] == "uniform":
+            views = f"views uniform over the sphere ({p['n_views']} bins) plus a rare view at {p['rare_fraction']:.0%}"
+        else:
+            views = f"{p['n_views']} {p['views']} views, one at {p['rare_fraction']:.0%}"
         dataset = (f"{p['n']} particles, {p['box']} px, SNR {p['snr']:g}, {p['junk_fraction']:.0%} junk, "
-                   f"views {'uniform over the sphere' if p['views'] == 'uniform' else p['views'] + ' discrete'} "
-                   f"plus a rare view at {p['rare_fraction']:.0%}, K = {p['classes']}, seed {args.seed}")
+                   f"{views}, K = {p['classes']}, seed {args.seed}")
         lines = [
             SECTION,
             "",

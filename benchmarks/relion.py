@@ -234,7 +234,8 @@ def run_relion(
     -------
     dict
         ``cache_dir``, ``command`` (shell string), ``cwd``, ``wall_s``,
-        ``peak_rss_mb`` (of relion_refine, from ``wait4``),
+        ``peak_rss_mb`` (of relion_refine, from ``wait4``), ``cpu_s`` (its
+        user + system CPU time), ``loadavg_start``/``loadavg_end``,
         ``iteration_times_s`` (seconds since start at which each iteration's
         files appeared), ``returncode`` and ``status`` ("done" or "failed").
     """
@@ -287,7 +288,9 @@ def run_relion(
         stderr=subprocess.STDOUT,
         preexec_fn=(lambda: os.nice(nice)) if nice else None,
     )
-    meta.update(status="running", pid=proc.pid, started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    meta.update(
+        status="running", pid=proc.pid, started=time.strftime("%Y-%m-%d %H:%M:%S"), loadavg_start=os.getloadavg()
+    )
     _write_meta(cache_dir, meta)
     if verbose:
         print(f"relion: {meta['command']}\nrelion: cwd {star.parent}\nrelion: log {cache_dir / 'relion.log'}", flush=True)
@@ -324,6 +327,8 @@ def run_relion(
         wall_s=wall,
         peak_rss_mb=rusage.ru_maxrss / 1024.0,
         user_cpu_s=rusage.ru_utime,
+        cpu_s=rusage.ru_utime + rusage.ru_stime,
+        loadavg_end=os.getloadavg(),
         iteration_times_s={str(k): round(v, 1) for k, v in sorted(times.items())},
         finished=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
