@@ -112,6 +112,18 @@ def particle_diameter_angst(sim_dir: Path) -> float:
     return round(min(1.1 * diameter, 0.95 * box * psize), 1)
 
 
+def view_baseline_ncc(sim_dir: Path, n_views: int = 6) -> float:
+    """Median best NCC between clean projections of different views (the floor of median NCC)."""
+    import mrcfile
+    import numpy as np
+
+    from cryo2d.evaluate import best_ncc
+
+    views = np.asarray(mrcfile.read(sim_dir / "views.mrcs"), dtype=np.float64)[:n_views]
+    pairs = [best_ncc(views[i], views[j], psi_step_deg=5) for i in range(len(views)) for j in range(len(views)) if i != j]
+    return float(np.median(pairs)) if pairs else float("nan")
+
+
 def run_cryo2d(star: Path, job: Path, classes: int, seed: int, extra: list[str]) -> dict:
     """Run ``cryo2d classify``; return command, wall time, peak RSS, exit code."""
     cmd = [*cryo2d_exe(), "classify", str(star), "-o", str(job), "--classes", str(classes), "--seed", str(seed), *extra]
@@ -264,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         elif meta and meta.get("status") == "failed":
             notes.append(f"RELION failed (exit {meta.get('returncode')}); see {cache_dir / 'relion.log'}")
 
+    if rows:
+        notes.append(f"median NCC between clean projections of *different* views of this map: "
+                     f"{view_baseline_ncc(sim_dir):.3f} (a class average of the wrong view scores about this).")
     table = markdown_table([table_row(tool, t, s) for tool, t, s in rows])
     print()
     print(table)
