@@ -29,7 +29,7 @@ Image model (cryo2d conventions, see :mod:`cryo2d.fourier`)::
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -49,6 +49,7 @@ from torch import Tensor
 from cryo2d.ctf import ctf_grid
 from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, radius_grid, rotate_images, shift_images, shift_phase
+from cryo2d.io.outputs import atomic_path, write_json_atomic
 from cryo2d.particles import CTFParams
 
 __all__ = [
@@ -331,29 +332,33 @@ def _prepare_volume(
     if flatten:
         volume = _flatten_solvent(volume)
     if pixel_size_angst is None:
-        pixel_size_angst = voxel_size_angst * n / box
+        pixel_size_angst = round(voxel_size_angst * n / box, 9)
     n_new = max(2, int(round(n * voxel_size_angst / pixel_size_angst)))
-    pixel_exact = round(voxel_size_angst * n / n_new, 9)
     vol = torch.as_tensor(np.asarray(volume, dtype=np.float64))
-    if n_new != n:  # Fourier resample in 3D (keeps values' scale)
+    if n_new != n:  # Fourier resample in 3D to the nearest whole number of voxels (keeps values' scale)
         F = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(vol)))
         out = torch.zeros((n_new,) * 3, dtype=F.dtype)
         m = min(n, n_new)
         si, so = n // 2 - m // 2, n_new // 2 - m // 2
         out[so : so + m, so : so + m, so : so + m] = F[si : si + m, si : si + m, si : si + m]
         vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(out))).real * (n_new / n) ** 3
-    # real-space crop or zero-pad to the box, keeping the centre voxel
-    res = torch.zeros((box,) * 3, dtype=torch.float64)
-    m = min(n_new, box)
-    si, so = n_new // 2 - m // 2, box // 2 - m // 2
-    res[so : so + m, so : so + m, so : so + m] = vol[si : si + m, si : si + m, si : si + m]
+    step = pixel_size_angst / (voxel_size_angst * n / n_new)  # output voxel in resampled voxels
+    if abs(step - 1.0) > 1e-9:  # the small remaining ratio: cubic spline onto the exact grid
+        k = (np.arange(box) - box // 2) * step + n_new // 2
+        coords = np.stack(np.meshgrid(k, k, k, indexing="ij"))
+        res = torch.from_numpy(ndimage.map_coordinates(vol.numpy(), coords, order=3, mode="constant"))
+    else:  # real-space crop or zero-pad to the box, keeping the centre voxel
+        res = torch.zeros((box,) * 3, dtype=torch.float64)
+        m = min(n_new, box)
+        si, so = n_new // 2 - m // 2, box // 2 - m // 2
+        res[so : so + m, so : so + m, so : so + m] = vol[si : si + m, si : si + m, si : si + m]
     # soft spherical mask: the cube's corners would show as rotating squares
     k = torch.arange(box, dtype=torch.float64) - box // 2
     r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
     edge = box / 2 - 1
     mask = torch.clamp((edge - r) / 3.0, 0.0, 1.0)
     mask = 0.5 - 0.5 * torch.cos(math.pi * mask)
-    return (res * mask).to(torch.float32).numpy(), float(pixel_exact)
+    return (res * mask).to(torch.float32).numpy(), float(pixel_size_angst)
 
 
 # ---------------------------------------------------------------------------
@@ -378,7 +383,19 @@ def _rotation_invariant_similarity(projs: Tensor, n_psi: int = 36) -> Tensor:
     return torch.einsum("ap,bvp->abv", base, var).amax(dim=-1)
 
 
-def _choose_discrete_views(volume: np.ndarray, n_views: int, n_candidates: int = 64) -> tuple[np.ndarray, float]:
+_VIEW_CACHE: dict[tuple[str, int], tuple[np.ndarray, float]] = {}
+
+
+def _choose_discrete_views(volume: np.ndarray, n_views: int) -> tuple[np.ndarray, float]:
+    """:func:`_select_views`, remembered per (volume bytes, n_views) within the process."""
+    key = (hashlib.sha1(np.ascontiguousarray(volume).tobytes()).hexdigest(), int(n_views))
+    if key not in _VIEW_CACHE:
+        _VIEW_CACHE[key] = _select_views(volume, n_views)
+    dirs, max_sim = _VIEW_CACHE[key]
+    return dirs.copy(), max_sim
+
+
+def _select_views(volume: np.ndarray, n_views: int, n_candidates: int = 64) -> tuple[np.ndarray, float]:
     """Greedy choice of ``n_views`` mutually distinct directions on a hemisphere.
 
     Distinct = low correlation after the best in-plane rotation and mirror
@@ -475,7 +492,7 @@ def _normalise_background(images: Tensor) -> Tensor:
     bg = radius_grid(box, dtype=images.dtype) > _BACKGROUND_RADIUS * box
     vals = images[:, bg]
     mean = vals.mean(dim=1)[:, None, None]
-    sd = vals.std(dim=1).clamp_min(1e-12)[:, None, None]
+    sd = vals.std(dim=1, unbiased=False).clamp_min(1e-12)[:, None, None]
     return (images - mean) / sd
 
 
@@ -533,7 +550,9 @@ def simulate(
         Image edge in px.
     pixel_size_angst : float, optional
         Image pixel size in Å; default ``voxel_size_angst · n / box`` (the
-        map's box fills the image). The map is Fourier-resampled to it.
+        map's box fills the image). The map is Fourier-resampled to the
+        nearest whole number of voxels, then spline-interpolated to exactly
+        this pixel size.
     snr : float
         Variance of the CTF-modulated signal inside the circle of radius
         0.45·box over the noise variance (per particle; scale factor and
@@ -768,17 +787,6 @@ def _particle_diameter_px(volume: np.ndarray) -> float:
 # ---------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_simulation(sim: SimulatedData, out_dir: str | os.PathLike) -> Path:
     """Write a simulation as RELION 3.1 files plus ground truth.
 
@@ -801,13 +809,14 @@ def write_simulation(sim: SimulatedData, out_dir: str | os.PathLike) -> Path:
     n, box = sim.images.shape[0], sim.images.shape[-1]
     pixel = float(sim.pixel_size_angst)
 
-    def write_stack(data: np.ndarray):
-        def write(tmp: Path):
+    def write_stack(path: Path, data: np.ndarray) -> None:
+        with atomic_path(path) as tmp:
             with mrcfile.new(tmp, overwrite=True) as mrc:
                 mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
                 mrc.set_image_stack()
                 mrc.voxel_size = pixel
-        return write
+                mrc.header.label[0] = "cryo2d simulate"  # no creation time: same seed, same bytes
+                mrc.header.nlabl = 1
 
     optics = pd.DataFrame(
         {
@@ -845,12 +854,15 @@ def write_simulation(sim: SimulatedData, out_dir: str | os.PathLike) -> Path:
         "seed": sim.meta.get("seed"),
         **{k: v for k, v in sim.meta.items() if k not in ("snr", "seed", "n_views")},
     }
-    _atomic_write(out / "particles.mrcs", write_stack(sim.images))
-    _atomic_write(out / "views.mrcs", write_stack(sim.view_projections))
-    _atomic_write(
-        out / "particles.star",
-        lambda tmp: starfile.write({"optics": optics, "particles": particles}, tmp, overwrite=True),
-    )
-    _atomic_write(out / "truth.csv", lambda tmp: sim.truth.to_csv(tmp, index=False))
-    _atomic_write(out / "truth.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    write_stack(out / "particles.mrcs", sim.images)
+    write_stack(out / "views.mrcs", sim.view_projections)
+    with atomic_path(out / "particles.star") as tmp:
+        starfile.write({"optics": optics, "particles": particles}, tmp, overwrite=True)
+        lines = tmp.read_text().splitlines(keepends=True)
+        if lines and lines[0].startswith("# Created by the starfile"):  # drop its timestamp: same seed, same bytes
+            lines[0] = "# Created by cryo2d simulate\n"
+        tmp.write_text("".join(lines))
+    with atomic_path(out / "truth.csv") as tmp:
+        sim.truth.to_csv(tmp, index=False)
+    write_json_atomic(out / "truth.json", info)
     return out

@@ -1,0 +1,193 @@
+"""Simulator: projections, ground truth, SNR, reproducibility, files."""
+from __future__ import annotations
+
+import hashlib
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+import torch
+
+from cryo2d.ctf import ctf_grid
+from cryo2d.errors import Cryo2DError
+from cryo2d.fourier import fft2c, ifft2c, radius_grid, rotate_images, shift_images
+from cryo2d.simulate import (
+    _SliceProjector,
+    _prepare_volume,
+    bundled_map_path,
+    euler_to_matrix,
+    project,
+    read_map,
+    simulate,
+    write_simulation,
+)
+
+BOX = 32
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return read_map("bundled")
+
+
+@pytest.fixture(scope="module")
+def small_volume(bundled):
+    vol, pixel = _prepare_volume(*bundled, BOX, None)
+    return vol, pixel
+
+
+def test_bundled_map(bundled):
+    vol, voxel = bundled
+    assert bundled_map_path().is_file()
+    assert vol.shape == (64, 64, 64) and voxel == pytest.approx(5.7)
+
+
+def test_euler_matrix_is_relion_zyz():
+    A = euler_to_matrix(np.array([30.0]), np.array([50.0]), np.array([-70.0]))[0]
+    def rz(a):
+        c, s = np.cos(np.deg2rad(a)), np.sin(np.deg2rad(a))
+        return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    def ry(a):
+        c, s = np.cos(np.deg2rad(a)), np.sin(np.deg2rad(a))
+        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    np.testing.assert_allclose(A, rz(70.0) @ ry(-50.0) @ rz(-30.0), atol=1e-12)
+    # beam direction in the map's frame = third row of A
+    t, r = np.deg2rad(50.0), np.deg2rad(30.0)
+    np.testing.assert_allclose(A[2], [np.sin(t) * np.cos(r), np.sin(t) * np.sin(r), np.cos(t)], atol=1e-12)
+
+
+def test_projection_axes_exact(small_volume):
+    vol, _ = small_volume
+    p = project(vol, np.array([0.0, 0.0]), np.array([0.0, 180.0])).numpy()
+    np.testing.assert_allclose(p[0], vol.sum(0), atol=1e-4)  # along z
+    # tilt 180 about y looks from below: the mirror image x -> -x (about the centre)
+    np.testing.assert_allclose(p[1][:, 1:], vol.sum(0)[:, 1:][:, ::-1], atol=1e-4)
+    # its 2D FFT is the kz = 0 plane of the 3D FFT (Fourier-slice theorem)
+    F3 = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(torch.from_numpy(vol).double())))
+    torch.testing.assert_close(fft2c(torch.from_numpy(p[0]).double()), F3[BOX // 2], atol=1e-2, rtol=1e-5)
+
+
+def test_projection_matches_central_slice(small_volume):
+    vol, _ = small_volume
+    rot = np.array([23.0, 110.0, -75.0])
+    tilt = np.array([37.0, 81.0, 128.0])
+    real = fft2c(project(vol, rot, tilt).double())
+    fourier = fft2c(_SliceProjector(vol)(rot, tilt).double())
+    band = radius_grid(BOX) <= (2 / 3) * (BOX // 2)
+    for a, b in zip(real, fourier):
+        a, b = a[band], b[band]
+        corr = (a * b.conj()).sum().real / (a.abs().norm() * b.abs().norm())
+        assert corr > 0.99
+
+
+def test_ground_truth_consistent(bundled):
+    sim = simulate(*bundled, n_particles=120, box=BOX, add_noise=False, seed=3, junk_fraction=0.0)
+    t = sim.truth
+    assert (t.kind == "particle").all()
+    idx = np.arange(20)
+    views = torch.from_numpy(sim.view_projections)
+    clean = shift_images(
+        rotate_images(views[t.view.values[idx]].double(), torch.from_numpy(t.psi_deg.values[idx])),
+        torch.from_numpy(t[["shift_x_px", "shift_y_px"]].values[idx]),
+    ) * torch.from_numpy(t.scale.values[idx])[:, None, None]
+    H = ctf_grid(sim.ctf.subset(idx), BOX, sim.pixel_size_angst, dtype=torch.float64)
+    expected = ifft2c(fft2c(clean) * H, real=True)
+    torch.testing.assert_close(torch.from_numpy(sim.images[idx]).double(), expected, atol=2e-3 * expected.abs().max().item(), rtol=0)
+    # the view projections are projections of the map at the views' angles, and protein is bright
+    vol, _ = _prepare_volume(*bundled, BOX, None)
+    rot, tilt = np.array(sim.meta["view_rot_deg"]), np.array(sim.meta["view_tilt_deg"])
+    np.testing.assert_allclose(sim.view_projections, project(vol, rot, tilt).numpy(), atol=1e-4)
+    assert sim.view_projections.sum() > 0 and sim.view_projections.min() > -0.03 * sim.view_projections.max()  # Fourier-resampling ripple only
+    first = t.iloc[0]
+    assert first.rot_deg == pytest.approx(rot[first.view]) and first.tilt_deg == pytest.approx(tilt[first.view])
+    # CTF(0) = +Q0 keeps the low-frequency contrast positive
+    assert sim.images.sum() > 0
+
+
+def test_measured_snr(bundled):
+    kw = dict(n_particles=150, box=BOX, snr=0.2, junk_fraction=0.0, seed=5)
+    noisy = simulate(*bundled, **kw).images.astype(np.float64)
+    clean = simulate(*bundled, add_noise=False, **kw).images.astype(np.float64)
+    inside = (radius_grid(BOX) <= 0.45 * BOX).numpy()
+    sig, noi = [], []
+    for y, x in zip(noisy, clean):
+        X = np.stack([x.ravel(), np.ones(x.size)], 1)
+        coef, *_ = np.linalg.lstsq(X, y.ravel(), rcond=None)  # normalisation is affine: y = a·x + b + noise
+        sig.append(np.var(coef[0] * x[inside]))
+        noi.append(np.var(y.ravel() - X @ coef))
+    assert np.mean(sig) / np.mean(noi) == pytest.approx(0.2, rel=0.2)
+    # RELION-style normalisation: background mean 0, sd 1
+    bg = (radius_grid(BOX) > 0.45 * BOX).numpy()
+    assert np.abs(noisy[:, bg].mean(1)).max() < 1e-4 and np.abs(noisy[:, bg].std(1) - 1).max() < 1e-3
+
+
+def test_same_seed_same_bytes(bundled, tmp_path):
+    kw = dict(n_particles=60, box=BOX, seed=11)
+    a = write_simulation(simulate(*bundled, **kw), tmp_path / "a")
+    b = write_simulation(simulate(*bundled, **kw), tmp_path / "b")
+    c = simulate(*bundled, n_particles=60, box=BOX, seed=12)
+    for name in ("particles.mrcs", "particles.star", "truth.csv", "views.mrcs", "truth.json"):
+        assert hashlib.sha256((a / name).read_bytes()).digest() == hashlib.sha256((b / name).read_bytes()).digest(), name
+    assert not np.array_equal(mrcfile.read(a / "particles.mrcs"), c.images)
+
+
+def test_kinds_and_rare_view_counts(bundled):
+    sim = simulate(*bundled, n_particles=600, box=BOX, junk_fraction=0.15, rare_view_fraction=0.04, n_views=6, seed=2)
+    kinds = sim.truth.kind.value_counts()
+    assert kinds["noise"] == kinds["ice"] == kinds["doublet"] == 30 and kinds["particle"] == 510
+    assert sim.rare_view == 5 and sim.view_projections.shape == (6, BOX, BOX)
+    views = sim.truth.view[sim.truth.kind == "particle"].value_counts()
+    assert views[5] == round(0.04 * 510)
+    assert set(views.index) == set(range(6)) and views.drop(5).max() - views.drop(5).min() <= 1
+    assert (sim.truth.view[sim.truth.kind != "particle"] == -1).all()
+    assert sim.meta["max_view_similarity"] < 0.97  # distinct even after best in-plane rotation / mirror
+
+
+@pytest.mark.parametrize("mode", ["uniform", "preferred"])
+def test_uniform_and_preferred_views(bundled, mode):
+    sim = simulate(*bundled, n_particles=400, box=BOX, views=mode, n_views=8, junk_fraction=0.0, rare_view_fraction=0.05, seed=4)
+    counts = sim.truth.view.value_counts()
+    assert counts[sim.rare_view] == 20
+    rare = sim.truth[sim.truth.view == sim.rare_view]
+    assert rare.tilt_deg.std() < 5  # one direction, small jitter
+    if mode == "preferred":
+        assert sim.rare_view == 9 and counts[8] == 200
+    else:
+        assert sim.rare_view == 8 and counts.drop(8).min() > 20
+    assert sim.view_projections.shape[0] == sim.rare_view + 1
+    assert np.isfinite(sim.images).all()
+
+
+def test_written_files(bundled, tmp_path):
+    sim = simulate(*bundled, n_particles=40, box=BOX, seed=1)
+    out = write_simulation(sim, tmp_path / "sim")
+    star = starfile.read(out / "particles.star")
+    optics, particles = star["optics"], star["particles"]
+    assert optics.loc[0, "rlnImagePixelSize"] == pytest.approx(sim.pixel_size_angst)
+    assert optics.loc[0, "rlnImageSize"] == BOX and optics.loc[0, "rlnVoltage"] == 300
+    assert particles.rlnImageName.iloc[0] == "000001@particles.mrcs" and len(particles) == 40
+    np.testing.assert_allclose(particles.rlnDefocusU, sim.ctf.defocus_u_angst, rtol=1e-6)
+    with mrcfile.open(out / "particles.mrcs") as mrc:
+        assert mrc.data.shape == (40, BOX, BOX) and mrc.data.dtype == np.float32
+        assert mrc.voxel_size.x == pytest.approx(sim.pixel_size_angst, rel=1e-5)
+        np.testing.assert_array_equal(mrc.data, sim.images)
+    truth = pd.read_csv(out / "truth.csv")
+    assert list(truth.kind) == list(sim.truth.kind)
+    info = pd.read_json(out / "truth.json", typ="series")
+    assert info["rare_view"] == sim.rare_view and info["seed"] == 1
+    assert not list(out.glob(".*"))  # no temporary files left
+
+
+def test_read_map_errors(tmp_path):
+    with pytest.raises(Cryo2DError, match="missing.mrc"):
+        read_map(tmp_path / "missing.mrc")
+    bad = tmp_path / "bad.mrc"
+    bad.write_text("not an mrc")
+    with pytest.raises(Cryo2DError, match="bad.mrc"):
+        read_map(bad)
+    flat = tmp_path / "flat.mrc"
+    mrcfile.new(flat, np.zeros((4, 8, 8), np.float32)).close()
+    with pytest.raises(Cryo2DError, match="flat.mrc.*cube"):
+        read_map(flat)
