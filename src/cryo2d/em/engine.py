@@ -21,7 +21,7 @@ from cryo2d.em import state as st
 from cryo2d.em.config import EMConfig
 from cryo2d.em.data import batch_ctf, load_batch, noise_spectrum
 from cryo2d.em.estep import deshift_phases, e_step
-from cryo2d.em.geometry import Geometry, PointSet, disc_points, make_geometry, soft_mask
+from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, make_geometry, soft_mask
 from cryo2d.em.mstep import PoseSums, estimate_tau2, resolution_shell, solve_classes, ssnr
 from cryo2d.em.rotation import oversample, psi_grid, rotate_classes, rotated_points, sample_grid
 from cryo2d.errors import Cryo2DError
@@ -136,7 +136,7 @@ class Engine:
         self.geom = make_geometry(particles.box, _single_pixel_size(particles), config)
         g = self.geom
         self.n_shells = g.work_box // 2 + 1
-        self.mpts = disc_points(g.work_box, 0.0, g.r_max, half=False, device=self.device)
+        self.mpts = disc_points(g.work_box, 0.0, g.r_max, half=True, device=self.device)
         self.mask = soft_mask(g.work_box, g.mask_inner_px, g.mask_outer_px, device=self.device)
         self.K = config.n_classes
         self.rng = np.random.default_rng(config.seed)
@@ -145,20 +145,15 @@ class Engine:
     # ---------------------------------------------------------------- helpers
     def _to_real(self, A: Tensor) -> Tensor:
         """(K, m) class transforms at the M-step points -> (K, B, B) real images."""
-        B = self.geom.work_box
-        grid = torch.zeros((A.shape[0], B * B), dtype=torch.complex64, device=self.device)
-        grid[:, self.mpts.flat] = A
-        return ifft2c(grid.view(-1, B, B), real=True)
+        return ifft2c(self._grid(A), real=True)
 
     def _to_points(self, images: Tensor) -> Tensor:
         """(K, B, B) real images -> (K, m) transforms at the M-step points."""
         return fft2c(images).flatten(1)[:, self.mpts.flat]
 
     def _grid(self, A: Tensor) -> Tensor:
-        B = self.geom.work_box
-        grid = torch.zeros((A.shape[0], B * B), dtype=torch.complex64, device=self.device)
-        grid[:, self.mpts.flat] = A
-        return grid.view(-1, B, B)
+        """(K, m) values at the M-step half-plane points -> (K, B, B) centred Hermitian grids."""
+        return hermitian_grid(A, self.mpts, self.geom.work_box)
 
     def _chunk_size(self, plan: IterationPlan) -> int:
         if self.config.chunk_size:
@@ -218,8 +213,8 @@ class Engine:
         post = torch.zeros((b, self.K), device=self.device)
         post[ar, labels] = 1.0
         res = EStepResult(post, ar * 0, labels, ar, one, one, one, ar, ar * 0, labels, ar, one, one)
-        sums.add(Xm, cm, one, self.mpts.xy / self.geom.work_box, torch.zeros((1, 2), device=self.device), res)
-        num, den = sums.class_frame(psi, flat, self.mpts.xy, self.geom.work_box, self.config.zeropad)
+        sums.add(Xm, cm, one, torch.ones((1, len(self.mpts)), dtype=torch.complex64, device=self.device), res)
+        num, den = sums.class_frame(psi, self.mpts, self.geom.work_box, self.config.zeropad)
         return num, den, sums.counts
 
     # ---------------------------------------------------------------- classes
@@ -266,10 +261,13 @@ class Engine:
         return A * ph
 
     def _reseed_empty(self) -> int:
-        """Give each empty class half of the largest class (copy + small perturbation)."""
+        """Split the largest class into each (nearly) empty one: a copy plus a small perturbation.
+
+        A class holding under 10 % of the average occupancy counts as empty.
+        """
         s = self.state
         expected = float(s.counts.sum()) / self.K
-        empty = torch.nonzero(s.counts < max(1.0, 0.002 * expected)).squeeze(1).tolist()
+        empty = torch.nonzero(s.counts < max(1.0, 0.1 * expected)).squeeze(1).tolist()
         for k in empty:
             big = int(torch.argmax(s.counts))
             noise = torch.from_numpy(self.rng.standard_normal((len(self.mpts), 2)).astype(np.float32)).to(self.device)
@@ -296,6 +294,7 @@ class Engine:
         refs = rotate_classes(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad)
         inv_sig = plan.points.weight / s.sigma2_shell[plan.points.shell]
         phases = deshift_phases(plan.points.xy / g.work_box, plan.shifts_px)
+        phases_m = deshift_phases(self.mpts.xy / g.work_box, plan.shifts_px)
         G_full = oversample(self._grid(s.A), cfg.zeropad)
         sums = PoseSums(self.K, R, len(self.mpts), dev)
         noise_sum = torch.zeros(self.n_shells, device=dev, dtype=torch.float64)
@@ -316,13 +315,12 @@ class Engine:
                     temperature=plan.temperature, mode=mode,
                 )
                 Xm, Cm = X[:, self.mpts.flat], C[:, self.mpts.flat]
-                sums.add(Xm, Cm, scale, self.mpts.xy / g.work_box, plan.shifts_px, res)
+                sums.add(Xm, Cm, scale, phases_m, res)
                 # Noise: residual at the best pose, per shell.
                 pts = rotated_points(self.mpts.xy, -plan.psi_rad[res.best_r]).unsqueeze(1)
                 Zb = sample_grid(G_full[res.best_k], pts, cfg.zeropad)[:, :, 0]
                 Zb = torch.complex(Zb[:, 0], Zb[:, 1])
-                ph = deshift_phases(self.mpts.xy / g.work_box, plan.shifts_px[res.best_t])
-                resid = (Xm * ph - scale[:, None] * Cm * Zb).abs() ** 2
+                resid = (Xm * phases_m[res.best_t] - scale[:, None] * Cm * Zb).abs() ** 2
                 noise_sum.index_add_(0, self.mpts.shell, resid.sum(dim=0).double())
                 noise_cnt.index_add_(0, self.mpts.shell, torch.full((len(self.mpts),), float(len(cidx)), device=dev, dtype=torch.float64))
                 p = res.class_post
@@ -334,7 +332,7 @@ class Engine:
                 out["ess"].append(1.0 / (p * p).sum(dim=1))
                 out["cross"].append(res.best_cross)
                 out["norm"].append(res.best_norm)
-        num, den = sums.class_frame(plan.psi_rad, self.mpts.flat, self.mpts.xy, g.work_box, cfg.zeropad)
+        num, den = sums.class_frame(plan.psi_rad, self.mpts, g.work_box, cfg.zeropad)
         per = {k: torch.cat(v).cpu().numpy() for k, v in out.items()}
         return (num, den, sums.counts, noise_sum, noise_cnt), per
 
@@ -429,7 +427,7 @@ def run_em(
                 s.num, s.den, s.counts, s.noise_sum, s.noise_cnt = num, den, counts, nsum, ncnt
             sig = (s.noise_sum / s.noise_cnt.clamp(min=1)).float()
             s.sigma2_shell = eng._noise_model(torch.where(s.noise_cnt > 0, sig, s.sigma2_shell))
-            if online:
+            if online and it < n_online - 2:
                 reseeded = eng._reseed_empty()
             eng._update_classes(online=online, allow_recenter=not last)
         res_angst = eng.geom.radius_to_angst(s.r_res)

@@ -88,8 +88,8 @@ def e_step(
     *,
     temperature: float = 1.0,
     mode: str = "soft",
-    max_entries: int = 256,
-    min_weight: float = 1e-3,
+    max_entries: int = 48,
+    min_weight: float = 5e-3,
 ) -> EStepResult:
     """Posteriors of one chunk of particles over all (shift, class, rotation).
 
@@ -137,8 +137,11 @@ def e_step(
     logp = (s * cross - 0.5 * s * s * norm.unsqueeze(1)) / temperature
     logp = logp.view(b, T, K, R) + log_prior.view(1, 1, K, 1)
     flat = logp.view(b, -1)
-    log_evidence = torch.logsumexp(flat, dim=1)
-    post = torch.exp(flat - log_evidence[:, None])
+    peak = flat.amax(dim=1, keepdim=True)
+    post = flat.sub_(peak).exp_()
+    total = post.sum(dim=1, keepdim=True)
+    post.div_(total)
+    log_evidence = (peak + torch.log(total)).squeeze(1)
     max_prob, best = post.max(dim=1)
     best_t = best // KR
     best_kr = best % KR

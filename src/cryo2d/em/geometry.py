@@ -158,19 +158,47 @@ class PointSet:
 def disc_points(work_box: int, r_lo: float, r_hi: float, *, half: bool, device=None) -> PointSet:
     """Grid points with ``r_lo <= |f| <= r_hi``.
 
-    ``half=True`` keeps one of each Hermitian pair (x > 0, or x = 0 and y > 0;
-    the origin is dropped) with weight 2, so that sums over the half plane
-    equal sums over the full plane for transforms of real images.
+    ``half=True`` keeps one of each Hermitian pair (x > 0, or x = 0 and y > 0)
+    with weight 2, so that sums over the half plane equal sums over the full
+    plane for transforms of real images; the origin, its own partner, is kept
+    (weight 1) when ``r_lo`` is 0.
     """
     c = work_box // 2
     k = torch.arange(work_box, device=device) - c
     yy, xx = torch.meshgrid(k, k, indexing="ij")
     r = torch.sqrt((xx**2 + yy**2).double())
     keep = (r >= r_lo - 1e-9) & (r <= r_hi + 1e-9)
+    origin = (xx == 0) & (yy == 0)
     if half:
-        keep &= (xx > 0) | ((xx == 0) & (yy > 0))
+        keep &= (xx > 0) | ((xx == 0) & (yy > 0)) | origin
     flat = torch.nonzero(keep.flatten()).squeeze(1)
     xy = torch.stack([xx.flatten()[flat], yy.flatten()[flat]], dim=1).float()
     shell = torch.round(r.flatten()[flat]).long()
     weight = torch.full((flat.numel(),), 2.0 if half else 1.0, device=device)
+    if half:
+        weight[origin.flatten()[flat]] = 1.0
     return PointSet(flat=flat, xy=xy, shell=shell, weight=weight)
+
+
+def hermitian_grid(values: Tensor, points: PointSet, work_box: int) -> Tensor:
+    """Centred (n, box, box) grids from values at half-plane points and their mirrors.
+
+    Parameters
+    ----------
+    values : (n, m) complex or float tensor
+        Values at ``points`` (a half-plane set); the point -f gets the complex
+        conjugate of f (the transform of a real image).
+    points : PointSet
+    work_box : int
+
+    Returns
+    -------
+    (n, work_box, work_box) tensor of the same dtype, zero elsewhere.
+    """
+    c = work_box // 2
+    x, y = points.xy[:, 0].long(), points.xy[:, 1].long()
+    mirror = (c - y) * work_box + (c - x)
+    grid = torch.zeros((values.shape[0], work_box * work_box), dtype=values.dtype, device=values.device)
+    grid[:, mirror] = values.conj() if values.is_complex() else values
+    grid[:, points.flat] = values
+    return grid.view(-1, work_box, work_box)

@@ -3,7 +3,7 @@
 For the significant (particle i, shift t, class k, rotation r) combinations
 with weights w, and with s the per-particle scale and c the CTF,
 
-    S[k, r](f) = Σ w · s_i · c_i(f) · exp(+2πi f·t) · X_i(f)   (sparse × dense GEMM)
+    S[k, r](f) = Σ w · s_i · c_i(f) · exp(+2πi f·t) · X_i(f)   (scatter-add of the entries)
     Q[k, r](f) = Σ w · s_i² · c_i(f)²
 
 in the frame of the particles; then ``num_k(g) = Σ_r S[k, r](R(ψ_r) g)`` and
@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cryo2d.em.estep import EStepResult, deshift_phases
+from cryo2d.em.estep import EStepResult
+from cryo2d.em.geometry import PointSet, hermitian_grid
 from cryo2d.em.rotation import unrotate_sums
 
 
@@ -40,7 +41,7 @@ class PoseSums:
         self.Q = torch.zeros((n_classes * n_rot, n_points), device=device)
         self.counts = torch.zeros(n_classes, device=device, dtype=torch.float64)
 
-    def add(self, X: Tensor, ctf: Tensor, scale: Tensor, xy_cyc: Tensor, shifts_px: Tensor, res: EStepResult) -> None:
+    def add(self, X: Tensor, ctf: Tensor, scale: Tensor, phases: Tensor, res: EStepResult) -> None:
         """Add one chunk.
 
         Parameters
@@ -49,43 +50,28 @@ class PoseSums:
             Particle transforms at the M-step points.
         ctf : (b, m) float tensor
         scale : (b,) float tensor
-        xy_cyc : (m, 2) float tensor
-            M-step point frequencies in cycles/px.
-        shifts_px : (T, 2) float tensor
-            The shift grid the E-step used.
+        phases : (T, m) complex tensor
+            De-shift phases of the E-step's shift grid at the M-step points
+            (:func:`cryo2d.em.estep.deshift_phases`).
         res : EStepResult
             Its significant combinations and weights.
         """
-        b, m = X.shape
-        T = shifts_px.shape[0]
-        key = res.entry_i * T + res.entry_t
-        uniq, inv = torch.unique(key, return_inverse=True)
-        ui, ut = uniq // T, uniq % T
-        phases = deshift_phases(xy_cyc, shifts_px[ut])  # (U, m)
-        Yp = (X * ctf * scale[:, None])[ui] * phases
+        m = X.shape[1]
+        w = res.entry_w.float()[:, None]
         kr = res.entry_k * self.R + res.entry_r
-        W = torch.sparse_coo_tensor(
-            torch.stack([kr, inv]), res.entry_w.float(), (self.K * self.R, len(uniq))
-        ).coalesce()
-        self.S += torch.sparse.mm(W, torch.view_as_real(Yp).reshape(len(uniq), 2 * m)).view(-1, m, 2)
-        W2 = torch.sparse_coo_tensor(
-            torch.stack([kr, res.entry_i]), res.entry_w.float(), (self.K * self.R, b)
-        ).coalesce()
-        self.Q += torch.sparse.mm(W2, ctf * ctf * (scale * scale)[:, None])
+        weighted = (X * ctf * scale[:, None])[res.entry_i] * phases[res.entry_t]
+        self.S.index_add_(0, kr, torch.view_as_real(weighted) * w.unsqueeze(2))
+        self.Q.index_add_(0, kr, (ctf * ctf * (scale * scale)[:, None])[res.entry_i] * w)
         self.counts += res.class_post.sum(dim=0).double()
 
-    def class_frame(
-        self, psi_rad: Tensor, flat: Tensor, xy: Tensor, work_box: int, zeropad: int, chunk: int = 256
-    ) -> tuple[Tensor, Tensor]:
+    def class_frame(self, psi_rad: Tensor, points: PointSet, work_box: int, zeropad: int, chunk: int = 256) -> tuple[Tensor, Tensor]:
         """Back-rotate the sums and add them per class.
 
         Parameters
         ----------
         psi_rad : (R,) float tensor
-        flat : (m,) int64 tensor
-            Flat grid indices of the M-step points.
-        xy : (m, 2) float tensor
-            Their (x, y) frequencies in Fourier px.
+        points : PointSet
+            The M-step points (a half-plane set, see ``hermitian_grid``).
         work_box : int
         zeropad : int
 
@@ -94,20 +80,15 @@ class PoseSums:
         num : (K, m) complex tensor
         den : (K, m) float tensor
         """
-        m = flat.numel()
+        m = len(points)
         num = torch.zeros((self.K, m), dtype=torch.complex64, device=self.S.device)
         den = torch.zeros((self.K, m), device=self.S.device)
         active = torch.nonzero(self.Q.sum(dim=1) > 0).squeeze(1)
         for start in range(0, active.numel(), chunk):
             rows = active[start : start + chunk]
-            c = rows.numel()
-            Sg = torch.zeros((c, work_box * work_box), dtype=torch.complex64, device=num.device)
-            Sg[:, flat] = torch.view_as_complex(self.S[rows].contiguous())
-            Qg = torch.zeros((c, work_box * work_box), device=num.device)
-            Qg[:, flat] = self.Q[rows]
-            s_cls, q_cls = unrotate_sums(
-                Sg.view(c, work_box, work_box), Qg.view(c, work_box, work_box), psi_rad[rows % self.R], xy, zeropad
-            )
+            Sg = hermitian_grid(torch.view_as_complex(self.S[rows].contiguous()), points, work_box)
+            Qg = hermitian_grid(self.Q[rows], points, work_box)
+            s_cls, q_cls = unrotate_sums(Sg, Qg, psi_rad[rows % self.R], points.xy, zeropad)
             num.index_add_(0, rows // self.R, s_cls)
             den.index_add_(0, rows // self.R, q_cls)
         return num, den

@@ -1,7 +1,6 @@
 """Mutable state of a run and its checkpoints (atomic, resumable)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from torch import Tensor
 
 from cryo2d.errors import Cryo2DError
+from cryo2d.io.outputs import atomic_path
 
 _VERSION = 1
 
@@ -80,9 +80,8 @@ def save_checkpoint(engine, path: Path, next_iteration: int) -> None:
         "rng": engine.rng.bit_generator.state,
         "state": {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in s.__dict__.items()},
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(engine, path: Path) -> int:

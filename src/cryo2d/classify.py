@@ -1,0 +1,198 @@
+"""``classify``: particle file in, job folder out (the library call the CLI wraps)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from cryo2d.em.config import EMConfig
+from cryo2d.em.engine import EMResult, run_em
+from cryo2d.em.finalize import align_vertical, duplicate_mask, sort_order
+from cryo2d.errors import Cryo2DError
+from cryo2d.gallery.render import render_gallery
+from cryo2d.io import check_finite, nonfinite_indices, read_particles, write_particles, write_stack
+from cryo2d.io.outputs import write_text_atomic
+from cryo2d.particles import Assignments, ParticleSet
+from cryo2d.picks import pick_locations
+
+
+@dataclass
+class ClassifyResult:
+    """What ``classify`` wrote, in memory (classes in output order)."""
+
+    classes: np.ndarray
+    counts: np.ndarray
+    resolution_angst: np.ndarray
+    assignments: Assignments
+    history: list
+    out_dir: Path
+    n_duplicates: int
+    n_bad: int
+
+
+class _Subset:
+    """An ImageSource restricted to some rows of another (after dropping bad images)."""
+
+    def __init__(self, stack, rows: np.ndarray) -> None:
+        self.stack, self.rows, self.box = stack, rows, stack.box
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        return self.stack.read(self.rows[np.asarray(idx)])
+
+
+def subset_particles(particles: ParticleSet, rows: np.ndarray) -> ParticleSet:
+    """The particles at ``rows`` (table rows renumbered; extra format data kept)."""
+    extra = dict(particles.extra)
+    if "cs_array" in extra:
+        extra["cs_array"] = extra["cs_array"][rows]
+    return replace(
+        particles,
+        stack=_Subset(particles.stack, rows),
+        ctf=None if particles.ctf is None else particles.ctf.subset(rows),
+        pixel_size_angst=np.asarray(particles.pixel_size_angst)[rows],
+        table=particles.table.iloc[rows].reset_index(drop=True),
+        extra=extra,
+    )
+
+
+def classify(
+    particles: str | os.PathLike | ParticleSet,
+    out_dir: str | os.PathLike,
+    config: EMConfig,
+    *,
+    device: str = "cpu",
+    project_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    skip_bad: bool = False,
+    on_iteration: Callable[[dict], None] | None = None,
+) -> ClassifyResult:
+    """Run 2D classification and write the job folder (DESIGN §4).
+
+    Parameters
+    ----------
+    particles : path or ParticleSet
+        RELION STAR or CryoSPARC .cs (or an already read set).
+    out_dir : path
+        Job folder: classes.mrcs, classes.star, particles.star (or .cs),
+        gallery.png, iterations.jsonl, checkpoint.pt.
+    config : EMConfig
+    device : str
+        "cpu" or "cuda".
+    project_dir : path, optional
+        CryoSPARC project folder for .cs blob paths.
+    resume : bool
+        Continue from ``out_dir/checkpoint.pt``.
+    skip_bad : bool
+        Drop images with NaN/Inf pixels (reported) instead of refusing.
+    on_iteration : callable, optional
+        Called with each iteration's log record.
+    """
+    if not isinstance(particles, ParticleSet):
+        particles = read_particles(particles, project_dir=project_dir, no_ctf=not config.use_ctf)
+    n_bad = 0
+    if skip_bad:
+        bad = nonfinite_indices(particles.stack)
+        if len(bad):
+            n_bad = len(bad)
+            particles = subset_particles(particles, np.setdiff1d(np.arange(len(particles)), bad))
+    else:
+        check_finite(particles.stack)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "iterations.jsonl"
+    lines: list[str] = []
+    if resume and log_path.exists():
+        lines = log_path.read_text().splitlines()
+
+    def _log(record: dict) -> None:
+        lines.append(json.dumps(record))
+        write_text_atomic(log_path, "\n".join(lines) + "\n")
+        if on_iteration is not None:
+            on_iteration(record)
+
+    result = run_em(particles, config, device=device, on_iteration=_log, checkpoint=out / "checkpoint.pt", resume=resume)
+    final = finalize(result, particles, config)
+    write_job(final, particles, out, result.geometry.pixel_size_angst)
+    final.out_dir = out
+    final.n_bad = n_bad
+    return final
+
+
+def finalize(result: EMResult, particles: ParticleSet, config: EMConfig) -> ClassifyResult:
+    """Sort classes, align filaments, mark duplicates: the job's final numbers."""
+    K = len(result.classes)
+    order = sort_order(result.counts) if config.sort_classes else np.arange(K)
+    new_of_old = np.empty(K, dtype=np.int64)
+    new_of_old[order] = np.arange(K)
+    classes = result.classes[order]
+    class_index = np.where(result.class_index >= 0, new_of_old[np.maximum(result.class_index, 0)], -1)
+    psi = result.psi_deg
+    if config.align_filaments:
+        classes, psi = align_vertical(classes, psi, class_index)
+    keep = np.ones(len(class_index), dtype=bool)
+    if config.remove_duplicates:
+        picks = pick_locations(particles)
+        if picks is not None:
+            mic, xy = picks
+            psize = np.asarray(particles.pixel_size_angst, dtype=np.float64)
+            centre = xy + result.shift_px * psize[:, None]
+            sep = config.min_separation_angst or 0.5 * result.geometry.particle_diameter_angst
+            keep = duplicate_mask(mic, centre, result.max_prob, sep)
+    counts = np.bincount(class_index[keep & (class_index >= 0)], minlength=K).astype(np.float64)
+    assignments = Assignments(
+        class_index=class_index,
+        psi_deg=psi,
+        shift_px=result.shift_px,
+        max_prob=result.max_prob,
+        class_posterior=result.class_posterior,
+        class_ess=result.class_ess,
+        scale=result.scale,
+        keep=keep,
+    )
+    return ClassifyResult(
+        classes=classes.astype(np.float32),
+        counts=counts,
+        resolution_angst=result.resolution_angst[order],
+        assignments=assignments,
+        history=result.history,
+        out_dir=Path("."),
+        n_duplicates=int((~keep).sum()),
+        n_bad=0,
+    )
+
+
+def write_job(final: ClassifyResult, particles: ParticleSet, out: Path, pixel_size_angst: float) -> None:
+    """Write classes.mrcs, classes.star, particles.star/.cs (+ duplicates), gallery.png."""
+    K = len(final.classes)
+    write_stack(out / "classes.mrcs", final.classes, pixel_size_angst)
+    total = max(float(final.counts.sum()), 1.0)
+    table = pd.DataFrame(
+        {
+            "rlnReferenceImage": [f"{k + 1:06d}@classes.mrcs" for k in range(K)],
+            "rlnClassNumber": np.arange(1, K + 1),
+            "rlnClassParticleCount": final.counts.astype(int),
+            "rlnClassDistribution": final.counts / total,
+            "rlnEstimatedResolution": final.resolution_angst,
+        }
+    )
+    import starfile
+
+    from cryo2d.io.outputs import atomic_path
+
+    with atomic_path(out / "classes.star") as tmp:
+        starfile.write({"classes": table}, tmp)
+    keep = final.assignments.keep
+    suffix = ".star" if particles.kind == "star" else ".cs"
+    rows = np.nonzero(keep)[0]
+    write_particles(particles, out / f"particles{suffix}", assignments=final.assignments, rows=rows)
+    if (~keep).any():
+        write_particles(particles, out / f"duplicates{suffix}", assignments=final.assignments, rows=np.nonzero(~keep)[0])
+    render_gallery(final.classes, final.counts, final.resolution_angst, out / "gallery.png")

@@ -1,0 +1,160 @@
+"""2D classification of a particle stack (RELION STAR or CryoSPARC .cs).
+
+Online expectation-maximisation as in CryoSPARC's 2D classification: batches
+of --batch-per-class x --classes particles for --online-iterations, then
+--full-iterations passes over every particle. Writes classes.mrcs,
+classes.star, particles.star (or particles.cs), gallery.png and
+iterations.jsonl into the job folder.
+
+Examples:
+
+  $ cryo2d classify Extract/job012/particles.star -o Class2D/run1 --classes 50
+  $ cryo2d classify J12_particles.cs --project-dir /data/P3 -o c2d --classes 100 --max-res 8
+  $ cryo2d classify stain.star -o c2d --no-ctf --classes 20 --mask-diameter 180
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cryo2d.em.config import EMConfig
+
+
+def _on_off(parser: argparse.ArgumentParser, name: str, default, help_on: str) -> None:
+    dest = name.replace("-", "_")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(f"--{name}", dest=dest, action="store_true", default=default, help=help_on)
+    group.add_argument(f"--no-{name}", dest=dest, action="store_false")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Every classification parameter (DESIGN §2); shared with other commands."""
+    d = EMConfig()
+    p.add_argument("-o", "--out", required=True, help="job folder to write")
+    p.add_argument("--classes", type=int, default=d.n_classes, help="number of classes K (default %(default)s)")
+    p.add_argument("--max-res", type=float, default=d.max_res_angst, help="class-average resolution, Å (default %(default)s)")
+    p.add_argument("--max-align-res", type=float, default=None, help="highest resolution used in alignment, Å (default: --max-res)")
+    p.add_argument("--min-align-res", type=float, default=None, help="lowest resolution used in alignment (high-pass), Å")
+    p.add_argument("--online-iterations", type=int, default=d.n_online_iterations, help="online-EM iterations (default %(default)s)")
+    p.add_argument("--batch-per-class", type=int, default=d.batch_size_per_class, help="particles per class per online iteration (default %(default)s)")
+    p.add_argument("--full-iterations", type=int, default=d.n_full_iterations, help="final passes over all particles (default %(default)s)")
+    p.add_argument("--uncertainty-factor", type=float, default=d.uncertainty_factor, help="initial classification uncertainty factor (default %(default)s)")
+    p.add_argument("--anneal-start", type=int, default=d.anneal_start, help="online iteration where noise annealing starts (default %(default)s)")
+    p.add_argument("--anneal-iterations", type=int, default=d.anneal_iterations, help="online iterations of noise annealing (default %(default)s)")
+    p.add_argument("--white-noise", action="store_true", help="one noise variance for all frequencies")
+    fm = p.add_mutually_exclusive_group()
+    fm.add_argument("--force-max", dest="force_max", action="store_true", default=None, help="hard (class, pose) assignment (default: on when K > 20)")
+    fm.add_argument("--no-force-max", dest="force_max", action="store_false", help="marginalise over poses")
+    p.add_argument("--mask-diameter", type=float, default=None, help="circular mask diameter, Å (default: corners only)")
+    p.add_argument("--mask-diameter-outer", type=float, default=None, help="outer diameter of the soft mask edge, Å (default 1.2 x inner)")
+    _on_off(p, "recenter", True, "re-centre classes each iteration (default on)")
+    p.add_argument("--recenter-threshold", type=float, default=d.recenter_threshold, help="fraction of the maximum used for re-centring (default %(default)s)")
+    p.add_argument("--zeropad", type=int, default=d.zeropad, help="Fourier oversampling for rotations (default %(default)s)")
+    p.add_argument("--estimate-scale", action="store_true", help="estimate a per-particle scale factor")
+    p.add_argument("--clamp-solvent", action="store_true", help="classes zero outside the mask")
+    p.add_argument("--non-negative", action="store_true", help="classes non-negative")
+    p.add_argument("--align-filaments", action="store_true", help="rotate final classes so the long axis is vertical")
+    p.add_argument("--no-ctf", dest="use_ctf", action="store_false", help="no CTF (negative stain)")
+    p.add_argument("--psi-step", type=float, default=None, help="in-plane angular step, degrees (default: from resolution)")
+    p.add_argument("--shift-range", type=float, default=None, help="largest shift searched, px (default 10%% of the box)")
+    p.add_argument("--shift-step", type=float, default=None, help="shift step, px (default one working pixel)")
+    _on_off(p, "hard-last", True, "final pass puts each particle in its best class only (default on)")
+    dup = p.add_mutually_exclusive_group()
+    dup.add_argument("--remove-duplicates", dest="remove_duplicates", action="store_true", default=True, help="keep one of each duplicate pick (default)")
+    dup.add_argument("--keep-duplicates", dest="remove_duplicates", action="store_false")
+    p.add_argument("--min-separation", type=float, default=None, help="duplicate distance, Å (default 0.5 x particle diameter)")
+    p.add_argument("--no-sort", dest="sort_classes", action="store_false", help="keep classes in engine order")
+    p.add_argument("--tau2-fudge", type=float, default=d.tau2_fudge, help="regularisation: signal power multiplier (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--project-dir", default=None, help="CryoSPARC project folder for .cs blob paths")
+    p.add_argument("--skip-bad", action="store_true", help="drop images with NaN/Inf pixels (reported) instead of refusing")
+    p.add_argument("--resume", action="store_true", help="continue from the job's checkpoint")
+
+
+def config_from_args(args: argparse.Namespace) -> EMConfig:
+    return EMConfig(
+        n_classes=args.classes,
+        max_res_angst=args.max_res,
+        max_align_res_angst=args.max_align_res,
+        min_align_res_angst=args.min_align_res,
+        n_online_iterations=args.online_iterations,
+        batch_size_per_class=args.batch_per_class,
+        n_full_iterations=args.full_iterations,
+        uncertainty_factor=args.uncertainty_factor,
+        anneal_start=args.anneal_start,
+        anneal_iterations=args.anneal_iterations,
+        white_noise=args.white_noise,
+        force_max=args.force_max,
+        mask_diameter_angst=args.mask_diameter,
+        mask_diameter_outer_angst=args.mask_diameter_outer,
+        recenter=args.recenter,
+        recenter_threshold=args.recenter_threshold,
+        zeropad=args.zeropad,
+        estimate_scale=args.estimate_scale,
+        clamp_solvent=args.clamp_solvent,
+        non_negative=args.non_negative,
+        align_filaments=args.align_filaments,
+        use_ctf=args.use_ctf,
+        psi_step_deg=args.psi_step,
+        shift_range_px=args.shift_range,
+        shift_step_px=args.shift_step,
+        hard_last=args.hard_last,
+        remove_duplicates=args.remove_duplicates,
+        min_separation_angst=args.min_separation,
+        sort_classes=args.sort_classes,
+        seed=args.seed,
+        tau2_fudge=args.tau2_fudge,
+    )
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("particles", help="particles.star (RELION) or particles.cs (CryoSPARC)")
+    add_engine_args(p)
+
+
+def progress_printer(total: int):
+    """A tqdm bar plus one log line per iteration on stderr."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="2D classification", unit="it", file=sys.stderr, leave=True)
+
+    def on_iteration(r: dict) -> None:
+        bar.update(1)
+        bar.write(
+            f"iter {r['iteration']:3d} {r['phase']:6s} n={r['particles']:7d} res={r['resolution_angst']:6.2f} Å "
+            f"psi={r['psi_step_deg']:g}° shifts={r['n_shifts']} T={r['temperature']:.2f} "
+            f"changes={100 * r['class_changes']:5.1f}% {r['time_s']:.1f}s",
+            file=sys.stderr,
+        )
+
+    return bar, on_iteration
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from cryo2d.classify import classify
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = config_from_args(args)
+    config.validate()
+    total = config.n_online_iterations + max(config.n_full_iterations, 1)
+    bar, on_iteration = progress_printer(total)
+    try:
+        result = classify(
+            args.particles, args.out, config, device=args.device, project_dir=args.project_dir,
+            resume=args.resume, skip_bad=args.skip_bad, on_iteration=on_iteration,
+        )
+    finally:
+        bar.close()
+    n_classes = int((result.counts > 0).sum())
+    print(f"{args.out}: {n_classes} non-empty classes of {len(result.counts)}; "
+          f"{int(result.counts.sum())} particles assigned", file=sys.stderr)
+    if result.n_duplicates:
+        print(f"{args.out}: removed {result.n_duplicates} duplicate picks (written to duplicates file)", file=sys.stderr)
+    if result.n_bad:
+        print(f"{args.out}: skipped {result.n_bad} images with NaN/Inf pixels", file=sys.stderr)
+    return 0
