@@ -1,0 +1,142 @@
+"""E-step: posteriors over (shift, class, rotation) with known answers."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cryo2d.em.estep import deshift_phases, e_step
+from cryo2d.em.geometry import disc_points
+from cryo2d.em.rotation import psi_grid, rotate_classes
+from cryo2d.fourier import fft2c, rotate_images, shift_images
+
+BOX = 32
+
+
+def _blobs(box: int = BOX) -> torch.Tensor:
+    """An asymmetric real image: two Gaussian blobs off the centre."""
+    k = torch.arange(box, dtype=torch.float64) - box // 2
+    yy, xx = torch.meshgrid(k, k, indexing="ij")
+    img = torch.exp(-((xx - 4) ** 2 + (yy + 2) ** 2) / 6) + 0.6 * torch.exp(-((xx + 3) ** 2 + (yy - 5) ** 2) / 10)
+    return img.float()
+
+
+def _problem(n_particles=6, n_classes=3, seed=0, noise=1.0):
+    """Random references and noisy particles made from them; returns the e_step arguments."""
+    g = torch.Generator().manual_seed(seed)
+    pts = disc_points(BOX, 1, 10, half=True)
+    m = len(pts)
+    psi = psi_grid(30.0)
+    shifts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, -1.0]])
+    A = fft2c(torch.randn(n_classes, BOX, BOX, generator=g)) / BOX  # about unit power per point
+    refs = rotate_classes(A, pts.xy, psi, 2)
+    k_true = torch.arange(n_particles) % n_classes
+    X = refs[k_true, 0] + noise * torch.complex(torch.randn(n_particles, m, generator=g), torch.randn(n_particles, m, generator=g))
+    return dict(
+        X=X,
+        ctf=torch.ones(n_particles, m),
+        inv_sigma2=pts.weight / (2 * noise**2),
+        refs=refs,
+        phases=deshift_phases(pts.xy / BOX, shifts),
+        log_prior=torch.full((n_classes,), -math.log(n_classes)),
+        scale=torch.ones(n_particles),
+    )
+
+
+def _weight_sums(res, n):
+    return torch.zeros(n, dtype=res.entry_w.dtype).index_add_(0, res.entry_i, res.entry_w)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard", "hard_class"])
+def test_posteriors_sum_to_one(mode):
+    args = _problem(noise=8.0)
+    res = e_step(**args, mode=mode)
+    n = args["X"].shape[0]
+    torch.testing.assert_close(res.class_post.sum(dim=1), torch.ones(n), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_weight_sums(res, n), torch.ones(n), atol=1e-5, rtol=0)
+    assert ((res.max_prob > 0) & (res.max_prob <= 1 + 1e-6)).all()
+
+
+def test_hard_gives_one_entry_of_weight_one():
+    args = _problem(noise=8.0)
+    n = args["X"].shape[0]
+    res = e_step(**args, mode="hard")
+    assert torch.equal(res.entry_i, torch.arange(n))
+    assert torch.equal(res.entry_w, torch.ones(n))
+    assert torch.equal(res.entry_k, res.best_k) and torch.equal(res.entry_r, res.best_r)
+
+
+def test_soft_gives_fractional_weights():
+    args = _problem(noise=8.0)
+    n = args["X"].shape[0]
+    res = e_step(**args, mode="soft")
+    assert len(res.entry_w) > n  # several poses per particle
+    assert ((res.entry_w > 0) & (res.entry_w < 1)).any()
+    torch.testing.assert_close(_weight_sums(res, n), torch.ones(n), atol=1e-5, rtol=0)
+
+
+def test_hard_class_keeps_one_class_per_particle():
+    args = _problem(noise=8.0)
+    res = e_step(**args, mode="hard_class")
+    for i in range(args["X"].shape[0]):
+        assert len(set(res.entry_k[res.entry_i == i].tolist())) == 1
+
+
+def test_huge_log_likelihoods_do_not_underflow():
+    """Log-likelihoods of ~1e9: every particle still has finite weights summing to 1 (log-sum-exp)."""
+    args = _problem(noise=1.0)
+    args["X"] = args["X"] * 1e4
+    args["inv_sigma2"] = args["inv_sigma2"] * 1e3
+    n = args["X"].shape[0]
+    for mode in ("soft", "hard", "hard_class"):
+        res = e_step(**args, mode=mode, temperature=1.0)
+        for t in (res.class_post, res.max_prob, res.entry_w, res.log_evidence):
+            assert torch.isfinite(t).all(), mode
+        torch.testing.assert_close(res.class_post.sum(dim=1), torch.ones(n), atol=1e-5, rtol=0)
+        torch.testing.assert_close(_weight_sums(res, n), torch.ones(n), atol=1e-5, rtol=0)
+
+
+def test_true_class_wins_at_low_noise():
+    args = _problem(noise=0.01)
+    res = e_step(**args, mode="soft")
+    n, K = args["X"].shape[0], args["refs"].shape[0]
+    assert torch.equal(res.best_k, torch.arange(n) % K)
+    assert torch.equal(res.best_r, torch.zeros(n, dtype=torch.long))
+    assert (res.max_prob > 0.99).all()
+
+
+@pytest.mark.parametrize("psi_deg,shift", [(90.0, (2.0, -1.0)), (60.0, (-3.0, 0.0)), (210.0, (1.0, 2.0))])
+def test_best_pose_is_the_true_pose(psi_deg, shift):
+    """A noiseless particle = the reference rotated by ψ (real space) then shifted by t."""
+    img = _blobs()
+    particle = shift_images(rotate_images(img[None], torch.tensor([psi_deg])), torch.tensor([shift]))
+    pts = disc_points(BOX, 1, 10, half=True)
+    psi = psi_grid(30.0)
+    k = torch.arange(-3, 4, dtype=torch.float32)
+    yy, xx = torch.meshgrid(k, k, indexing="ij")
+    shifts = torch.stack([xx.flatten(), yy.flatten()], dim=1)
+    refs = rotate_classes(fft2c(img[None]), pts.xy, psi, 2)
+    X = fft2c(particle).flatten(1)[:, pts.flat]
+    sigma2 = 1e-3
+    res = e_step(X, torch.ones_like(X.real), pts.weight / sigma2, refs, deshift_phases(pts.xy / BOX, shifts),
+                 torch.zeros(1), torch.ones(1), mode="soft")
+    assert math.degrees(float(psi[res.best_r])) == pytest.approx(psi_deg, abs=1e-3)
+    assert shifts[res.best_t[0]].tolist() == list(shift)
+    assert float(res.max_prob[0]) > 0.99
+
+
+def test_temperature_flattens_posteriors():
+    args = _problem(noise=4.0)
+    cold = e_step(**args, mode="soft", temperature=1.0)
+    hot = e_step(**args, mode="soft", temperature=50.0)
+    assert float(hot.max_prob.mean()) < float(cold.max_prob.mean())
+
+
+def test_deshift_phases_undo_a_shift():
+    img = _blobs()
+    t = torch.tensor([[3.0, -2.0]])
+    pts = disc_points(BOX, 0, 15, half=False)
+    X = fft2c(shift_images(img[None], t)).flatten(1)[:, pts.flat]
+    back = X * deshift_phases(pts.xy / BOX, t)
+    torch.testing.assert_close(back, fft2c(img[None]).flatten(1)[:, pts.flat], atol=1e-3, rtol=1e-4)
