@@ -112,9 +112,9 @@ class Assignments:
     """Per-particle classification results, in neutral units.
 
     The writers convert these once: STAR gets 1-based ``_rlnClassNumber``,
-    ``_rlnAnglePsi`` in degrees and ``_rlnOriginX/YAngst`` in Å; .cs gets
-    0-based ``alignments2D/class``, ``alignments2D/pose`` in radians and
-    ``alignments2D/shift`` in pixels.
+    ``_rlnAnglePsi`` = −psi_deg (RELION's sense of rotation) in degrees and
+    ``_rlnOriginX/YAngst`` in Å; .cs gets 0-based ``alignments2D/class``,
+    ``alignments2D/pose`` = −psi in radians and ``alignments2D/shift`` in pixels.
 
     Attributes
     ----------

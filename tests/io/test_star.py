@@ -73,7 +73,8 @@ def test_write_31_roundtrip_all_columns_and_units(tmp_path):
     out = written["particles"]
     _assert_columns_equal(out, particles.table, skip={"rlnClassNumber"})
     np.testing.assert_array_equal(out["rlnClassNumber"], assignments.class_index + 1)
-    np.testing.assert_allclose(out["rlnAnglePsi"], assignments.psi_deg, rtol=1e-15)
+    # RELION sense: minus the counter-clockwise angle.
+    np.testing.assert_allclose(out["rlnAnglePsi"], np.mod(-assignments.psi_deg, 360.0), rtol=1e-15)
     np.testing.assert_allclose(out["rlnOriginXAngst"], assignments.shift_px[:, 0] * ctf["pixel_size_angst"], rtol=1e-15)
     np.testing.assert_allclose(out["rlnOriginYAngst"], assignments.shift_px[:, 1] * ctf["pixel_size_angst"], rtol=1e-15)
     np.testing.assert_allclose(out["rlnMaxValueProbDistribution"], assignments.max_prob, rtol=1e-15)

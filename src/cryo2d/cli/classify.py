@@ -58,6 +58,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--psi-step", type=float, default=None, help="in-plane angular step, degrees (default: from resolution)")
     p.add_argument("--shift-range", type=float, default=None, help="largest shift searched, px (default 10%% of the box)")
     p.add_argument("--shift-step", type=float, default=None, help="shift step, px (default one working pixel)")
+    p.add_argument("--exhaustive", dest="coarse_to_fine", action="store_false",
+                   help="score every pose on the fine grid (default: coarse-to-fine search)")
     _on_off(p, "hard-last", True, "final pass puts each particle in its best class only (default on)")
     dup = p.add_mutually_exclusive_group()
     dup.add_argument("--remove-duplicates", dest="remove_duplicates", action="store_true", default=True, help="keep one of each duplicate pick (default)")
@@ -101,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> EMConfig:
         shift_range_px=args.shift_range,
         shift_step_px=args.shift_step,
         hard_last=args.hard_last,
+        coarse_to_fine=args.coarse_to_fine,
         remove_duplicates=args.remove_duplicates,
         min_separation_angst=args.min_separation,
         sort_classes=args.sort_classes,

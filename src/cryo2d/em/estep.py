@@ -77,6 +77,108 @@ def deshift_phases(xy: Tensor, shifts_px: Tensor) -> Tensor:
     return torch.polar(torch.ones_like(phase), phase).to(torch.complex64)
 
 
+class _Grid:
+    """Exhaustive pose table: every (shift t, class k, rotation r), flat index t·KR + k·R + r."""
+
+    def __init__(self, cross: Tensor, norm: Tensor, K: int, R: int) -> None:
+        self.cross, self.norm, self.K, self.R = cross, norm, K, R  # (b, T, KR), (b, KR)
+
+    def decode(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        KR = self.K * self.R
+        return idx // KR, idx % KR
+
+    def class_marginal(self, post: Tensor) -> Tensor:
+        b = post.shape[0]
+        return post.view(b, -1, self.K, self.R).sum(dim=(1, 3))
+
+    def in_class(self, keep: Tensor) -> Tensor:
+        b = keep.shape[0]
+        m = torch.zeros(b, 1, self.K, self.R, dtype=torch.bool, device=keep.device)
+        m[torch.arange(b, device=keep.device), 0, keep] = True
+        return m.expand(b, self.cross.shape[1], self.K, self.R).reshape(b, -1)
+
+    def cross_norm_at(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        t, kr = self.decode(idx)
+        return self.cross.reshape(idx.shape[0], -1).gather(1, idx), self.norm.gather(1, kr)
+
+
+class _Candidates:
+    """Pose table of a local search: per particle, shifts ``t_idx`` × rotations ``kr_idx``."""
+
+    def __init__(self, cross: Tensor, norm: Tensor, t_idx: Tensor, kr_idx: Tensor, K: int, R: int) -> None:
+        # cross (b, nt, nkr); norm (b, nkr); t_idx (b, nt); kr_idx (b, nkr)
+        self.cross, self.norm, self.t_idx, self.kr_idx, self.K, self.R = cross, norm, t_idx, kr_idx, K, R
+
+    def decode(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        nkr = self.kr_idx.shape[1]
+        return self.t_idx.gather(1, idx // nkr), self.kr_idx.gather(1, idx % nkr)
+
+    def class_marginal(self, post: Tensor) -> Tensor:
+        b, nkr = self.kr_idx.shape
+        per_kr = post.view(b, -1, nkr).sum(dim=1)
+        out = torch.zeros(b, self.K, dtype=post.dtype, device=post.device)
+        return out.scatter_add_(1, self.kr_idx // self.R, per_kr)
+
+    def in_class(self, keep: Tensor) -> Tensor:
+        b, nkr = self.kr_idx.shape
+        m = (self.kr_idx // self.R) == keep[:, None]
+        return m[:, None, :].expand(b, self.t_idx.shape[1], nkr).reshape(b, -1)
+
+    def cross_norm_at(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        nkr = self.kr_idx.shape[1]
+        return self.cross.reshape(idx.shape[0], -1).gather(1, idx), self.norm.gather(1, idx % nkr)
+
+
+def _summarise(logp: Tensor, table, mode: str, max_entries: int, min_weight: float) -> EStepResult:
+    """Posteriors, best pose and significant entries from log-probabilities (b, P).
+
+    ``logp`` is overwritten. Entries with ``-inf`` (padding) get weight 0.
+    """
+    b = logp.shape[0]
+    R = table.R
+    peak = logp.amax(dim=1, keepdim=True)
+    post = logp.sub_(peak).exp_()
+    total = post.sum(dim=1, keepdim=True)
+    post.div_(total)
+    log_evidence = (peak + torch.log(total)).squeeze(1)
+    max_prob, best = post.max(dim=1)
+    best_t, best_kr = table.decode(best[:, None])
+    best_t, best_kr = best_t[:, 0], best_kr[:, 0]
+    class_post = table.class_marginal(post)
+    best_cross, best_norm = (v[:, 0] for v in table.cross_norm_at(best[:, None]))
+    rows = torch.arange(b, device=logp.device)
+    if mode == "hard":
+        e_i, e_t, e_kr = rows, best_t, best_kr
+        e_w = torch.ones(b, dtype=post.dtype, device=logp.device)
+    else:
+        if mode == "hard_class":
+            post = torch.where(table.in_class(class_post.argmax(dim=1)), post, 0.0)
+            post = post / post.sum(dim=1, keepdim=True)
+        n_keep = min(max_entries, post.shape[1])
+        w, idx = torch.topk(post, n_keep, dim=1)
+        keep = w >= min_weight * w[:, :1]
+        w = torch.where(keep, w, 0.0)
+        w = w / w.sum(dim=1, keepdim=True)
+        t_all, kr_all = table.decode(idx)
+        e_i = rows[:, None].expand(b, n_keep)[keep]
+        e_t, e_kr, e_w = t_all[keep], kr_all[keep], w[keep]
+    return EStepResult(
+        class_post=class_post,
+        best_t=best_t,
+        best_k=best_kr // R,
+        best_r=best_kr % R,
+        max_prob=max_prob,
+        best_cross=best_cross,
+        best_norm=best_norm,
+        entry_i=e_i,
+        entry_t=e_t,
+        entry_k=e_kr // R,
+        entry_r=e_kr % R,
+        entry_w=e_w,
+        log_evidence=log_evidence,
+    )
+
+
 def e_step(
     X: Tensor,
     ctf: Tensor,
@@ -128,7 +230,8 @@ def e_step(
     K, R, _ = refs.shape
     T = phases.shape[0]
     KR = K * R
-    Y = (X * ctf * inv_sigma2).unsqueeze(1) * phases.unsqueeze(0)  # (b, T, M)
+    P = X * ctf * inv_sigma2
+    Y = P.unsqueeze(1) * phases.unsqueeze(0)  # (b, T, M)
     Yr = torch.view_as_real(Y).reshape(b * T, 2 * m)
     Zr = torch.view_as_real(refs.reshape(KR, m).contiguous()).reshape(KR, 2 * m)
     cross = (Yr @ Zr.T).view(b, T, KR)
@@ -136,54 +239,146 @@ def e_step(
     s = scale.view(b, 1, 1)
     logp = (s * cross - 0.5 * s * s * norm.unsqueeze(1)) / temperature
     logp = logp.view(b, T, K, R) + log_prior.view(1, 1, K, 1)
-    flat = logp.view(b, -1)
-    peak = flat.amax(dim=1, keepdim=True)
-    post = flat.sub_(peak).exp_()
-    total = post.sum(dim=1, keepdim=True)
-    post.div_(total)
-    log_evidence = (peak + torch.log(total)).squeeze(1)
-    max_prob, best = post.max(dim=1)
-    best_t = best // KR
-    best_kr = best % KR
-    best_k, best_r = best_kr // R, best_kr % R
-    class_post = post.view(b, T, K, R).sum(dim=(1, 3))
-    rows = torch.arange(b, device=X.device)
-    best_cross = cross[rows, best_t, best_kr]
-    best_norm = norm[rows, best_kr]
+    return _summarise(logp.view(b, -1), _Grid(cross, norm, K, R), mode, max_entries, min_weight)
 
-    if mode == "hard":
-        e_i, e_t, e_k, e_r = rows, best_t, best_k, best_r
-        e_w = torch.ones(b, dtype=post.dtype, device=X.device)
-    else:
-        if mode == "hard_class":
-            keep_class = class_post.argmax(dim=1)
-            sel = torch.zeros(b, 1, K, 1, dtype=torch.bool, device=X.device)
-            sel[rows, 0, keep_class, 0] = True
-            post = torch.where(sel, post.view(b, T, K, R), 0.0).view(b, -1)
-            post = post / post.sum(dim=1, keepdim=True)
-        n_keep = min(max_entries, post.shape[1])
-        w, idx = torch.topk(post, n_keep, dim=1)
-        keep = w >= min_weight * w[:, :1]
-        w = torch.where(keep, w, 0.0)
-        w = w / w.sum(dim=1, keepdim=True)
-        e_i = rows[:, None].expand(b, n_keep)[keep]
-        idx = idx[keep]
-        e_w = w[keep]
-        e_t = idx // KR
-        e_k = (idx % KR) // R
-        e_r = idx % R
-    return EStepResult(
-        class_post=class_post,
-        best_t=best_t,
-        best_k=best_k,
-        best_r=best_r,
-        max_prob=max_prob,
-        best_cross=best_cross,
-        best_norm=best_norm,
-        entry_i=e_i,
-        entry_t=e_t,
-        entry_k=e_k,
-        entry_r=e_r,
-        entry_w=e_w,
-        log_evidence=log_evidence,
-    )
+
+def coarse_subgrid(
+    shifts_px: Tensor, step_px: float, n_rot: int, radius: Tensor, r_coarse: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The coarse search grid of a fine (shift, rotation, frequency) grid, and fine neighbours.
+
+    Coarse shifts are the fine shifts on a lattice of twice the step; coarse
+    rotations every second fine rotation (``n_rot`` must be even); coarse
+    frequencies those within ``r_coarse`` (about half the fine radius, so a
+    one-step error in shift or angle costs little correlation there).
+
+    Parameters
+    ----------
+    shifts_px : (T, 2) float tensor
+        Fine shift grid, px.
+    step_px : float
+        Its step, px.
+    n_rot : int
+        Number of fine rotations.
+    radius : (M,) float tensor
+        Radius of each E-step point, Fourier px.
+    r_coarse : float
+        Radius of the coarse search, Fourier px.
+
+    Returns
+    -------
+    coarse_t : (Tc,) int64
+        Indices of the coarse shifts among the fine ones.
+    neighbours : (Tc, 9) int64
+        For each coarse shift, the fine shifts within one fine step in x and y
+        (-1 where outside the disc).
+    coarse_r : (R/2,) int64
+        Indices of the coarse rotations among the fine ones.
+    coarse_m : (Mc,) int64
+        Indices of the coarse frequencies among the E-step points.
+    """
+    lattice = torch.round(shifts_px / step_px).long()
+    coarse = torch.nonzero(((lattice[:, 0] % 2) == 0) & ((lattice[:, 1] % 2) == 0)).squeeze(1)
+    lookup = {(int(x), int(y)): i for i, (x, y) in enumerate(lattice.tolist())}
+    neigh = torch.full((len(coarse), 9), -1, dtype=torch.long)
+    for row, c in enumerate(coarse.tolist()):
+        cx, cy = lattice[c].tolist()
+        j = 0
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                neigh[row, j] = lookup.get((cx + dx, cy + dy), -1)
+                j += 1
+    dev = shifts_px.device
+    coarse_m = torch.nonzero(radius <= r_coarse).squeeze(1)
+    return coarse.to(dev), neigh.to(dev), torch.arange(0, n_rot, 2, device=dev), coarse_m.to(dev)
+
+
+def e_step_coarse_to_fine(
+    X: Tensor,
+    ctf: Tensor,
+    inv_sigma2: Tensor,
+    refs: Tensor,
+    phases: Tensor,
+    log_prior: Tensor,
+    scale: Tensor,
+    grid: tuple[Tensor, Tensor, Tensor, Tensor],
+    *,
+    temperature: float = 1.0,
+    mode: str = "soft",
+    n_candidates: int = 8,
+    max_entries: int = 48,
+    min_weight: float = 5e-3,
+) -> EStepResult:
+    """Like :func:`e_step`, but searching a coarse grid first, then refining.
+
+    Stage 1 scores every (coarse shift, class, coarse rotation) at the
+    coarse frequencies, the grid from :func:`coarse_subgrid` (a quarter of
+    the shifts, half of the rotations, about a quarter of the frequencies). Stage 2 takes, per particle, the ``n_candidates`` best coarse
+    poses plus the best coarse pose of every class, and scores every fine
+    shift within one fine step of their shifts against every fine rotation
+    within one fine step of their rotations (all combinations, each once). The
+    posterior is over those fine poses; poses far from every candidate get
+    probability 0. Returned shift and rotation indices refer to the fine grid.
+    """
+    b, m = X.shape
+    K, R, _ = refs.shape
+    coarse_t, neighbours, coarse_r, cm = grid
+    Rc, Tc, Mc = len(coarse_r), len(coarse_t), len(cm)
+    P = X * ctf * inv_sigma2
+    # Stage 1: coarse exhaustive search.
+    refs_c = refs[:, coarse_r][:, :, cm].reshape(K * Rc, Mc)
+    Yc = torch.view_as_real(P[:, cm].unsqueeze(1) * phases[coarse_t][:, cm].unsqueeze(0)).reshape(b * Tc, 2 * Mc)
+    Zc = torch.view_as_real(refs_c.contiguous()).reshape(K * Rc, 2 * Mc)
+    s = scale.view(b, 1, 1)
+    norm_all = ((ctf * ctf) * inv_sigma2) @ (refs.reshape(K * R, m).abs() ** 2).T  # (b, KR)
+    ctf2 = (ctf[:, cm] ** 2) * inv_sigma2[cm]
+    norm_c = ctf2 @ (refs_c.abs() ** 2).T
+    logp_c = (s * (Yc @ Zc.T).view(b, Tc, K * Rc) - 0.5 * s * s * norm_c.unsqueeze(1)).view(b, Tc, K, Rc)
+    # Candidates: best coarse pose of each class + the overall top n_candidates.
+    per_class = logp_c.permute(0, 2, 1, 3).reshape(b, K, Tc * Rc).argmax(dim=2)  # (b, K)
+    cls_t, cls_r = per_class // Rc, per_class % Rc
+    n_top = min(n_candidates, Tc * K * Rc)
+    top = logp_c.reshape(b, -1).topk(n_top, dim=1).indices
+    top_t, top_k, top_r = top // (K * Rc), (top // Rc) % K, top % Rc
+    cand_t = torch.cat([cls_t, top_t], dim=1)  # coarse shift rows
+    cand_k = torch.cat([torch.arange(K, device=X.device).expand(b, K), top_k], dim=1)
+    cand_r = torch.cat([cls_r, top_r], dim=1)
+    # Fine neighbourhoods: shifts within one fine step, rotations within one.
+    t_fine = neighbours[coarse_t.new_tensor(0) + cand_t].reshape(b, -1)  # (b, nc*9), -1 = none
+    r_fine = coarse_r[cand_r]
+    kr_fine = torch.stack([cand_k * R + (r_fine + d) % R for d in (-1, 0, 1)], dim=2).reshape(b, -1)
+    t_idx, t_valid = _unique_rows(t_fine)
+    kr_idx, kr_valid = _unique_rows(kr_fine)
+    # Stage 2: score all (fine shift, fine rotation) pairs of each particle (batched GEMM).
+    Yf = P.unsqueeze(1) * phases[t_idx.clamp(min=0)]  # (b, nt, M)
+    Zf = refs.reshape(K * R, m)[kr_idx.clamp(min=0)]  # (b, nkr, M)
+    cross = torch.bmm(torch.view_as_real(Yf).flatten(2), torch.view_as_real(Zf).flatten(2).transpose(1, 2))
+    norm = norm_all.gather(1, kr_idx.clamp(min=0))
+    logp = (s * cross - 0.5 * s * s * norm.unsqueeze(1)) / temperature + log_prior[kr_idx.clamp(min=0) // R].unsqueeze(1)
+    valid = t_valid.unsqueeze(2) & kr_valid.unsqueeze(1)
+    logp = logp.masked_fill(~valid, float("-inf"))
+    table = _Candidates(cross, norm, t_idx.clamp(min=0), kr_idx.clamp(min=0), K, R)
+    return _summarise(logp.reshape(b, -1), table, mode, max_entries, min_weight)
+
+
+def _unique_rows(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, the distinct non-negative values, left-aligned and padded with -1.
+
+    Parameters
+    ----------
+    values : (b, n) int64 tensor (-1 = nothing)
+
+    Returns
+    -------
+    unique : (b, u) int64, valid : (b, u) bool
+    """
+    srt, _ = values.sort(dim=1)
+    first = torch.ones_like(srt, dtype=torch.bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    keep = first & (srt >= 0)
+    counts = keep.sum(dim=1)
+    u = int(counts.max()) if values.numel() else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :u]
+    out = srt.gather(1, order)
+    valid = torch.arange(u, device=values.device)[None, :] < counts[:, None]
+    return torch.where(valid, out, torch.full_like(out, -1)), valid

@@ -8,6 +8,7 @@ radians and ``alignments2D/shift`` pixels.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cryo2d.errors import Cryo2DError
-from cryo2d.io.mrc import StackRefs, _one_line
+from cryo2d.io.mrc import StackRefs, _is_file, _one_line
 from cryo2d.io.outputs import atomic_path
 from cryo2d.particles import Assignments, CTFParams, ParticleSet
 
@@ -81,14 +82,9 @@ def read_cs(
     """
     path = Path(path)
     label = str(path)
-    if not path.is_file():
+    if not _is_file(path):
         raise Cryo2DError(f"{label}: file not found")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise Cryo2DError(f"{label}: not a CryoSPARC .cs file ({_one_line(err)})") from err
-    if not isinstance(array, np.ndarray) or array.dtype.names is None or array.ndim != 1:
-        raise Cryo2DError(f"{label}: not a CryoSPARC .cs file (expected a 1-D structured array)")
+    array = _load(path, label)
     for name in ("blob/path", "blob/idx"):
         if name not in array.dtype.names:
             raise Cryo2DError(f"{label}: field {name} missing (no particle images)")
@@ -101,13 +97,13 @@ def read_cs(
     particles = ParticleSet(
         stack=refs,
         ctf=None if no_ctf else _ctf(array, label),
-        pixel_size_angst=array["blob/psize_A"].astype(np.float64),
+        pixel_size_angst=_numbers(array, "blob/psize_A", label),
         table=_table(array),
         source=path,
         kind="cs",
         extra={
             "cs_array": array,
-            "blob_sign": array["blob/sign"].astype(np.float64) if "blob/sign" in array.dtype.names else None,
+            "blob_sign": _numbers(array, "blob/sign", label) if "blob/sign" in array.dtype.names else None,
             "project_dir": project_dir,
         },
     )
@@ -116,34 +112,81 @@ def read_cs(
     return particles
 
 
+def _load(path: Path, label: str) -> np.ndarray:
+    """The structured array in ``path``, never unpickling and never allocating more than the file holds.
+
+    Memory-mapping first checks the header's shape against the file size (a
+    header may declare terabytes) and refuses object dtypes; the checked
+    array is then copied into memory.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numpy warns on overflowing header shapes before it refuses them
+            mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        if isinstance(mapped, np.lib.npyio.NpzFile):
+            mapped.close()
+            raise Cryo2DError(f"{label}: not a CryoSPARC .cs file (a .npz archive, expected one structured array)")
+        array = np.array(mapped)
+        del mapped
+    except (OSError, ValueError, EOFError, OverflowError, MemoryError) as err:
+        why = "its header declares more data than the file holds" if "mmap length" in str(err) else _one_line(err)
+        raise Cryo2DError(f"{label}: not a CryoSPARC .cs file ({why})") from err
+    if array.dtype.names is None or array.ndim != 1:
+        raise Cryo2DError(f"{label}: not a CryoSPARC .cs file (expected a 1-D structured array)")
+    return array
+
+
+def _numbers(array: np.ndarray, name: str, label: str, kinds: str = "biuf") -> np.ndarray:
+    """Field ``name`` as (n,) float64; Cryo2DError unless it holds one real number per particle."""
+    values = array[name]
+    if values.dtype.kind not in kinds or values.ndim != 1:
+        raise Cryo2DError(
+            f"{label}: field {name} has type {values.dtype.str}{values.shape[1:] or ''} "
+            "(expected one number per particle)"
+        )
+    return values.astype(np.float64)
+
+
 def _ctf(array: np.ndarray, label: str) -> CTFParams:
     values = {}
     for field, (name, factor) in CTF_FIELDS.items():
         if name not in array.dtype.names:
             raise Cryo2DError(f"{label}: field {name} missing (use --no-ctf to classify without CTF)")
-        values[field] = array[name].astype(np.float64) * factor
+        values[field] = _numbers(array, name, label) * factor
     for field, (name, factor) in OPTIONAL_CTF_FIELDS.items():
         present = name in array.dtype.names
-        values[field] = array[name].astype(np.float64) * factor if present else np.zeros(len(array))
+        values[field] = _numbers(array, name, label) * factor if present else np.zeros(len(array))
     return CTFParams(**values)
 
 
 def _stack_refs(array: np.ndarray, path: Path, project_dir, label: str) -> StackRefs:
-    raw_names, codes = np.unique(array["blob/path"], return_inverse=True)
+    paths = array["blob/path"]
+    if paths.dtype.kind not in "SU" or paths.ndim != 1:
+        raise Cryo2DError(f"{label}: field blob/path has type {paths.dtype.str}{paths.shape[1:] or ''} (expected file names)")
+    # An image number must be a whole number an MRC header can count to (int32).
+    image_index = _numbers(array, "blob/idx", label, kinds="iuf")
+    bad = ~((image_index >= 0) & (image_index <= np.iinfo(np.int32).max) & (image_index % 1 == 0))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise Cryo2DError(f"{label}: blob/idx {array['blob/idx'][i]} of particle {i + 1} is not an image number")
+    raw_names, codes = np.unique(paths, return_inverse=True)
     names = [_decode(n).removeprefix(">") for n in raw_names]
+    for name in names:
+        if name == "" or any(ord(c) < 32 for c in name):
+            raise Cryo2DError(f"{label}: bad blob/path {name!r}")
     if project_dir is not None:
         bases = [Path(project_dir)]
     else:
         bases = list(dict.fromkeys([path.parent, path.parent.parent, Path.cwd()]))
     places = [[Path(n)] if Path(n).is_absolute() else [base / n for base in bases] for n in names]
     box = 0
-    if "blob/shape" in array.dtype.names and len(array):
+    if "blob/shape" in array.dtype.names and array["blob/shape"].dtype.kind in "iu" and len(array):
         shapes = np.unique(array["blob/shape"].reshape(len(array), -1), axis=0)
-        if len(shapes) == 1 and shapes[0][0] == shapes[0][-1]:
+        if len(shapes) == 1 and shapes[0][0] == shapes[0][-1] and 1 <= shapes[0][0] <= np.iinfo(np.int32).max:
             box = int(shapes[0][0])
     return StackRefs(
         label=label, names=names, candidates=places, file_index=codes.reshape(-1).astype(np.int64),
-        image_index=array["blob/idx"].astype(np.int64), index_base=0, box=box,
+        image_index=image_index.astype(np.int64), index_base=0, box=box,
     )
 
 
@@ -212,7 +255,8 @@ def _with_assignments(array: np.ndarray, a: Assignments, pixel_size_angst: np.nd
     for name, _ in kept:
         out[name] = array[name]
     out["alignments2D/class"] = np.asarray(a.class_index, dtype=np.int64)
-    out["alignments2D/pose"] = np.deg2rad(np.asarray(a.psi_deg, dtype=np.float64))
+    # Same sense as the STAR writer's _rlnAnglePsi (RELION: minus our counter-clockwise angle).
+    out["alignments2D/pose"] = np.deg2rad(np.mod(-np.asarray(a.psi_deg, dtype=np.float64), 360.0))
     out["alignments2D/shift"] = np.asarray(a.shift_px, dtype=np.float64).reshape(-1, 2)
     out["alignments2D/psize_A"] = pixel_size_angst
     out["alignments2D/class_posterior"] = a.class_posterior

@@ -16,7 +16,7 @@ import pandas as pd
 import starfile
 
 from cryo2d.errors import Cryo2DError
-from cryo2d.io.mrc import StackRefs, _factorize, _one_line
+from cryo2d.io.mrc import StackRefs, _factorize, _is_file, _one_line
 from cryo2d.io.outputs import atomic_path
 from cryo2d.particles import Assignments, CTFParams, ParticleSet
 
@@ -65,7 +65,7 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
     """
     path = Path(path)
     label = str(path)
-    if not path.is_file():
+    if not _is_file(path):
         raise Cryo2DError(f"{label}: file not found")
     try:
         blocks = starfile.read(path, always_dict=True)
@@ -123,6 +123,9 @@ def _merged_columns(table: pd.DataFrame, optics: pd.DataFrame | None, label: str
     else:
         raise Cryo2DError(f"{label}: column _rlnOpticsGroup missing but data_optics has {len(optics)} groups")
     by_group = optics.set_index(pd.to_numeric(optics["rlnOpticsGroup"], errors="coerce"))
+    if by_group.index.duplicated().any():
+        twice = by_group.index[by_group.index.duplicated()][0]
+        raise Cryo2DError(f"{label}: data_optics defines optics group {twice} more than once")
     unknown = ~groups.isin(by_group.index)
     if unknown.any():
         raise Cryo2DError(
@@ -180,7 +183,9 @@ def _stack_refs(table: pd.DataFrame, optics: pd.DataFrame | None, path: Path, la
     has_at = parts[1] == "@"
     numbers = pd.to_numeric(parts[0].where(has_at, "1"), errors="coerce")
     stack_names = parts[2].where(has_at, parts[0]).str.strip()
-    bad = numbers.isna() | (numbers < 1) | (numbers % 1 != 0) | (stack_names == "")
+    # MRC image counts are int32; control characters (NUL, CR) cannot be in a file name.
+    bad = (numbers.isna() | (numbers < 1) | (numbers % 1 != 0) | (numbers > np.iinfo(np.int32).max)
+           | (stack_names == "") | stack_names.str.contains(r"[\x00-\x1f]"))
     if bad.any():
         raise Cryo2DError(
             f"{label}: bad _rlnImageName {image_names[bad].iloc[0]!r} (expected e.g. 000001@stack.mrcs)"
@@ -191,7 +196,10 @@ def _stack_refs(table: pd.DataFrame, optics: pd.DataFrame | None, path: Path, la
     places = [list(dict.fromkeys(p)) for p in places]
     box = 0
     if optics is not None and "rlnImageSize" in optics and optics["rlnImageSize"].nunique() == 1:
-        box = int(optics["rlnImageSize"].iloc[0])
+        size = pd.to_numeric(optics["rlnImageSize"], errors="coerce").iloc[0]
+        if not (1 <= size <= np.iinfo(np.int32).max and size % 1 == 0):
+            raise Cryo2DError(f"{label}: _rlnImageSize {optics['rlnImageSize'].iloc[0]!r} is not a box size in pixels")
+        box = int(size)
     return StackRefs(
         label=label, names=names, candidates=places, file_index=codes,
         image_index=numbers.to_numpy(dtype=np.int64) - 1, index_base=1, box=box,
@@ -249,7 +257,9 @@ def _with_assignments(
     table = table.copy()
     shift_px = np.asarray(a.shift_px, dtype=np.float64).reshape(-1, 2)
     table["rlnClassNumber"] = np.asarray(a.class_index, dtype=np.int64) + 1
-    table["rlnAnglePsi"] = np.asarray(a.psi_deg, dtype=np.float64)
+    # RELION's reference at _rlnAnglePsi = ψ is the class rotated clockwise by ψ
+    # (it samples the class at Aᵀk), so its ψ is minus our counter-clockwise angle.
+    table["rlnAnglePsi"] = np.mod(-np.asarray(a.psi_deg, dtype=np.float64), 360.0)
     if angstrom_origins:
         table["rlnOriginXAngst"] = shift_px[:, 0] * pixel_size_angst
         table["rlnOriginYAngst"] = shift_px[:, 1] * pixel_size_angst
