@@ -123,14 +123,14 @@ def _load(path: Path, label: str) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # numpy warns on overflowing header shapes before it refuses them
             mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-        if isinstance(mapped, np.lib.npyio.NpzFile):
-            mapped.close()
-            raise Cryo2DError(f"{label}: not a CryoSPARC .cs file (a .npz archive, expected one structured array)")
-        array = np.array(mapped)
+        array = mapped if isinstance(mapped, np.lib.npyio.NpzFile) else np.array(mapped)
         del mapped
-    except (OSError, ValueError, EOFError, OverflowError, MemoryError) as err:
+    except Exception as err:  # a damaged header raises ValueError, SyntaxError, tokenize.TokenError, ...
         why = "its header declares more data than the file holds" if "mmap length" in str(err) else _one_line(err)
         raise Cryo2DError(f"{label}: not a CryoSPARC .cs file ({why})") from err
+    if isinstance(array, np.lib.npyio.NpzFile):
+        array.close()
+        raise Cryo2DError(f"{label}: not a CryoSPARC .cs file (a .npz archive, expected one structured array)")
     if array.dtype.names is None or array.ndim != 1:
         raise Cryo2DError(f"{label}: not a CryoSPARC .cs file (expected a 1-D structured array)")
     return array

@@ -9,6 +9,7 @@ array for tests and simulations.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mrcfile
+import mrcfile.dtypes
 import mrcfile.utils
 import numpy as np
 
@@ -42,13 +44,60 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False (not an error) for names the OS cannot take (too long, NUL)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _check_extended_header(path: Path, label: str, name: str) -> None:
+    """Refuse a header whose extended-header size runs past the end of the file.
+
+    ``mrcfile`` allocates the extended header (``nsymbt`` bytes, up to 2 GiB)
+    before it can tell the file is too short, so this reads the 1024-byte
+    header itself, in the byte order ``mrcfile`` would pick.
+    """
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(HEADER_BYTES)
+        size = os.path.getsize(path)
+    except OSError as err:
+        raise Cryo2DError(f"{label}: {name} cannot be read ({_one_line(err)})") from err
+    if len(raw) < HEADER_BYTES:
+        raise Cryo2DError(f"{label}: {name} is not an MRC file (shorter than the {HEADER_BYTES}-byte header)")
+    header = np.frombuffer(raw, dtype=mrcfile.dtypes.HEADER_DTYPE).reshape(())
+    try:
+        order = mrcfile.utils.byte_order_from_machine_stamp(header["machst"])
+    except ValueError:
+        order = "<"
+    header = header.view(header.dtype.newbyteorder(order))
+    try:
+        mrcfile.utils.dtype_from_mode(header["mode"])
+    except ValueError:  # mrcfile then tries the other byte order
+        header = header.view(header.dtype.newbyteorder())
+        try:
+            mrcfile.utils.dtype_from_mode(header["mode"])
+        except ValueError:
+            header = header.view(header.dtype.newbyteorder())
+    nsymbt = int(header["nsymbt"])
+    if nsymbt > size - HEADER_BYTES:
+        raise Cryo2DError(
+            f"{label}: {name} is not an MRC file or is truncated (its header says {nsymbt} bytes "
+            f"of extended header, the file has {size} bytes in all)"
+        )
+
+
 def inspect_mrc(path: Path, label: str, name: str | None = None) -> _StackFile:
     """Validate an MRC file's header and size without reading its data.
 
     A file that fails ``mrcfile``'s strict checks (``permissive=False``,
     warnings as errors) is still accepted when its header gives a valid data
     mode and shape and the file size matches it exactly: old RELION stacks
-    have no map ID. Anything else is refused.
+    have no map ID. Anything else is refused, as are complex modes (3, 4).
+    Nothing the header declares is allocated before it is checked against
+    the file size.
 
     Raises
     ------
@@ -56,6 +105,7 @@ def inspect_mrc(path: Path, label: str, name: str | None = None) -> _StackFile:
         ``"{label}: {name} is not an MRC file (...)"`` or ``"... is truncated (...)"``.
     """
     name = name or str(path)
+    _check_extended_header(path, label, name)
     strict_error = None
     try:
         with warnings.catch_warnings():
@@ -72,15 +122,21 @@ def inspect_mrc(path: Path, label: str, name: str | None = None) -> _StackFile:
                     header = mrc.header.copy()
         shape = mrcfile.utils.data_shape_from_header(header)
         dtype = mrcfile.utils.data_dtype_from_header(header)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ZeroDivisionError) as err:  # ZeroDivisionError: volume stack with mz = 0
         raise Cryo2DError(f"{label}: {name} is not an MRC file ({strict_error or _one_line(err)})") from err
-    expected = HEADER_BYTES + int(header.nsymbt) + int(np.prod(shape)) * dtype.itemsize
+    dims = "x".join(map(str, shape))
+    if min(shape) < 0 or min(shape[-2:]) < 1:
+        raise Cryo2DError(f"{label}: {name} is not an MRC file (its header says {dims} pixels)")
+    if dtype.kind == "c":
+        raise Cryo2DError(f"{label}: {name} holds complex numbers (mode {int(header.mode)}), not real images")
+    # math.prod: exact integers (np.prod wraps around for headers like 2^30 x 2^30 x 2^30).
+    expected = HEADER_BYTES + int(header.nsymbt) + math.prod(shape) * dtype.itemsize
     size = os.path.getsize(path)
     if strict_error is not None and (size > expected or min(shape) < 1 or int(header.nsymbt) < 0):
         raise Cryo2DError(f"{label}: {name} is not an MRC file ({strict_error})")
     if size < expected:
         raise Cryo2DError(
-            f"{label}: {name} is truncated (its header says {'x'.join(map(str, shape))} {dtype.name} "
+            f"{label}: {name} is truncated (its header says {dims} {dtype.name} "
             f"= {expected} bytes, the file has {size})"
         )
     if len(shape) == 2:
@@ -171,7 +227,7 @@ class MRCStack:
             i = int(np.argmin(self.image_index))
             raise Cryo2DError(f"{self.label}: {self._describe(self.file_index[i], self.image_index[i])} is not a valid image number")
         for file_no, (path, name) in enumerate(zip(self.files, self.names)):
-            if not path.is_file():
+            if not _is_file(path):
                 raise Cryo2DError(f"{self.label}: stack file {name} not found")
             info = inspect_mrc(path, self.label, name)
             self._strict.append(info.strict)
@@ -338,7 +394,7 @@ class StackRefs:
         """Find and validate the stack files; see ``MRCStack`` for the errors."""
         files = []
         for name, places in zip(self.names, self.candidates):
-            found = next((p for p in places if p.is_file()), None)
+            found = next((p for p in places if _is_file(p)), None)
             if found is None:
                 where = " or ".join(str(p) for p in places)
                 raise Cryo2DError(f"{self.label}: stack file {name} not found (looked for {where})")
@@ -393,7 +449,7 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
         Headers are often wrong (0 or 1): let the user override it.
     """
     path = Path(path)
-    if not path.is_file():
+    if not _is_file(path):
         raise Cryo2DError(f"{path}: file not found")
     info = inspect_mrc(path, str(path))
     with warnings.catch_warnings():

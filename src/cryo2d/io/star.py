@@ -7,6 +7,7 @@ writes the rows back with classification results in RELION's units.
 """
 from __future__ import annotations
 
+import linecache
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -67,10 +68,15 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
     label = str(path)
     if not _is_file(path):
         raise Cryo2DError(f"{label}: file not found")
+    # starfile reads lines through linecache and clears it only after a successful
+    # parse: without these clears, a file rewritten after a failed read reads stale.
+    linecache.clearcache()
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as err:  # starfile raises many kinds on malformed text
         raise Cryo2DError(f"{label}: not a readable STAR file ({_one_line(err)})") from err
+    finally:
+        linecache.clearcache()
     blocks = {name: pd.DataFrame([b]) if isinstance(b, dict) else b for name, b in blocks.items()}
     particles_block = _particles_block(blocks, label)
     table = blocks[particles_block]
