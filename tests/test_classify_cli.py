@@ -1,0 +1,175 @@
+"""``cryo2d classify`` end to end: job outputs for STAR and .cs input, and bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+from PIL import Image
+
+from cryo2d.cli.main import main
+
+FAST = ["--classes", "3", "--online-iterations", "2", "--batch-per-class", "20", "--seed", "0"]
+
+
+def _errors(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("cryo2d: error:")]
+
+
+@pytest.fixture(scope="module")
+def star_job(sim3, tmp_path_factory):
+    job = tmp_path_factory.mktemp("cli") / "job"
+    assert main(["classify", str(sim3.star), "-o", str(job), *FAST]) == 0
+    return job
+
+
+def test_classes_mrcs(star_job, sim3):
+    with mrcfile.open(star_job / "classes.mrcs") as mrc:
+        assert mrc.data.shape == (3, 32, 32) and mrc.data.dtype == np.float32
+        assert float(mrc.voxel_size.x) == pytest.approx(sim3.sim.pixel_size_angst, rel=1e-5)
+        assert np.isfinite(mrc.data).all()
+
+
+def test_classes_star(star_job):
+    classes = starfile.read(star_job / "classes.star")
+    assert len(classes) == 3
+    assert classes["rlnClassParticleCount"].sum() == 300
+    assert classes["rlnClassDistribution"].sum() == pytest.approx(1.0)
+    assert list(classes["rlnClassParticleCount"]) == sorted(classes["rlnClassParticleCount"], reverse=True)
+    assert list(classes["rlnReferenceImage"]) == [f"{k:06d}@classes.mrcs" for k in (1, 2, 3)]
+    assert (classes["rlnEstimatedResolution"] > 0).all()
+
+
+def test_particles_star(star_job, sim3):
+    given = starfile.read(sim3.star, always_dict=True)
+    out = starfile.read(star_job / "particles.star", always_dict=True)
+    inp, got = given["particles"], out["particles"]
+    assert len(got) == len(inp)
+    for column in inp.columns:  # every input column kept, values untouched
+        assert column in got.columns
+        pd.testing.assert_series_equal(got[column], inp[column], check_names=False)
+    assert "optics" in out
+    classes = got["rlnClassNumber"].to_numpy()
+    assert classes.min() >= 1 and classes.max() <= 3
+    counts = starfile.read(star_job / "classes.star")["rlnClassParticleCount"].to_numpy()
+    np.testing.assert_array_equal(np.bincount(classes - 1, minlength=3), counts)
+    for column in ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnMaxValueProbDistribution", "rlnNormCorrection"):
+        assert column in got.columns and np.isfinite(got[column]).all(), column
+    assert ((got["rlnAnglePsi"] >= 0) & (got["rlnAnglePsi"] < 360)).all()
+    assert ((got["rlnMaxValueProbDistribution"] > 0) & (got["rlnMaxValueProbDistribution"] <= 1)).all()
+
+
+def test_gallery_and_log(star_job):
+    with Image.open(star_job / "gallery.png") as img:
+        assert img.size[0] > 0 and img.size[1] > 0
+    lines = (star_job / "iterations.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert {"iteration", "particles", "resolution_angst", "class_changes", "time_s"} <= set(r)
+
+
+def _cs_from_sim(sim3, folder):
+    """A CryoSPARC .cs for the simulated particles (blob paths relative to the project folder)."""
+    table = starfile.read(sim3.star, always_dict=True)
+    parts, optics = table["particles"], table["optics"]
+    n = len(parts)
+    idx = np.array([int(name.split("@")[0]) - 1 for name in parts["rlnImageName"]])
+    dtype = [("uid", "<u8"), ("blob/path", "S64"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
+             ("blob/psize_A", "<f4"), ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"), ("ctf/amp_contrast", "<f4"),
+             ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"), ("ctf/phase_shift_rad", "<f4")]
+    array = np.zeros(n, dtype=dtype)
+    array["uid"] = np.arange(n) + 1000
+    array["blob/path"] = b">J1/imported/particles.mrcs"
+    array["blob/idx"] = idx
+    array["blob/shape"] = 32
+    array["blob/psize_A"] = float(optics["rlnImagePixelSize"].iloc[0])
+    array["ctf/accel_kv"] = float(optics["rlnVoltage"].iloc[0])
+    array["ctf/cs_mm"] = float(optics["rlnSphericalAberration"].iloc[0])
+    array["ctf/amp_contrast"] = float(optics["rlnAmplitudeContrast"].iloc[0])
+    array["ctf/df1_A"] = parts["rlnDefocusU"]
+    array["ctf/df2_A"] = parts["rlnDefocusV"]
+    array["ctf/df_angle_rad"] = np.deg2rad(parts["rlnDefocusAngle"])
+    (folder / "J1" / "imported").mkdir(parents=True)
+    shutil.copy(sim3.folder / "particles.mrcs", folder / "J1" / "imported" / "particles.mrcs")
+    path = folder / "J1" / "particles.cs"
+    with open(path, "wb") as f:
+        np.save(f, array)
+    return path, array
+
+
+@pytest.fixture(scope="module")
+def cs_job(sim3, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cs")
+    cs, array = _cs_from_sim(sim3, folder)
+    job = folder / "job"
+    assert main(["classify", str(cs), "--project-dir", str(folder), "-o", str(job), *FAST]) == 0
+    return job, array
+
+
+def test_cs_input_gives_particles_cs(cs_job):
+    job, array = cs_job
+    out = np.load(job / "particles.cs")
+    assert len(out) == len(array)
+    for name in array.dtype.names:
+        np.testing.assert_array_equal(out[name], array[name], err_msg=name)
+    cls = out["alignments2D/class"]
+    assert cls.min() >= 0 and cls.max() <= 2  # 0-based
+    counts = starfile.read(job / "classes.star")["rlnClassParticleCount"].to_numpy()
+    np.testing.assert_array_equal(np.bincount(cls, minlength=3), counts)
+    assert out["alignments2D/shift"].shape == (len(array), 2)
+    pose = out["alignments2D/pose"]
+    assert np.isfinite(pose).all() and (pose >= 0).all() and (pose < 2 * np.pi + 1e-6).all()  # radians
+    np.testing.assert_allclose(out["alignments2D/psize_A"], array["blob/psize_A"], rtol=1e-6)
+    for name in ("alignments2D/class_posterior", "alignments2D/class_ess"):
+        assert name in out.dtype.names
+    assert not (job / "particles.star").exists()
+
+
+def test_cs_and_star_give_the_same_classification(star_job, cs_job):
+    job, _ = cs_job
+    star = starfile.read(star_job / "particles.star", always_dict=True)["particles"]
+    out = np.load(job / "particles.cs")
+    np.testing.assert_array_equal(out["alignments2D/class"], star["rlnClassNumber"].to_numpy() - 1)
+    np.testing.assert_allclose(np.rad2deg(out["alignments2D/pose"]), star["rlnAnglePsi"], atol=1e-3)
+
+
+def test_fewer_particles_than_classes(sim3, tmp_path, capsys):
+    code = main(["classify", str(sim3.star), "-o", str(tmp_path / "job"), "--classes", "500"])
+    assert code == 1
+    errors = _errors(capsys)
+    assert len(errors) == 1 and "500" in errors[0] and "particles.star" in errors[0]
+
+
+def _star_with_nan(sim3, folder, bad: int):
+    with mrcfile.open(sim3.folder / "particles.mrcs") as mrc:
+        images = np.array(mrc.data)
+        voxel = float(mrc.voxel_size.x)
+    images[bad, 5, 7] = np.nan
+    with mrcfile.new(folder / "particles.mrcs") as mrc:
+        mrc.set_data(images)
+        mrc.set_image_stack()
+        mrc.voxel_size = voxel
+    shutil.copy(sim3.star, folder / "particles.star")
+    return folder / "particles.star"
+
+
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
+def test_nan_pixels_are_refused_or_skipped(sim3, tmp_path, capsys):
+    star = _star_with_nan(sim3, tmp_path, bad=7)
+    assert main(["classify", str(star), "-o", str(tmp_path / "refused"), *FAST]) == 1
+    errors = _errors(capsys)
+    assert len(errors) == 1 and ("particles.mrcs" in errors[0] or "particles.star" in errors[0])
+    assert not (tmp_path / "refused" / "particles.star").exists()
+
+    assert main(["classify", str(star), "-o", str(tmp_path / "skipped"), "--skip-bad", *FAST]) == 0
+    kept = starfile.read(tmp_path / "skipped" / "particles.star", always_dict=True)["particles"]
+    given = starfile.read(star, always_dict=True)["particles"]
+    assert len(kept) == len(given) - 1
+    bad_name = given.loc[[i for i, name in enumerate(given["rlnImageName"]) if name.startswith("000008@")][0], "rlnImageName"]
+    assert bad_name not in set(kept["rlnImageName"])
+    assert "skipped 1" in capsys.readouterr().err
