@@ -243,6 +243,8 @@ HUGE_MRC = {
     "images_2^30": dict(nz=2**30),
     "box_2^15": dict(nx=2**15, ny=2**15),
     "extended_header_2GiB": dict(nsymbt=2**31 - 1),  # mrcfile allocates it before noticing the file is short
+    # Stamp says big-endian, data are little-endian: the strict reader would take nsymbt = 2 as 32 MiB.
+    "wrong_stamp_extended_header": dict(machst=[0x11, 0x11, 0, 0], nsymbt=2),
 }
 HUGE_NPY = {"rows_2^40": (2**40,), "rows_2^62": (2**62,), "rows_3e7": (30_000_000,), "cube_2^31": (2**31,) * 3}
 
@@ -365,6 +367,8 @@ STAR_CASES = {
     "binary garbage": (lambda t: bytes(range(256)) * 4, "no data block with an _rlnImageName column"),
     "no loop_": (_replace("loop_\n", ""), "non-numeric value"),
     "column renamed": (_replace("_rlnImageName", "_rlnImageFile"), "no data block with an _rlnImageName column"),
+    "duplicate column": (_replace("_rlnDefocusV #5", "_rlnDefocusU #5"), "data_particles has column _rlnDefocusU more than once"),
+    "row without image name": (_replace("000001@stack1.mrcs", "nan"), "particle 1 has no _rlnImageName"),
     "ctf column missing": (_replace("_rlnDefocusU #4", "_rlnDefocusX #4"), "column _rlnDefocusU missing"),
     "extra column header": (_replace("_rlnOpticsGroup #9", "_rlnOpticsGroup #9\n_rlnFoo #10"), "not a readable STAR file"),
     "non-numeric defocus": (lambda t: re.sub(r"(@stack\d\.mrcs\tmic\d\.mrc\t)[0-9.]+", r"\g<1>12k", t, count=1),

@@ -52,12 +52,18 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _check_extended_header(path: Path, label: str, name: str) -> None:
+def _check_extended_header(path: Path, label: str, name: str) -> bool:
     """Refuse a header whose extended-header size runs past the end of the file.
 
     ``mrcfile`` allocates the extended header (``nsymbt`` bytes, up to 2 GiB)
     before it can tell the file is too short, so this reads the 1024-byte
-    header itself, in the byte order ``mrcfile`` would pick.
+    header itself, in the byte order ``mrcfile``'s permissive reader picks.
+
+    Returns
+    -------
+    bool
+        Whether the strict reader may open the file: it reads ``nsymbt`` in
+        the machine stamp's byte order, which differs when the stamp is wrong.
     """
     try:
         with open(path, "rb") as handle:
@@ -69,24 +75,27 @@ def _check_extended_header(path: Path, label: str, name: str) -> None:
         raise Cryo2DError(f"{label}: {name} is not an MRC file (shorter than the {HEADER_BYTES}-byte header)")
     header = np.frombuffer(raw, dtype=mrcfile.dtypes.HEADER_DTYPE).reshape(())
     try:
-        order = mrcfile.utils.byte_order_from_machine_stamp(header["machst"])
+        stamp = mrcfile.utils.byte_order_from_machine_stamp(header["machst"])
     except ValueError:
-        order = "<"
-    header = header.view(header.dtype.newbyteorder(order))
+        stamp = None  # the strict reader stops here, before the extended header
+    permissive = header.view(header.dtype.newbyteorder(stamp or "<"))
     try:
-        mrcfile.utils.dtype_from_mode(header["mode"])
+        mrcfile.utils.dtype_from_mode(permissive["mode"])
     except ValueError:  # mrcfile then tries the other byte order
-        header = header.view(header.dtype.newbyteorder())
+        flipped = permissive.view(permissive.dtype.newbyteorder())
         try:
-            mrcfile.utils.dtype_from_mode(header["mode"])
+            mrcfile.utils.dtype_from_mode(flipped["mode"])
+            permissive = flipped
         except ValueError:
-            header = header.view(header.dtype.newbyteorder())
-    nsymbt = int(header["nsymbt"])
-    if nsymbt > size - HEADER_BYTES:
+            pass
+    room = size - HEADER_BYTES
+    nsymbt = int(permissive["nsymbt"])
+    if nsymbt > room:
         raise Cryo2DError(
             f"{label}: {name} is not an MRC file or is truncated (its header says {nsymbt} bytes "
             f"of extended header, the file has {size} bytes in all)"
         )
+    return stamp is None or int(header.view(header.dtype.newbyteorder(stamp))["nsymbt"]) <= room
 
 
 def inspect_mrc(path: Path, label: str, name: str | None = None) -> _StackFile:
@@ -105,13 +114,13 @@ def inspect_mrc(path: Path, label: str, name: str | None = None) -> _StackFile:
         ``"{label}: {name} is not an MRC file (...)"`` or ``"... is truncated (...)"``.
     """
     name = name or str(path)
-    _check_extended_header(path, label, name)
-    strict_error = None
+    strict_error = None if _check_extended_header(path, label, name) else "machine stamp does not match the data"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            with mrcfile.open(path, mode="r", permissive=False, header_only=True) as mrc:
-                header = mrc.header.copy()
+        if strict_error is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with mrcfile.open(path, mode="r", permissive=False, header_only=True) as mrc:
+                    header = mrc.header.copy()
     except (ValueError, Warning, OSError) as err:
         strict_error = _one_line(err)
     try:

@@ -78,6 +78,10 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
     finally:
         linecache.clearcache()
     blocks = {name: pd.DataFrame([b]) if isinstance(b, dict) else b for name, b in blocks.items()}
+    for name, block in blocks.items():
+        twice = block.columns[block.columns.duplicated()]
+        if len(twice):
+            raise Cryo2DError(f"{label}: data_{name} has column _{twice[0]} more than once")
     particles_block = _particles_block(blocks, label)
     table = blocks[particles_block]
     if len(table) == 0:
@@ -184,6 +188,9 @@ def _pixel_size(columns: dict[str, pd.Series], label: str) -> np.ndarray:
 
 def _stack_refs(table: pd.DataFrame, optics: pd.DataFrame | None, path: Path, label: str) -> StackRefs:
     """Parse ``000001@stack.mrcs`` names (1-based) into 0-based stack references."""
+    missing = table["rlnImageName"].isna().to_numpy()
+    if missing.any():
+        raise Cryo2DError(f"{label}: particle {int(np.argmax(missing)) + 1} has no _rlnImageName")
     image_names = table["rlnImageName"].astype(str)
     parts = image_names.str.partition("@")
     has_at = parts[1] == "@"
