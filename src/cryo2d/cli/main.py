@@ -14,6 +14,9 @@ COMMANDS = {
     "simulate": "simulate",
     "classify": "classify",
     "demo": "demo",
+    "select": "select",
+    "view": "view",
+    "rebalance": "rebalance",
 }
 
 

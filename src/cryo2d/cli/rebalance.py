@@ -1,0 +1,39 @@
+"""Cap over-represented views: drop particles from superclasses of similar classes.
+
+Groups the job's classes into superclasses of similar views (rotation- and
+mirror-invariant correlation of the class averages, average-linkage
+clustering), then drops particles at random from every superclass holding
+more than --max-share of the particles kept; smaller superclasses keep all
+their particles. Prints the distribution before and after. Writes
+OUT/particles.star (kept; .cs for .cs input), OUT/dropped.star and
+OUT/superclasses.star (class -> superclass, counts before/after).
+
+examples:
+  $ cryo2d rebalance Select/good -o Rebalance/run1
+  $ cryo2d rebalance Class2D/run1 -o Rebalance/p20 --max-share 0.2 --n-superclasses 8 --seed 3
+"""
+from __future__ import annotations
+
+import argparse
+
+from cryo2d.rebalance import rebalance
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", help="classification job folder (classes.mrcs, classes.star, particles.star/.cs)")
+    parser.add_argument("-o", "--out", required=True, help="output folder")
+    parser.add_argument("--max-share", type=float, default=0.1, help="largest fraction of the kept particles per superclass (default %(default)s)")
+    parser.add_argument("--n-superclasses", type=int, default=None, help="number of superclasses (default: automatic, classes with correlation >= 0.9 grouped)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the particles dropped (default %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = rebalance(args.job, args.out, max_share=args.max_share, n_superclasses=args.n_superclasses, seed=args.seed)
+    print("superclass distribution, before -> after:")
+    for line in result.distribution():
+        print("  " + line)
+    for note in result.notes:
+        print(f"note: {note}")
+    kept, total = int(result.keep.sum()), len(result.keep)
+    print(f"kept {kept} of {total} particles ({total - kept} dropped, cap {result.cap} per superclass) -> {result.paths['particles'].parent}")
+    return 0

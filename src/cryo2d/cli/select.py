@@ -1,0 +1,58 @@
+"""Keep the good classes of a classification job: write their particles and templates.
+
+Writes OUT/particles.star (OUT/particles.cs when the job's input was .cs)
+with the rows of the selected classes and every column kept, OUT/rejected.star
+(or .cs) with the others, and OUT/templates.mrcs with the selected class
+averages (for template picking). Class numbers are 1-based, as in
+classes.star and the gallery.
+
+Choose classes by number (--classes, --exclude) and/or by criteria; a class
+must pass every criterion given. With no option at all, automatic selection
+keeps the non-empty classes whose junk score is at most 0.5 (see
+cryo2d.junk: low contrast, density at the box edge, off-centre, featureless
+blob). Resolutions are in Å, smaller = better: --min-res 20 keeps classes at
+20 Å or better; --max-res 4 drops classes claiming better than 4 Å.
+
+examples:
+  $ cryo2d select Class2D/run1 -o Select/run1                  # automatic
+  $ cryo2d select Class2D/run1 -o Select/good --classes 1,4,7-9
+  $ cryo2d select Class2D/run1 -o Select/clean --exclude 2,3
+  $ cryo2d select Class2D/run1 -o Select/strict --max-junk-score 0.3 --min-particles 50 --min-res 15
+"""
+from __future__ import annotations
+
+import argparse
+
+from cryo2d.select import SelectionCriteria, choose_classes, parse_class_list, read_job, write_selection
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", help="classification job folder (classes.mrcs, classes.star, particles.star/.cs)")
+    parser.add_argument("-o", "--out", required=True, help="output folder")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--classes", metavar="LIST", help="classes to keep, 1-based, e.g. 1,4,7-9")
+    which.add_argument("--exclude", metavar="LIST", help="classes to drop, 1-based, e.g. 2,3")
+    parser.add_argument("--min-particles", type=int, metavar="N", help="keep classes with at least N particles")
+    parser.add_argument("--min-res", type=float, metavar="Å", help="lowest resolution accepted: keep classes with resolution <= this (Å)")
+    parser.add_argument("--max-res", type=float, metavar="Å", help="highest resolution believed: keep classes with resolution >= this (Å)")
+    parser.add_argument("--max-junk-score", type=float, metavar="S", help="keep classes with junk score <= S, in [0, 1] (automatic default 0.5)")
+
+
+def criteria_from_args(args: argparse.Namespace) -> SelectionCriteria:
+    return SelectionCriteria(
+        min_particles=args.min_particles,
+        min_res_angst=args.min_res,
+        max_res_angst=args.max_res,
+        max_junk_score=args.max_junk_score,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    job = read_job(args.job)
+    classes = parse_class_list(args.classes, "--classes") if args.classes else None
+    exclude = parse_class_list(args.exclude, "--exclude") if args.exclude else None
+    criteria = criteria_from_args(args)
+    chosen = choose_classes(job, classes=classes, exclude=exclude, criteria=criteria)
+    result = write_selection(job, chosen, args.out)
+    print(result.summary())
+    return 0

@@ -1,0 +1,483 @@
+"""Select 2D classes from a classification job and write their particles.
+
+A job folder (written by ``cryo2d classify``) holds ``classes.mrcs``,
+``classes.star`` and ``particles.star`` (or ``particles.cs``). ``read_job``
+loads the class averages and table; ``choose_classes`` turns explicit class
+numbers or automatic criteria into the selected class numbers;
+``write_selection`` writes them (the ``cryo2d view`` Save button calls the same
+function):
+
+- ``OUT/particles.star`` (``.cs`` when the job's input was ``.cs``): the rows
+  of the selected classes, every column kept;
+- ``OUT/rejected.star`` (or ``.cs``): all other rows;
+- ``OUT/templates.mrcs``: the selected class averages (float32, pixel size in
+  the header), in class-number order, e.g. for template picking.
+
+Class numbers are 1-based everywhere (``_rlnClassNumber``; a ``.cs`` file's
+0-based ``alignments2D/class`` is converted). A particle with no class
+(number 0) is always rejected.
+
+Resolution criteria, in Å (smaller number = finer detail):
+
+- ``min_res_angst`` ("lowest resolution accepted"): keep a class only if its
+  resolution is at least this good, i.e. ``rlnEstimatedResolution ≤ min_res_angst``
+  (``--min-res 20`` drops classes worse than 20 Å);
+- ``max_res_angst`` ("highest resolution believed"): keep a class only if
+  ``rlnEstimatedResolution ≥ max_res_angst`` (``--max-res 4`` drops classes
+  claiming better than 4 Å, usually artefacts). A class whose resolution is
+  not finite fails either criterion.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+
+from cryo2d.errors import Cryo2DError
+from cryo2d.io import read_particles, write_particles, write_stack
+from cryo2d.junk import DEFAULT_MAX_JUNK_SCORE, junk_scores
+from cryo2d.particles import ParticleSet
+
+__all__ = [
+    "Job",
+    "SelectionCriteria",
+    "SelectionResult",
+    "choose_classes",
+    "output_folder",
+    "parse_class_list",
+    "read_job",
+    "select",
+    "write_selection",
+]
+
+_CLASS_COLUMNS = ("rlnClassNumber", "rlnClassParticleCount", "rlnEstimatedResolution")
+
+
+@dataclass
+class Job:
+    """A classification job folder, read for selection (no particle images opened).
+
+    Attributes
+    ----------
+    folder : Path
+        The job folder.
+    averages : (K, box, box) float32 ndarray
+        Class averages from ``classes.mrcs``; row k is class k + 1.
+    pixel_size_angst : float
+        Pixel size of the class averages, Å (from the MRC header).
+    table : pandas.DataFrame
+        The ``classes`` block of ``classes.star`` (K rows, in class order).
+    particles : ParticleSet
+        ``particles.star`` or ``particles.cs`` read with ``open_stacks=False``
+        and ``no_ctf=True``: only the rows are needed, never the images.
+    class_number : (n,) int64
+        1-based class of each particle row; 0 when it has none.
+    """
+
+    folder: Path
+    averages: np.ndarray
+    pixel_size_angst: float
+    table: pd.DataFrame
+    particles: ParticleSet
+    class_number: np.ndarray
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes K."""
+        return len(self.averages)
+
+    @property
+    def counts(self) -> np.ndarray:
+        """(K,) int64 particles per class, counted from the particle rows."""
+        valid = self.class_number[(self.class_number >= 1) & (self.class_number <= self.n_classes)]
+        return np.bincount(valid - 1, minlength=self.n_classes).astype(np.int64)
+
+    @property
+    def resolution_angst(self) -> np.ndarray:
+        """(K,) float64 ``rlnEstimatedResolution`` per class, Å."""
+        return pd.to_numeric(self.table["rlnEstimatedResolution"], errors="coerce").to_numpy(np.float64)
+
+    @property
+    def suffix(self) -> str:
+        """``".star"`` or ``".cs"``: the format particles are written in."""
+        return ".star" if self.particles.kind == "star" else ".cs"
+
+
+def read_job(job_dir: str | os.PathLike) -> Job:
+    """Read a classification job folder.
+
+    Parameters
+    ----------
+    job_dir : str or PathLike
+        Folder written by ``cryo2d classify`` (classes.mrcs, classes.star,
+        particles.star or particles.cs).
+
+    Returns
+    -------
+    Job
+
+    Raises
+    ------
+    Cryo2DError
+        A missing folder or file, an unreadable file, a classes.star without
+        the class columns or with a different number of classes than
+        classes.mrcs, or particle class numbers outside 1..K.
+    """
+    folder = Path(job_dir)
+    if not folder.is_dir():
+        raise Cryo2DError(f"{folder}: job folder not found")
+    averages, pixel = _read_averages(folder / "classes.mrcs")
+    table = _read_class_table(folder / "classes.star")
+    if len(table) != len(averages):
+        raise Cryo2DError(
+            f"{folder / 'classes.star'}: {len(table)} classes but classes.mrcs has {len(averages)} images"
+        )
+    numbers = pd.to_numeric(table["rlnClassNumber"], errors="coerce").to_numpy()
+    if not np.array_equal(numbers, np.arange(1, len(table) + 1)):
+        raise Cryo2DError(f"{folder / 'classes.star'}: _rlnClassNumber must run 1..{len(table)} in order")
+    particles = _read_job_particles(folder)
+    class_number = _class_numbers(particles)
+    bad = class_number > len(averages)
+    if bad.any():
+        raise Cryo2DError(
+            f"{particles.source}: particle {int(np.argmax(bad)) + 1} is in class {class_number[bad][0]}, "
+            f"but the job has {len(averages)} classes"
+        )
+    return Job(folder, averages, pixel, table, particles, class_number)
+
+
+def _read_averages(path: Path) -> tuple[np.ndarray, float]:
+    if not path.is_file():
+        raise Cryo2DError(f"{path}: file not found (not a classification job folder?)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, mode="r", permissive=True) as mrc:
+                if mrc.data is None:
+                    raise ValueError("no data")
+                data = np.array(mrc.data, dtype=np.float32)
+                pixel = float(mrc.voxel_size.x)
+    except (ValueError, OSError) as err:
+        raise Cryo2DError(f"{path}: not a readable MRC stack ({' '.join(str(err).split())})") from err
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3 or data.shape[1] != data.shape[2]:
+        raise Cryo2DError(f"{path}: expected a stack of square class averages, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise Cryo2DError(f"{path}: class averages have NaN/Inf pixels")
+    return data, pixel
+
+
+def _read_class_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise Cryo2DError(f"{path}: file not found (not a classification job folder?)")
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as err:  # starfile raises many kinds on malformed text
+        raise Cryo2DError(f"{path}: not a readable STAR file ({' '.join(str(err).split())})") from err
+    table = blocks.get("classes")
+    if table is None and len(blocks) == 1:
+        table = next(iter(blocks.values()))
+    if isinstance(table, dict):
+        table = pd.DataFrame([table])
+    if not isinstance(table, pd.DataFrame):
+        raise Cryo2DError(f"{path}: no data_classes block")
+    for column in _CLASS_COLUMNS:
+        if column not in table:
+            raise Cryo2DError(f"{path}: column _{column} missing")
+    return table.reset_index(drop=True)
+
+
+def _read_job_particles(folder: Path) -> ParticleSet:
+    candidates = [folder / "particles.star", folder / "particles.cs"]
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        raise Cryo2DError(f"{folder}: no particles.star or particles.cs in the job folder")
+    # Only rows are needed: stack paths in the job's file are relative to where
+    # the input lived (RELION's convention), so they are not resolved here.
+    return read_particles(found[0], no_ctf=True, open_stacks=False)
+
+
+def _class_numbers(particles: ParticleSet) -> np.ndarray:
+    """(n,) int64 1-based class per row, 0 for none."""
+    table = particles.table
+    if particles.kind == "star":
+        column, offset = "rlnClassNumber", 0
+    else:
+        column, offset = "alignments2D/class", 1
+    if column not in table:
+        raise Cryo2DError(f"{particles.source}: column {column} missing (not written by cryo2d classify?)")
+    values = pd.to_numeric(table[column], errors="coerce").to_numpy(np.float64)
+    if not np.isfinite(values).all() or (values % 1 != 0).any():
+        raise Cryo2DError(f"{particles.source}: column {column} has non-integer values")
+    numbers = values.astype(np.int64) + offset
+    return np.maximum(numbers, 0)
+
+
+@dataclass(frozen=True)
+class SelectionCriteria:
+    """Automatic class selection: a class is kept when it passes every given test.
+
+    Attributes
+    ----------
+    min_particles : int, optional
+        Keep classes with at least this many particles.
+    min_res_angst : float, optional
+        Lowest resolution accepted, Å: keep classes with
+        ``rlnEstimatedResolution ≤ min_res_angst``.
+    max_res_angst : float, optional
+        Highest resolution believed, Å: keep classes with
+        ``rlnEstimatedResolution ≥ max_res_angst``.
+    max_junk_score : float, optional
+        Keep classes whose junk score (``cryo2d.junk.junk_scores``, in
+        [0, 1]) is at most this.
+    """
+
+    min_particles: int | None = None
+    min_res_angst: float | None = None
+    max_res_angst: float | None = None
+    max_junk_score: float | None = None
+
+    @classmethod
+    def auto(cls) -> "SelectionCriteria":
+        """The default automatic selection: junk score ≤ ``DEFAULT_MAX_JUNK_SCORE``."""
+        return cls(max_junk_score=DEFAULT_MAX_JUNK_SCORE)
+
+    def is_empty(self) -> bool:
+        """True when no criterion is set."""
+        return all(v is None for v in self.__dict__.values())
+
+    def describe(self) -> str:
+        """A short text such as ``"junk ≤ 0.5, n ≥ 20"``."""
+        parts = []
+        if self.max_junk_score is not None:
+            parts.append(f"junk <= {self.max_junk_score:g}")
+        if self.min_particles is not None:
+            parts.append(f"n >= {self.min_particles}")
+        if self.min_res_angst is not None:
+            parts.append(f"res <= {self.min_res_angst:g} A")
+        if self.max_res_angst is not None:
+            parts.append(f"res >= {self.max_res_angst:g} A")
+        return ", ".join(parts) or "none"
+
+
+def parse_class_list(text: str, label: str = "--classes") -> list[int]:
+    """Parse ``"1,4,7"`` or ``"1-3,8"`` into 1-based class numbers (sorted, unique).
+
+    Raises
+    ------
+    Cryo2DError
+        Anything that is not a comma-separated list of positive integers or ranges.
+    """
+    numbers: set[int] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            raise Cryo2DError(f"{label}: {part!r} is not a class number or range (e.g. 1,4,7 or 2-5)") from None
+        if a < 1 or b < a:
+            raise Cryo2DError(f"{label}: {part!r} is not a valid class number or range (classes start at 1)")
+        numbers.update(range(a, b + 1))
+    if not numbers:
+        raise Cryo2DError(f"{label}: no class numbers given")
+    return sorted(numbers)
+
+
+def choose_classes(
+    job: Job,
+    *,
+    classes: list[int] | None = None,
+    exclude: list[int] | None = None,
+    criteria: SelectionCriteria | None = None,
+) -> np.ndarray:
+    """The 1-based class numbers to keep.
+
+    Start from ``classes`` (or every class), remove ``exclude``, then apply
+    ``criteria`` when given. With none of the three, the automatic default
+    ``SelectionCriteria.auto()`` applies (and empty classes are dropped).
+
+    Parameters
+    ----------
+    job : Job
+    classes : list of int, optional
+        1-based class numbers to keep.
+    exclude : list of int, optional
+        1-based class numbers to drop.
+    criteria : SelectionCriteria, optional
+
+    Returns
+    -------
+    (m,) int64 ndarray
+        Sorted 1-based class numbers.
+
+    Raises
+    ------
+    Cryo2DError
+        A class number outside 1..K (names classes.star).
+    """
+    K = job.n_classes
+    for given, flag in ((classes, "--classes"), (exclude, "--exclude")):
+        for number in given or []:
+            if not 1 <= int(number) <= K:
+                raise Cryo2DError(
+                    f"{job.folder / 'classes.star'}: {flag} class {number} does not exist (the job has classes 1-{K})"
+                )
+    if classes is None and exclude is None and (criteria is None or criteria.is_empty()):
+        criteria = SelectionCriteria.auto()
+    keep = np.zeros(K, dtype=bool)
+    if classes is None:
+        keep[:] = True
+    else:
+        keep[np.asarray(classes, dtype=np.int64) - 1] = True
+    if exclude:
+        keep[np.asarray(exclude, dtype=np.int64) - 1] = False
+    if criteria is not None and not criteria.is_empty():
+        keep &= passes(job, criteria)
+    return np.flatnonzero(keep) + 1
+
+
+def passes(job: Job, criteria: SelectionCriteria) -> np.ndarray:
+    """(K,) bool: which classes pass every criterion (empty classes never pass)."""
+    counts = job.counts
+    res = job.resolution_angst
+    ok = counts > 0
+    if criteria.min_particles is not None:
+        ok &= counts >= criteria.min_particles
+    if criteria.min_res_angst is not None:
+        ok &= np.isfinite(res) & (res <= criteria.min_res_angst)
+    if criteria.max_res_angst is not None:
+        ok &= np.isfinite(res) & (res >= criteria.max_res_angst)
+    if criteria.max_junk_score is not None:
+        ok &= junk_scores(job.averages, counts) <= criteria.max_junk_score
+    return ok
+
+
+@dataclass
+class SelectionResult:
+    """What ``write_selection`` wrote.
+
+    Attributes
+    ----------
+    classes : (m,) int64
+        Selected 1-based class numbers (the order of ``templates.mrcs``).
+    n_kept, n_rejected : int
+        Particle rows written to the selected and rejected files.
+    n_classes : int
+        Classes in the job.
+    paths : dict
+        ``"particles"``, ``"rejected"``, ``"templates"`` -> Path.
+    """
+
+    classes: np.ndarray
+    n_kept: int
+    n_rejected: int
+    n_classes: int
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: classes and particles kept and where they went."""
+        listed = ",".join(str(c) for c in self.classes) or "none"
+        total = max(self.n_kept + self.n_rejected, 1)
+        return (
+            f"selected {len(self.classes)} of {self.n_classes} classes ({listed}): "
+            f"{self.n_kept} particles kept ({100 * self.n_kept / total:.1f}%), {self.n_rejected} rejected "
+            f"-> {self.paths['particles'].parent}"
+        )
+
+
+def output_folder(job: Job, out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` for outputs derived from ``job``; Cryo2DError if it is the job folder or cannot be made."""
+    out = Path(out_dir)
+    if out.resolve() == job.folder.resolve():
+        raise Cryo2DError(f"{out}: the output folder must differ from the job folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise Cryo2DError(f"{out}: cannot create output folder ({err.strerror})") from err
+    return out
+
+
+def write_selection(job: Job, classes: list[int] | np.ndarray, out_dir: str | os.PathLike) -> SelectionResult:
+    """Write the particles of ``classes``, the rest, and their class averages.
+
+    Parameters
+    ----------
+    job : Job
+    classes : sequence of int
+        1-based class numbers to keep (may be empty).
+    out_dir : str or PathLike
+        Created if needed. Gets ``particles{.star,.cs}``, ``rejected{.star,.cs}``
+        and ``templates.mrcs``; each written atomically. Must not be the job
+        folder itself (that would overwrite the job's particles file).
+
+    Returns
+    -------
+    SelectionResult
+
+    Raises
+    ------
+    Cryo2DError
+        A class number outside 1..K, or ``out_dir`` equal to the job folder
+        or not creatable.
+    """
+    chosen = np.unique(np.asarray(list(classes), dtype=np.int64))
+    if len(chosen) and (chosen.min() < 1 or chosen.max() > job.n_classes):
+        bad = chosen[(chosen < 1) | (chosen > job.n_classes)][0]
+        raise Cryo2DError(
+            f"{job.folder / 'classes.star'}: class {bad} does not exist (the job has classes 1-{job.n_classes})"
+        )
+    out = output_folder(job, out_dir)
+    mask = np.isin(job.class_number, chosen)
+    paths = {
+        "particles": out / f"particles{job.suffix}",
+        "rejected": out / f"rejected{job.suffix}",
+        "templates": out / "templates.mrcs",
+    }
+    write_particles(job.particles, paths["particles"], rows=np.flatnonzero(mask))
+    write_particles(job.particles, paths["rejected"], rows=np.flatnonzero(~mask))
+    box = job.averages.shape[-1]
+    templates = job.averages[chosen - 1] if len(chosen) else np.zeros((0, box, box), np.float32)
+    write_stack(paths["templates"], templates, job.pixel_size_angst)
+    return SelectionResult(chosen, int(mask.sum()), int((~mask).sum()), job.n_classes, paths)
+
+
+def select(
+    job_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    classes: list[int] | None = None,
+    exclude: list[int] | None = None,
+    criteria: SelectionCriteria | None = None,
+) -> SelectionResult:
+    """Read a job, choose classes (``choose_classes``) and write them (``write_selection``).
+
+    Parameters
+    ----------
+    job_dir : str or PathLike
+        Classification job folder.
+    out_dir : str or PathLike
+        Output folder (see ``write_selection``).
+    classes, exclude : list of int, optional
+        1-based class numbers to keep / drop.
+    criteria : SelectionCriteria, optional
+        Automatic criteria; with no ``classes``, ``exclude`` or criteria the
+        default ``SelectionCriteria.auto()`` is used.
+
+    Returns
+    -------
+    SelectionResult
+    """
+    job = read_job(job_dir)
+    chosen = choose_classes(job, classes=classes, exclude=exclude, criteria=criteria)
+    return write_selection(job, chosen, out_dir)

@@ -1,0 +1,106 @@
+"""cryo2d rebalance: rotation-invariant grouping of classes, capped shares, seeded drops."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import starfile
+import torch
+from test_select import sim_data, write_job  # noqa: F401 (sim_data is a fixture)
+
+from cryo2d.cli.main import main
+from cryo2d.fourier import rotate_images
+from cryo2d.rebalance import cap_size, class_similarity, rebalance
+
+
+@pytest.fixture(scope="session")
+def dominant_job(sim_data, tmp_path_factory):  # noqa: F811
+    """Only real particles; view 0 dominant (all its particles) and split into 3 classes.
+
+    Views 1 and 2 keep 40 % of their particles, the rare view all. The three
+    view-0 classes are the clean view turned by 0°, 70° and mirrored + 150°
+    (so only a rotation/mirror-invariant comparison groups them); every
+    average gets a little noise. Returns (job, class -> view, view per row).
+    """
+    folder, sim = sim_data
+    truth = sim.truth
+    rng = np.random.default_rng(1)
+    views = sim.view_projections
+    view = truth["view"].to_numpy()
+    is_particle = (truth["kind"] == "particle").to_numpy()
+    keep = is_particle & ((view == 0) | (view == 3) | (rng.random(len(view)) < 0.4))
+    # classes: 1-3 = view 0 (split at random), 4 = view 1, 5 = view 2, 6 = view 3 (rare)
+    class_index = np.full(len(view), -1)
+    class_index[view == 0] = rng.integers(0, 3, (view == 0).sum())
+    class_index[view == 1], class_index[view == 2], class_index[view == 3] = 3, 4, 5
+    base = torch.from_numpy(views[[0, 0, 0, 1, 2, 3]].copy())
+    base[2] = torch.flip(base[2], dims=(-1,))
+    averages = rotate_images(base, torch.tensor([0.0, 70.0, 150.0, 0.0, 0.0, 0.0])).numpy()
+    averages = averages + 0.05 * averages.std() * rng.normal(size=averages.shape)
+    job = write_job(tmp_path_factory.mktemp("rebalance") / "job", folder, class_index,
+                    averages.astype(np.float32), rows=np.flatnonzero(keep))
+    return job, np.array([0, 0, 0, 1, 2, 3]), view
+
+
+def _kept_views(path, view):
+    table = starfile.read(path)["particles"]
+    return view[table["rlnImageName"].str.partition("@")[0].astype(int).to_numpy() - 1]
+
+
+def test_similarity_is_rotation_and_mirror_invariant(sim_data):  # noqa: F811
+    views = torch.from_numpy(sim_data[1].view_projections)
+    turned = rotate_images(torch.flip(views[:1], dims=(-1,)), torch.tensor([123.0]))
+    sim = class_similarity(torch.cat([views, turned]).numpy())
+    assert sim[0, -1] > 0.95
+    off = sim[:4, :4][~np.eye(4, dtype=bool)]
+    assert off.max() < 0.9  # distinct views stay apart
+    np.testing.assert_allclose(sim, sim.T)
+
+
+def test_rebalance_caps_dominant_view_and_keeps_every_view(dominant_job, tmp_path, capsys):
+    job, view_of_class, view = dominant_job
+    before = _kept_views(job / "particles.star", view)
+    share_before = (before == 0).mean()
+    assert share_before > 0.45
+    assert main(["rebalance", str(job), "-o", str(tmp_path / "r"), "--max-share", "0.3", "--seed", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "before -> after" in printed and "kept" in printed
+    supers = starfile.read(tmp_path / "r" / "superclasses.star")
+    groups = supers["superclass"].to_numpy()
+    assert len(set(groups[:3])) == 1 and len(set(groups)) == 4  # the three view-0 classes are one view
+    after = _kept_views(tmp_path / "r" / "particles.star", view)
+    dropped = _kept_views(tmp_path / "r" / "dropped.star", view)
+    assert len(after) + len(dropped) == len(before)
+    shares = np.bincount(after, minlength=4) / len(after)
+    assert shares.max() <= 0.3 + 1e-9 and shares[0] < share_before
+    assert (shares > 0).all()  # every view kept
+    assert (after == 3).sum() == (before == 3).sum()  # the rare view loses nothing
+    assert set(dropped) == {0}
+
+
+def test_same_seed_same_result(dominant_job, tmp_path):
+    job = dominant_job[0]
+    a = rebalance(job, tmp_path / "a", max_share=0.3, seed=7)
+    b = rebalance(job, tmp_path / "b", max_share=0.3, seed=7)
+    c = rebalance(job, tmp_path / "c", max_share=0.3, seed=8)
+    np.testing.assert_array_equal(a.keep, b.keep)
+    assert (tmp_path / "a" / "particles.star").read_text().split("\n", 1)[1] == \
+        (tmp_path / "b" / "particles.star").read_text().split("\n", 1)[1]
+    assert not np.array_equal(a.keep, c.keep) and a.keep.sum() == c.keep.sum()
+
+
+def test_explicit_superclasses_and_unreachable_share(dominant_job, tmp_path):
+    job = dominant_job[0]
+    result = rebalance(job, tmp_path / "n6", max_share=0.5, n_superclasses=6)
+    assert result.superclass_of_class.tolist() == [1, 2, 3, 4, 5, 6]
+    result = rebalance(job, tmp_path / "tight", max_share=0.1)  # 4 views cannot each be <= 10 %
+    assert result.notes and (result.counts_after == result.counts_before.min()).all()
+
+
+def test_cap_size_known_answers():
+    assert cap_size(np.array([100, 10, 10]), 0.5) == 20  # 20 <= 0.5 * (20 + 10 + 10)
+    assert cap_size(np.array([50, 50]), 0.5) == 50
+    assert cap_size(np.array([100, 10]), 0.4) is None  # two groups cannot each hold <= 40 %
+    counts = np.array([500, 120, 80, 40, 9])
+    cap = cap_size(counts, 0.25)
+    kept = np.minimum(counts, cap)
+    assert cap / kept.sum() <= 0.25 and (cap + 1) / np.minimum(counts, cap + 1).sum() > 0.25

@@ -1,0 +1,273 @@
+"""cryo2d select: class choice by number and by criteria, junk scores, written files.
+
+The jobs here are built from a simulation without running the engine: one
+class per true view and per junk kind (noise, ice, doublet), class averages
+= the average of the class's particles aligned with their true poses (noisy,
+CTF not corrected), sorted by count like ``cryo2d classify``.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+import torch
+
+from cryo2d.cli.main import main
+from cryo2d.errors import Cryo2DError
+from cryo2d.fourier import rotate_images, shift_images
+from cryo2d.io import read_particles, write_particles, write_stack
+from cryo2d.junk import junk_features, junk_scores
+from cryo2d.particles import Assignments
+from cryo2d.select import SelectionCriteria, choose_classes, parse_class_list, read_job, select
+
+JUNK = ("noise", "ice", "doublet")
+
+
+# ---------------------------------------------------------------------------
+# fixtures (imported by test_rebalance.py and test_view.py)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sim_data(bundled_volume, tmp_path_factory):
+    """900 particles, 48 px, SNR 0.1, 4 discrete views (view 3 rare, 5 %), 15 % junk."""
+    from cryo2d.simulate import simulate, write_simulation
+
+    sim = simulate(*bundled_volume, n_particles=900, box=48, snr=0.1, junk_fraction=0.15,
+                   views="discrete", n_views=4, rare_view_fraction=0.05, seed=0)
+    folder = tmp_path_factory.mktemp("sim_select")
+    write_simulation(sim, folder)
+    return folder, sim
+
+
+def aligned_images(folder: Path, truth: pd.DataFrame) -> np.ndarray:
+    """(n, box, box) particles moved back to their view's frame with the true pose (junk: as is)."""
+    particles = read_particles(folder / "particles.star")
+    images = torch.from_numpy(particles.stack.read(np.arange(len(particles))))
+    posed = truth["kind"].isin(["particle", "doublet"]).to_numpy()
+    psi = np.where(posed, truth["psi_deg"].fillna(0.0), 0.0)
+    shift = np.where(posed[:, None], truth[["shift_x_px", "shift_y_px"]].fillna(0.0).to_numpy(), 0.0)
+    return rotate_images(shift_images(images, torch.from_numpy(-shift)), torch.from_numpy(-psi)).numpy()
+
+
+def write_job(folder: Path, sim_folder: Path, class_index: np.ndarray, averages: np.ndarray,
+              resolution_angst: np.ndarray | None = None, rows: np.ndarray | None = None) -> Path:
+    """Write a job folder as ``cryo2d classify`` does, from given labels and averages.
+
+    class_index : (n,) 0-based class per particle of the simulation; ``rows``
+    limits the particles written (default all).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    particles = read_particles(sim_folder / "particles.star")
+    n, K = len(particles), len(averages)
+    assignments = Assignments(
+        class_index=np.asarray(class_index, dtype=np.int64), psi_deg=np.zeros(n), shift_px=np.zeros((n, 2)),
+        max_prob=np.ones(n), class_posterior=np.ones(n), class_ess=np.ones(n), scale=np.ones(n),
+        keep=np.ones(n, dtype=bool),
+    )
+    rows = np.arange(n) if rows is None else np.asarray(rows)
+    write_particles(particles, folder / "particles.star", assignments=assignments, rows=rows)
+    write_stack(folder / "classes.mrcs", averages, float(particles.pixel_size_angst[0]))
+    counts = np.bincount(np.asarray(class_index)[rows], minlength=K)
+    table = pd.DataFrame({
+        "rlnReferenceImage": [f"{k + 1:06d}@classes.mrcs" for k in range(K)],
+        "rlnClassNumber": np.arange(1, K + 1),
+        "rlnClassParticleCount": counts,
+        "rlnClassDistribution": counts / max(counts.sum(), 1),
+        "rlnEstimatedResolution": np.full(K, 20.0) if resolution_angst is None else resolution_angst,
+    })
+    starfile.write({"classes": table}, folder / "classes.star", overwrite=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def truth_job(sim_data, tmp_path_factory):
+    """(job folder, name per class) for the 'perfect' classification of ``sim_data``."""
+    folder, sim = sim_data
+    truth = sim.truth
+    n_views = sim.view_projections.shape[0]
+    label = np.where(truth["kind"] == "particle", truth["view"], -1)
+    for j, kind in enumerate(JUNK):
+        label = np.where(truth["kind"] == kind, n_views + j, label)
+    names = [f"view{v}" for v in range(n_views)] + list(JUNK)
+    counts = np.bincount(label, minlength=len(names))
+    order = np.argsort(-counts, kind="stable")  # largest class first, as classify sorts
+    new = np.empty_like(order)
+    new[order] = np.arange(len(order))
+    class_index = new[label]
+    aligned = aligned_images(folder, truth)
+    averages = np.stack([aligned[class_index == k].mean(0) for k in range(len(names))]).astype(np.float32)
+    job = write_job(tmp_path_factory.mktemp("truth_job") / "job", folder, class_index, averages)
+    return job, [names[o] for o in order]
+
+
+def _copy_job(job: Path, dest: Path) -> Path:
+    shutil.copytree(job, dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------
+# automatic selection
+# ---------------------------------------------------------------------------
+
+
+def test_auto_select_rejects_junk_and_keeps_rare_view(truth_job, sim_data, tmp_path):
+    job, names = truth_job
+    rare = f"view{sim_data[1].rare_view}"
+    result = select(job, tmp_path / "auto")
+    kept_names = {names[c - 1] for c in result.classes}
+    assert kept_names == {f"view{v}" for v in range(4)}, kept_names
+    assert rare in kept_names
+    truth = sim_data[1].truth
+    kept = starfile.read(tmp_path / "auto" / "particles.star")["particles"]
+    rejected = starfile.read(tmp_path / "auto" / "rejected.star")["particles"]
+    kept_idx = kept["rlnImageName"].str.partition("@")[0].astype(int).to_numpy() - 1
+    rejected_idx = rejected["rlnImageName"].str.partition("@")[0].astype(int).to_numpy() - 1
+    assert (truth["kind"].to_numpy()[kept_idx] == "particle").all()
+    assert set(truth["kind"].to_numpy()[rejected_idx]) == set(JUNK)
+    assert len(kept) + len(rejected) == len(truth)
+    assert (truth["view"].to_numpy()[kept_idx] == sim_data[1].rare_view).sum() == (truth["view"] == sim_data[1].rare_view).sum()
+
+
+def test_junk_scores_of_clean_views_are_zero(sim_data):
+    assert (junk_scores(sim_data[1].view_projections) == 0).all()
+
+
+def _disc(box: int, centre: tuple[float, float], radius: float, soft: float = 1.5) -> np.ndarray:
+    y, x = np.indices((box, box)) - box // 2
+    r = np.hypot(x - centre[0], y - centre[1])
+    return 1.0 / (1.0 + np.exp((r - radius) / soft))
+
+
+def test_junk_features_known_shapes(sim_data):
+    box = 48
+    rng = np.random.default_rng(0)
+    view = sim_data[1].view_projections[0]
+    gauss = np.exp(-np.hypot(*(np.indices((box, box)) - box // 2)) ** 2 / (2 * 6.0**2))
+    ring = _disc(box, (0, 0), 12) - _disc(box, (0, 0), 7)
+    shifted = np.roll(view, (12, 10), axis=(0, 1))
+    noise = rng.normal(size=(box, box))
+    features = junk_features(np.stack([view, gauss, ring, shifted, noise]))
+    scores = junk_scores(np.stack([view, gauss, ring, shifted, noise]))
+    assert features["blob"][1] > 0.97 and features["blob"][2] < 0.5  # a Gaussian is a blob, a ring is not
+    assert scores[0] == 0 and scores[1] == 1 and scores[2] == 0
+    assert features["offcentre"][3] > 0.35 and scores[3] == 1
+    assert features["contrast"][4] < 1.5 and scores[4] == 1
+    # rotation invariant: a 90° turn changes nothing
+    noisy = view + 0.1 * view.std() * rng.normal(size=(box, box))
+    turned = np.roll(np.rot90(noisy), 1, axis=0)  # 90° about pixel (box//2, box//2)
+    np.testing.assert_allclose(junk_features(turned[None]).to_numpy(), junk_features(noisy[None]).to_numpy(), rtol=1e-6)
+    assert junk_scores(np.stack([view, view]), counts=np.array([5, 0])).tolist() == [0.0, 1.0]
+
+
+def test_criteria_resolution_and_count(truth_job, tmp_path):
+    job_dir = _copy_job(truth_job[0], tmp_path / "job")
+    table = starfile.read(job_dir / "classes.star")
+    res = np.linspace(8.0, 40.0, len(table))  # class 1 best
+    table["rlnEstimatedResolution"] = res
+    starfile.write({"classes": table}, job_dir / "classes.star", overwrite=True)
+    job = read_job(job_dir)
+    both = SelectionCriteria(min_res_angst=20.0, max_res_angst=10.0)
+    expected = np.flatnonzero((res <= 20.0) & (res >= 10.0)) + 1
+    assert choose_classes(job, criteria=both).tolist() == expected.tolist()
+    many = SelectionCriteria(min_particles=100)
+    assert choose_classes(job, criteria=many).tolist() == (np.flatnonzero(job.counts >= 100) + 1).tolist()
+    # criteria narrow an explicit list
+    assert choose_classes(job, classes=[1, 2, 7], criteria=SelectionCriteria(min_res_angst=20.0)).tolist() == [
+        c for c in (1, 2, 7) if res[c - 1] <= 20.0
+    ]
+
+
+# ---------------------------------------------------------------------------
+# explicit selection and the files written
+# ---------------------------------------------------------------------------
+
+
+def test_select_classes_writes_rows_with_all_columns(truth_job, tmp_path):
+    job, _ = truth_job
+    out = tmp_path / "sel"
+    assert main(["select", str(job), "-o", str(out), "--classes", "1,3"]) == 0
+    source = starfile.read(job / "particles.star")
+    written = starfile.read(out / "particles.star")
+    rejected = starfile.read(out / "rejected.star")
+    pd.testing.assert_frame_equal(written["optics"], source["optics"])
+    src = source["particles"]
+    want = src[src["rlnClassNumber"].isin([1, 3])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(written["particles"], want)
+    pd.testing.assert_frame_equal(rejected["particles"], src[~src["rlnClassNumber"].isin([1, 3])].reset_index(drop=True))
+    with mrcfile.open(out / "templates.mrcs") as mrc, mrcfile.open(job / "classes.mrcs") as classes:
+        np.testing.assert_array_equal(mrc.data, classes.data[[0, 2]])
+        assert mrc.voxel_size.x == pytest.approx(float(classes.voxel_size.x))
+
+
+def test_exclude_is_the_complement(truth_job, tmp_path):
+    job, names = truth_job
+    assert main(["select", str(job), "-o", str(tmp_path / "ex"), "--exclude", "2-3"]) == 0
+    written = starfile.read(tmp_path / "ex" / "particles.star")["particles"]
+    assert sorted(written["rlnClassNumber"].unique()) == [c for c in range(1, len(names) + 1) if c not in (2, 3)]
+
+
+def test_select_prints_one_line_summary(truth_job, tmp_path, capsys):
+    job, names = truth_job
+    assert main(["select", str(job), "-o", str(tmp_path / "s"), "--classes", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"selected 1 of {len(names)} classes (2)")
+
+
+def test_bad_class_numbers_and_missing_files(truth_job, tmp_path, capsys):
+    job, names = truth_job
+    with pytest.raises(Cryo2DError, match="classes.star.*class 99 does not exist"):
+        select(job, tmp_path / "x", classes=[99])
+    assert main(["select", str(job), "-o", str(tmp_path / "x"), "--classes", "1,a"]) == 1
+    assert "--classes" in capsys.readouterr().err
+    with pytest.raises(Cryo2DError, match="job folder not found"):
+        read_job(tmp_path / "nothing")
+    broken = _copy_job(job, tmp_path / "broken")
+    (broken / "classes.star").unlink()
+    with pytest.raises(Cryo2DError, match="classes.star: file not found"):
+        read_job(broken)
+    (broken / "classes.mrcs").unlink()
+    with pytest.raises(Cryo2DError, match="classes.mrcs: file not found"):
+        read_job(broken)
+    with pytest.raises(Cryo2DError, match="must differ from the job folder"):
+        select(job, job, classes=[1])
+    assert parse_class_list("3, 1-2,3") == [1, 2, 3]
+
+
+def test_select_reads_job_from_another_folder(truth_job, tmp_path, monkeypatch):
+    """The job's particles.star names stacks relative to the input's folder; select never opens them."""
+    monkeypatch.chdir(tmp_path)
+    result = select(truth_job[0], "rel_out", classes=[1])
+    assert (tmp_path / "rel_out" / "particles.star").is_file() and result.n_kept > 0
+
+
+def test_cs_job_writes_cs(truth_job, sim_data, tmp_path):
+    """A job whose particles are a .cs file gets particles.cs / rejected.cs with every field kept."""
+    job = _copy_job(truth_job[0], tmp_path / "csjob")
+    star = starfile.read(job / "particles.star")["particles"]
+    (job / "particles.star").unlink()
+    n = len(star)
+    array = np.zeros(n, dtype=[("uid", "<u8"), ("blob/path", "S64"), ("blob/idx", "<u4"), ("blob/psize_A", "<f4"),
+                               ("blob/shape", "<u4", (2,)), ("alignments2D/class", "<u4"), ("alignments2D/shift", "<f4", (2,))])
+    array["uid"] = np.arange(n) + 1000
+    array["blob/path"] = b"particles.mrcs"
+    array["blob/idx"] = np.arange(n)
+    array["blob/psize_A"] = 4.0
+    array["blob/shape"] = 48
+    array["alignments2D/class"] = star["rlnClassNumber"].to_numpy() - 1
+    array["alignments2D/shift"] = np.arange(2 * n).reshape(n, 2)
+    with open(job / "particles.cs", "wb") as handle:
+        np.save(handle, array)
+    result = select(job, tmp_path / "out", classes=[2, 4])
+    kept = np.load(tmp_path / "out" / "particles.cs")
+    rejected = np.load(tmp_path / "out" / "rejected.cs")
+    assert kept.dtype == array.dtype and result.n_kept == len(kept)
+    mask = np.isin(array["alignments2D/class"], [1, 3])
+    np.testing.assert_array_equal(kept, array[mask])
+    np.testing.assert_array_equal(rejected, array[~mask])
+    assert not (tmp_path / "out" / "particles.star").exists()
