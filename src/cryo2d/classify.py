@@ -17,6 +17,7 @@ from cryo2d.errors import Cryo2DError
 from cryo2d.gallery.render import render_gallery
 from cryo2d.io import check_finite, nonfinite_indices, read_particles, write_particles, write_stack
 from cryo2d.io.outputs import write_text_atomic
+from cryo2d.io.star import write_blocks
 from cryo2d.particles import Assignments, ParticleSet
 from cryo2d.picks import pick_locations
 
@@ -183,12 +184,7 @@ def write_job(final: ClassifyResult, particles: ParticleSet, out: Path, pixel_si
             "rlnEstimatedResolution": final.resolution_angst,
         }
     )
-    import starfile
-
-    from cryo2d.io.outputs import atomic_path
-
-    with atomic_path(out / "classes.star") as tmp:
-        starfile.write({"classes": table}, tmp)
+    write_blocks({"classes": table}, out / "classes.star")
     keep = final.assignments.keep
     suffix = ".star" if particles.kind == "star" else ".cs"
     rows = np.nonzero(keep)[0]

@@ -40,7 +40,6 @@ from typing import Any
 import mrcfile
 import numpy as np
 import pandas as pd
-import starfile
 import torch
 import torch.nn.functional as nnf
 from scipy import ndimage
@@ -49,7 +48,9 @@ from torch import Tensor
 from cryo2d.ctf import ctf_grid
 from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, radius_grid, rotate_images, shift_images, shift_phase
+from cryo2d.io.mrc import write_stack
 from cryo2d.io.outputs import atomic_path, write_json_atomic
+from cryo2d.io.star import write_blocks
 from cryo2d.particles import CTFParams
 
 __all__ = [
@@ -809,15 +810,6 @@ def write_simulation(sim: SimulatedData, out_dir: str | os.PathLike) -> Path:
     n, box = sim.images.shape[0], sim.images.shape[-1]
     pixel = float(sim.pixel_size_angst)
 
-    def write_stack(path: Path, data: np.ndarray) -> None:
-        with atomic_path(path) as tmp:
-            with mrcfile.new(tmp, overwrite=True) as mrc:
-                mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
-                mrc.set_image_stack()
-                mrc.voxel_size = pixel
-                mrc.header.label[0] = "cryo2d simulate"  # no creation time: same seed, same bytes
-                mrc.header.nlabl = 1
-
     optics = pd.DataFrame(
         {
             "rlnOpticsGroup": [1],
@@ -854,14 +846,9 @@ def write_simulation(sim: SimulatedData, out_dir: str | os.PathLike) -> Path:
         "seed": sim.meta.get("seed"),
         **{k: v for k, v in sim.meta.items() if k not in ("snr", "seed", "n_views")},
     }
-    write_stack(out / "particles.mrcs", sim.images)
-    write_stack(out / "views.mrcs", sim.view_projections)
-    with atomic_path(out / "particles.star") as tmp:
-        starfile.write({"optics": optics, "particles": particles}, tmp, overwrite=True)
-        lines = tmp.read_text().splitlines(keepends=True)
-        if lines and lines[0].startswith("# Created by the starfile"):  # drop its timestamp: same seed, same bytes
-            lines[0] = "# Created by cryo2d simulate\n"
-        tmp.write_text("".join(lines))
+    write_stack(out / "particles.mrcs", sim.images, pixel, label="cryo2d simulate")
+    write_stack(out / "views.mrcs", sim.view_projections, pixel, label="cryo2d simulate")
+    write_blocks({"optics": optics, "particles": particles}, out / "particles.star", creator="cryo2d simulate")
     with atomic_path(out / "truth.csv") as tmp:
         sim.truth.to_csv(tmp, index=False)
     write_json_atomic(out / "truth.json", info)

@@ -458,8 +458,6 @@ def test_seed(particles3, helpers, tmp_path):
     assert data("a") != data("c")
 
 
-@pytest.mark.xfail(reason="io/mrc.py write_stack: mrcfile.new stamps the creation time into header label 0, "
-                          "so classes.mrcs differs between identical runs a second apart")
 def test_same_seed_gives_identical_classes_mrcs_bytes(particles3, helpers, tmp_path):
     import time
 

@@ -8,7 +8,6 @@ last pass assigns every particle. Everything random flows from ``config.seed``.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +166,7 @@ class Engine:
         """Search grid for an iteration from the current class resolution."""
         g, cfg = self.geom, self.config
         r_res = float(self.state.r_res)
-        floor = min(g.r_align, max(g.r_min_align + 3.0, float(os.environ.get("C2D_FLOOR", "0.35")) * g.r_align))
+        floor = min(g.r_align, max(g.r_min_align + 3.0, 0.35 * g.r_align))
         r_cur = float(min(g.r_align, max(floor, r_res + 3.0)))
         step = cfg.psi_step_deg if cfg.psi_step_deg is not None else auto_psi_step(r_cur, g)
         temperature = temperature_at(cfg, iteration) if online else 1.0
@@ -268,44 +267,55 @@ class Engine:
         s.num = s.num * ph
         return A * ph
 
-    def _reseed_empty(self, idx: np.ndarray, chi2: np.ndarray) -> int:
-        """Re-seed (nearly) empty classes from the worst-fitting particles of the batch.
+    def _reseed_empty(self, idx: np.ndarray, per: dict) -> int:
+        """Re-seed (nearly) empty classes by splitting the largest class.
 
         A class holding under 10 % of the average occupancy counts as empty.
-        Each one becomes the average (in their own frames) of the batch's
-        particles that the current classes explain worst (largest
-        noise-normalised residual): junk, overlapping particles and views no
-        class represents yet, which the other classes would otherwise absorb.
+        It gets the aligned average (at their best poses) of the half of the
+        largest class's batch members that the class fits worst (largest
+        noise-normalised residual): a second view merged into it, or
+        overlapping particles and other junk it absorbed. The next E-step
+        lets both halves compete for those particles. With too few members
+        the split is a copy of the largest class plus a small perturbation.
         """
         s = self.state
         expected = float(s.counts.sum()) / self.K
         empty = torch.nonzero(s.counts < max(1.0, 0.1 * expected)).squeeze(1).tolist()
-        if not empty:
-            return 0
-        per_class = max(2, int(round(0.5 * len(idx) / self.K)))
-        order = np.argsort(-chi2, kind="stable")
-        mode = os.environ.get("C2D_RESEED", "worst")
-        for j, k in enumerate(empty):
-            if mode == "split" or (mode == "alt" and j % 2 == 1):
-                big = int(torch.argmax(s.counts))
-                noise = torch.from_numpy(self.rng.standard_normal((len(self.mpts), 2)).astype(np.float32)).to(self.device)
-                amp = (s.num[big].abs() * 0.1).unsqueeze(1)
-                s.num[big] *= 0.5
-                s.den[big] *= 0.5
-                s.counts[big] *= 0.5
-                s.num[k] = s.num[big] + torch.view_as_complex((noise * amp).contiguous())
-                s.den[k] = s.den[big]
-                s.counts[k] = s.counts[big]
+        split = set()
+        for k in empty:
+            order = torch.argsort(s.counts, descending=True).tolist()
+            big = next((c for c in order if c not in split and c != k), order[0])
+            split.add(big)
+            members = np.nonzero(per["k"] == big)[0]
+            if len(members) >= 8:
+                worst = members[np.argsort(-per["chi2"][members], kind="stable")[: len(members) // 2]]
+                rows = np.sort(worst)
+                chosen = idx[rows]
+                X = load_batch(self.particles, chosen, self.geom, self.device)
+                shift = torch.from_numpy(per["shift"][rows]).to(self.device)
+                X = X * self._deshift_grid(shift)
+                labels = torch.zeros(len(chosen), dtype=torch.long, device=self.device)
+                psi = torch.from_numpy(per["psi"][rows]).float().to(self.device)
+                num, den, _ = self._accumulate_fixed(chosen, X, labels, psi, n_classes=1)
+                s.num[k], s.den[k] = num[0], den[0]
+                s.counts[k] = float(len(chosen))
                 continue
-            chosen = np.sort(idx[order[j * per_class : (j + 1) * per_class]])
-            if len(chosen) == 0:
-                break
-            X = load_batch(self.particles, chosen, self.geom, self.device)
-            labels = torch.zeros(len(chosen), dtype=torch.long, device=self.device)
-            num, den, _ = self._accumulate_fixed(chosen, X, labels, torch.zeros(1, device=self.device), n_classes=1)
-            s.num[k], s.den[k] = num[0], den[0]
-            s.counts[k] = float(len(chosen))
+            noise = torch.from_numpy(self.rng.standard_normal((len(self.mpts), 2)).astype(np.float32)).to(self.device)
+            amp = (s.num[big].abs() * 0.1).unsqueeze(1)
+            for name in ("num", "den", "counts"):
+                arr = getattr(s, name)
+                arr[big] = arr[big] * 0.5
+                arr[k] = arr[big]
+            s.num[k] = s.num[k] + torch.view_as_complex((noise * amp).contiguous())
         return len(empty)
+
+    def _deshift_grid(self, shifts_px: Tensor) -> Tensor:
+        """(b, B, B) phases exp(+2πi f·t) that undo per-particle shifts t (working px)."""
+        from cryo2d.fourier import freq_grid
+
+        f = freq_grid(self.geom.work_box, device=self.device).reshape(-1, 2)
+        phase = 2 * math.pi * (shifts_px.double() @ f.double().T)
+        return torch.polar(torch.ones_like(phase), phase).to(torch.complex64).view(-1, self.geom.work_box, self.geom.work_box)
 
     # ---------------------------------------------------------------- E/M pass
     def pass_over(self, idx: np.ndarray, plan: IterationPlan, mode: str, iteration: int):
@@ -322,14 +332,15 @@ class Engine:
         phases = deshift_phases(plan.points.xy / g.work_box, plan.shifts_px)
         phases_m = deshift_phases(self.mpts.xy / g.work_box, plan.shifts_px)
         grid = None
-        if cfg.coarse_to_fine and R % 2 == 0 and R >= 8 and len(plan.shifts_px) >= 9:
+        # The coarse stage needs enough resolution to rank poses (≥ 12 Fourier
+        # px); below twice that the exhaustive search is cheap anyway.
+        r_coarse = max(g.r_min_align + 2.0, 12.0, 0.5 * plan.r_cur)
+        if cfg.coarse_to_fine and R % 2 == 0 and len(plan.shifts_px) >= 9 and r_coarse <= 0.6 * plan.r_cur:
             step = 1.0 if cfg.shift_step_px is None else cfg.shift_step_px * g.work_box / g.box
-            r_coarse = max(g.r_min_align + 2.0, 0.5 * plan.r_cur)
             grid = coarse_subgrid(plan.shifts_px, step, R, plan.points.xy.norm(dim=1), r_coarse)
         G_full = oversample(self._grid(s.A), cfg.zeropad)
         sums = PoseSums(self.K, R, len(self.mpts), dev)
-        noise_sum = torch.zeros(self.n_shells, device=dev, dtype=torch.float64)
-        noise_cnt = torch.zeros(self.n_shells, device=dev, dtype=torch.float64)
+        shell_resid = []  # per particle: residual power per shell
         chunk = self._chunk_size(plan)
         read = max(chunk, 256)
         out = {k: [] for k in ("k", "psi", "shift", "max_prob", "post", "ess", "cross", "norm", "chi2")}
@@ -354,20 +365,35 @@ class Engine:
                 Zb = torch.complex(Zb[:, 0], Zb[:, 1])
                 resid = (Xm * phases_m[res.best_t] - scale[:, None] * Cm * Zb).abs() ** 2
                 out["chi2"].append((resid * (self.mpts.weight / s.sigma2_shell[self.mpts.shell])).sum(dim=1))
-                noise_sum.index_add_(0, self.mpts.shell, resid.sum(dim=0).double())
-                noise_cnt.index_add_(0, self.mpts.shell, torch.full((len(self.mpts),), float(len(cidx)), device=dev, dtype=torch.float64))
+                per_shell = torch.zeros((len(cidx), self.n_shells), device=dev, dtype=torch.float64)
+                shell_resid.append(per_shell.index_add_(1, self.mpts.shell, resid.double()))
                 p = res.class_post
                 out["k"].append(res.best_k if mode == "hard" else p.argmax(dim=1))
                 out["psi"].append(plan.psi_rad[res.best_r])
                 out["shift"].append(plan.shifts_px[res.best_t])
                 out["max_prob"].append(res.max_prob)
-                out["post"].append(p.max(dim=1).values)
+                chosen = res.best_k if mode == "hard" else p.argmax(dim=1)
+                out["post"].append(p.gather(1, chosen[:, None])[:, 0])
                 out["ess"].append(1.0 / (p * p).sum(dim=1))
                 out["cross"].append(res.best_cross)
                 out["norm"].append(res.best_norm)
         num, den = sums.class_frame(plan.psi_rad, self.mpts, g.work_box, cfg.zeropad)
         per = {k: torch.cat(v).cpu().numpy() for k, v in out.items()}
+        noise_sum, noise_cnt = self._robust_noise_sums(torch.cat(shell_resid), per["chi2"])
         return (num, den, sums.counts, noise_sum, noise_cnt), per
+
+    def _robust_noise_sums(self, shell_resid: Tensor, chi2: np.ndarray) -> tuple[Tensor, Tensor]:
+        """Noise sums per shell over the particles the model fits typically.
+
+        Particles whose normalised residual is an outlier (above median +
+        5 × MAD: ice, aggregates, overlapping neighbours) are left out, so
+        that junk does not inflate the noise model and blunt the alignment.
+        """
+        med = np.median(chi2)
+        mad = np.median(np.abs(chi2 - med)) * 1.4826
+        typical = torch.from_numpy(chi2 <= med + 5.0 * max(mad, 1e-12)).to(shell_resid.device)
+        n_points = torch.bincount(self.mpts.shell, minlength=self.n_shells).double()
+        return shell_resid[typical].sum(dim=0), n_points * float(typical.sum())
 
     def record(self, idx: np.ndarray, per: dict, iteration: int) -> float:
         """Store per-particle results; return the fraction whose class changed."""
@@ -460,8 +486,8 @@ def run_em(
                 s.num, s.den, s.counts, s.noise_sum, s.noise_cnt = num, den, counts, nsum, ncnt
             sig = (s.noise_sum / s.noise_cnt.clamp(min=1)).float()
             s.sigma2_shell = eng._noise_model(torch.where(s.noise_cnt > 0, sig, s.sigma2_shell))
-            if online and it < n_online - 2:
-                reseeded = eng._reseed_empty(idx, per["chi2"])
+            if online and it < n_online - 1:
+                reseeded = eng._reseed_empty(idx, per)
             eng._update_classes(online=online, allow_recenter=not last)
         res_angst = eng.geom.radius_to_angst(s.r_res)
         record = {

@@ -62,7 +62,8 @@ class PoseSums:
         weighted = (X * ctf * scale[:, None])[res.entry_i] * phases[res.entry_t]
         self.S.index_add_(0, kr, torch.view_as_real(weighted) * w.unsqueeze(2))
         self.Q.index_add_(0, kr, (ctf * ctf * (scale * scale)[:, None])[res.entry_i] * w)
-        self.counts += res.class_post.sum(dim=0).double()
+        # Occupancy from the same weights as the sums (hard modes: whole particles).
+        self.counts.index_add_(0, res.entry_k, res.entry_w.double())
 
     def class_frame(self, psi_rad: Tensor, points: PointSet, work_box: int, zeropad: int, chunk: int = 256) -> tuple[Tensor, Tensor]:
         """Back-rotate the sums and add them per class.

@@ -473,8 +473,11 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     return volume, voxel_size_angst
 
 
-def write_stack(path: str | os.PathLike, images: np.ndarray, pixel_size_angst: float) -> None:
+def write_stack(path: str | os.PathLike, images: np.ndarray, pixel_size_angst: float, *, label: str = "cryo2d") -> None:
     """Write (n, box, box) images as a float32 MRC image stack, atomically.
+
+    The header's one label is ``label`` (no creation time), so the same
+    images give the same bytes.
 
     Parameters
     ----------
@@ -492,3 +495,5 @@ def write_stack(path: str | os.PathLike, images: np.ndarray, pixel_size_angst: f
             mrc.set_data(images)
             mrc.set_image_stack()
             mrc.voxel_size = float(pixel_size_angst)
+            mrc.header.label[0] = label  # no creation time: same input, same bytes
+            mrc.header.nlabl = 1

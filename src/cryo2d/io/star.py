@@ -259,9 +259,22 @@ def write_star(
     optics = extra.get("optics")
     blocks = dict(extra.get("blocks") or ({"optics": optics} if optics is not None else {}))
     blocks[extra.get("particles_block", "particles")] = table
+    write_blocks(blocks, path)
+
+
+def write_blocks(blocks: dict[str, pd.DataFrame], path: str | os.PathLike, *, creator: str = "cryo2d") -> None:
+    """Write STAR data blocks atomically and reproducibly.
+
+    Floats are written in their shortest exact form (every value reads back
+    exactly) and starfile's timestamped header line becomes
+    ``# Created by <creator>``, so the same tables give the same bytes.
+    """
     with atomic_path(path) as tmp:
-        # float_format=None: shortest repr, so every value reads back exactly.
         starfile.write(blocks, tmp, float_format=None)
+        lines = tmp.read_text().splitlines(keepends=True)
+        if lines and lines[0].startswith("# Created by the starfile"):
+            lines[0] = f"# Created by {creator}\n"
+        tmp.write_text("".join(lines))
 
 
 def _with_assignments(
