@@ -1,0 +1,90 @@
+"""E-step throughput: poses scored per second and GFLOP/s, next to torch.matmul.
+
+For each problem size, times the exhaustive E-step (cryo2d.em.estep.e_step),
+the coarse-to-fine E-step, and a bare ``torch.matmul`` of the same shape as
+the E-step's cross-term GEMM ((b·T × 2M) @ (2M × K·R)), measured in the same
+run: the matmul rate is this machine's limit for the formulation.
+
+    python benchmarks/estep.py [--threads 2] [--repeat 3]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import time
+
+import torch
+
+from cryo2d.em.estep import coarse_subgrid, deshift_phases, e_step, e_step_coarse_to_fine
+from cryo2d.em.geometry import disc_points
+from cryo2d.em.rotation import psi_grid, rotate_classes
+from cryo2d.fourier import fft2c, radius_grid
+
+SIZES = [  # (box, classes, psi step, shift range px, particles per chunk)
+    (48, 12, 3.0, 4.0, 64),
+    (64, 20, 3.0, 6.0, 64),
+    (64, 50, 5.0, 6.0, 32),
+    (128, 50, 3.0, 6.0, 16),
+]
+
+
+def _best_time(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _problem(box: int, K: int, psi_step: float, shift_range: float, b: int):
+    g = torch.Generator().manual_seed(0)
+    pts = disc_points(box, 1.0, box / 2 - 1, half=True)
+    classes = fft2c(torch.randn(K, box, box, generator=g)) * torch.exp(-(radius_grid(box) / (box / 6)) ** 2)
+    psi = psi_grid(psi_step)
+    refs = rotate_classes(classes, pts.xy, psi, 2)
+    n = int(math.floor(shift_range))
+    k = torch.arange(-n, n + 1, dtype=torch.float32)
+    yy, xx = torch.meshgrid(k, k, indexing="ij")
+    keep = xx**2 + yy**2 <= shift_range**2
+    shifts = torch.stack([xx[keep], yy[keep]], dim=1)
+    phases = deshift_phases(pts.xy / box, shifts)
+    X = torch.randn(b, len(pts), dtype=torch.complex64, generator=g)
+    ctf = torch.ones(b, len(pts))
+    inv = torch.ones(len(pts))
+    grid = coarse_subgrid(shifts, 1.0, len(psi), pts.xy.norm(dim=1), box / 4)
+    return X, ctf, inv, refs, phases, torch.zeros(K), torch.ones(b), grid
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads")
+    header = ("box", "K", "R", "T", "2M", "b", "exh poses/s", "exh GFLOP/s", "matmul GFLOP/s", "exh/matmul", "c2f poses/s", "c2f speed-up")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for box, K, psi_step, shift_range, b in SIZES:
+        X, ctf, inv, refs, phases, prior, scale, grid = _problem(box, K, psi_step, shift_range, b)
+        T, R, M = phases.shape[0], refs.shape[1], refs.shape[2]
+        poses = b * T * K * R
+        flops = 2.0 * b * T * K * R * 2 * M + 2.0 * b * M * K * R
+        t_exh = _best_time(lambda: e_step(X, ctf, inv, refs, phases, prior, scale), args.repeat)
+        t_c2f = _best_time(lambda: e_step_coarse_to_fine(X, ctf, inv, refs, phases, prior, scale, grid), args.repeat)
+        A = torch.randn(b * T, 2 * M)
+        B = torch.randn(2 * M, K * R)
+        t_mm = _best_time(lambda: A @ B, args.repeat)
+        mm_rate = 2.0 * b * T * 2 * M * K * R / t_mm / 1e9
+        row = (box, K, R, T, 2 * M, b, f"{poses / t_exh:.3g}", f"{flops / t_exh / 1e9:.1f}", f"{mm_rate:.1f}",
+               f"{(flops / t_exh / 1e9) / mm_rate:.2f}", f"{poses / t_c2f:.3g}", f"{t_exh / t_c2f:.1f}x")
+        print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {peak:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
