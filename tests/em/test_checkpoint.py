@@ -32,7 +32,7 @@ def test_resumed_run_equals_uninterrupted_run(particles3, interrupted):
     assert saved.exists()
     seen = []
     resumed = run_em(particles3, config, checkpoint=saved, resume=True, on_iteration=seen.append)
-    assert [r["iteration"] for r in seen] == [3, 4, 5]  # only the iterations after the checkpoint
+    assert [r["iteration"] for r in seen] == [1, 2, 3, 4, 5]  # the checkpoint's records replayed, then 3-5
     for name in FIELDS:
         np.testing.assert_array_equal(getattr(resumed, name), getattr(full, name), err_msg=name)
     assert [h["iteration"] for h in resumed.history] == [1, 2, 3, 4, 5]

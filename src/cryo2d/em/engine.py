@@ -435,7 +435,8 @@ def run_em(
     checkpoint : Path, optional
         File to save the state to after every iteration (atomically).
     resume : bool
-        Continue from ``checkpoint`` if it exists.
+        Continue from ``checkpoint`` if it exists; ``on_iteration`` is first
+        called again with the records of the iterations already done.
 
     Returns
     -------
@@ -448,6 +449,9 @@ def run_em(
     start_iter = 0
     if resume and checkpoint is not None and Path(checkpoint).exists():
         start_iter = st.load_checkpoint(eng, checkpoint)
+        if on_iteration is not None:  # replay the log of the finished iterations
+            for record in s.history:
+                on_iteration(record)
     else:
         eng.initialise()
     n_online, n_full = cfg.n_online_iterations, cfg.n_full_iterations
