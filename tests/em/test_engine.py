@@ -48,11 +48,11 @@ def test_quality_small(bundled_volume, tmp_path):
     """Quality on the engine issue's small set: 1,500 particles, 48 px, SNR 0.1, 10 % junk, 8 views (one at 3 %), K=12.
 
     The issue's bar (junk F1 ≥ 0.9, purity ≥ 0.8, rare view in a class of
-    its own, median NCC ≥ 0.8) is not met yet; this guards what the engine
-    reaches today with defaults and seed 0 (junk F1 0.67, purity 0.65, rare
-    view recovered, median NCC 0.97), with a margin, and every score at or
-    above RELION 3.1 Class2D on the same kind of data (benchmarks/README.md:
-    junk F1 0.03, purity 0.59, rare view lost, 6 empty classes).
+    its own, median NCC ≥ 0.8) is not fully met yet; this guards what the
+    engine reaches today with defaults and seed 0 (junk F1 0.74, purity 0.90,
+    rare view lost, median NCC 0.98), with a margin for the chaotic EM
+    trajectory, and above RELION 3.1 Class2D on the same kind of data
+    (benchmarks/README.md: junk F1 0.03, purity 0.59, 6 empty classes).
     """
     from cryo2d.classify import classify
     from cryo2d.evaluate import score_job
@@ -65,6 +65,6 @@ def test_quality_small(bundled_volume, tmp_path):
     scores = score_job(tmp_path / "job", data)
     summary = {k: scores[k] for k in ("junk_f1", "purity", "rare_view_recovered", "median_ncc", "n_empty_classes")}
     assert scores["junk_f1"] >= 0.6, summary
-    assert scores["purity"] >= 0.6, summary
+    assert scores["purity"] >= 0.7, summary
     assert scores["median_ncc"] >= 0.9, summary
     assert scores["n_empty_classes"] == 0, summary
