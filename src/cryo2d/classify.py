@@ -13,7 +13,6 @@ import pandas as pd
 from cryo2d.em.config import EMConfig
 from cryo2d.em.engine import EMResult, run_em
 from cryo2d.em.finalize import align_vertical, duplicate_mask, sort_order
-from cryo2d.errors import Cryo2DError
 from cryo2d.gallery.render import render_gallery
 from cryo2d.io import check_finite, nonfinite_indices, read_particles, write_particles, write_stack
 from cryo2d.io.outputs import write_text_atomic

@@ -20,7 +20,7 @@ from torch import Tensor
 from cryo2d.em import state as st
 from cryo2d.em.config import EMConfig
 from cryo2d.em.data import batch_ctf, load_batch, noise_spectrum
-from cryo2d.em.estep import coarse_subgrid, deshift_phases, e_step, e_step_coarse_to_fine
+from cryo2d.em.estep import EStepResult, coarse_subgrid, deshift_phases, e_step, e_step_coarse_to_fine
 from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, make_geometry, soft_mask
 from cryo2d.em.mstep import PoseSums, estimate_tau2, resolution_shell, solve_classes, ssnr
 from cryo2d.em.rotation import oversample, psi_grid, rotate_classes, rotated_points, sample_grid
@@ -192,7 +192,7 @@ class Engine:
         sums = self._accumulate_fixed(idx, X, labels.to(self.device), psi.to(self.device))
         num, den, counts = sums
         s.num, s.den, s.counts = num, den, counts
-        self._update_classes(online=True, allow_recenter=False)
+        self._update_classes(allow_recenter=False)
 
     def _noise_model(self, sig_shell: Tensor) -> Tensor:
         if self.config.white_noise:
@@ -209,8 +209,6 @@ class Engine:
         flat = self.mpts.flat
         Xm, cm = X.flatten(1)[:, flat], ctf.flatten(1)[:, flat]
         sums = PoseSums(K, len(psi), len(self.mpts), self.device)
-        from cryo2d.em.estep import EStepResult
-
         b = len(idx)
         ar = torch.arange(b, device=self.device)
         one = torch.ones(b, device=self.device)
@@ -223,8 +221,8 @@ class Engine:
         return num, den, sums.counts
 
     # ---------------------------------------------------------------- classes
-    def _update_classes(self, online: bool, allow_recenter: bool) -> None:
-        """Wiener solve from the current sums, then mask/clamp/recentre/re-seed."""
+    def _update_classes(self, allow_recenter: bool) -> None:
+        """Wiener solve from the current sums, then clamp/non-negativity/re-centring, priors, resolution."""
         s, cfg = self.state, self.config
         sigma2 = s.sigma2_shell[self.mpts.shell]
         s.tau2 = estimate_tau2(s.num, s.den, sigma2, self.mpts.shell, self.n_shells, cfg.tau2_fudge)
@@ -397,7 +395,7 @@ class Engine:
 
     def record(self, idx: np.ndarray, per: dict, iteration: int) -> float:
         """Store per-particle results; return the fraction whose class changed."""
-        s, g = self.state, self.geom
+        s = self.state
         prev = s.class_index[idx]
         seen = prev >= 0
         changed = float(np.mean(prev[seen] != per["k"][seen])) if seen.any() else 1.0
@@ -495,7 +493,7 @@ def run_em(
             s.sigma2_shell = eng._noise_model(torch.where(s.noise_cnt > 0, sig, s.sigma2_shell))
             if online and it < n_online - 1:
                 reseeded = eng._reseed_empty(idx, per)
-            eng._update_classes(online=online, allow_recenter=not last)
+            eng._update_classes(allow_recenter=not last)
         res_angst = eng.geom.radius_to_angst(s.r_res)
         record = {
             "iteration": it + 1,

@@ -56,7 +56,6 @@ class PoseSums:
         res : EStepResult
             Its significant combinations and weights.
         """
-        m = X.shape[1]
         w = res.entry_w.float()[:, None]
         kr = res.entry_k * self.R + res.entry_r
         weighted = (X * ctf * scale[:, None])[res.entry_i] * phases[res.entry_t]
