@@ -4,7 +4,7 @@ Defaults and meanings follow CryoSPARC's 2D classification (DESIGN §2).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from cryo2d.errors import Cryo2DError
 
@@ -66,7 +66,6 @@ class EMConfig:
     tau2_fudge: float = 2.0
     #: Particles per E-step chunk (memory bound); None = automatic.
     chunk_size: int | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def force_max_effective(self) -> bool:

@@ -95,7 +95,7 @@ def load_checkpoint(engine, path: Path) -> int:
         raise Cryo2DError(f"{path}: checkpoint is from a different dataset or version; remove it or drop --resume")
     ours = engine.config.to_dict()
     theirs = payload["config"]
-    diff = [k for k in ours if k not in ("extra",) and ours[k] != theirs.get(k)]
+    diff = [k for k in ours if ours[k] != theirs.get(k)]
     if diff:
         raise Cryo2DError(f"{path}: checkpoint was made with other settings ({', '.join(diff)}); drop --resume to start again")
     for k, v in payload["state"].items():
