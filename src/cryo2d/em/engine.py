@@ -25,7 +25,7 @@ from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, 
 from cryo2d.em.mstep import PoseSums, estimate_tau2, resolution_shell, solve_classes, ssnr
 from cryo2d.em.rotation import oversample, psi_grid, rotate_classes, rotated_points, sample_grid
 from cryo2d.errors import Cryo2DError
-from cryo2d.fourier import fft2c, ifft2c
+from cryo2d.fourier import fft2c, freq_grid, ifft2c, pad_fourier
 from cryo2d.particles import ParticleSet
 
 _PSI_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0)
@@ -309,11 +309,8 @@ class Engine:
 
     def _deshift_grid(self, shifts_px: Tensor) -> Tensor:
         """(b, B, B) phases exp(+2πi f·t) that undo per-particle shifts t (working px)."""
-        from cryo2d.fourier import freq_grid
-
-        f = freq_grid(self.geom.work_box, device=self.device).reshape(-1, 2)
-        phase = 2 * math.pi * (shifts_px.double() @ f.double().T)
-        return torch.polar(torch.ones_like(phase), phase).to(torch.complex64).view(-1, self.geom.work_box, self.geom.work_box)
+        B = self.geom.work_box
+        return deshift_phases(freq_grid(B, device=self.device).reshape(-1, 2), shifts_px).view(-1, B, B)
 
     # ---------------------------------------------------------------- E/M pass
     def pass_over(self, idx: np.ndarray, plan: IterationPlan, mode: str, iteration: int):
@@ -521,10 +518,7 @@ def eng_result(eng: Engine) -> EMResult:
     """Collect the final classes and per-particle results (input-box units)."""
     s, g = eng.state, eng.geom
     B, D = g.work_box, g.box
-    padded = torch.zeros((eng.K, D, D), dtype=torch.complex64, device=eng.device)
-    lo = D // 2 - B // 2
-    padded[:, lo : lo + B, lo : lo + B] = eng._grid(s.A)
-    classes = ifft2c(padded, real=True).cpu().numpy().astype(np.float32)
+    classes = ifft2c(pad_fourier(eng._grid(s.A), D), real=True).cpu().numpy().astype(np.float32)
     counts = np.bincount(s.class_index[s.class_index >= 0], minlength=eng.K).astype(np.float64)
     res = np.array([g.radius_to_angst(float(r)) for r in s.res_shell.cpu()])
     return EMResult(
