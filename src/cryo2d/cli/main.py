@@ -13,6 +13,7 @@ COMMANDS = {
     "info": "info",
     "simulate": "simulate",
     "classify": "classify",
+    "stream": "stream",
     "demo": "demo",
     "select": "select",
     "view": "view",
