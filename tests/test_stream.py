@@ -241,46 +241,71 @@ def test_cli_ctrl_c_stops_cleanly_and_bad_source(sim3, tmp_path):
     assert bad.stderr.strip() == f"cryo2d: error: {tmp_path / 'nowhere'}: no such folder or file"
 
 
-@pytest.mark.slow
-def test_stream_in_chunks_scores_like_batch(bundled_volume, tmp_path):
-    """1,500 particles arrive in 6 files (one written slowly, in parts) while the stream runs.
+def _stream_in_chunks(source: Source, folder: Path, job: Path, config: EMConfig) -> tuple:
+    """Feed 6 files of 250 particles into ``folder`` from a thread while ``stream`` runs; return (result, updates).
 
-    Every particle is classified exactly once, and junk F1 and purity are
-    within 5 % of batch ``classify`` on the same particles (rare view kept if
-    the batch keeps it). Measured (seed 0): see the final report of issue 5.
+    Files 1-4 come 0.5 s apart (the first update starts at 960 particles);
+    file 5 (written in parts, not atomically) and file 6 each come after the
+    previous update, so the updates hold 1000, 1250 and 1500 particles
+    whatever the machine's speed.
     """
-    data = _sim(bundled_volume, tmp_path / "data", n_particles=1500, box=40, snr=0.5, junk_fraction=0.1,
-                views="discrete", n_views=6, rare_view_fraction=0.05, seed=0)
-    config = EMConfig(n_classes=8, batch_size_per_class=15, n_online_iterations=8, seed=0)
-    assert (start_threshold(config), update_threshold(config)) == (960, 240)
-    source = Source(data)
-    folder = tmp_path / "incoming"
     folder.mkdir()
+    done = [threading.Event() for _ in range(4)]
 
     def feed():
         for j, start in enumerate(range(0, 1500, 250)):
+            if j >= 4:
+                done[j - 3].wait(timeout=600)
             if j == 4:
                 source.write_slowly(folder, f"c{j:03d}", start, start + 250, pieces=5, pause_s=0.1)
             else:
                 source.write(folder, f"c{j:03d}", start, start + 250)
-            time.sleep(1.0)
+            time.sleep(0.5)
 
+    def on_update(summary):
+        updates.append(summary)
+        done[min(summary["update"], 3)].set()
+
+    updates: list[dict] = []
     feeder = threading.Thread(target=feed)
     feeder.start()
-    updates = []
-    result = stream(folder, tmp_path / "live", config, settle_s=0.3, poll_s=0.05, idle_stop_s=3.0,
-                    on_update=updates.append)
-    feeder.join()
-    assert result.stopped == "idle" and result.n_particles == 1500 and result.n_pending == 0
-    assert updates[0]["particles"] >= 960 and all(u["new_particles"] >= 240 for u in updates[1:-1])
-    assert sum(u["new_particles"] for u in updates) == 1500
-    # Each file was read once, whole (the slow one too).
-    assert sorted((p.file, p.start, p.stop) for p in result.pieces) == [(f"c{j:03d}.star", 0, 250) for j in range(6)]
-    live = source.score(tmp_path / "live")
-    assert live["n_unassigned"] == 0
-    classify(data / "particles.star", tmp_path / "batch", config)
-    batch = score_job(tmp_path / "batch", data)
-    summary = {"stream": live, "batch": {k: batch[k] for k in live}}
-    assert live["junk_f1"] >= 0.95 * batch["junk_f1"], summary
-    assert live["purity"] >= 0.95 * batch["purity"], summary
-    assert live["rare_view_recovered"] or not batch["rare_view_recovered"], summary
+    try:
+        result = stream(folder, job, config, settle_s=0.3, poll_s=0.05, idle_stop_s=3.0, on_update=on_update)
+    finally:
+        for event in done:
+            event.set()
+        feeder.join()
+    return result, updates
+
+
+@pytest.mark.slow
+def test_stream_in_chunks_scores_like_batch(bundled_volume, tmp_path):
+    """1,500 particles arrive in 6 files (one written slowly, in parts) while the stream runs.
+
+    Every particle is classified exactly once; each file is read once,
+    whole. Against batch ``classify`` on the same particles with the same
+    settings, junk F1 and purity (means over seeds 0, 1 and 2, since one EM
+    trajectory moves these by up to ±0.1) are within 5 %, and the rare view
+    is kept at least as often.
+    """
+    data = _sim(bundled_volume, tmp_path / "data", n_particles=1500, box=40, snr=1.0, junk_fraction=0.1,
+                views="discrete", n_views=4, rare_view_fraction=0.1, seed=0)
+    source = Source(data)
+    live, batch = [], []
+    for seed in (0, 1, 2):
+        config = EMConfig(n_classes=6, batch_size_per_class=20, n_online_iterations=8, seed=seed)
+        assert (start_threshold(config), update_threshold(config)) == (960, 240)
+        result, updates = _stream_in_chunks(source, tmp_path / f"in{seed}", tmp_path / f"live{seed}", config)
+        assert result.stopped == "idle" and result.n_pending == 0
+        assert [(u["particles"], u["new_particles"]) for u in updates] == [(1000, 1000), (1250, 250), (1500, 250)]
+        assert [(p.file, p.start, p.stop) for p in result.pieces] == [(f"c{j:03d}.star", 0, 250) for j in range(6)]
+        live.append(source.score(tmp_path / f"live{seed}"))  # asserts that no particle is written twice
+        assert live[-1]["n_unassigned"] == 0
+        classify(data / "particles.star", tmp_path / f"batch{seed}", config)
+        batch.append(score_job(tmp_path / f"batch{seed}", data))
+    mean = lambda scores, key: float(np.mean([s[key] for s in scores]))  # noqa: E731
+    summary = {key: (mean(live, key), mean(batch, key)) for key in ("junk_f1", "purity", "rare_view_recovered")}
+    print(summary)
+    assert summary["junk_f1"][0] >= 0.95 * summary["junk_f1"][1], summary
+    assert summary["purity"][0] >= 0.95 * summary["purity"][1], summary
+    assert summary["rare_view_recovered"][0] >= summary["rare_view_recovered"][1], summary

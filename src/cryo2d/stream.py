@@ -127,18 +127,25 @@ class StreamResult:
 
 @contextmanager
 def _sigint_deferred():
-    """Hold Ctrl-C until the block is done (an update's files are written together)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    """Hold Ctrl-C until the block is done (an update's files are written together).
+
+    Yields the list of signals caught meanwhile (the caller stops after its
+    bookkeeping). SIGTERM is held too where it has been made to raise
+    KeyboardInterrupt (the CLI does).
+    """
     caught: list[int] = []
-    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    signums = [signal.SIGINT]
+    if signal.getsignal(signal.SIGTERM) is signal.default_int_handler:
+        signums.append(signal.SIGTERM)
+    old = {n: signal.signal(n, lambda signum, frame: caught.append(signum)) for n in signums}
     try:
-        yield
+        yield caught
     finally:
-        signal.signal(signal.SIGINT, old)
-    if caught:
-        raise KeyboardInterrupt
+        for n, handler in old.items():
+            signal.signal(n, handler)
 
 
 def carry_state(engine: Engine, state: RunState, rng_state: dict) -> None:
@@ -312,7 +319,8 @@ class _Stream:
         return pieces
 
     def run_update(self, pending: list[tuple[str, int, int]],
-                   on_iteration: Callable[[dict], None] | None) -> tuple[dict, ClassifyResult]:
+                   on_iteration: Callable[[dict], None] | None) -> tuple[dict, ClassifyResult, bool]:
+        """Classify the pending rows with the earlier ones; write the job. Returns (summary, result, interrupted)."""
         t0 = time.perf_counter()
         new = self.new_pieces(pending)
         self._check_new_images(new)
@@ -351,9 +359,9 @@ class _Stream:
             "duplicates": final.n_duplicates,
             "time_s": round(time.perf_counter() - t0, 3),
         }
-        with _sigint_deferred():
+        with _sigint_deferred() as caught:
             self._write(final, particles, summary, result.geometry.pixel_size_angst)
-        return summary, final
+        return summary, final, bool(caught)
 
     def _write(self, final: ClassifyResult, particles: ParticleSet, summary: dict, pixel_size_angst: float) -> None:
         """Outputs, checkpoint, update log, then stream.json "complete" (each write atomic)."""
@@ -466,9 +474,11 @@ def stream(
             if run.state is None and run.n_particles + n_pending < config.n_classes:
                 enough = False
             if enough and run.ready():
-                summary, last = run.run_update(pending, on_iteration)
+                summary, last, interrupted = run.run_update(pending, on_iteration)
                 if on_update is not None:
                     on_update(summary)
+                if interrupted:
+                    raise KeyboardInterrupt
                 # After an idle flush, stop at the next look unless something new came.
                 n_pending, last_pending = 0, 0 if idle else -1
                 last_change = last_change if idle else time.monotonic()
@@ -482,6 +492,7 @@ def stream(
                 time.sleep(poll_s)
     except KeyboardInterrupt:
         stopped = "interrupted"
+        n_pending = sum(b - a for _, a, b in run.pending())
     return StreamResult(
         updates=run.update, n_particles=run.n_particles, n_pending=n_pending, stopped=stopped,
         pieces=list(run.pieces), n_skipped=sum(len(p.skipped) for p in run.pieces), last=last,

@@ -1,0 +1,70 @@
+"""``concat_particles``: several particle files (a stream's pieces) as one set."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import starfile
+from particle_files import make_cs_dataset, make_star_dataset, write_mrcs
+
+from cryo2d.errors import Cryo2DError
+from cryo2d.io import read_particles, write_particles
+from cryo2d.io.concat import concat_particles
+
+
+def _split_star(star, rows_a, rows_b):
+    blocks = starfile.read(star, always_dict=True)
+    paths = []
+    for name, rows in (("a.star", rows_a), ("b.star", rows_b)):
+        part = {"optics": blocks["optics"], "particles": blocks["particles"].iloc[rows]}
+        starfile.write(part, star.parent / name)
+        paths.append(star.parent / name)
+    return paths
+
+
+def test_two_star_files_equal_the_whole(tmp_path):
+    star, images, ctf = make_star_dataset(tmp_path, n=12)
+    a, b = _split_star(star, slice(0, 5), slice(5, 12))
+    joined = concat_particles([read_particles(a), read_particles(b)], tmp_path)
+    whole = read_particles(star)
+    assert len(joined) == 12 and joined.box == whole.box
+    np.testing.assert_array_equal(joined.stack.read(np.arange(12)), images)
+    np.testing.assert_array_equal(joined.stack.read(np.array([11, 0, 6])), images[[11, 0, 6]])
+    for field in ctf:
+        if field != "pixel_size_angst":
+            np.testing.assert_allclose(getattr(joined.ctf, field), getattr(whole.ctf, field))
+    np.testing.assert_allclose(joined.pixel_size_angst, whole.pixel_size_angst)
+    write_particles(joined, tmp_path / "out.star")
+    back = starfile.read(tmp_path / "out.star", always_dict=True)
+    assert list(back["optics"]["rlnOpticsGroup"]) == [1, 2]
+    assert list(back["particles"]["rlnImageName"]) == list(whole.table["rlnImageName"])
+
+
+def test_mismatches_name_the_file(tmp_path):
+    star, _, _ = make_star_dataset(tmp_path, n=12)
+    a, b = _split_star(star, slice(0, 6), slice(6, 12))
+    blocks = starfile.read(b, always_dict=True)
+    blocks["optics"].loc[1, "rlnVoltage"] = 120.0
+    starfile.write(blocks, tmp_path / "c.star")
+    with pytest.raises(Cryo2DError, match=r"c.star: optics group 2 differs from the one in .*a.star"):
+        concat_particles([read_particles(a), read_particles(tmp_path / "c.star")], tmp_path)
+    write_mrcs(tmp_path / "big.mrcs", np.zeros((12, 20, 20)))
+    blocks = starfile.read(b, always_dict=True)
+    blocks["particles"]["rlnImageName"] = [f"{i + 1:06d}@big.mrcs" for i in range(6)]
+    blocks["optics"]["rlnImageSize"] = 20
+    starfile.write(blocks, tmp_path / "d.star")
+    with pytest.raises(Cryo2DError, match=r"d.star: mixed box sizes: 20 px images, .*a.star has 16 px"):
+        concat_particles([read_particles(a), read_particles(tmp_path / "d.star")], tmp_path)
+
+
+def test_two_cs_files(tmp_path):
+    _, cs, images, _ = make_cs_dataset(tmp_path, n=12)
+    array = np.load(cs)
+    for name, rows in (("a.cs", slice(0, 4)), ("b.cs", slice(4, 12))):
+        with open(cs.parent / name, "wb") as handle:
+            np.save(handle, array[rows])
+    joined = concat_particles([read_particles(cs.parent / "a.cs"), read_particles(cs.parent / "b.cs")], cs.parent)
+    assert joined.kind == "cs"
+    np.testing.assert_array_equal(joined.extra["cs_array"], array)
+    np.testing.assert_array_equal(joined.stack.read(np.arange(12)), images)
+    write_particles(joined, tmp_path / "out.cs")
+    np.testing.assert_array_equal(np.load(tmp_path / "out.cs")["uid"], array["uid"])
