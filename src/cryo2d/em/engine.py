@@ -43,6 +43,32 @@ class IterationPlan:
 
 
 @dataclass
+class ShardSums:
+    """What one shard of a pass returns (:meth:`Engine.pass_shard`); shards add up.
+
+    Attributes
+    ----------
+    num : (K, m) complex64 tensor
+        Class-frame numerator sums at the M-step points (linear in the particles).
+    den : (K, m) float32 tensor
+        Class-frame denominator sums.
+    counts : (K,) float64 tensor
+        Class occupancy (sum of the M-step weights).
+    shell_resid : (b, n_shells) float64 tensor
+        Per particle, residual power |X − s·c·Z| ² at the best pose summed per
+        Fourier shell (the robust noise model picks particles over the whole pass).
+    per : dict of (b, ...) numpy arrays
+        Per-particle results in the shard's order (keys as :meth:`Engine.record` reads).
+    """
+
+    num: Tensor
+    den: Tensor
+    counts: Tensor
+    shell_resid: Tensor
+    per: dict
+
+
+@dataclass
 class EMResult:
     """Output of :func:`run_em` (classes in the engine's order, unsorted).
 
@@ -317,6 +343,36 @@ class Engine:
         """E-step over particles ``idx`` (in chunks) and M-step sums.
 
         Returns the new sums (num, den, counts, noise) and per-particle results.
+        One shard (:meth:`pass_shard`) and its reduction (:meth:`reduce_pass`):
+        a distributed pass (``cryo2d.em.distributed``) runs the same two steps
+        with several shards.
+        """
+        return self.reduce_pass([self.pass_shard(idx, plan, mode)])
+
+    def reduce_pass(self, shards: list[ShardSums]):
+        """Add the shards' sums in list order and make the robust noise sums over all of them.
+
+        Returns
+        -------
+        sums : (num, den, counts, noise_sum, noise_cnt)
+            As (K, m) complex, (K, m) float, (K,) / (n_shells,) / (n_shells,) float64
+            tensors on the engine's device.
+        per : dict of numpy arrays
+            Per-particle results, the shards concatenated in order.
+        """
+        dev = self.device
+        num, den, counts = (x.to(dev) for x in (shards[0].num, shards[0].den, shards[0].counts))
+        for sh in shards[1:]:
+            num, den, counts = num + sh.num.to(dev), den + sh.den.to(dev), counts + sh.counts.to(dev)
+        per = {k: np.concatenate([sh.per[k] for sh in shards]) for k in shards[0].per}
+        shell_resid = torch.cat([sh.shell_resid.to(dev) for sh in shards])
+        noise_sum, noise_cnt = self._robust_noise_sums(shell_resid, per["chi2"])
+        return (num, den, counts, noise_sum, noise_cnt), per
+
+    def pass_shard(self, idx: np.ndarray, plan: IterationPlan, mode: str) -> ShardSums:
+        """E-step and linear M-step sums of particles ``idx``; reads only their images.
+
+        Uses ``state.A``, ``sigma2_shell``, ``log_prior`` and ``scale[idx]``.
         """
         s, g, cfg = self.state, self.geom, self.config
         dev = self.device
@@ -374,8 +430,7 @@ class Engine:
                 out["norm"].append(res.best_norm)
         num, den = sums.class_frame(plan.psi_rad, self.mpts, g.work_box, cfg.zeropad)
         per = {k: torch.cat(v).cpu().numpy() for k, v in out.items()}
-        noise_sum, noise_cnt = self._robust_noise_sums(torch.cat(shell_resid), per["chi2"])
-        return (num, den, sums.counts, noise_sum, noise_cnt), per
+        return ShardSums(num, den, sums.counts, torch.cat(shell_resid), per)
 
     def _robust_noise_sums(self, shell_resid: Tensor, chi2: np.ndarray) -> tuple[Tensor, Tensor]:
         """Noise sums per shell over the particles the model fits typically.
@@ -488,6 +543,7 @@ def run_em(
     on_iteration: Callable[[dict], None] | None = None,
     checkpoint: Path | None = None,
     resume: bool = False,
+    make_pass: Callable[[Engine], Callable] | None = None,
 ) -> EMResult:
     """Classify ``particles`` into ``config.n_classes`` 2D classes.
 
@@ -504,6 +560,10 @@ def run_em(
     resume : bool
         Continue from ``checkpoint`` if it exists; ``on_iteration`` is first
         called again with the records of the iterations already done.
+    make_pass : callable, optional
+        Called once with the :class:`Engine`; returns the ``pass_fn`` that
+        every :meth:`Engine.iterate` uses instead of :meth:`Engine.pass_over`
+        (e.g. :class:`cryo2d.em.distributed.DaskPass`).
 
     Returns
     -------
@@ -523,8 +583,9 @@ def run_em(
         eng.initialise()
     n_online, n_full = cfg.n_online_iterations, cfg.n_full_iterations
     total = n_online + max(n_full, 1)
+    pass_fn = make_pass(eng) if make_pass is not None else None
     for it in range(start_iter, total):
-        record = eng.iterate(it)
+        record = eng.iterate(it, pass_fn=pass_fn)
         if checkpoint is not None:
             st.save_checkpoint(eng, checkpoint, it + 1)
         if on_iteration is not None:
