@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import ExitStack
+from functools import partial
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -13,6 +15,7 @@ import pandas as pd
 from cryo2d.em.config import EMConfig
 from cryo2d.em.engine import EMResult, run_em
 from cryo2d.em.finalize import align_vertical, duplicate_mask, sort_order
+from cryo2d.errors import Cryo2DError
 from cryo2d.gallery.render import render_gallery
 from cryo2d.io import check_finite, nonfinite_indices, read_particles, write_particles, write_stack
 from cryo2d.io.outputs import write_text_atomic
@@ -73,6 +76,8 @@ def classify(
     resume: bool = False,
     skip_bad: bool = False,
     on_iteration: Callable[[dict], None] | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
 ) -> ClassifyResult:
     """Run 2D classification and write the job folder (DESIGN §4).
 
@@ -94,15 +99,25 @@ def classify(
         Drop images with NaN/Inf pixels (reported) instead of refusing.
     on_iteration : callable, optional
         Called with each iteration's log record.
+    workers : int, optional
+        Run the full iterations on a local Dask cluster of this many
+        single-threaded worker processes (``cryo2d.em.distributed``).
+    scheduler : str, optional
+        Run them on the workers of a running Dask scheduler (``tcp://HOST:PORT``).
     """
+    if workers is not None and scheduler is not None:
+        raise Cryo2DError("--workers and --scheduler: give one of them")
+    if workers is not None and workers < 1:
+        raise Cryo2DError(f"--workers must be at least 1 (got {workers})")
     if not isinstance(particles, ParticleSet):
         particles = read_particles(particles, project_dir=project_dir, no_ctf=not config.use_ctf)
-    n_bad = 0
+    n_bad, rows = 0, None
     if skip_bad:
         bad = nonfinite_indices(particles.stack)
         if len(bad):
             n_bad = len(bad)
-            particles = subset_particles(particles, np.setdiff1d(np.arange(len(particles)), bad))
+            rows = np.setdiff1d(np.arange(len(particles)), bad)
+            particles = subset_particles(particles, rows)
     else:
         check_finite(particles.stack)
     out = Path(out_dir)
@@ -116,7 +131,16 @@ def classify(
         if on_iteration is not None:
             on_iteration(record)
 
-    result = run_em(particles, config, device=device, on_iteration=_log, checkpoint=out / "checkpoint.pt", resume=resume)
+    with ExitStack() as stack:
+        make_pass = None
+        if workers is not None or scheduler is not None:
+            from cryo2d.em.distributed import DaskPass, dask_client, source_of
+
+            source = source_of(particles, project_dir, rows)
+            client = stack.enter_context(dask_client(workers=workers, scheduler=scheduler))
+            make_pass = partial(DaskPass, client, source)
+        result = run_em(particles, config, device=device, on_iteration=_log, checkpoint=out / "checkpoint.pt",
+                        resume=resume, make_pass=make_pass)
     final = finalize(result, particles, config)
     write_job(final, particles, out, result.geometry.pixel_size_angst)
     final.out_dir = out

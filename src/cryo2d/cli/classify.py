@@ -11,6 +11,8 @@ Examples:
   $ cryo2d classify Extract/job012/particles.star -o Class2D/run1 --classes 50
   $ cryo2d classify J12_particles.cs --project-dir /data/P3 -o c2d --classes 100 --max-res 8
   $ cryo2d classify stain.star -o c2d --no-ctf --classes 20 --mask-diameter 180
+  $ cryo2d classify particles.star -o c2d --workers 4               # local Dask cluster
+  $ cryo2d classify particles.star -o c2d --scheduler tcp://node1:8786
 """
 from __future__ import annotations
 
@@ -70,6 +72,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    dist = p.add_mutually_exclusive_group()
+    dist.add_argument("--workers", type=int, default=None, metavar="N",
+                      help="run the full iterations on a local Dask cluster of N single-threaded worker processes")
+    dist.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                      help="run the full iterations on the workers of a running Dask scheduler, e.g. tcp://node1:8786")
     p.add_argument("--project-dir", default=None, help="CryoSPARC project folder for .cs blob paths")
     p.add_argument("--skip-bad", action="store_true", help="drop images with NaN/Inf pixels (reported) instead of refusing")
     p.add_argument("--resume", action="store_true", help="continue from the job's checkpoint")
@@ -150,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         result = classify(
             args.particles, args.out, config, device=args.device, project_dir=args.project_dir,
             resume=args.resume, skip_bad=args.skip_bad, on_iteration=on_iteration,
+            workers=args.workers, scheduler=args.scheduler,
         )
     finally:
         bar.close()

@@ -1,0 +1,394 @@
+"""Full passes on Dask distributed: particle shards on workers, sums reduced on the client.
+
+DESIGN §3 "Scale-out": a full iteration is a map over particle shards that
+returns sufficient statistics, then a reduce. :class:`DaskPass` is a
+``pass_fn`` for :meth:`cryo2d.em.engine.Engine.iterate`: it cuts the pass's
+particles into contiguous shards (in order, one per worker), sends each worker
+what its E-step needs — the particle file's location (a
+:class:`ParticleSource`; every worker reads its own images), the config, the
+class transforms, the noise model, the class priors, the scales of its
+particles and the search plan — and adds what comes back with
+:meth:`Engine.reduce_pass` in shard order, the same reduction the
+single-process pass uses. A worker keeps its :class:`Engine` (the opened
+particle set, geometry, masks) between iterations.
+
+Online iterations (small batches) stay on the client. A worker that dies
+mid-pass is replaced (the nanny restarts it) and Dask reruns its shard
+elsewhere; shards are pure functions of what they are sent, so the result does
+not change.
+
+Dask is imported only here, and this module only when ``--workers`` or
+``--scheduler`` is used.
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryo2d.em.config import EMConfig
+from cryo2d.em.engine import Engine, IterationPlan, ShardSums
+from cryo2d.em.geometry import PointSet
+from cryo2d.errors import Cryo2DError
+from cryo2d.particles import ParticleSet
+
+#: Engines a worker process keeps (one per run; older runs are dropped).
+_CACHE_SIZE = 2
+_ENGINES: OrderedDict[str, Engine] = OrderedDict()
+_ENGINES_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ParticleSource:
+    """Where a worker reads the particles from: a file path, never pixels.
+
+    Attributes
+    ----------
+    path : str
+        Absolute path of the STAR or .cs file (the same path must work on
+        every worker: a shared file system).
+    project_dir : str or None
+        CryoSPARC project folder for .cs blob paths.
+    no_ctf : bool
+        Read no CTF (``--no-ctf``).
+    rows : (n,) int64 array or None
+        The rows of the file that were classified (after ``--skip-bad``); None = all.
+    """
+
+    path: str
+    project_dir: str | None = None
+    no_ctf: bool = False
+    rows: np.ndarray | None = None
+
+    def open(self) -> ParticleSet:
+        """Read the particle set (metadata; images stay memory-mapped)."""
+        from cryo2d.classify import subset_particles
+        from cryo2d.io import read_particles
+
+        particles = read_particles(self.path, project_dir=self.project_dir, no_ctf=self.no_ctf)
+        if self.rows is not None:
+            particles = subset_particles(particles, self.rows)
+        return particles
+
+
+def source_of(particles: ParticleSet, project_dir=None, rows: np.ndarray | None = None) -> ParticleSource:
+    """The :class:`ParticleSource` of a set read from a STAR/.cs file.
+
+    Raises
+    ------
+    Cryo2DError
+        When the set was not read from an existing STAR or .cs file (an
+        in-memory set cannot be sent to workers without shipping its pixels).
+    """
+    path = Path(particles.source)
+    if path.suffix.lower() not in (".star", ".cs") or not path.is_file():
+        raise Cryo2DError(f"{path}: --workers/--scheduler need particles read from a STAR or .cs file")
+    return ParticleSource(
+        path=str(path.resolve()),
+        project_dir=None if project_dir is None else str(Path(project_dir).resolve()),
+        no_ctf=particles.ctf is None,
+        rows=None if rows is None else np.asarray(rows, dtype=np.int64),
+    )
+
+
+# ---------------------------------------------------------------- wire formats
+def _plan_to_wire(plan: IterationPlan) -> dict:
+    p = plan.points
+    return {
+        "r_cur": plan.r_cur, "temperature": plan.temperature,
+        "psi_rad": plan.psi_rad.cpu().numpy(), "shifts_px": plan.shifts_px.cpu().numpy(),
+        "flat": p.flat.cpu().numpy(), "xy": p.xy.cpu().numpy(), "shell": p.shell.cpu().numpy(),
+        "weight": p.weight.cpu().numpy(),
+    }
+
+
+def _plan_from_wire(w: dict, device) -> IterationPlan:
+    t = lambda name: torch.from_numpy(w[name]).to(device)  # noqa: E731
+    return IterationPlan(
+        r_cur=w["r_cur"], psi_rad=t("psi_rad"), shifts_px=t("shifts_px"),
+        points=PointSet(flat=t("flat"), xy=t("xy"), shell=t("shell"), weight=t("weight")),
+        temperature=w["temperature"],
+    )
+
+
+@dataclass
+class ShardTask:
+    """Everything one worker needs for one shard of one pass (numpy only).
+
+    Attributes
+    ----------
+    run_key : str
+        Names the run; a worker caches its Engine under it.
+    source : ParticleSource
+    config : EMConfig
+    device : str
+    n_particles : int
+        Size of the client's particle set (checked against the worker's).
+    idx : (b,) int64
+        The shard's particles (indices into the set), in pass order.
+    scale : (b,) float32
+        Their current scale factors.
+    A : (K, m) complex64
+        Class transforms at the M-step points.
+    sigma2_shell : (n_shells,) float32
+        Noise variance per shell.
+    log_prior : (K,) float32
+    plan : dict
+        The iteration's search plan (:func:`_plan_to_wire`).
+    mode : str
+        "hard", "hard_class" or "soft" (see :meth:`Engine.iterate`).
+    """
+
+    run_key: str
+    source: ParticleSource
+    config: EMConfig
+    device: str
+    n_particles: int
+    idx: np.ndarray
+    scale: np.ndarray
+    A: np.ndarray
+    sigma2_shell: np.ndarray
+    log_prior: np.ndarray
+    plan: dict
+    mode: str
+
+
+def _shard_to_wire(sh: ShardSums) -> dict:
+    return {
+        "num": sh.num.cpu().numpy(), "den": sh.den.cpu().numpy(), "counts": sh.counts.cpu().numpy(),
+        "shell_resid": sh.shell_resid.cpu().numpy(), "per": sh.per,
+    }
+
+
+def _shard_from_wire(w: dict) -> ShardSums:
+    return ShardSums(
+        num=torch.from_numpy(w["num"]), den=torch.from_numpy(w["den"]), counts=torch.from_numpy(w["counts"]),
+        shell_resid=torch.from_numpy(w["shell_resid"]), per=w["per"],
+    )
+
+
+def _nbytes(obj) -> int:
+    """Bytes of ``obj`` as pickled (protocol 5, what Dask sends for it)."""
+    return len(pickle.dumps(obj, protocol=5))
+
+
+# ---------------------------------------------------------------- worker side
+def _worker_engine(task: ShardTask) -> Engine:
+    """The worker's Engine for this run (built on first use, then cached)."""
+    with _ENGINES_LOCK:
+        eng = _ENGINES.get(task.run_key)
+        if eng is None:
+            particles = task.source.open()
+            if len(particles) != task.n_particles:
+                raise Cryo2DError(
+                    f"{task.source.path}: the worker reads {len(particles)} particles, the client has "
+                    f"{task.n_particles} (is the file the same on every machine?)"
+                )
+            eng = Engine(particles, task.config, task.device)
+            _ENGINES[task.run_key] = eng
+            while len(_ENGINES) > _CACHE_SIZE:
+                _ENGINES.popitem(last=False)
+        _ENGINES.move_to_end(task.run_key)
+    return eng
+
+
+def run_shard(task: ShardTask) -> dict:
+    """Worker task: E-step and linear sums of one shard (:meth:`Engine.pass_shard`).
+
+    Returns the :class:`ShardSums` as numpy arrays (keys num, den, counts,
+    shell_resid, per). Runs on a private shallow copy of the cached engine's
+    state, so concurrent shards on one worker do not interfere.
+    """
+    try:
+        from distributed import get_worker
+
+        torch.set_num_threads(max(1, int(get_worker().state.nthreads)))
+    except (ImportError, ValueError):  # called outside a worker (tests of this function)
+        pass
+    base = _worker_engine(task)
+    dev = base.device
+    scale = np.ones(task.n_particles, dtype=np.float32)
+    scale[task.idx] = task.scale
+    eng = copy.copy(base)
+    eng.state = replace(
+        base.state,
+        A=torch.from_numpy(task.A).to(dev),
+        sigma2_shell=torch.from_numpy(task.sigma2_shell).to(dev),
+        log_prior=torch.from_numpy(task.log_prior).to(dev),
+        scale=scale,
+    )
+    assert eng.state.A.shape == (eng.K, len(eng.mpts)), "worker geometry differs from the client's"
+    return _shard_to_wire(eng.pass_shard(task.idx, _plan_from_wire(task.plan, dev), task.mode))
+
+
+# ---------------------------------------------------------------- client side
+def shard_bounds(n: int, n_shards: int) -> np.ndarray:
+    """Contiguous, in-order shard boundaries: ``idx[b[i]:b[i+1]]`` is shard i, sizes differ by ≤ 1."""
+    n_shards = max(1, min(n, n_shards))
+    return np.array([(i * n) // n_shards for i in range(n_shards + 1)], dtype=np.int64)
+
+
+class DaskPass:
+    """A ``pass_fn`` (see :meth:`Engine.iterate`) that runs full passes on a Dask cluster.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    source : ParticleSource
+        Where workers read the particles (the same set as ``engine.particles``).
+    engine : Engine
+        The client's engine: its state is what the workers' E-steps use and
+        :meth:`Engine.reduce_pass` adds their sums.
+    device : str, optional
+        Where workers compute (default: the engine's device).
+    shards_per_worker : int
+        Shards per worker and pass (1: each worker pays the back-rotation of
+        its sums once per pass; more balances uneven workers).
+    worker_timeout_s : float
+        How long a pass waits for at least one worker before giving up.
+
+    Attributes
+    ----------
+    stats : list of dict
+        Per distributed pass: iteration, workers, shard sizes, bytes sent
+        (pickled tasks) and received (pickled results), wall time (s).
+    """
+
+    def __init__(self, client, source: ParticleSource, engine: Engine, *, device: str | None = None,
+                 shards_per_worker: int = 1, worker_timeout_s: float = 60.0) -> None:
+        self.client, self.source, self.engine = client, source, engine
+        self.device = str(engine.device) if device is None else device
+        self.shards_per_worker = int(shards_per_worker)
+        self.worker_timeout_s = float(worker_timeout_s)
+        self.run_key = f"cryo2d-{uuid.uuid4().hex}"
+        self.stats: list[dict] = []
+        self._n_submitted = 0
+
+    def __call__(self, idx: np.ndarray, plan: IterationPlan, mode: str, iteration: int):
+        """Online iterations on the client, full iterations on the workers."""
+        if iteration < self.engine.config.n_online_iterations:
+            return self.engine.pass_over(idx, plan, mode, iteration)
+        return self.run(idx, plan, mode, iteration)
+
+    def _workers(self) -> list[str]:
+        workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        if not workers:
+            try:
+                self.client.wait_for_workers(1, timeout=self.worker_timeout_s)
+            except TimeoutError:
+                raise Cryo2DError(
+                    f"Dask scheduler {self.client.scheduler.address}: no workers after {self.worker_timeout_s:g} s"
+                ) from None
+            workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        return workers
+
+    def tasks(self, idx: np.ndarray, plan: IterationPlan, mode: str, n_shards: int) -> list[ShardTask]:
+        """The shard tasks of one pass over ``idx`` (contiguous, in order)."""
+        s, idx = self.engine.state, np.asarray(idx, dtype=np.int64)
+        common = dict(
+            run_key=self.run_key, source=self.source, config=self.engine.config, device=self.device,
+            n_particles=len(self.engine.particles), A=s.A.cpu().numpy(),
+            sigma2_shell=s.sigma2_shell.float().cpu().numpy(), log_prior=s.log_prior.float().cpu().numpy(),
+            plan=_plan_to_wire(plan), mode=mode,
+        )
+        b = shard_bounds(len(idx), n_shards)
+        return [ShardTask(idx=idx[b[i]:b[i + 1]], scale=s.scale[idx[b[i]:b[i + 1]]], **common) for i in range(len(b) - 1)]
+
+    def run(self, idx: np.ndarray, plan: IterationPlan, mode: str, iteration: int):
+        """One pass over ``idx`` on the workers; returns what :meth:`Engine.pass_over` returns."""
+        from distributed import KilledWorker
+
+        t0 = time.perf_counter()
+        workers = self._workers()
+        tasks = self.tasks(idx, plan, mode, self.shards_per_worker * len(workers))
+        futures = [self._submit(t, i, iteration, workers) for i, t in enumerate(tasks)]
+        results: list = [None] * len(tasks)
+        for attempt in range(3):
+            try:
+                for i, res in enumerate(self.client.gather(futures)):
+                    results[i] = res
+                break
+            except KilledWorker:  # a shard outlived 'allowed-failures' workers: try it afresh
+                if attempt == 2:
+                    raise
+                workers = self._workers()
+                futures = [self._submit(tasks[i], i, iteration, workers) if f.status == "error" else f
+                           for i, f in enumerate(futures)]
+        shards = [_shard_from_wire(r) for r in results]  # shard order, whoever finished first
+        self.stats.append({
+            "iteration": iteration,
+            "workers": len(workers),
+            "shard_sizes": [len(t.idx) for t in tasks],
+            "bytes_sent": sum(_nbytes(t) for t in tasks),
+            "bytes_received": sum(_nbytes(r) for r in results),
+            "time_s": time.perf_counter() - t0,
+        })
+        return self.engine.reduce_pass(shards)
+
+    def _submit(self, task: ShardTask, i: int, iteration: int, workers: list[str]):
+        self._n_submitted += 1
+        key = f"cryo2d-shard-{self.run_key[7:15]}-it{iteration}-{i}-{self._n_submitted}"
+        return self.client.submit(run_shard, task, key=key, pure=False,
+                                  workers=[workers[i % len(workers)]], allow_other_workers=True)
+
+
+@contextmanager
+def dask_client(*, workers: int | None = None, scheduler: str | None = None, timeout_s: float = 10.0) -> Iterator:
+    """A ``distributed.Client``: a local cluster of ``workers`` processes, or an existing scheduler.
+
+    Parameters
+    ----------
+    workers : int, optional
+        Start a local cluster of this many single-threaded worker processes
+        (each with a nanny that restarts it if it dies).
+    scheduler : str, optional
+        Address of a running scheduler (``tcp://HOST:PORT``), e.g. one that
+        dask-jobqueue started on SLURM.
+    timeout_s : float
+        How long to try to reach the scheduler.
+
+    Raises
+    ------
+    Cryo2DError
+        Both or neither given, ``workers`` < 1, Dask not installed, or the
+        scheduler cannot be reached.
+    """
+    if (workers is None) == (scheduler is None):
+        raise Cryo2DError("give one of --workers N (local cluster) or --scheduler ADDRESS (existing cluster)")
+    if workers is not None and workers < 1:
+        raise Cryo2DError(f"--workers must be at least 1 (got {workers})")
+    try:
+        import logging
+
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise Cryo2DError("--workers/--scheduler need Dask: pip install 'cryo2d[dask]'") from None
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout=f"{timeout_s}s", set_as_default=False)
+        except (OSError, ValueError, TypeError) as err:
+            msg = " ".join(str(err).split()) or type(err).__name__
+            raise Cryo2DError(f"--scheduler {scheduler}: cannot connect ({msg})") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.ERROR)
+    client = Client(cluster, set_as_default=False)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()

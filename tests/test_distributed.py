@@ -1,0 +1,233 @@
+"""Full iterations on Dask distributed (issue 7): the same numbers as one process, with 1-3 workers and after a kill."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("distributed")
+
+from distributed import Client, LocalCluster  # noqa: E402
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin  # noqa: E402
+
+from cryo2d.em.config import EMConfig  # noqa: E402
+from cryo2d.em.distributed import DaskPass, dask_client, shard_bounds, source_of  # noqa: E402
+from cryo2d.em.engine import Engine, run_em  # noqa: E402
+from cryo2d.errors import Cryo2DError  # noqa: E402
+
+# Two online iterations on the client, then two full passes on the workers.
+CONFIG = EMConfig(n_classes=3, n_online_iterations=2, batch_size_per_class=20, n_full_iterations=2, seed=0)
+#: float32 sums added in another order: class pixels agree to this fraction of the largest.
+CLASS_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def particles(tmp_path_factory):
+    """300 particles, 32 px, SNR 1, three views, read from the STAR file workers re-open."""
+    from cryo2d.io import read_particles
+    from cryo2d.simulate import bundled_map_path, read_map, simulate, write_simulation
+
+    sim = simulate(*read_map(bundled_map_path()), n_particles=300, box=32, snr=1.0, junk_fraction=0.0,
+                   views="discrete", n_views=3, rare_view_fraction=0.0, seed=3)
+    folder = write_simulation(sim, tmp_path_factory.mktemp("dist"))
+    return read_particles(folder / "particles.star")
+
+
+@pytest.fixture(scope="module")
+def reference(particles):
+    """The single-process result."""
+    return run_em(particles, CONFIG)
+
+
+def _local_cluster(n_workers: int) -> LocalCluster:
+    import logging
+
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                        silence_logs=logging.CRITICAL)
+
+
+def _run_distributed(particles, client: Client):
+    passes: list[DaskPass] = []
+
+    def make_pass(engine):
+        passes.append(DaskPass(client, source_of(particles), engine))
+        return passes[-1]
+
+    return run_em(particles, CONFIG, make_pass=make_pass), passes[0]
+
+
+def assert_same_result(result, ref) -> None:
+    scale = float(np.abs(ref.classes).max())
+    np.testing.assert_allclose(result.classes, ref.classes, rtol=0, atol=CLASS_RTOL * scale)
+    np.testing.assert_array_equal(result.class_index, ref.class_index)
+    np.testing.assert_array_equal(result.psi_deg, ref.psi_deg)  # poses are grid points: equal or not
+    np.testing.assert_array_equal(result.shift_px, ref.shift_px)
+    np.testing.assert_allclose(result.max_prob, ref.max_prob, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(result.class_posterior, ref.class_posterior, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(result.counts, ref.counts)
+
+
+def test_shard_bounds_contiguous_in_order():
+    b = shard_bounds(10, 3)
+    assert b.tolist() == [0, 3, 6, 10]
+    assert shard_bounds(2, 5).tolist() == [0, 1, 2]  # never an empty shard
+    assert shard_bounds(7, 1).tolist() == [0, 7]
+
+
+def test_shards_reduce_to_the_single_pass(particles):
+    """pass_shard on three pieces + reduce_pass = pass_over on all (the split itself, without Dask)."""
+    eng = Engine(particles, CONFIG)
+    eng.initialise()
+    idx = np.arange(len(particles))
+    plan = eng.plan(CONFIG.n_online_iterations, online=False)
+    (num, den, counts, nsum, ncnt), per = eng.pass_over(idx, plan, "soft", CONFIG.n_online_iterations)
+    b = shard_bounds(len(idx), 3)
+    shards = [eng.pass_shard(idx[b[i]:b[i + 1]], plan, "soft") for i in range(3)]
+    (num3, den3, counts3, nsum3, ncnt3), per3 = eng.reduce_pass(shards)
+    tol = CLASS_RTOL * float(num.abs().max())
+    assert float((num3 - num).abs().max()) <= tol
+    assert float((den3 - den).abs().max()) <= CLASS_RTOL * float(den.abs().max())
+    np.testing.assert_allclose(counts3.numpy(), counts.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(nsum3.numpy(), nsum.numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(ncnt3.numpy(), ncnt.numpy())
+    assert per3.keys() == per.keys()
+    for key in per:
+        np.testing.assert_allclose(per3[key], per[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def shared_cluster():
+    """One local cluster of 3 single-threaded worker processes, scaled down by the tests (starts once)."""
+    with _local_cluster(3) as cluster, Client(cluster, set_as_default=False) as client:
+        yield cluster, client
+
+
+@pytest.mark.parametrize("n_workers", [3, 2, 1])
+def test_workers_give_the_single_process_result(particles, reference, shared_cluster, n_workers):
+    cluster, client = shared_cluster
+    cluster.scale(n_workers)
+    deadline = time.monotonic() + 60
+    while len(client.scheduler_info()["workers"]) != n_workers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    result, dask_pass = _run_distributed(particles, client)
+    assert_same_result(result, reference)
+    # The two full passes ran on the workers, one contiguous shard each; online ones did not.
+    assert [s["iteration"] for s in dask_pass.stats] == [2, 3]
+    for s in dask_pass.stats:
+        assert s["workers"] == n_workers
+        assert s["shard_sizes"] == np.diff(shard_bounds(len(particles), n_workers)).tolist()
+        assert s["bytes_sent"] > 0 and s["bytes_received"] > 0
+
+
+class _SlowShards(WorkerPlugin):
+    """Every shard task sleeps first (on every worker, replacements too), so a kill lands mid-task."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def setup(self, worker) -> None:
+        import cryo2d.em.distributed as dist
+
+        if getattr(dist.run_shard, "slowed", False):
+            return
+        original, delay_s = dist.run_shard, self.delay_s
+
+        def slow(task):
+            time.sleep(delay_s)
+            return original(task)
+
+        slow.slowed = True
+        dist.run_shard = slow
+
+
+class _Interrupted(SchedulerPlugin):
+    """Records shard tasks taken away from a worker while it was running them."""
+
+    def __init__(self) -> None:
+        self.keys: list = []
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if start == "processing" and finish != "memory" and "cryo2d-shard" in str(key):
+            self.keys.append(key)
+
+
+def test_worker_killed_mid_pass_is_replaced_and_result_unchanged(particles, reference):
+    with _local_cluster(2) as cluster, Client(cluster, set_as_default=False) as client:
+        client.register_plugin(_SlowShards(0.6))
+        interrupted = _Interrupted()
+        cluster.scheduler.add_plugin(interrupted)
+        pids = client.run(os.getpid)
+        killed: list = []
+
+        def kill_first_busy_worker():
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                busy = [w for w, keys in client.processing().items() if any("cryo2d-shard" in str(k) for k in keys)]
+                if busy and busy[0] in pids:
+                    time.sleep(0.2)  # well inside the task's sleep
+                    os.kill(pids[busy[0]], signal.SIGKILL)
+                    killed.append(busy[0])
+                    return
+                time.sleep(0.02)
+
+        killer = threading.Thread(target=kill_first_busy_worker, daemon=True)
+        killer.start()
+        result, dask_pass = _run_distributed(particles, client)
+        killer.join()
+        client.wait_for_workers(2, timeout=60)  # the nanny started a replacement
+        workers = set(client.scheduler_info()["workers"])
+    assert killed and interrupted.keys, "the kill did not hit a running shard"
+    assert killed[0] not in workers and len(workers) == 2
+    assert_same_result(result, reference)
+    assert [s["iteration"] for s in dask_pass.stats] == [2, 3]
+
+
+def test_bad_scale_out_arguments(particles):
+    with pytest.raises(Cryo2DError, match="at least 1"):
+        with dask_client(workers=0):
+            pass
+    with pytest.raises(Cryo2DError, match="one of"):
+        with dask_client(workers=1, scheduler="tcp://127.0.0.1:9"):
+            pass
+    with pytest.raises(Cryo2DError, match=r"--scheduler tcp://127.0.0.1:9: cannot connect"):
+        with dask_client(scheduler="tcp://127.0.0.1:9", timeout_s=1):
+            pass
+    from dataclasses import replace
+    from pathlib import Path
+
+    with pytest.raises(Cryo2DError, match="STAR or .cs file"):  # an in-memory set: its pixels would travel
+        source_of(replace(particles, source=Path("mem")))
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--workers", "0"], "cryo2d: error: --workers must be at least 1 (got 0)"),
+    (["--scheduler", "nonsense"], "cryo2d: error: --scheduler nonsense: cannot connect"),
+])
+def test_cli_bad_scale_out_is_one_line(particles, tmp_path, capsys, flag, message):
+    from cryo2d.cli.main import main
+
+    code = main(["classify", str(particles.source), "-o", str(tmp_path / "job"), "--classes", "3", *flag])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith(message) and "Traceback" not in "\n".join(err)
+
+
+def test_cli_workers_match_single_process(particles, tmp_path):
+    """``cryo2d classify --workers 2`` writes the classes a single process writes."""
+    import mrcfile
+    import starfile
+
+    from cryo2d.cli.main import main
+
+    args = ["--classes", "3", "--online-iterations", "2", "--batch-per-class", "20", "--full-iterations", "2"]
+    assert main(["classify", str(particles.source), "-o", str(tmp_path / "one"), *args]) == 0
+    assert main(["classify", str(particles.source), "-o", str(tmp_path / "two"), *args, "--workers", "2"]) == 0
+    one, two = (mrcfile.read(tmp_path / j / "classes.mrcs") for j in ("one", "two"))
+    np.testing.assert_allclose(two, one, rtol=0, atol=CLASS_RTOL * float(np.abs(one).max()))
+    t1, t2 = (starfile.read(tmp_path / j / "particles.star", always_dict=True)["particles"] for j in ("one", "two"))
+    for column in ("rlnClassNumber", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"):
+        np.testing.assert_array_equal(t2[column].to_numpy(), t1[column].to_numpy())
