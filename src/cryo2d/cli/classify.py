@@ -72,14 +72,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--project-dir", default=None, help="CryoSPARC project folder for .cs blob paths")
+    p.add_argument("--skip-bad", action="store_true", help="drop images with NaN/Inf pixels (reported) instead of refusing")
+    p.add_argument("--resume", action="store_true", help="continue from the job's checkpoint")
+
+
+def add_scale_out_args(p: argparse.ArgumentParser) -> None:
+    """``--workers`` / ``--scheduler`` (Dask, ``cryo2d.em.distributed``), for commands that pass them on."""
     dist = p.add_mutually_exclusive_group()
     dist.add_argument("--workers", type=int, default=None, metavar="N",
                       help="run the full iterations on a local Dask cluster of N single-threaded worker processes")
     dist.add_argument("--scheduler", default=None, metavar="ADDRESS",
                       help="run the full iterations on the workers of a running Dask scheduler, e.g. tcp://node1:8786")
-    p.add_argument("--project-dir", default=None, help="CryoSPARC project folder for .cs blob paths")
-    p.add_argument("--skip-bad", action="store_true", help="drop images with NaN/Inf pixels (reported) instead of refusing")
-    p.add_argument("--resume", action="store_true", help="continue from the job's checkpoint")
 
 
 def config_from_args(args: argparse.Namespace) -> EMConfig:
@@ -122,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> EMConfig:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("particles", help="particles.star (RELION) or particles.cs (CryoSPARC)")
     add_engine_args(p)
+    add_scale_out_args(p)
 
 
 def progress_printer(total: int):
