@@ -46,7 +46,7 @@ def reference(particles):
 def _local_cluster(n_workers: int) -> LocalCluster:
     import logging
 
-    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                         silence_logs=logging.CRITICAL)
 
 

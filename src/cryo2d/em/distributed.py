@@ -121,9 +121,9 @@ def _plan_from_wire(w: dict, device) -> IterationPlan:
     )
 
 
-@dataclass
-class ShardTask:
-    """Everything one worker needs for one shard of one pass (numpy only).
+@dataclass(frozen=True)
+class RunSpec:
+    """What a worker needs to build its Engine for a run.
 
     Attributes
     ----------
@@ -134,6 +134,22 @@ class ShardTask:
     device : str
     n_particles : int
         Size of the client's particle set (checked against the worker's).
+    """
+
+    run_key: str
+    source: ParticleSource
+    config: EMConfig
+    device: str
+    n_particles: int
+
+
+@dataclass
+class ShardTask:
+    """Everything one worker needs for one shard of one pass (numpy only).
+
+    Attributes
+    ----------
+    run : RunSpec
     idx : (b,) int64
         The shard's particles (indices into the set), in pass order.
     scale : (b,) float32
@@ -149,11 +165,7 @@ class ShardTask:
         "hard", "hard_class" or "soft" (see :meth:`Engine.iterate`).
     """
 
-    run_key: str
-    source: ParticleSource
-    config: EMConfig
-    device: str
-    n_particles: int
+    run: RunSpec
     idx: np.ndarray
     scale: np.ndarray
     A: np.ndarray
@@ -183,23 +195,28 @@ def _nbytes(obj) -> int:
 
 
 # ---------------------------------------------------------------- worker side
-def _worker_engine(task: ShardTask) -> Engine:
+def _worker_engine(run: RunSpec) -> Engine:
     """The worker's Engine for this run (built on first use, then cached)."""
     with _ENGINES_LOCK:
-        eng = _ENGINES.get(task.run_key)
+        eng = _ENGINES.get(run.run_key)
         if eng is None:
-            particles = task.source.open()
-            if len(particles) != task.n_particles:
+            particles = run.source.open()
+            if len(particles) != run.n_particles:
                 raise Cryo2DError(
-                    f"{task.source.path}: the worker reads {len(particles)} particles, the client has "
-                    f"{task.n_particles} (is the file the same on every machine?)"
+                    f"{run.source.path}: the worker reads {len(particles)} particles, the client has "
+                    f"{run.n_particles} (is the file the same on every machine?)"
                 )
-            eng = Engine(particles, task.config, task.device)
-            _ENGINES[task.run_key] = eng
+            eng = Engine(particles, run.config, run.device)
+            _ENGINES[run.run_key] = eng
             while len(_ENGINES) > _CACHE_SIZE:
                 _ENGINES.popitem(last=False)
-        _ENGINES.move_to_end(task.run_key)
+        _ENGINES.move_to_end(run.run_key)
     return eng
+
+
+def warm_up(run: RunSpec) -> int:
+    """Worker task: build and cache the run's Engine ahead of the first shard; returns the particle count."""
+    return len(_worker_engine(run).particles)
 
 
 def run_shard(task: ShardTask) -> dict:
@@ -215,9 +232,9 @@ def run_shard(task: ShardTask) -> dict:
         torch.set_num_threads(max(1, int(get_worker().state.nthreads)))
     except (ImportError, ValueError):  # called outside a worker (tests of this function)
         pass
-    base = _worker_engine(task)
+    base = _worker_engine(task.run)
     dev = base.device
-    scale = np.ones(task.n_particles, dtype=np.float32)
+    scale = np.ones(task.run.n_particles, dtype=np.float32)
     scale[task.idx] = task.scale
     eng = copy.copy(base)
     eng.state = replace(
@@ -241,9 +258,14 @@ def shard_bounds(n: int, n_shards: int) -> np.ndarray:
 class DaskPass:
     """A ``pass_fn`` (see :meth:`Engine.iterate`) that runs full passes on a Dask cluster.
 
+    On creation each worker is sent a warm-up task (imports, opening the
+    particle file, building its Engine), which overlaps the client's online
+    iterations.
+
     Parameters
     ----------
-    client : distributed.Client
+    client : distributed.Client or None
+        None only builds tasks (:meth:`tasks`), e.g. to measure their size.
     source : ParticleSource
         Where workers read the particles (the same set as ``engine.particles``).
     engine : Engine
@@ -270,9 +292,12 @@ class DaskPass:
         self.device = str(engine.device) if device is None else device
         self.shards_per_worker = int(shards_per_worker)
         self.worker_timeout_s = float(worker_timeout_s)
-        self.run_key = f"cryo2d-{uuid.uuid4().hex}"
+        self.spec = RunSpec(f"cryo2d-{uuid.uuid4().hex}", source, engine.config, self.device, len(engine.particles))
         self.stats: list[dict] = []
         self._n_submitted = 0
+        # Workers import, open the particle file and build their Engine while the client runs the online iterations.
+        self._warm = [client.submit(warm_up, self.spec, key=f"cryo2d-warm-{self.spec.run_key[7:15]}-{i}", pure=False,
+                                    workers=[w]) for i, w in enumerate(self._workers())] if client is not None else []
 
     def __call__(self, idx: np.ndarray, plan: IterationPlan, mode: str, iteration: int):
         """Online iterations on the client, full iterations on the workers."""
@@ -296,8 +321,7 @@ class DaskPass:
         """The shard tasks of one pass over ``idx`` (contiguous, in order)."""
         s, idx = self.engine.state, np.asarray(idx, dtype=np.int64)
         common = dict(
-            run_key=self.run_key, source=self.source, config=self.engine.config, device=self.device,
-            n_particles=len(self.engine.particles), A=s.A.cpu().numpy(),
+            run=self.spec, A=s.A.cpu().numpy(),
             sigma2_shell=s.sigma2_shell.float().cpu().numpy(), log_prior=s.log_prior.float().cpu().numpy(),
             plan=_plan_to_wire(plan), mode=mode,
         )
@@ -309,6 +333,7 @@ class DaskPass:
         from distributed import KilledWorker
 
         t0 = time.perf_counter()
+        self._warm = []  # done or queued ahead of the shards; their results are not needed
         workers = self._workers()
         tasks = self.tasks(idx, plan, mode, self.shards_per_worker * len(workers))
         futures = [self._submit(t, i, iteration, workers) for i, t in enumerate(tasks)]
@@ -337,7 +362,7 @@ class DaskPass:
 
     def _submit(self, task: ShardTask, i: int, iteration: int, workers: list[str]):
         self._n_submitted += 1
-        key = f"cryo2d-shard-{self.run_key[7:15]}-it{iteration}-{i}-{self._n_submitted}"
+        key = f"cryo2d-shard-{self.spec.run_key[7:15]}-it{iteration}-{i}-{self._n_submitted}"
         return self.client.submit(run_shard, task, key=key, pure=False,
                                   workers=[workers[i % len(workers)]], allow_other_workers=True)
 
@@ -384,7 +409,7 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, tim
         finally:
             client.close()
         return
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                            silence_logs=logging.ERROR)
     client = Client(cluster, set_as_default=False)
     try:
