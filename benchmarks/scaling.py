@@ -8,6 +8,7 @@ number of particles) and the full passes (must grow linearly). Prints one
 table per sweep (wall s, online s, full s, full-pass µs per particle, peak
 RSS) and draws a PNG per sweep into ``benchmarks/scaling_*.png``.
 
+    $ pip install -e ".[bench]"                  # matplotlib, for the plots
     $ python benchmarks/scaling.py               # about 15 minutes on 2 cores
     $ python benchmarks/scaling.py --quick       # smaller sweeps, a few minutes
 
