@@ -277,7 +277,7 @@ class DaskPass:
         Shards per worker and pass (1: each worker pays the back-rotation of
         its sums once per pass; more balances uneven workers).
     worker_timeout_s : float
-        How long a pass waits for at least one worker before giving up.
+        How long a pass waits without any worker before giving up (Cryo2DError).
 
     Attributes
     ----------
@@ -287,7 +287,7 @@ class DaskPass:
     """
 
     def __init__(self, client, source: ParticleSource, engine: Engine, *, device: str | None = None,
-                 shards_per_worker: int = 1, worker_timeout_s: float = 60.0) -> None:
+                 shards_per_worker: int = 1, worker_timeout_s: float = 300.0) -> None:
         self.client, self.source, self.engine = client, source, engine
         self.device = str(engine.device) if device is None else device
         self.shards_per_worker = int(shards_per_worker)
@@ -330,25 +330,11 @@ class DaskPass:
 
     def run(self, idx: np.ndarray, plan: IterationPlan, mode: str, iteration: int):
         """One pass over ``idx`` on the workers; returns what :meth:`Engine.pass_over` returns."""
-        from distributed import KilledWorker
-
         t0 = time.perf_counter()
         self._warm = []  # done or queued ahead of the shards; their results are not needed
         workers = self._workers()
         tasks = self.tasks(idx, plan, mode, self.shards_per_worker * len(workers))
-        futures = [self._submit(t, i, iteration, workers) for i, t in enumerate(tasks)]
-        results: list = [None] * len(tasks)
-        for attempt in range(3):
-            try:
-                for i, res in enumerate(self.client.gather(futures)):
-                    results[i] = res
-                break
-            except KilledWorker:  # a shard outlived 'allowed-failures' workers: try it afresh
-                if attempt == 2:
-                    raise
-                workers = self._workers()
-                futures = [self._submit(tasks[i], i, iteration, workers) if f.status == "error" else f
-                           for i, f in enumerate(futures)]
+        results = self._gather(tasks, iteration)
         shards = [_shard_from_wire(r) for r in results]  # shard order, whoever finished first
         self.stats.append({
             "iteration": iteration,
@@ -360,11 +346,50 @@ class DaskPass:
         })
         return self.engine.reduce_pass(shards)
 
-    def _submit(self, task: ShardTask, i: int, iteration: int, workers: list[str]):
+    def _gather(self, tasks: list[ShardTask], iteration: int) -> list[dict]:
+        """The shards' results, in shard order.
+
+        Dask reruns a shard whose worker died; one that outlived
+        ``distributed.scheduler.allowed-failures`` workers (KilledWorker) is
+        submitted afresh, up to twice per shard. A task's own error is
+        raised. Without any worker for ``worker_timeout_s``: Cryo2DError.
+        """
+        from distributed import KilledWorker
+
+        futures = [self._submit(t, i, iteration) for i, t in enumerate(tasks)]
+        retries, alone_since = 0, None
+        while True:
+            pending = [f for f in futures if f.status == "pending"]
+            if pending:
+                try:  # wake up when the first pending shard ends, or after 2 s
+                    pending[0].result(timeout=2.0)
+                except Exception:  # noqa: BLE001 - handled from its status just below
+                    pass
+            for i, f in enumerate(futures):
+                if f.status in ("error", "cancelled"):
+                    lost = f.status == "cancelled" or isinstance(f.exception(), KilledWorker)
+                    if not lost or retries >= 2 * len(tasks):
+                        f.result()  # raises the task's error (or KilledWorker)
+                    retries += 1
+                    self._workers()  # waits for one (Cryo2DError after worker_timeout_s)
+                    futures[i] = self._submit(tasks[i], i, iteration)
+            if all(f.status == "finished" for f in futures):
+                return self.client.gather(futures)
+            if self.client.scheduler_info(n_workers=-1)["workers"]:
+                alone_since = None
+            elif alone_since is None:
+                alone_since = time.monotonic()
+            elif time.monotonic() - alone_since > self.worker_timeout_s:
+                raise Cryo2DError(f"Dask scheduler {self.client.scheduler.address}: no workers left for "
+                                  f"{self.worker_timeout_s:g} s during iteration {iteration + 1}")
+
+    def _submit(self, task: ShardTask, i: int, iteration: int):
+        # No worker restrictions: every worker has the Engine (warm-up), and a
+        # shard restricted to a worker that died can stay 'no-worker' for good
+        # (seen with allow_other_workers=True on distributed 2026.8).
         self._n_submitted += 1
         key = f"cryo2d-shard-{self.spec.run_key[7:15]}-it{iteration}-{i}-{self._n_submitted}"
-        return self.client.submit(run_shard, task, key=key, pure=False,
-                                  workers=[workers[i % len(workers)]], allow_other_workers=True)
+        return self.client.submit(run_shard, task, key=key, pure=False)
 
 
 @contextmanager
@@ -411,6 +436,9 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, tim
         return
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                            silence_logs=logging.ERROR)
+    # A nanny restarts its worker when it dies; should a nanny give up (its worker
+    # killed while starting), adaptive scaling starts a new one.
+    cluster.adapt(minimum=workers, maximum=workers)
     client = Client(cluster, set_as_default=False)
     try:
         yield client
