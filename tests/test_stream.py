@@ -309,3 +309,40 @@ def test_stream_in_chunks_scores_like_batch(bundled_volume, tmp_path):
     assert summary["junk_f1"][0] >= 0.95 * summary["junk_f1"][1], summary
     assert summary["purity"][0] >= 0.95 * summary["purity"][1], summary
     assert summary["rare_view_recovered"][0] >= summary["rare_view_recovered"][1], summary
+
+
+def test_stream_full_passes_on_dask_workers_match_one_process(sim3, tmp_path, monkeypatch):
+    """--workers 2: the updates' full passes run on a local Dask cluster with the same numbers."""
+    pytest.importorskip("distributed")
+    import cryo2d.em.distributed as dist
+
+    passes = []
+    run = dist.DaskPass.run
+
+    def counted(self, idx, plan, mode, iteration):
+        passes.append((len(idx), iteration))
+        return run(self, idx, plan, mode, iteration)
+
+    monkeypatch.setattr(dist.DaskPass, "run", counted)
+    source = Source(sim3.folder)
+    jobs = {}
+    for name, workers in (("local", None), ("dask", 2)):
+        folder = tmp_path / f"in_{name}"
+        folder.mkdir()
+        source.write(folder, "c000", 0, 100)
+
+        def add(summary, folder=folder):
+            if summary["update"] == 1:
+                source.write(folder, "c001", 100, 200)
+
+        result = stream(folder, tmp_path / name, SMALL, settle_s=0.0, poll_s=0.01, until=2, on_update=add,
+                        workers=workers)
+        assert (result.updates, result.n_particles) == (2, 200)
+        jobs[name] = tmp_path / name
+    # Update 1: its one full pass (after 3 online iterations) over 100; update 2: one over all 200.
+    assert passes == [(100, 3), (200, 4)]
+    a, b = (mrcfile.read(jobs[k] / "classes.mrcs") for k in ("local", "dask"))
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
+    ta, tb = (_star_table(jobs[k]) for k in ("local", "dask"))
+    np.testing.assert_array_equal(tb["rlnClassNumber"], ta["rlnClassNumber"])
+    np.testing.assert_allclose(tb["rlnAnglePsi"], ta["rlnAnglePsi"], atol=1e-3)

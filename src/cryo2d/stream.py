@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -185,6 +185,7 @@ class _Stream:
         self.rng_state: dict | None = None
         self._verified: dict[tuple[str, int], tuple] = {}
         self._images: set[str] | None = None
+        self.client = None  # a distributed.Client: full passes on Dask workers
         out.mkdir(parents=True, exist_ok=True)
         if resume and (out / CHECKPOINT).exists():
             self._load(out / CHECKPOINT)
@@ -328,16 +329,17 @@ class _Stream:
         particles = self.combined(pieces)
         engine = Engine(particles, self.config, self.device)
         cfg = self.config
+        pass_fn = self._dask_pass(pieces, engine) if self.client is not None else None
         if self.state is None:
             engine.initialise()
             iterations = range(cfg.n_online_iterations + max(cfg.n_full_iterations, 1))
             for it in iterations:
-                record = engine.iterate(it)
+                record = engine.iterate(it, pass_fn=pass_fn)
                 if on_iteration is not None:
                     on_iteration(record)
         else:
             carry_state(engine, self.state, self.rng_state)
-            record = engine.iterate(len(engine.state.history), last=True)
+            record = engine.iterate(len(engine.state.history), last=True, pass_fn=pass_fn)
             if on_iteration is not None:
                 on_iteration(record)
         result = eng_result(engine)
@@ -362,6 +364,22 @@ class _Stream:
         with _sigint_deferred() as caught:
             self._write(final, particles, summary, result.geometry.pixel_size_angst)
         return summary, final, bool(caught)
+
+    def _dask_pass(self, pieces: list[Piece], engine: Engine):
+        """A pass_fn that runs this update's full passes on the Dask workers (online batches stay here).
+
+        Workers read the same files and rows as :meth:`combined` joins, in the same order.
+        """
+        from cryo2d.em.distributed import ConcatSource, DaskPass, ParticleSource
+
+        project = self.watcher.project_dir
+        parts = tuple(
+            ParticleSource(path=str(self.watcher.path(p.file).resolve()),
+                           project_dir=None if project is None else str(Path(project).resolve()),
+                           no_ctf=not self.config.use_ctf, rows=p.rows())
+            for p in pieces
+        )
+        return DaskPass(self.client, ConcatSource(parts, str(self.source)), engine)
 
     def _write(self, final: ClassifyResult, particles: ParticleSet, summary: dict, pixel_size_angst: float) -> None:
         """Outputs, checkpoint, update log, then stream.json "complete" (each write atomic)."""
@@ -394,6 +412,8 @@ def stream(
     on_iteration: Callable[[dict], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
 ) -> StreamResult:
     """Classify particles as they arrive in ``source``; write ``out_dir`` after each update.
 
@@ -432,6 +452,10 @@ def stream(
         record (dict), and each one-line remark (str, e.g. a stack waited for).
     stop : threading.Event, optional
         Stops the stream (between updates) when set.
+    workers, scheduler : optional
+        Run the full passes on a local Dask cluster of ``workers`` processes,
+        or on the workers of a running scheduler (``tcp://HOST:PORT``); see
+        ``cryo2d.em.distributed``.
 
     Returns
     -------
@@ -445,6 +469,18 @@ def stream(
         raise Cryo2DError("--device cuda asked for, but no CUDA device is available")
     run = _Stream(Path(source), Path(out_dir), config, device=device, settle_s=settle_s,
                   project_dir=project_dir, skip_bad=skip_bad, resume=resume)
+    with ExitStack() as stack:
+        if workers is not None or scheduler is not None:
+            from cryo2d.em.distributed import dask_client
+
+            run.client = stack.enter_context(dask_client(workers=workers, scheduler=scheduler))
+        return _watch(run, source, config, poll_s=poll_s, until=until, idle_stop_s=idle_stop_s,
+                      on_update=on_update, on_iteration=on_iteration, on_note=on_note, stop=stop)
+
+
+def _watch(run: "_Stream", source, config: EMConfig, *, poll_s: float, until: int | None, idle_stop_s: float | None,
+           on_update, on_iteration, on_note, stop: threading.Event | None) -> StreamResult:
+    """The stream's loop: poll the source, run updates, until a stop condition."""
     if on_note is not None:
         resumed = f", continuing after update {run.update}" if run.update else ""
         on_note(f"watching {source}{resumed}: first update at {start_threshold(config)} particles, "

@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 
-from cryo2d.cli.classify import add_engine_args, config_from_args
+from cryo2d.cli.classify import add_engine_args, add_scale_out_args, config_from_args
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -42,6 +42,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll-seconds", type=float, default=2.0, help="time between looks at SOURCE (default %(default)s)")
     p.add_argument("--until", type=int, default=None, metavar="N",
                    help="stop once the job's update counter reaches N (counted across restarts)")
+    add_scale_out_args(p)
     p.add_argument("--stop-when-idle", type=float, default=None, metavar="SECONDS",
                    help="stop when nothing new has arrived for this long, after a last update over "
                         "any particles still waiting")
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         settle_s=args.settle_seconds, poll_s=args.poll_seconds, until=args.until,
         idle_stop_s=args.stop_when_idle, resume=args.resume, skip_bad=args.skip_bad,
         on_update=on_update, on_iteration=on_iteration, on_note=on_note,
+        workers=args.workers, scheduler=args.scheduler,
     )
     why = {"until": f"reached update {args.until}", "idle": "nothing new arrived",
            "interrupted": "interrupted", "stop": "stopped"}[result.stopped]

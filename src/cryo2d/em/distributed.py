@@ -81,6 +81,32 @@ class ParticleSource:
         return particles
 
 
+@dataclass(frozen=True)
+class ConcatSource:
+    """Particles read from several files (parts) and joined in order: a stream's particles so far.
+
+    Attributes
+    ----------
+    parts : tuple of ParticleSource
+        Each file and the rows of it that are classified, in the set's order.
+    name : str
+        What the joined set names as its source (the watched folder or file).
+    """
+
+    parts: tuple[ParticleSource, ...]
+    name: str
+
+    @property
+    def path(self) -> str:
+        return self.name
+
+    def open(self) -> ParticleSet:
+        """Read every part and join them (metadata; images stay memory-mapped)."""
+        from cryo2d.io.concat import concat_particles
+
+        return concat_particles([part.open() for part in self.parts], self.name)
+
+
 def source_of(particles: ParticleSet, project_dir=None, rows: np.ndarray | None = None) -> ParticleSource:
     """The :class:`ParticleSource` of a set read from a STAR/.cs file.
 
