@@ -93,12 +93,9 @@ def simulate(p: dict, sim_dir: Path, seed: int, extra: list[str]) -> str:
         return shlex.join(cmd)
     sim_dir.parent.mkdir(parents=True, exist_ok=True)
     print(f"simulate: {shlex.join(cmd)}", flush=True)
-    # The sub-command's own module, in-process: same code path as the CLI.
-    from cryo2d.cli import simulate as simulate_cli
-
-    parser = argparse.ArgumentParser(prog="cryo2d simulate")
-    simulate_cli.add_args(parser)
-    if simulate_cli.run(parser.parse_args(cmd[2:])) != 0:
+    # In a child process: a forked child's peak RSS (ru_maxrss) starts from its
+    # parent's, so simulating in this process would inflate every later figure.
+    if subprocess.run([*cryo2d_exe(), *cmd[1:]]).returncode != 0:
         raise SystemExit("cryo2d simulate failed")
     return shlex.join(cmd)
 
