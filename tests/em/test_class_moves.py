@@ -74,8 +74,8 @@ def test_misfit_groups_come_from_well_fitting_classes_only(helpers):
     k = np.repeat([0, 0, 1, 1, 2], [100, 10, 100, 10, 30])
     norm = np.full(len(z), 100.0)
     per = {"k": k, "cross": norm + np.sqrt(norm) * z, "norm": norm}
-    groups = eng._misfit_groups(per, exclude=set())
+    groups = eng._misfit_groups(per["k"], eng._fit_z(per), exclude=set())
     assert len(groups) == 1
     assert groups[0].tolist() == list(range(100, 110))
     assert len(groups[0]) >= _MIN_SEED
-    assert eng._misfit_groups(per, exclude={0}) == []
+    assert eng._misfit_groups(per["k"], eng._fit_z(per), exclude={0}) == []

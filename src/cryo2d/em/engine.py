@@ -35,7 +35,6 @@ _MERGE_RATIO = 3.0  # Δ / expected estimation noise below which two classes are
 _MISFIT_SD = 2.0  # misfits: fit z below the class median by this many robust SDs
 _MIN_SEED = 6  # smallest misfit group that seeds a class
 _MERGE_FROM = 0.25  # merges start after this fraction of the online iterations
-_FREE_JUNK = True  # free all but the largest junk-like class when misfits can seed them
 _PSI_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0)
 
 
@@ -375,13 +374,13 @@ class Engine:
         s = self.state
         expected = float(s.counts.sum()) / self.K
         empty = torch.nonzero(s.counts < max(1.0, 0.1 * expected)).squeeze(1).tolist()
-        seeds = self._misfit_groups(per, exclude=set(empty))
+        z = self._fit_z(per)
+        seeds = self._misfit_groups(per["k"], z, exclude=set(empty))
         redundant = []
-        if merge and plan is not None and _MERGE_RATIO > 0:
+        if merge and plan is not None:
+            # Duplicated views, then all but the largest junk-like class.
             redundant = [k for k in self._redundant_classes(plan) if k not in empty]
-            if _FREE_JUNK:
-                junk = self._junk_like(per)
-                redundant += [k for k in junk[1:] if k not in empty and k not in redundant]
+            redundant += [k for k in self._junk_like(per["k"], z)[1:] if k not in empty and k not in redundant]
             redundant = redundant[: max(0, len(seeds) - len(empty))]
         targets = empty + redundant
         split = set()
@@ -396,8 +395,7 @@ class Engine:
                 if len(members) < 8:
                     self._copy_class(big, k)
                     continue
-                fit = self._fit_z(per)
-                rows = members[np.argsort(fit[members], kind="stable")[: len(members) // 2]]
+                rows = members[np.argsort(z[members], kind="stable")[: len(members) // 2]]
             self._seed_class(k, idx, per, np.sort(rows))
         return len(targets)
 
@@ -406,18 +404,18 @@ class Engine:
         """Per particle, (C − N)/√N at its best pose: ~N(0, 1) for a particle the class models."""
         return (per["cross"] - per["norm"]) / np.sqrt(np.maximum(per["norm"], 1e-12))
 
-    def _misfit_groups(self, per: dict, exclude: set) -> list[np.ndarray]:
+    def _misfit_groups(self, labels: np.ndarray, z: np.ndarray, exclude: set) -> list[np.ndarray]:
         """Batch rows of each class's misfits, largest group first (see :meth:`_reseed_empty`).
 
+        ``labels`` and ``z`` are the batch's classes and fit z (:meth:`_fit_z`).
         Only classes whose median fit z is ≥ 0 count: a junk class (noise,
         ice) fits none of its members well and has no misfits to offer.
         """
-        z = self._fit_z(per)
         groups = []
         for c in range(self.K):
             if c in exclude:
                 continue
-            members = np.nonzero(per["k"] == c)[0]
+            members = np.nonzero(labels == c)[0]
             if len(members) < 4 * _MIN_SEED:
                 continue
             zc = z[members]
@@ -431,12 +429,11 @@ class Engine:
         groups.sort(key=len, reverse=True)
         return groups
 
-    def _junk_like(self, per: dict) -> list[int]:
+    def _junk_like(self, labels: np.ndarray, z: np.ndarray) -> list[int]:
         """Classes whose batch members fit them worse than true members would (median z < 0), largest first."""
-        z = self._fit_z(per)
         out = []
         for c in range(self.K):
-            members = np.nonzero(per["k"] == c)[0]
+            members = np.nonzero(labels == c)[0]
             if len(members) and float(np.median(z[members])) < 0:
                 out.append((len(members), c))
         return [c for _, c in sorted(out, reverse=True)]
