@@ -1,4 +1,5 @@
-"""MRC stacks: memory-mapped reads of just the requested images, maps, writing."""
+"""MRC stacks: explicit reads of just the requested images, maps, writing."""
+import io
 import pickle
 import tracemalloc
 
@@ -33,12 +34,12 @@ def test_read_returns_requested_order_across_files(two_stacks):
     np.testing.assert_array_equal(out, images[idx])
 
 
-def test_reads_are_memory_mapped_and_chunked(tmp_path):
-    """A 3.3 MB stack: reading 8 images allocates about 8 images, not the stack."""
+def test_reads_are_chunked_and_not_mapped(tmp_path):
+    """A 3.3 MB stack: reading 8 images allocates about 8 images, not the stack, and maps nothing."""
     images = np.random.default_rng(1).normal(size=(200, 64, 64)).astype(np.float32)
     write_mrcs(tmp_path / "big.mrcs", images)
     stack = MRCStack.from_paths([tmp_path / "big.mrcs"] * 200, np.arange(200))
-    stack.read(np.array([0]))  # maps the file
+    stack.read(np.array([0]))  # opens the file
     chunk_bytes = 8 * 64 * 64 * 4
     tracemalloc.start()
     out = stack.read(np.arange(100, 108))
@@ -47,9 +48,100 @@ def test_reads_are_memory_mapped_and_chunked(tmp_path):
     np.testing.assert_array_equal(out, images[100:108])
     assert peak < 4 * chunk_bytes and peak < images.nbytes / 5
     handle = next(iter(stack._handles.values()))
-    assert isinstance(handle, mrcfile.mrcmemmap.MrcMemmap) and isinstance(handle.data, np.memmap)
+    assert isinstance(handle, io.FileIO) and not handle.closed
     held = [v for v in vars(stack).values() if isinstance(v, np.ndarray)]
+    assert not any(isinstance(v, np.memmap) for v in held)
     assert all(v.size <= 200 for v in held)  # only per-particle index arrays
+
+
+def _write_mode(path, data, byte_order="native", map_id=True):
+    """An MRC stack of ``data`` in its own dtype; optionally other-endian or without the map ID."""
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(data)
+        mrc.set_image_stack()
+    raw = bytearray(path.read_bytes())
+    if byte_order == "swapped":  # every header field and pixel in the other byte order
+        header = np.frombuffer(bytes(raw[:1024]), dtype=mrcfile.dtypes.HEADER_DTYPE).copy()
+        native_stamp = bytes(header["machst"][0])
+        swapped = header.byteswap().view(header.dtype.newbyteorder())
+        swapped["machst"] = np.frombuffer(b"\x11\x11\x00\x00" if native_stamp[0] == 0x44 else b"\x44\x44\x00\x00", np.uint8)
+        swapped["map"] = header["map"]
+        swapped["label"] = header["label"]
+        raw[:1024] = swapped.tobytes()
+        raw[1024:] = np.ascontiguousarray(data).byteswap().tobytes()
+    if not map_id:  # an old RELION stack: no "MAP " tag
+        raw[208:212] = b"\0\0\0\0"
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint16, np.float16, np.int8])
+@pytest.mark.parametrize("variant", ["native", "swapped", "no_map_id", "extended_header"])
+def test_reads_match_mrcfile(tmp_path, dtype, variant):
+    """Same arrays as ``mrcfile.open(...).data`` for every mode, byte order, image order and file mix."""
+    rng = np.random.default_rng(5)
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    stacks = []
+    for name, n in (("a.mrcs", 7), ("b.mrcs", 4), ("c.mrcs", 1)):
+        if info:
+            data = rng.integers(info.min, info.max, size=(n, 6, 6), endpoint=True).astype(dtype)
+        else:
+            data = (rng.normal(size=(n, 6, 6)) * 100).astype(dtype)
+        path = tmp_path / name
+        if variant == "extended_header":
+            with mrcfile.new(path, overwrite=True) as mrc:
+                mrc.set_data(data)
+                mrc.set_image_stack()
+                mrc.set_extended_header(np.arange(37, dtype=np.uint8))  # odd size: unaligned data
+        else:
+            _write_mode(path, data, byte_order="swapped" if variant == "swapped" else "native",
+                        map_id=variant != "no_map_id")
+        with mrcfile.open(path, permissive=True) as mrc:
+            expected = np.array(mrc.data).reshape(n, 6, 6)  # one image: mrcfile gives 2D
+            assert mrc.data.dtype == np.dtype(dtype) or mrc.data.dtype == np.dtype(dtype).newbyteorder()
+            if variant == "swapped" and np.dtype(dtype).itemsize > 1:
+                assert mrc.data.dtype.byteorder != np.dtype(dtype).newbyteorder("=").byteorder
+        np.testing.assert_array_equal(expected, data)
+        stacks.append((path, expected))
+    paths = [p for p, e in stacks for _ in range(len(e))]
+    numbers = [i for _, e in stacks for i in range(len(e))]
+    images = np.concatenate([e for _, e in stacks]).astype(np.float32)
+    # shuffled particle order: image numbers within a file are not sorted
+    perm = rng.permutation(len(paths))
+    stack = MRCStack.from_paths([paths[i] for i in perm], np.array(numbers)[perm], label="p.star")
+    images = images[perm]
+    assert stack._strict == [variant != "no_map_id"] * 3
+    for idx in (
+        np.arange(len(stack)),                      # all, in order
+        rng.permutation(len(stack)),                # unsorted
+        np.array([3, 3, 0, 3, 11, 0, 5, 6, 7, 8]),  # repeated indices
+        np.array([2]),
+        np.array([[1, 2], [4, 3]]),                 # any shape, flattened
+    ):
+        out = stack.read(idx)
+        assert out.dtype == np.float32 and out.shape == (idx.size, 6, 6)
+        np.testing.assert_array_equal(out, images[idx.reshape(-1)])
+    assert stack.read_unchecked(np.zeros(0, dtype=np.int64)).shape == (0, 6, 6)
+    copy = pickle.loads(pickle.dumps(stack))
+    np.testing.assert_array_equal(copy.read(np.array([10, 1])), images[[10, 1]])
+    stack.close()
+
+
+def test_consecutive_images_are_read_in_one_call(tmp_path, monkeypatch):
+    images = np.random.default_rng(6).normal(size=(20, 4, 4)).astype(np.float32)
+    write_mrcs(tmp_path / "s.mrcs", images)
+    stack = MRCStack.from_paths([tmp_path / "s.mrcs"] * 20, np.arange(20))
+    calls = []
+    read_at = mrc_module._read_at
+
+    def counted(handle, view, offset):
+        calls.append(offset)
+        return read_at(handle, view, offset)
+
+    monkeypatch.setattr(mrc_module, "_read_at", counted)
+    idx = np.array([9, 3, 4, 5, 4, 10, 11, 17])  # runs 3-5, 9-11, 17
+    np.testing.assert_array_equal(stack.read(idx), images[idx])
+    assert calls == [1024 + 3 * 64, 1024 + 9 * 64, 1024 + 17 * 64]
 
 
 def test_open_file_cache_is_bounded(two_stacks, monkeypatch):

@@ -1,14 +1,17 @@
-"""MRC image stacks, read memory-mapped, and single maps/stacks written whole.
+"""MRC image stacks, read image by image, and single maps/stacks written whole.
 
-``MRCStack`` is the ``ImageSource`` the engine reads particles from: it maps
-each stack file lazily (``mrcfile.mmap``) and copies out only the images
-asked for, so a dataset larger than memory is never loaded. ``StackRefs``
+``MRCStack`` is the ``ImageSource`` the engine reads particles from: it
+validates each stack's header once and then reads only the images asked for
+with explicit file reads (no memory map, whose touched pages would count in
+the process's resident memory), so a dataset larger than memory is never
+loaded. ``StackRefs``
 holds the same references before any file is opened (the STAR/.cs readers
 return it when asked not to open stacks); ``ArrayStack`` wraps an in-memory
 array for tests and simulations.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import threading
@@ -38,6 +41,8 @@ class _StackFile:
     ny: int
     nx: int
     strict: bool  # passed mrcfile's permissive=False checks (False: old file without map ID)
+    dtype: np.dtype = np.dtype(np.float32)  # of the data block, byte order included (mrcfile's)
+    offset: int = HEADER_BYTES  # where the data block starts: header + extended header, bytes
 
 
 def _one_line(err: BaseException) -> str:
@@ -152,11 +157,14 @@ def inspect_mrc(path: Path, label: str, name: str | None = None) -> _StackFile:
         shape = (1, *shape)
     if len(shape) != 3:
         raise Cryo2DError(f"{label}: {name} is a stack of volumes, not of images (shape {shape})")
-    return _StackFile(n_images=int(shape[0]), ny=int(shape[1]), nx=int(shape[2]), strict=strict_error is None)
+    return _StackFile(
+        n_images=int(shape[0]), ny=int(shape[1]), nx=int(shape[2]), strict=strict_error is None,
+        dtype=dtype, offset=HEADER_BYTES + int(header.nsymbt),
+    )
 
 
 class MRCStack:
-    """Particle images from one or more MRC stacks, memory-mapped.
+    """Particle images from one or more MRC stacks, read image by image.
 
     Parameters
     ----------
@@ -183,8 +191,12 @@ class MRCStack:
     Notes
     -----
     Every header is checked at construction (files are opened and closed);
-    files are then mapped on first read and at most ``MAX_OPEN_FILES`` stay
-    open (least recently used are closed). No method reads a whole stack.
+    files are then opened on first read and at most ``MAX_OPEN_FILES`` stay
+    open (least recently used are closed). Images are read with positioned
+    reads (``os.preadv``), one per run of consecutive image numbers, in the
+    data type and byte order the header gives (as ``mrcfile`` reads them),
+    then converted to float32. No method reads a whole stack, and nothing is
+    memory-mapped: resident memory does not grow with the images read.
     """
 
     def __init__(
@@ -206,8 +218,9 @@ class MRCStack:
         assert self.file_index.shape == self.image_index.shape and self.file_index.ndim == 1
         self.label = label or (self.names[0] if self.names else "stack")
         self._strict: list[bool] = []
+        self._layout: list[tuple[np.dtype, int, int]] = []  # per file: data dtype, data offset, images
         self.box = self._validate()
-        self._handles: OrderedDict[int, mrcfile.mrcmemmap.MrcMemmap] = OrderedDict()
+        self._handles: OrderedDict[int, io.FileIO] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
@@ -240,6 +253,7 @@ class MRCStack:
                 raise Cryo2DError(f"{self.label}: stack file {name} not found")
             info = inspect_mrc(path, self.label, name)
             self._strict.append(info.strict)
+            self._layout.append((info.dtype, info.offset, info.n_images))
             if info.nx != info.ny:
                 raise Cryo2DError(f"{self.label}: {name} has non-square images ({info.nx}x{info.ny} px)")
             if box is None:
@@ -255,21 +269,38 @@ class MRCStack:
                 )
         return int(box or 0)
 
-    def _data(self, file_no: int) -> np.ndarray:
-        """The memory-mapped (n_images, box, box) array of file ``file_no``."""
+    def _file(self, file_no: int) -> io.FileIO:
+        """The open (unbuffered) file ``file_no``; closes the least recently used past ``MAX_OPEN_FILES``."""
         handle = self._handles.get(file_no)
         if handle is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the header was validated at construction
-                handle = mrcfile.mmap(self.files[file_no], mode="r", permissive=not self._strict[file_no])
+            handle = open(self.files[file_no], "rb", buffering=0)
             self._handles[file_no] = handle
             while len(self._handles) > MAX_OPEN_FILES:
                 _, old = self._handles.popitem(last=False)
                 old.close()
         else:
             self._handles.move_to_end(file_no)
-        data = handle.data
-        return data.reshape(1, *data.shape) if data.ndim == 2 else data
+        return handle
+
+    def _read_images(self, file_no: int, images: np.ndarray) -> np.ndarray:
+        """Images ``images`` (sorted, distinct 0-based numbers) of file ``file_no`` in its dtype.
+
+        One positioned read per run of consecutive numbers.
+        """
+        dtype, offset, _ = self._layout[file_no]
+        image_bytes = self.box * self.box * dtype.itemsize
+        block = np.empty((len(images), self.box, self.box), dtype=dtype)
+        raw = memoryview(block.reshape(-1).view(np.uint8))
+        handle = self._file(file_no)
+        starts = np.flatnonzero(np.diff(images, prepend=-2) != 1)
+        for first, last in zip(starts, [*starts[1:], len(images)]):
+            view = raw[int(first) * image_bytes:int(last) * image_bytes]
+            if _read_at(handle, view, offset + int(images[first]) * image_bytes) < len(view):
+                raise Cryo2DError(
+                    f"{self.label}: {self.names[file_no]} is truncated (it ended while reading "
+                    f"{self._describe(file_no, int(images[last - 1]))})"
+                )
+        return block
 
     def read_unchecked(self, idx: np.ndarray) -> np.ndarray:
         """Like ``read`` but without the NaN/Inf check."""
@@ -283,9 +314,12 @@ class MRCStack:
                 if len(group) == 0:
                     continue
                 images, inverse = np.unique(self.image_index[idx[group]], return_inverse=True)
-                block = np.asarray(self._data(int(file_of[group[0]]))[images], dtype=np.float32)
+                block = self._read_images(int(file_of[group[0]]), images)
                 inverse = inverse.reshape(-1)
-                out[group] = block if len(images) == len(group) and (np.diff(inverse) > 0).all() else block[inverse]
+                if len(images) == len(group) and (np.diff(group) == 1).all() and (np.diff(inverse) > 0).all():
+                    out[group[0]:group[-1] + 1] = block  # the common case: in order, one slice
+                else:
+                    out[group] = block[inverse]
         return out
 
     def read(self, idx: np.ndarray) -> np.ndarray:
@@ -307,7 +341,7 @@ class MRCStack:
         return out
 
     def close(self) -> None:
-        """Close every mapped file (they reopen on the next read)."""
+        """Close every open file (they reopen on the next read)."""
         with self._lock:
             while self._handles:
                 self._handles.popitem()[1].close()
@@ -419,6 +453,26 @@ def _factorize(values: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     uniques: dict[str, int] = {}
     codes = np.fromiter((uniques.setdefault(v, len(uniques)) for v in values), dtype=np.int64, count=len(values))
     return codes, list(uniques)
+
+
+def _read_at(handle: io.FileIO, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``handle`` at byte ``offset``; the number of bytes read (short at end of file).
+
+    ``os.preadv`` leaves the file position alone, so a forked process
+    sharing the descriptor cannot interfere; ``seek`` + ``readinto`` where
+    the platform lacks it (Windows).
+    """
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            got = os.preadv(handle.fileno(), [view[done:]], offset + done)
+        else:
+            handle.seek(offset + done)
+            got = handle.readinto(view[done:])
+        if not got:
+            break
+        done += got
+    return done
 
 
 def _first_nonfinite(images: np.ndarray) -> int | None:
