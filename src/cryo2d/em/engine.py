@@ -193,7 +193,8 @@ class Engine:
             return int(self.config.chunk_size)
         T, KR, M = len(plan.shifts_px), self.K * len(plan.psi_rad), len(plan.points)
         per_particle = T * (16 * KR + 16 * M) + 8 * KR
-        return int(max(1, min(512, 512e6 // per_particle)))
+        # 256 MB of intermediates: no slower than 512 MB, lower peak RSS (benchmarks/README.md, Memory)
+        return int(max(1, min(512, 256e6 // per_particle)))
 
     def plan(self, iteration: int, online: bool) -> IterationPlan:
         """Search grid for an iteration from the current class resolution."""
