@@ -79,3 +79,72 @@ def test_misfit_groups_come_from_well_fitting_classes_only(helpers):
     assert groups[0].tolist() == list(range(100, 110))
     assert len(groups[0]) >= _MIN_SEED
     assert eng._misfit_groups(per["k"], eng._fit_z(per), exclude={0}) == []
+
+
+
+_A = _blobs(32, [(-5, 0), (4, 3), (0, -6)])
+_NEW = _blobs(32, [(0, 0)], width=4.0)
+_OTHER = _blobs(32, [(-6, -6), (6, 6)])
+
+
+def _noisy_engine(helpers, n_a: int, n_new: int, n_other: int, seed: int):
+    """Engine (K = 3, no CTF) on noisy copies of _A, _NEW, _OTHER, in that order; returns (engine, idx, per)."""
+    rng = np.random.default_rng(seed)
+    clean = np.concatenate([np.repeat(_A[None], n_a, 0), np.repeat(_NEW[None], n_new, 0), np.repeat(_OTHER[None], n_other, 0)])
+    images = 2.0 * clean + rng.normal(0.0, 1.0, clean.shape)
+    eng = Engine(helpers.memory_particles(images, pixel_size_angst=4.0),
+                 helpers.tiny_config(n_classes=3, use_ctf=False, max_res_angst=8.0))
+    eng.initialise()
+    idx = np.arange(len(images))
+    per = {"shift": np.zeros((len(idx), 2), dtype=np.float32), "psi": np.zeros(len(idx), dtype=np.float32)}
+    return eng, idx, per
+
+
+def _set_classes(eng, idx, per, rows0, rows1) -> None:
+    """Classes 0 and 1 := averages of ``rows0`` and ``rows1``; class 2 empty."""
+    for k, rows in ((0, rows0), (1, rows1)):
+        eng._seed_class(k, idx, per, rows)
+        eng._solve_one(k)
+    s = eng.state
+    s.num[2], s.den[2], s.counts[2] = 0, 0, 0
+
+
+def _is_new_view(eng, k: int) -> bool:
+    img = eng._to_real(eng.state.A[k : k + 1])[0].numpy()
+    corr = lambda x, y: float(np.corrcoef(x.ravel(), y.ravel())[0, 1])  # noqa: E731
+    return corr(img, _NEW) > 0.9 and corr(img, _NEW) > corr(img, _A) + 0.3
+
+
+def test_a_seed_that_repeats_a_class_is_refused_and_a_new_view_is_placed(helpers):
+    """``_place_seed`` skips a group whose average duplicates class 0 and seeds from the next one."""
+    eng, idx, per = _noisy_engine(helpers, 40, 20, 20, seed=1)
+    _set_classes(eng, idx, per, np.arange(0, 20), np.arange(60, 80))
+    s = eng.state
+    plan = eng.plan(eng.config.n_online_iterations - 1, online=True)
+    tail_of_a, view_new = np.arange(20, 40), np.arange(40, 60)
+
+    assert not eng._place_seed(2, idx, per, [tail_of_a], plan)
+    assert float(s.counts[2]) == 0.0 and float(s.den[2].abs().sum()) == 0.0  # restored
+
+    seeds = [tail_of_a, view_new]
+    assert eng._place_seed(2, idx, per, seeds, plan)
+    assert seeds == [] and float(s.counts[2]) == 20.0
+    assert _is_new_view(eng, 2)
+
+
+def test_a_class_grows_from_the_misfits_no_class_models(helpers):
+    """``_grow_seeds``: particles of an unmodelled view, hidden among class 0's members, form a new class."""
+    eng, idx, per = _noisy_engine(helpers, 60, 20, 40, seed=2)
+    rng = np.random.default_rng(3)
+    z = np.concatenate([rng.normal(1.0, 0.5, 60), np.full(20, -3.0), rng.normal(1.0, 0.5, 40)])
+    norm = np.full(len(z), 100.0)
+    per.update(k=np.repeat([0, 0, 1], [60, 20, 40]), cross=norm + np.sqrt(norm) * z, norm=norm)
+    _set_classes(eng, idx, per, np.arange(0, 60), np.arange(80, 120))
+    before = [eng._class_copy(k) for k in (0, 1)]
+    plan = eng.plan(eng.config.n_online_iterations - 1, online=True)
+
+    assert eng._grow_seeds([2], idx, per, eng._fit_z(per), plan) == {2}
+    assert 15 <= float(eng.state.counts[2]) <= 25
+    assert _is_new_view(eng, 2)
+    for k, saved in zip((0, 1), before):  # the other classes are left as they were
+        assert all(torch.equal(x, y) for x, y in zip(eng._class_copy(k), saved))

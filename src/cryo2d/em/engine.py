@@ -28,13 +28,20 @@ from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, pad_fourier
 from cryo2d.particles import ParticleSet
 
-# Class moves of the online phase (Engine._reseed_empty). Measured on three
-# simulated 48 px sets (seeds 0-2, K = 12): junk F1 0.748 -> 0.771 and purity
-# 0.860 -> 0.894 on average against splitting only empty classes.
+# Class moves of the online phase (Engine._reseed_empty). Measured on five
+# simulated 48 px sets (seeds 0-4, K = 12, 1,500 particles): splitting only
+# empty classes gave junk F1 0.75 and purity 0.86 (seeds 0-2); merges and
+# misfit seeds 0.751 / 0.861, rare view kept 0/5; with distinct seeds only
+# (_SEED_RATIO) and classes grown from the pooled misfits (_GROW_ROUNDS)
+# 0.780 / 0.884, rare view kept 1/5.
 _MERGE_RATIO = 3.0  # Δ / expected estimation noise below which two classes are one view
 _MISFIT_SD = 2.0  # misfits: fit z below the class median by this many robust SDs
 _MIN_SEED = 6  # smallest misfit group that seeds a class
 _MERGE_FROM = 0.25  # merges start after this fraction of the online iterations
+_SEED_RATIO = 3.0  # a seed must be at least this far (Δ / E) from every other class
+_POOL_SD = 1.5  # pooled misfits for growing classes: fit z this many robust SDs below the class median
+_GROW_ROUNDS = 4  # E/M rounds over the pool that grow new classes
+_CLASS_FIELDS = ("num", "den", "counts", "A", "tau2")  # per-class state a class move replaces
 _PSI_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0)
 
 
@@ -299,6 +306,47 @@ class Engine:
         s.num = s.num * ph
         return A * ph
 
+    def _redundancy_ratio(self, plan: IterationPlan, cols: list[int] | None = None) -> Tensor | None:
+        """(K, len(cols)) ratios Δ_ij / E_ij of class i to class j (see :meth:`_redundant_classes`).
+
+        ``cols`` (default: every class) are the classes rotated over the
+        in-plane grid; the ratio is symmetric, so one column per class of
+        interest suffices. Pairs involving an empty class and the diagonal
+        are ``inf``. None when no frequency lies in the alignment band.
+        """
+        s, g = self.state, self.geom
+        m = self.mpts
+        cols = list(range(self.K)) if cols is None else list(cols)
+        r = m.xy.norm(dim=1)
+        sel = (r <= plan.r_cur) & (r >= g.r_min_align)
+        counts = s.counts.float()
+        if int(sel.sum()) == 0 or float(counts.sum()) <= 0:
+            return None
+        sig = s.sigma2_shell[m.shell[sel]]
+        den = s.den[:, sel].float()
+        c = m.weight[sel] * (den.sum(dim=0) / counts.sum()) / sig
+        v = den * sig / (den + sig / s.tau2[:, m.shell[sel]]).square()
+        e_noise = (c * v).sum(dim=1)
+        grids = self._grid(self._to_points(self._to_real(s.A) * self.mask))
+        xy, psi, K, R = m.xy[sel], plan.psi_rad, self.K, len(plan.psi_rad)
+        A0 = rotate_classes(grids, xy, psi[:1], self.config.zeropad)[:, 0]  # (K, p)
+        n_pts = A0.shape[1]
+        power = (c * A0.abs().square()).sum(dim=1)
+        Yr = torch.view_as_real((A0 * c).contiguous()).reshape(K, 2 * n_pts)
+        cross = torch.empty((K, len(cols)), device=self.device)
+        step = max(1, int(64e6 // (8 * R * n_pts)))  # rotated classes in chunks of ≤ 64 MB
+        for j in range(0, len(cols), step):
+            rot = rotate_classes(grids[cols[j : j + step]], xy, psi, self.config.zeropad)  # (J, R, p)
+            Zr = torch.view_as_real(rot.reshape(-1, n_pts).contiguous()).reshape(-1, 2 * n_pts)
+            cross[:, j : j + step] = (Yr @ Zr.T).view(K, -1, R).amax(dim=2)
+        colt = torch.tensor(cols, dtype=torch.long, device=self.device)
+        delta = power[:, None] + power[colt][None, :] - 2.0 * cross
+        ratio = delta / (e_noise[:, None] + e_noise[colt][None, :]).clamp(min=1e-12)
+        ratio[colt, torch.arange(len(cols), device=self.device)] = float("inf")
+        ratio[counts <= 0.5] = float("inf")
+        ratio[:, counts[colt] <= 0.5] = float("inf")
+        return ratio
+
     def _redundant_classes(self, plan: IterationPlan) -> list[int]:
         """Classes that a particle cannot tell apart from another class: the smaller of each such pair.
 
@@ -311,36 +359,11 @@ class Engine:
         is one view split over two classes (measured on a 48 px set: 2.1 for
         such a pair, ≥ 5.6 for every pair of distinct views or junk classes).
         """
-        s, g = self.state, self.geom
-        m = self.mpts
-        r = m.xy.norm(dim=1)
-        sel = (r <= plan.r_cur) & (r >= g.r_min_align)
-        counts = s.counts.float()
-        if int(sel.sum()) == 0 or float(counts.sum()) <= 0:
+        ratio = self._redundancy_ratio(plan)
+        if ratio is None:
             return []
-        sig = s.sigma2_shell[m.shell[sel]]
-        den = s.den[:, sel].float()
-        c = m.weight[sel] * (den.sum(dim=0) / counts.sum()) / sig
-        v = den * sig / (den + sig / s.tau2[:, m.shell[sel]]).square()
-        e_noise = (c * v).sum(dim=1)
-        grids = self._grid(self._to_points(self._to_real(s.A) * self.mask))
-        xy, psi, K, R = m.xy[sel], plan.psi_rad, self.K, len(plan.psi_rad)
-        A0 = rotate_classes(grids, xy, psi[:1], self.config.zeropad)[:, 0]  # (K, p)
-        n_pts = A0.shape[1]
-        power = (c * A0.abs().square()).sum(dim=1)
-        Yr = torch.view_as_real((A0 * c).contiguous()).reshape(K, 2 * n_pts)
-        cross = torch.empty((K, K), device=self.device)
-        step = max(1, int(64e6 // (8 * R * n_pts)))  # rotated classes in chunks of ≤ 64 MB
-        for j in range(0, K, step):
-            rot = rotate_classes(grids[j : j + step], xy, psi, self.config.zeropad)  # (J, R, p)
-            Zr = torch.view_as_real(rot.reshape(-1, n_pts).contiguous()).reshape(-1, 2 * n_pts)
-            cross[:, j : j + step] = (Yr @ Zr.T).view(K, -1, R).amax(dim=2)
-        delta = power[:, None] + power[None, :] - 2.0 * cross
-        delta = 0.5 * (delta + delta.T)
-        ratio = delta / (e_noise[:, None] + e_noise[None, :]).clamp(min=1e-12)
-        ratio.fill_diagonal_(float("inf"))
-        ratio[counts <= 0.5] = float("inf")
-        ratio[:, counts <= 0.5] = float("inf")
+        ratio = 0.5 * (ratio + ratio.T)
+        counts, K = self.state.counts, self.K
         freed, used = [], set()
         for flat in torch.argsort(ratio.flatten()).tolist():
             i, j = divmod(flat, K)
@@ -356,21 +379,29 @@ class Engine:
         """Re-seed (nearly) empty classes, and free and re-seed redundant ones.
 
         A class holding under 10 % of the average occupancy counts as empty.
-        With ``merge``, of two classes holding the same view
-        (:meth:`_redundant_classes`, needs ``plan``) the smaller is freed (its
-        particles return to the other at the next E-step) when there is a
-        group of misfits to seed it with.
+        With ``merge`` (needs ``plan``), of two classes holding the same view
+        (:meth:`_redundant_classes`) the smaller, and every junk-like class
+        but the largest (:meth:`_junk_like`), are candidates to free: they
+        are re-seeded when a distinct seed is found, and kept otherwise.
 
-        Seeds are the *misfits* of a well-fitting class: batch members whose
-        fit z = (C − N)/√N (the best pose's log-likelihood gain over its
-        expectation for a true member, in noise standard deviations) lies more
-        than ``_MISFIT_SD`` robust SDs below the class median: particles of a
-        rarer view that the class absorbed, or overlapping particles. The class
-        with the most misfits (at least ``_MIN_SEED``) seeds first, from the
-        aligned average of its misfits at their best poses; the next E-step
-        lets the seed and its host compete for them. An empty class with no
-        misfit group left gets the worst-fitting half of the largest class's
-        members (or, with too few, a perturbed copy of the largest class).
+        Seeds, in order of preference:
+
+        1. classes grown from the batch's pooled misfits
+           (:meth:`_grow_seeds`): particles that fit their class badly (fit
+           z = (C − N)/√N, the best pose's log-likelihood gain over its
+           expectation for a true member, in noise standard deviations, far
+           below the class median), among them the rarer views and
+           overlapping particles that no class models;
+        2. the misfits of one class (more than ``_MISFIT_SD`` robust SDs
+           below its median, at least ``_MIN_SEED``), averaged at their best
+           poses, largest group first.
+
+        Either must be distinct from every other class (``_SEED_RATIO``,
+        :meth:`_place_seed`): the worst members of a class are mostly the tail
+        of its own view, and seeding from them would duplicate it. An empty
+        class with no seed left gets the worst-fitting half of the largest
+        class's members (or, with too few, a perturbed copy of the largest
+        class).
         """
         s = self.state
         expected = float(s.counts.sum()) / self.K
@@ -382,10 +413,16 @@ class Engine:
             # Duplicated views, then all but the largest junk-like class.
             redundant = [k for k in self._redundant_classes(plan) if k not in empty]
             redundant += [k for k in self._junk_like(per["k"], z)[1:] if k not in empty and k not in redundant]
-            redundant = redundant[: max(0, len(seeds) - len(empty))]
         targets = empty + redundant
+        grown = self._grow_seeds(targets, idx, per, z, plan) if plan is not None and _GROW_ROUNDS else set()
         split = set()
         for k in targets:
+            if k in grown:
+                continue
+            if seeds and self._place_seed(k, idx, per, seeds, plan):
+                continue
+            if k in redundant:
+                continue  # no distinct seed: the pair stays as it is
             if seeds:
                 rows = seeds.pop(0)
             else:
@@ -400,17 +437,108 @@ class Engine:
             self._seed_class(k, idx, per, np.sort(rows))
         return len(targets)
 
+    def _solve_one(self, k: int) -> None:
+        """Signal prior and Wiener average of class ``k`` alone from its sums."""
+        s = self.state
+        sigma2 = s.sigma2_shell[self.mpts.shell]
+        tau2 = estimate_tau2(s.num[k : k + 1], s.den[k : k + 1], sigma2, self.mpts.shell, self.n_shells, self.config.tau2_fudge)
+        s.tau2[k] = tau2[0]
+        s.A[k] = solve_classes(s.num[k : k + 1], s.den[k : k + 1], sigma2, tau2, self.mpts.shell)[0]
+
+    def _grow_seeds(self, targets: list[int], idx: np.ndarray, per: dict, z: np.ndarray, plan: IterationPlan) -> set:
+        """Grow new classes for ``targets`` from the batch's pooled misfits; return the targets placed.
+
+        The pool is every member of a well-fitting class (median fit z ≥ 0)
+        whose fit z lies more than ``_POOL_SD`` robust SDs below its class
+        median: the tail of each view plus the particles no class models
+        (rarer views, overlapping particles). The targets start from random
+        parts of the pool at their best poses; then ``_GROW_ROUNDS`` E/M
+        rounds over the pool alone update only the targets, while every other
+        class stays fixed, so the tail particles go back to their own views
+        and a target keeps what none of them models. A target is placed when
+        it ends with at least ``_MIN_SEED`` particles and is distinct (ratio
+        ≥ ``_SEED_RATIO``, :meth:`_redundancy_ratio`) from every other class
+        and from the targets placed before it; the others get their sums back.
+        """
+        s = self.state
+        groups = self._misfit_groups(per["k"], z, exclude=set(targets), sd_cut=_POOL_SD, min_rows=1)
+        pool = np.sort(np.concatenate(groups)) if groups else np.zeros(0, dtype=np.int64)
+        if len(targets) == 0 or len(pool) < 2 * _MIN_SEED:
+            return set()
+        saved = {k: self._class_copy(k) for k in targets}
+        parts = np.array_split(self.rng.permutation(pool), len(targets))
+        for k, rows in zip(targets, parts):
+            if len(rows):
+                self._seed_class(k, idx, per, np.sort(rows))
+                self._solve_one(k)
+        mode = "hard" if self.config.force_max_effective else "soft"
+        tk = torch.tensor(targets, dtype=torch.long, device=self.device)
+        for _ in range(_GROW_ROUNDS):
+            (num, den, counts, _, _), _ = self.pass_over(idx[pool], plan, mode, 0)
+            s.num[tk], s.den[tk], s.counts[tk] = num[tk], den[tk], counts[tk]
+            for k in targets:
+                self._solve_one(k)
+        placed: set = set()
+        for k in sorted(targets, key=lambda c: -float(s.counts[c])):
+            ok = float(s.counts[k]) >= _MIN_SEED
+            if ok:
+                others = [c for c in range(self.K) if c != k and (c not in targets or c in placed)]
+                ratio = self._redundancy_ratio(plan, [k])
+                ok = ratio is None or float(ratio[others].min()) >= _SEED_RATIO
+            if ok:
+                placed.add(k)
+        for k in targets:
+            if k not in placed:
+                self._class_restore(k, saved[k])
+        return placed
+
+    def _class_copy(self, k: int) -> tuple:
+        """Copies of class ``k``'s sums, count, average and signal prior (see :meth:`_class_restore`)."""
+        s = self.state
+        return tuple(getattr(s, name)[k].clone() for name in _CLASS_FIELDS)
+
+    def _class_restore(self, k: int, saved: tuple) -> None:
+        for name, value in zip(_CLASS_FIELDS, saved):
+            getattr(self.state, name)[k] = value
+
+    def _place_seed(self, k: int, idx: np.ndarray, per: dict, seeds: list[np.ndarray], plan: IterationPlan | None) -> bool:
+        """Seed class ``k`` from the first group in ``seeds`` whose average is distinct from every other class.
+
+        A group of a class's worst-fitting members is often just the tail of
+        that class's own view; seeding from it duplicates the view. Each
+        tried group is removed from ``seeds``; ``k`` keeps its sums when none
+        is distinct (ratio ≥ ``_SEED_RATIO`` to every other class, see
+        :meth:`_redundancy_ratio`).
+        """
+        saved = self._class_copy(k)
+        while seeds:
+            rows = seeds.pop(0)
+            self._seed_class(k, idx, per, np.sort(rows))
+            if plan is None or _SEED_RATIO <= 0:
+                return True
+            self._solve_one(k)
+            ratio = self._redundancy_ratio(plan, [k])
+            if ratio is None or float(ratio.min()) >= _SEED_RATIO:
+                return True
+        self._class_restore(k, saved)
+        return False
+
     @staticmethod
     def _fit_z(per: dict) -> np.ndarray:
         """Per particle, (C − N)/√N at its best pose: ~N(0, 1) for a particle the class models."""
         return (per["cross"] - per["norm"]) / np.sqrt(np.maximum(per["norm"], 1e-12))
 
-    def _misfit_groups(self, labels: np.ndarray, z: np.ndarray, exclude: set) -> list[np.ndarray]:
+    def _misfit_groups(
+        self, labels: np.ndarray, z: np.ndarray, exclude: set, sd_cut: float = _MISFIT_SD, min_rows: int = _MIN_SEED
+    ) -> list[np.ndarray]:
         """Batch rows of each class's misfits, largest group first (see :meth:`_reseed_empty`).
 
-        ``labels`` and ``z`` are the batch's classes and fit z (:meth:`_fit_z`).
-        Only classes whose median fit z is ≥ 0 count: a junk class (noise,
-        ice) fits none of its members well and has no misfits to offer.
+        ``labels`` and ``z`` are the batch's classes and fit z (:meth:`_fit_z`);
+        a misfit lies more than ``sd_cut`` robust SDs below its class median,
+        and only groups of at least ``min_rows`` count. Only classes with at
+        least ``4 · _MIN_SEED`` members and a median fit z ≥ 0 count: a junk
+        class (noise, ice) fits none of its members well and has no misfits
+        to offer.
         """
         groups = []
         for c in range(self.K):
@@ -424,8 +552,8 @@ class Engine:
             if med < 0:
                 continue
             sd = 1.4826 * float(np.median(np.abs(zc - med)))
-            rows = members[zc < med - _MISFIT_SD * max(sd, 1e-6)]
-            if len(rows) >= _MIN_SEED:
+            rows = members[zc < med - sd_cut * max(sd, 1e-6)]
+            if len(rows) >= min_rows:
                 groups.append(rows)
         groups.sort(key=len, reverse=True)
         return groups
