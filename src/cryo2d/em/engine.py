@@ -40,7 +40,7 @@ _MIN_SEED = 6  # smallest misfit group that seeds a class
 _MERGE_FROM = 0.25  # merges start after this fraction of the online iterations
 _SEED_RATIO = 3.0  # a seed must be at least this far (Δ / E) from every other class
 _POOL_SD = 1.5  # pooled misfits for growing classes: fit z this many robust SDs below the class median
-_GROW_ROUNDS = 4  # E/M rounds over the pool that grow new classes
+_GROW_ROUNDS = 2  # E/M rounds over the pool that grow new classes
 _CLASS_FIELDS = ("num", "den", "counts", "A", "tau2")  # per-class state a class move replaces
 _PSI_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0)
 
@@ -243,9 +243,22 @@ class Engine:
     def _accumulate_fixed(self, idx: np.ndarray, X: Tensor, labels: Tensor, psi: Tensor, n_classes: int | None = None):
         """Sums for particles with a given class and angle each (zero shift): initial and re-seeded classes.
 
-        ``psi`` holds one angle per particle, or a single angle for all.
+        ``psi`` holds one angle per particle, or a single angle for all. With
+        one angle per particle the per-(class, angle) sums hold K rows per
+        particle, so particles are summed in groups of at most 64 MB of rows
+        (measured before: 4.6 GB for the initial classes at K = 50, 128 px).
         """
         K = n_classes or self.K
+        b = len(idx)
+        step = b if len(psi) == 1 else max(1, int(64e6 // (12 * len(self.mpts) * K)))
+        total = None
+        for start in range(0, b, step):
+            sl = slice(start, start + step)
+            part = self._accumulate_group(idx[sl], X[sl], labels[sl], psi if len(psi) == 1 else psi[sl], K)
+            total = part if total is None else tuple(a + c for a, c in zip(total, part))
+        return total
+
+    def _accumulate_group(self, idx: np.ndarray, X: Tensor, labels: Tensor, psi: Tensor, K: int):
         ctf = batch_ctf(self.particles, idx, self.geom, self.config.use_ctf, self.device)
         flat = self.mpts.flat
         Xm, cm = X.flatten(1)[:, flat], ctf.flatten(1)[:, flat]
