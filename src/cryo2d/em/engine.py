@@ -28,12 +28,13 @@ from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, pad_fourier
 from cryo2d.particles import ParticleSet
 
-# Class moves of the online phase (Engine._reseed_empty). Measured on five
-# simulated 48 px sets (seeds 0-4, K = 12, 1,500 particles): splitting only
-# empty classes gave junk F1 0.75 and purity 0.86 (seeds 0-2); merges and
-# misfit seeds 0.751 / 0.861, rare view kept 0/5; with distinct seeds only
-# (_SEED_RATIO) and classes grown from the pooled misfits (_GROW_ROUNDS)
-# 0.780 / 0.884, rare view kept 1/5.
+# Class moves of the online phase (Engine._reseed_empty), measured on the
+# simulated 48 px sets of the quality test (K = 12, 1,500 particles, one
+# thread). Seeds 0-2, junk F1 / purity / rare view kept: merges and misfit
+# seeds only 0.77/0.75/0.79, 0.89/0.91/0.88, 0 of 3 (72 CPU s); with only
+# distinct seeds (_SEED_RATIO) and classes grown from the pooled misfits
+# (_GROW_ROUNDS = 2) 0.69/0.80/0.82, 0.87/0.93/0.87, 1 of 3 (84 CPU s).
+# EM trajectories are chaotic: single seeds move by ±0.05 with any change.
 _MERGE_RATIO = 3.0  # Δ / expected estimation noise below which two classes are one view
 _MISFIT_SD = 2.0  # misfits: fit z below the class median by this many robust SDs
 _MIN_SEED = 6  # smallest misfit group that seeds a class
