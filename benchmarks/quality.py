@@ -11,9 +11,12 @@ Presets:
 - default ("hard"): 5,000 particles, 64 px, SNR 0.05, 10% junk, views
   uniform over the sphere plus a rare view at 3%, K = 20;
 - ``--small``: 1,500 particles, 48 px, SNR 0.1, 8 discrete views, one at 3%,
-  K = 12.
+  K = 12;
+- ``--preset peer``: the hard preset at 3,000 particles, the size of the
+  speed issue's side-by-side run (RELION 3.1 took 20 minutes on it).
 
     $ python benchmarks/quality.py --small
+    $ python benchmarks/quality.py --preset peer
     $ python benchmarks/quality.py                      # ~35 min of RELION the first time
     $ python benchmarks/quality.py --relion-background  # start RELION, score what is ready
 
@@ -44,6 +47,8 @@ SECTION = "## Quality vs RELION"
 PRESETS = {
     # uniform: view id = nearest of n_views bin directions, plus the rare view (id n_views)
     "hard": dict(n=5000, box=64, snr=0.05, junk_fraction=0.1, classes=20, views="uniform", n_views=20,
+                 rare_fraction=0.03),
+    "peer": dict(n=3000, box=64, snr=0.05, junk_fraction=0.1, classes=20, views="uniform", n_views=20,
                  rare_fraction=0.03),
     # discrete: n_views directions, the last one rare
     "small": dict(n=1500, box=48, snr=0.1, junk_fraction=0.1, classes=12, views="discrete", n_views=8,
@@ -195,6 +200,7 @@ def _cpu_name() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="1,500 particles, 48 px, SNR 0.1, 8 views, K = 12")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a preset by name (default hard; --small = small)")
     p.add_argument("-n", type=int, help="number of particles")
     p.add_argument("--box", type=int, help="box (px)")
     p.add_argument("--snr", type=float)
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from cryo2d.evaluate import score_job
 
     args = build_parser().parse_args(argv)
-    name = "small" if args.small else "hard"
+    name = args.preset or ("small" if args.small else "hard")
     p = dict(PRESETS[name])
     for key, value in (("n", args.n), ("box", args.box), ("snr", args.snr),
                        ("junk_fraction", args.junk_fraction), ("classes", args.classes),
