@@ -54,7 +54,7 @@ class CTFParams:
 
 
 class ImageSource(Protocol):
-    """Anything that hands out particle images by index (memory-mapped stacks)."""
+    """Anything that hands out particle images by index (MRC stacks read on demand, arrays)."""
 
     box: int
 

@@ -71,7 +71,7 @@ class ParticleSource:
     rows: np.ndarray | None = None
 
     def open(self) -> ParticleSet:
-        """Read the particle set (metadata; images stay memory-mapped)."""
+        """Read the particle set (metadata; images are read from the stacks on demand)."""
         from cryo2d.classify import subset_particles
         from cryo2d.io import read_particles
 
@@ -101,7 +101,7 @@ class ConcatSource:
         return self.name
 
     def open(self) -> ParticleSet:
-        """Read every part and join them (metadata; images stay memory-mapped)."""
+        """Read every part and join them (metadata; images are read from the stacks on demand)."""
         from cryo2d.io.concat import concat_particles
 
         return concat_particles([part.open() for part in self.parts], self.name)

@@ -428,7 +428,7 @@ class Engine:
             redundant = [k for k in self._redundant_classes(plan) if k not in empty]
             redundant += [k for k in self._junk_like(per["k"], z)[1:] if k not in empty and k not in redundant]
         targets = empty + redundant
-        grown = self._grow_seeds(targets, idx, per, z, plan) if plan is not None and _GROW_ROUNDS else set()
+        grown = self._grow_seeds(targets, idx, per, z, plan) if plan is not None else set()
         split = set()
         for k in targets:
             if k in grown:
@@ -492,13 +492,13 @@ class Engine:
             s.num[tk], s.den[tk], s.counts[tk] = num[tk], den[tk], counts[tk]
             for k in targets:
                 self._solve_one(k)
+        ratio = self._redundancy_ratio(plan, targets)  # column j: target j against every class
         placed: set = set()
-        for k in sorted(targets, key=lambda c: -float(s.counts[c])):
+        for j, k in sorted(enumerate(targets), key=lambda jk: -float(s.counts[jk[1]])):
             ok = float(s.counts[k]) >= _MIN_SEED
-            if ok:
+            if ok and ratio is not None:
                 others = [c for c in range(self.K) if c != k and (c not in targets or c in placed)]
-                ratio = self._redundancy_ratio(plan, [k])
-                ok = ratio is None or float(ratio[others].min()) >= _SEED_RATIO
+                ok = float(ratio[others, j].min()) >= _SEED_RATIO
             if ok:
                 placed.add(k)
         for k in targets:
@@ -528,7 +528,7 @@ class Engine:
         while seeds:
             rows = seeds.pop(0)
             self._seed_class(k, idx, per, np.sort(rows))
-            if plan is None or _SEED_RATIO <= 0:
+            if plan is None:
                 return True
             self._solve_one(k)
             ratio = self._redundancy_ratio(plan, [k])
