@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 import numpy as np
@@ -35,38 +36,78 @@ def normalise_images(images: Tensor, background_radius_px: float) -> Tensor:
     return (images - mean[:, None, None]) / std[:, None, None]
 
 
-def _malloc_trim():
-    """glibc's ``malloc_trim`` (None on other C libraries and systems)."""
+def _libc():
+    """glibc's C library (None on other C libraries and systems)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # musl and others: no malloc_trim
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim, libc.mallopt  # musl and others lack these
+        return libc
+    except (OSError, AttributeError):
         return None
 
 
-_MALLOC_TRIM = _malloc_trim()
+_LIBC = _libc()
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+#: Trim the heap once resident memory has grown this much past its working level.
+TRIM_GROWTH_BYTES = 256 << 20
+_working_rss: list[int] = []  # resident bytes at the first call after a trim (empty: trim)
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def tune_allocator() -> None:
+    """Make glibc keep freed E-step intermediates in its heap for reuse (no-op elsewhere).
+
+    An E-step chunk allocates and frees intermediates of up to about 100 MB.
+    Above glibc's mmap threshold (at most 32 MB by default) each one is a
+    fresh mapping whose pages the kernel faults in and zeroes, and every
+    automatic or explicit trim does the same to the heap: on the 64 px,
+    K = 20 set a third of the CPU time went to the kernel that way
+    (benchmarks/README.md, Where the time goes). With both thresholds at
+    1 GB the memory is reused; :func:`release_free_heap` bounds what the
+    heap keeps. Process-wide; called by the engine when it starts.
+    """
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
 
 
 def release_free_heap() -> None:
-    """Give the free pages inside the C heap back to the system (glibc ``malloc_trim(0)``; no-op elsewhere).
+    """Give the heap's free pages back (glibc ``malloc_trim(0)``) once it has grown.
 
-    An E-step chunk's intermediates (MBs, of varying size) come from the
-    heap once glibc has raised its mmap threshold, and the small per-chunk
-    results kept until the end of the pass sit between the holes they leave:
-    without trimming, resident memory grew by about 80 kB per particle of a
-    full pass (128 px, K = 50) and never came down. Called once per batch
-    read; it cost no measurable time (benchmarks/README.md, Memory).
+    The small per-chunk results kept until the end of a pass sit between
+    the holes the chunks' intermediates leave, so the heap grows: without
+    trimming, resident memory grew by about 80 kB per particle of a full
+    pass (128 px, K = 50) and never came down. Trimming faults the pages in
+    again at the next chunk, so it is done only when resident memory is
+    :data:`TRIM_GROWTH_BYTES` above its working level (measured at the
+    first call after a trim, when the heap holds one chunk's freed
+    intermediates). Called once per batch read; no-op on other C libraries.
     """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    if _LIBC is None:
+        return
+    rss = _rss_bytes()
+    if rss is not None and not _working_rss:
+        _working_rss.append(rss)
+    elif rss is None or rss > _working_rss[0] + TRIM_GROWTH_BYTES:
+        _LIBC.malloc_trim(0)
+        _working_rss.clear()
 
 
 def load_batch(particles: ParticleSet, idx: np.ndarray, geom: Geometry, device) -> Tensor:
     """Particles ``idx`` as centred transforms on the working grid.
 
-    Releases the free heap first (:func:`release_free_heap`): the batches of
-    a pass read one after another, so this bounds its resident memory.
+    Releases the free heap first if it has grown (:func:`release_free_heap`):
+    the batches of a pass read one after another, so this bounds its
+    resident memory.
 
     Returns
     -------

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from cryo2d.em import state as st
 from cryo2d.em.config import EMConfig
-from cryo2d.em.data import batch_ctf, load_batch, noise_spectrum
+from cryo2d.em.data import batch_ctf, load_batch, noise_spectrum, tune_allocator
 from cryo2d.em.estep import EStepResult, coarse_subgrid, deshift_phases, e_step, e_step_coarse_to_fine
 from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, make_geometry, soft_mask
 from cryo2d.em.mstep import PoseSums, estimate_tau2, resolution_shell, solve_classes, ssnr
@@ -166,6 +166,7 @@ class Engine:
 
     def __init__(self, particles: ParticleSet, config: EMConfig, device: str = "cpu") -> None:
         config.validate()
+        tune_allocator()
         n = len(particles)
         if n < config.n_classes:
             raise Cryo2DError(f"{particles.source.name}: {n} particles is fewer than the {config.n_classes} classes asked for")
