@@ -54,7 +54,8 @@ class EMConfig:
     #: Shift grid step, px of the input box (None = one working pixel).
     shift_step_px: float | None = None
     #: Search a coarse grid (half the angles, a quarter of the shifts, half
-    #: the resolution) first, then the fine grid around the best poses.
+    #: the resolution, or all of it below 24 Fourier px) first, then the fine
+    #: grid around the best poses.
     coarse_to_fine: bool = True
     hard_last: bool = True
     remove_duplicates: bool = True

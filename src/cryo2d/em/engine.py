@@ -656,9 +656,12 @@ class Engine:
         phases_m = deshift_phases(self.mpts.xy / g.work_box, plan.shifts_px)
         grid = None
         # The coarse stage needs enough resolution to rank poses (≥ 12 Fourier
-        # px); below twice that the exhaustive search is cheap anyway.
+        # px): below twice that it searches the coarse poses at the full
+        # radius (64 px, K = 20: 208 -> 54 s a job; benchmarks/README.md).
         r_coarse = max(g.r_min_align + 2.0, 12.0, 0.5 * plan.r_cur)
-        if cfg.coarse_to_fine and R % 2 == 0 and len(plan.shifts_px) >= 9 and r_coarse <= 0.6 * plan.r_cur:
+        if r_coarse > 0.6 * plan.r_cur:
+            r_coarse = plan.r_cur
+        if cfg.coarse_to_fine and R % 2 == 0 and len(plan.shifts_px) >= 9:
             step = 1.0 if cfg.shift_step_px is None else cfg.shift_step_px * g.work_box / g.box
             grid = coarse_subgrid(plan.shifts_px, step, R, plan.points.xy.norm(dim=1), r_coarse)
         G_full = oversample(self._grid(s.A), cfg.zeropad)

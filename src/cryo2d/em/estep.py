@@ -313,11 +313,14 @@ def e_step_coarse_to_fine(
 
     Stage 1 scores every (coarse shift, class, coarse rotation) at the
     coarse frequencies, the grid from :func:`coarse_subgrid` (a quarter of
-    the shifts, half of the rotations, about a quarter of the frequencies). Stage 2 takes, per particle, the ``n_candidates`` best coarse
-    poses plus the best coarse pose of every class, and scores every fine
-    shift within one fine step of their shifts against every fine rotation
-    within one fine step of their rotations (all combinations, each once). The
-    posterior is over those fine poses; poses far from every candidate get
+    the shifts, half of the rotations, the frequencies within the grid's
+    coarse radius). Stage 2 takes, per particle, the best coarse pose of
+    every class plus the ``n_candidates`` best (class, coarse rotation) pairs
+    that are local maxima over rotation (each at its best coarse shift), and
+    scores every fine shift within one fine step of their shifts against
+    every fine rotation within one fine step of their rotations (all
+    combinations, each once). The posterior is over those fine poses; poses
+    far from every candidate get
     probability 0. Returned shift and rotation indices refer to the fine grid.
     """
     b, m = X.shape
@@ -334,12 +337,18 @@ def e_step_coarse_to_fine(
     ctf2 = (ctf[:, cm] ** 2) * inv_sigma2[cm]
     norm_c = ctf2 @ (refs_c.abs() ** 2).T
     logp_c = (s * (Yc @ Zc.T).view(b, Tc, K * Rc) - 0.5 * s * s * norm_c.unsqueeze(1)).view(b, Tc, K, Rc)
-    # Candidates: best coarse pose of each class + the overall top n_candidates.
-    per_class = logp_c.permute(0, 2, 1, 3).reshape(b, K, Tc * Rc).argmax(dim=2)  # (b, K)
-    cls_t, cls_r = per_class // Rc, per_class % Rc
-    n_top = min(n_candidates, Tc * K * Rc)
-    top = logp_c.reshape(b, -1).topk(n_top, dim=1).indices
-    top_t, top_k, top_r = top // (K * Rc), (top // Rc) % K, top % Rc
+    # Candidates: best coarse pose of each class + the n_candidates best (class,
+    # rotation) pairs that are local maxima over rotation, each at its best
+    # coarse shift. Ranking whole poses filled the list with shift and angle
+    # neighbours of one pose, and missed a second mode of the same class.
+    best_lp, best_t = logp_c.max(dim=1)  # (b, K, Rc)
+    cls_r = best_lp.argmax(dim=2)  # (b, K)
+    cls_t = best_t.gather(2, cls_r.unsqueeze(2)).squeeze(2)
+    n_top = min(n_candidates, K * Rc)
+    peak = (best_lp >= best_lp.roll(1, dims=2)) & (best_lp >= best_lp.roll(-1, dims=2))
+    top = best_lp.masked_fill(~peak, float("-inf")).reshape(b, -1).topk(n_top, dim=1).indices  # over K * Rc
+    top_k, top_r = top // Rc, top % Rc
+    top_t = best_t.reshape(b, -1).gather(1, top)
     cand_t = torch.cat([cls_t, top_t], dim=1)  # coarse shift rows
     cand_k = torch.cat([torch.arange(K, device=X.device).expand(b, K), top_k], dim=1)
     cand_r = torch.cat([cls_r, top_r], dim=1)
