@@ -657,7 +657,7 @@ class Engine:
         grid = None
         # The coarse stage needs enough resolution to rank poses (≥ 12 Fourier
         # px): below twice that it searches the coarse poses at the full
-        # radius (64 px, K = 20: 208 -> 54 s a job; benchmarks/README.md).
+        # radius (64 px, K = 20: 136 -> 54 s a job; benchmarks/README.md).
         r_coarse = max(g.r_min_align + 2.0, 12.0, 0.5 * plan.r_cur)
         if r_coarse > 0.6 * plan.r_cur:
             r_coarse = plan.r_cur

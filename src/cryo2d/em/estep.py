@@ -305,7 +305,7 @@ def e_step_coarse_to_fine(
     *,
     temperature: float = 1.0,
     mode: str = "soft",
-    n_candidates: int = 8,
+    n_candidates: int = 24,
     max_entries: int = 48,
     min_weight: float = 5e-3,
 ) -> EStepResult:
