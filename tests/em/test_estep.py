@@ -140,3 +140,39 @@ def test_deshift_phases_undo_a_shift():
     X = fft2c(shift_images(img[None], t)).flatten(1)[:, pts.flat]
     back = X * deshift_phases(pts.xy / BOX, t)
     torch.testing.assert_close(back, fft2c(img[None]).flatten(1)[:, pts.flat], atol=1e-3, rtol=1e-4)
+
+
+def _shift_disc(radius: int) -> torch.Tensor:
+    k = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    yy, xx = torch.meshgrid(k, k, indexing="ij")
+    keep = xx**2 + yy**2 <= radius**2
+    return torch.stack([xx[keep], yy[keep]], dim=1)
+
+
+def test_coarse_to_fine_finds_the_exhaustive_best_pose():
+    """Low noise, 10° rotations, 1 px shifts: both searches agree; precomputed references change nothing."""
+    from cryo2d.em.estep import coarse_references, coarse_subgrid, e_step_coarse_to_fine
+
+    g = torch.Generator().manual_seed(3)
+    pts = disc_points(BOX, 1, 12, half=True)
+    psi, shifts = psi_grid(10.0), _shift_disc(3)
+    f = torch.fft.fftfreq(BOX)
+    lowpass = torch.exp(-(f[:, None] ** 2 + f[None, :] ** 2) * (2 * math.pi * 2.0) ** 2 / 2)  # Gaussian, σ = 2 px
+    A = fft2c(torch.fft.ifft2(torch.fft.fft2(torch.randn(3, BOX, BOX, generator=g)) * lowpass).real)
+    refs = rotate_classes(A, pts.xy, psi, 2)
+    phases = deshift_phases(pts.xy / BOX, shifts)
+    n = 12
+    k_true, r_true, t_true = torch.arange(n) % 3, (torch.arange(n) * 7) % len(psi), (torch.arange(n) * 5) % len(shifts)
+    # particle = reference shifted by the shift that the de-shift phases undo
+    X = refs[k_true, r_true] / phases[t_true]
+    X = X + 0.05 * X.abs().mean() * torch.complex(torch.randn(n, len(pts), generator=g), torch.randn(n, len(pts), generator=g))
+    args = (X, torch.ones(n, len(pts)), pts.weight, refs, phases, torch.zeros(3), torch.ones(n))
+    grid = coarse_subgrid(shifts, 1.0, len(psi), pts.xy.norm(dim=1), 12.0)
+    exh = e_step(*args, mode="hard")
+    c2f = e_step_coarse_to_fine(*args, grid, mode="hard")
+    assert torch.equal(exh.best_k, k_true) and torch.equal(exh.best_r, r_true) and torch.equal(exh.best_t, t_true)
+    assert torch.equal(c2f.best_k, k_true) and torch.equal(c2f.best_r, r_true) and torch.equal(c2f.best_t, t_true)
+    power = refs.abs().square()
+    pre = e_step_coarse_to_fine(*args, grid, mode="hard", refs_power=power, coarse_refs=coarse_references(refs, grid, power))
+    torch.testing.assert_close(pre.best_cross, c2f.best_cross)
+    torch.testing.assert_close(e_step(*args, mode="hard", refs_power=power).best_cross, exh.best_cross)

@@ -20,7 +20,7 @@ from torch import Tensor
 from cryo2d.em import state as st
 from cryo2d.em.config import EMConfig
 from cryo2d.em.data import batch_ctf, load_batch, noise_spectrum, tune_allocator
-from cryo2d.em.estep import EStepResult, coarse_subgrid, deshift_phases, e_step, e_step_coarse_to_fine
+from cryo2d.em.estep import N_CANDIDATES, EStepResult, coarse_references, coarse_subgrid, deshift_phases, e_step, e_step_coarse_to_fine
 from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, make_geometry, soft_mask
 from cryo2d.em.mstep import PoseSums, estimate_tau2, resolution_shell, solve_classes, ssnr
 from cryo2d.em.rotation import oversample, psi_grid, rotate_classes, rotated_points, sample_grid
@@ -197,11 +197,19 @@ class Engine:
         """(K, m) values at the M-step half-plane points -> (K, B, B) centred Hermitian grids."""
         return hermitian_grid(A, self.mpts, self.geom.work_box)
 
-    def _chunk_size(self, plan: IterationPlan) -> int:
+    def _chunk_size(self, plan: IterationPlan, grid: tuple | None = None) -> int:
+        """Particles per E-step chunk: about 256 MB of the E-step's intermediates."""
         if self.config.chunk_size:
             return int(self.config.chunk_size)
         T, KR, M = len(plan.shifts_px), self.K * len(plan.psi_rad), len(plan.points)
-        per_particle = T * (16 * KR + 16 * M) + 8 * KR
+        if grid is None:
+            per_particle = T * (16 * KR + 16 * M) + 8 * KR
+        else:  # coarse scores, then the fine stage's shifted images, references and scores
+            coarse_t, _, coarse_r, cm = grid
+            Tc, KRc, Mc = len(coarse_t), self.K * len(coarse_r), len(cm)
+            n_cand = self.K + N_CANDIDATES
+            nt, nkr = min(T, 9 * n_cand), min(KR, 3 * n_cand)
+            per_particle = Tc * (16 * KRc + 16 * Mc) + nt * (16 * M + 8 * nkr) + 8 * nkr * M + 8 * KR
         # 256 MB of intermediates: no slower than 512 MB, lower peak RSS (benchmarks/README.md, Memory)
         return int(max(1, min(512, 256e6 // per_particle)))
 
@@ -664,10 +672,12 @@ class Engine:
         if cfg.coarse_to_fine and R % 2 == 0 and len(plan.shifts_px) >= 9:
             step = 1.0 if cfg.shift_step_px is None else cfg.shift_step_px * g.work_box / g.box
             grid = coarse_subgrid(plan.shifts_px, step, R, plan.points.xy.norm(dim=1), r_coarse)
+        power = refs.abs().square()  # once per pass, not per chunk
+        coarse = coarse_references(refs, grid, power) if grid is not None else None
         G_full = oversample(self._grid(s.A), cfg.zeropad)
         sums = PoseSums(self.K, R, len(self.mpts), dev)
         shell_resid = []  # per particle: residual power per shell
-        chunk = self._chunk_size(plan)
+        chunk = self._chunk_size(plan, grid)
         read = max(chunk, 256)
         out = {k: [] for k in ("k", "psi", "shift", "max_prob", "post", "ess", "cross", "norm", "chi2")}
         for start in range(0, len(idx), read):
@@ -680,9 +690,11 @@ class Engine:
                 scale = torch.from_numpy(s.scale[cidx]).float().to(dev)
                 args = (X[:, plan.points.flat], C[:, plan.points.flat], inv_sig, refs, phases, s.log_prior, scale)
                 if grid is None:
-                    res = e_step(*args, temperature=plan.temperature, mode=mode)
+                    res = e_step(*args, temperature=plan.temperature, mode=mode, refs_power=power)
                 else:
-                    res = e_step_coarse_to_fine(*args, grid, temperature=plan.temperature, mode=mode)
+                    res = e_step_coarse_to_fine(
+                        *args, grid, temperature=plan.temperature, mode=mode, refs_power=power, coarse_refs=coarse
+                    )
                 Xm, Cm = X[:, self.mpts.flat], C[:, self.mpts.flat]
                 sums.add(Xm, Cm, scale, phases_m, res)
                 # Noise: residual at the best pose, per shell.

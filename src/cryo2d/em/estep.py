@@ -192,6 +192,7 @@ def e_step(
     mode: str = "soft",
     max_entries: int = 48,
     min_weight: float = 5e-3,
+    refs_power: Tensor | None = None,
 ) -> EStepResult:
     """Posteriors of one chunk of particles over all (shift, class, rotation).
 
@@ -221,6 +222,9 @@ def e_step(
         At most this many combinations per particle are kept (soft modes).
     min_weight : float
         Combinations below ``min_weight × best`` are dropped (soft modes).
+    refs_power : (K, R, M) float tensor, optional
+        ``|refs|²``; pass it when the same references serve many chunks
+        (computed here otherwise).
 
     Returns
     -------
@@ -235,11 +239,16 @@ def e_step(
     Yr = torch.view_as_real(Y).reshape(b * T, 2 * m)
     Zr = torch.view_as_real(refs.reshape(KR, m).contiguous()).reshape(KR, 2 * m)
     cross = (Yr @ Zr.T).view(b, T, KR)
-    norm = ((ctf * ctf) * inv_sigma2) @ (refs.reshape(KR, m).abs() ** 2).T  # (b, KR)
+    power = refs.abs().square() if refs_power is None else refs_power
+    norm = ((ctf * ctf) * inv_sigma2) @ power.reshape(KR, m).T  # (b, KR)
     s = scale.view(b, 1, 1)
     logp = (s * cross - 0.5 * s * s * norm.unsqueeze(1)) / temperature
     logp = logp.view(b, T, K, R) + log_prior.view(1, 1, K, 1)
     return _summarise(logp.view(b, -1), _Grid(cross, norm, K, R), mode, max_entries, min_weight)
+
+
+#: Coarse (class, rotation) candidates refined per particle, besides each class's best.
+N_CANDIDATES = 24
 
 
 def coarse_subgrid(
@@ -293,6 +302,29 @@ def coarse_subgrid(
     return coarse.to(dev), neigh.to(dev), torch.arange(0, n_rot, 2, device=dev), coarse_m.to(dev)
 
 
+def coarse_references(refs: Tensor, grid: tuple[Tensor, Tensor, Tensor, Tensor], refs_power: Tensor) -> tuple[Tensor, Tensor]:
+    """The coarse stage's references, made once for all chunks of a pass.
+
+    Parameters
+    ----------
+    refs : (K, R, M) complex tensor
+    grid : the tuple from :func:`coarse_subgrid`
+    refs_power : (K, R, M) float tensor, ``|refs|²``
+
+    Returns
+    -------
+    Zc : (K·Rc, 2·Mc) float tensor
+        Real view of the references at the coarse rotations and frequencies.
+    power_c : (K·Rc, Mc) float tensor
+        Their power.
+    """
+    _, _, coarse_r, cm = grid
+    K = refs.shape[0]
+    Rc, Mc = len(coarse_r), len(cm)
+    Zc = torch.view_as_real(refs[:, coarse_r][:, :, cm].contiguous()).reshape(K * Rc, 2 * Mc)
+    return Zc, refs_power[:, coarse_r][:, :, cm].reshape(K * Rc, Mc)
+
+
 def e_step_coarse_to_fine(
     X: Tensor,
     ctf: Tensor,
@@ -305,9 +337,11 @@ def e_step_coarse_to_fine(
     *,
     temperature: float = 1.0,
     mode: str = "soft",
-    n_candidates: int = 24,
+    n_candidates: int = N_CANDIDATES,
     max_entries: int = 48,
     min_weight: float = 5e-3,
+    refs_power: Tensor | None = None,
+    coarse_refs: tuple[Tensor, Tensor] | None = None,
 ) -> EStepResult:
     """Like :func:`e_step`, but searching a coarse grid first, then refining.
 
@@ -322,20 +356,23 @@ def e_step_coarse_to_fine(
     combinations, each once). The posterior is over those fine poses; poses
     far from every candidate get
     probability 0. Returned shift and rotation indices refer to the fine grid.
+    ``refs_power`` (``|refs|²``) and ``coarse_refs`` (from
+    :func:`coarse_references`) can be made once per pass and passed in.
     """
     b, m = X.shape
     K, R, _ = refs.shape
     coarse_t, neighbours, coarse_r, cm = grid
     Rc, Tc, Mc = len(coarse_r), len(coarse_t), len(cm)
     P = X * ctf * inv_sigma2
+    if refs_power is None:
+        refs_power = refs.abs().square()
+    Zc, power_c = coarse_references(refs, grid, refs_power) if coarse_refs is None else coarse_refs
     # Stage 1: coarse exhaustive search.
-    refs_c = refs[:, coarse_r][:, :, cm].reshape(K * Rc, Mc)
     Yc = torch.view_as_real(P[:, cm].unsqueeze(1) * phases[coarse_t][:, cm].unsqueeze(0)).reshape(b * Tc, 2 * Mc)
-    Zc = torch.view_as_real(refs_c.contiguous()).reshape(K * Rc, 2 * Mc)
     s = scale.view(b, 1, 1)
-    norm_all = ((ctf * ctf) * inv_sigma2) @ (refs.reshape(K * R, m).abs() ** 2).T  # (b, KR)
+    norm_all = ((ctf * ctf) * inv_sigma2) @ refs_power.reshape(K * R, m).T  # (b, KR)
     ctf2 = (ctf[:, cm] ** 2) * inv_sigma2[cm]
-    norm_c = ctf2 @ (refs_c.abs() ** 2).T
+    norm_c = ctf2 @ power_c.T
     logp_c = (s * (Yc @ Zc.T).view(b, Tc, K * Rc) - 0.5 * s * s * norm_c.unsqueeze(1)).view(b, Tc, K, Rc)
     # Candidates: best coarse pose of each class + the n_candidates best (class,
     # rotation) pairs that are local maxima over rotation, each at its best
