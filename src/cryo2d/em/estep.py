@@ -354,9 +354,8 @@ def e_step_coarse_to_fine(
     scores every fine shift within one fine step of their shifts against
     every fine rotation within one fine step of their rotations (all
     combinations, each once). The posterior is over those fine poses; poses
-    far from every candidate get
-    probability 0. Returned shift and rotation indices refer to the fine grid.
-    ``refs_power`` (``|refs|²``) and ``coarse_refs`` (from
+    far from every candidate get probability 0. Returned shift and rotation
+    indices refer to the fine grid. ``refs_power`` (``|refs|²``) and ``coarse_refs`` (from
     :func:`coarse_references`) can be made once per pass and passed in.
     """
     b, m = X.shape
