@@ -50,10 +50,10 @@ def test_quality_small(bundled_volume, tmp_path):
     The issue's bar (junk F1 ≥ 0.9, purity ≥ 0.8, rare view in a class of
     its own, median NCC ≥ 0.8) is not fully met yet; this guards what the
     engine reaches today with defaults (simulation seeds 0/1/2, one thread:
-    junk F1 0.74/0.78/0.79, purity 0.88/0.87/0.80, rare view kept on seeds 0
-    and 1, median NCC 0.98; seed 0 scores the same with 2 threads; at most
-    one small class has been seen to end empty, absorbed in the final pass
-    by a class of the same kind of junk), with a margin
+    junk F1 0.75/0.78/0.79, purity 0.86/0.87/0.92, rare view kept on seeds 0
+    and 1, median NCC 0.98; at most one small class has been seen to end
+    empty, absorbed in the final pass by a class of the same kind of junk),
+    with a margin
     for the chaotic EM trajectory, and above RELION 3.1 Class2D on the same
     kind of data (benchmarks/README.md: junk F1 0.03, purity 0.59, 6 empty
     classes).
