@@ -289,8 +289,7 @@ class Engine:
         """Wiener solve from the current sums, then clamp/non-negativity/re-centring, priors, resolution."""
         s, cfg = self.state, self.config
         sigma2 = s.sigma2_shell[self.mpts.shell]
-        s.tau2 = estimate_tau2(s.num, s.den, sigma2, self.mpts.shell, self.n_shells, cfg.tau2_fudge)
-        A = solve_classes(s.num, s.den, sigma2, s.tau2, self.mpts.shell)
+        s.tau2, A = self._wiener(s.num, s.den)
         if cfg.clamp_solvent or cfg.non_negative:
             img = self._to_real(A)
             if cfg.clamp_solvent:
@@ -460,13 +459,17 @@ class Engine:
             self._seed_class(k, idx, per, np.sort(rows))
         return len(targets)
 
+    def _wiener(self, num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
+        """Signal priors τ² (rows, n_shells) and Wiener averages (rows, m) of class sums ``num``, ``den``."""
+        sigma2 = self.state.sigma2_shell[self.mpts.shell]
+        tau2 = estimate_tau2(num, den, sigma2, self.mpts.shell, self.n_shells, self.config.tau2_fudge)
+        return tau2, solve_classes(num, den, sigma2, tau2, self.mpts.shell)
+
     def _solve_one(self, k: int) -> None:
-        """Signal prior and Wiener average of class ``k`` alone from its sums."""
+        """Signal prior and Wiener average of class ``k`` alone from its sums (no constraints, no re-centring)."""
         s = self.state
-        sigma2 = s.sigma2_shell[self.mpts.shell]
-        tau2 = estimate_tau2(s.num[k : k + 1], s.den[k : k + 1], sigma2, self.mpts.shell, self.n_shells, self.config.tau2_fudge)
-        s.tau2[k] = tau2[0]
-        s.A[k] = solve_classes(s.num[k : k + 1], s.den[k : k + 1], sigma2, tau2, self.mpts.shell)[0]
+        tau2, A = self._wiener(s.num[k : k + 1], s.den[k : k + 1])
+        s.tau2[k], s.A[k] = tau2[0], A[0]
 
     def _grow_seeds(self, targets: list[int], idx: np.ndarray, per: dict, z: np.ndarray, plan: IterationPlan) -> set:
         """Grow new classes for ``targets`` from the batch's pooled misfits; return the targets placed.
