@@ -23,7 +23,7 @@ from cryo2d.em.data import batch_ctf, load_batch, noise_spectrum, tune_allocator
 from cryo2d.em.estep import N_CANDIDATES, EStepResult, coarse_references, coarse_subgrid, deshift_phases, e_step, e_step_coarse_to_fine
 from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, make_geometry, soft_mask
 from cryo2d.em.mstep import PoseSums, estimate_tau2, resolution_shell, solve_classes, ssnr
-from cryo2d.em.rotation import oversample, psi_grid, rotate_classes, rotated_points, sample_grid
+from cryo2d.em.rotation import oversample, psi_grid, rotate_classes, rotated_points, sample_half
 from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, pad_fourier
 from cryo2d.particles import ParticleSet
@@ -500,7 +500,7 @@ class Engine:
         mode = "hard" if self.config.force_max_effective else "soft"
         tk = torch.tensor(targets, dtype=torch.long, device=self.device)
         for _ in range(_GROW_ROUNDS):
-            (num, den, counts, _, _), _ = self.pass_over(idx[pool], plan, mode, 0)
+            (num, den, counts, _, _), _ = self.pass_over(idx[pool], plan, mode, 0, classes=tk)
             s.num[tk], s.den[tk], s.counts[tk] = num[tk], den[tk], counts[tk]
             for k in targets:
                 self._solve_one(k)
@@ -622,15 +622,15 @@ class Engine:
         return deshift_phases(freq_grid(B, device=self.device).reshape(-1, 2), shifts_px).view(-1, B, B)
 
     # ---------------------------------------------------------------- E/M pass
-    def pass_over(self, idx: np.ndarray, plan: IterationPlan, mode: str, iteration: int):
+    def pass_over(self, idx: np.ndarray, plan: IterationPlan, mode: str, iteration: int, classes: Tensor | None = None):
         """E-step over particles ``idx`` (in chunks) and M-step sums.
 
         Returns the new sums (num, den, counts, noise) and per-particle results.
         One shard (:meth:`pass_shard`) and its reduction (:meth:`reduce_pass`):
         a distributed pass (``cryo2d.em.distributed``) runs the same two steps
-        with several shards.
+        with several shards. ``classes``: see :meth:`pass_shard`.
         """
-        return self.reduce_pass([self.pass_shard(idx, plan, mode)])
+        return self.reduce_pass([self.pass_shard(idx, plan, mode, classes)])
 
     def reduce_pass(self, shards: list[ShardSums]):
         """Add the shards' sums in list order and make the robust noise sums over all of them.
@@ -652,10 +652,14 @@ class Engine:
         noise_sum, noise_cnt = self._robust_noise_sums(shell_resid, per["chi2"])
         return (num, den, counts, noise_sum, noise_cnt), per
 
-    def pass_shard(self, idx: np.ndarray, plan: IterationPlan, mode: str) -> ShardSums:
+    def pass_shard(self, idx: np.ndarray, plan: IterationPlan, mode: str, classes: Tensor | None = None) -> ShardSums:
         """E-step and linear M-step sums of particles ``idx``; reads only their images.
 
         Uses ``state.A``, ``sigma2_shell``, ``log_prior`` and ``scale[idx]``.
+        With ``classes`` (int64 indices), the E-step still ranks every class
+        but the M-step sums and counts hold only those classes (zero for the
+        rest): growing a few new classes need not back-rotate all K · R sums
+        (:meth:`_grow_seeds`; 64 px, K = 20: 4.9 of a job's 52 s).
         """
         s, g, cfg = self.state, self.geom, self.config
         dev = self.device
@@ -699,10 +703,10 @@ class Engine:
                         *args, grid, temperature=plan.temperature, mode=mode, refs_power=power, coarse_refs=coarse
                     )
                 Xm, Cm = X[:, self.mpts.flat], C[:, self.mpts.flat]
-                sums.add(Xm, Cm, scale, phases_m, res)
+                sums.add(Xm, Cm, scale, phases_m, res if classes is None else res.only_classes(classes))
                 # Noise: residual at the best pose, per shell.
                 pts = rotated_points(self.mpts.xy, -plan.psi_rad[res.best_r]).unsqueeze(1)
-                Zb = sample_grid(G_full[res.best_k], pts, cfg.zeropad)[:, :, 0]
+                Zb = sample_half(G_full[res.best_k], pts, cfg.zeropad)[:, :, 0]
                 Zb = torch.complex(Zb[:, 0], Zb[:, 1])
                 resid = (Xm * phases_m[res.best_t] - scale[:, None] * Cm * Zb).abs() ** 2
                 out["chi2"].append((resid * (self.mpts.weight / s.sigma2_shell[self.mpts.shell])).sum(dim=1))

@@ -14,7 +14,7 @@ data model is X = s · c · shift_t(rotate_ψ(A_k)) + noise.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -56,6 +56,12 @@ class EStepResult:
     entry_r: Tensor
     entry_w: Tensor
     log_evidence: Tensor
+
+    def only_classes(self, classes: Tensor) -> "EStepResult":
+        """The same result with only the significant entries of ``classes`` (weights unchanged)."""
+        keep = torch.isin(self.entry_k, classes)
+        fields = ("entry_i", "entry_t", "entry_k", "entry_r", "entry_w")
+        return replace(self, **{f: getattr(self, f)[keep] for f in fields})
 
 
 def deshift_phases(xy: Tensor, shifts_px: Tensor) -> Tensor:

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
-from cryo2d.fourier import fft2c, ifft2c
 
 
 def _gridding_correction(box: int, padded: int, device) -> Tensor:
@@ -27,31 +26,52 @@ def _gridding_correction(box: int, padded: int, device) -> Tensor:
 
 
 def oversample(F: Tensor, zeropad: int) -> Tensor:
-    """Oversample centred transforms of real images for interpolation.
+    """Oversample centred transforms of real images for interpolation (half plane x ≥ 0).
+
+    The image is zero-padded in real space and transformed with real FFTs;
+    only the x ≥ 0 half of the oversampled transform is kept, the rest
+    follows from F(−f) = conj F(f) (:func:`sample_half` mirrors the points).
+    Real FFTs and no ``fftshift`` copies along x: 1,300 grids of 64 px,
+    ``zeropad = 2``, 0.52 → 0.12 s on 2 threads (benchmarks/README.md).
 
     Parameters
     ----------
     F : (n, b, b) complex tensor
-        Centred transforms (zero frequency at [b//2, b//2]) of real images.
+        Centred, Hermitian transforms (zero frequency at [b//2, b//2]) of
+        real images; the Nyquist row and column (if any) must be zero.
     zeropad : int
         Oversampling factor (≥ 1).
 
     Returns
     -------
-    (n, 2, p, p) float tensor, p = zeropad · b
-        Real and imaginary parts of the oversampled centred transform: its
-        element at offset u from the centre holds frequency u / zeropad.
+    (n, 2, p, p//2 + 1) float tensor, p = zeropad · b
+        Real and imaginary parts of the oversampled transform: element
+        [j, i] holds frequency (x, y) = (i, j − p//2) / zeropad.
     """
     n, b, _ = F.shape
-    p = zeropad * b
-    img = ifft2c(F, real=True) / _gridding_correction(b, p, F.device)
-    if p != b:
-        lo = p // 2 - b // 2
-        padded = torch.zeros((n, p, p), dtype=img.dtype, device=img.device)
-        padded[:, lo : lo + b, lo : lo + b] = img
+    p, c = zeropad * b, b // 2
+    # Columns x = 0 … b//2 (for even b the Nyquist column x = −b/2 stands for
+    # +b/2), rows moved to origin 0; the image comes out with its origin at
+    # index 0 and stays so (no shift back to the centre).
+    half = F[..., c:] if b % 2 else torch.cat([F[..., c:], F[..., :1]], dim=-1)
+    img = torch.fft.irfft2(torch.fft.ifftshift(half, dim=-2), s=(b, b))
+    weight = 1.0 / torch.fft.ifftshift(_gridding_correction(b, p, F.device), dim=(-2, -1))
+    if p % 2 == 0:  # (−1)^y on the rows centres the rows of the transform
+        k = torch.arange(b, device=F.device)
+        weight = weight * (1 - 2 * ((k - b * (k >= b - c).long()) % 2)).float()[:, None]
+    img = img * weight
+    if p != b:  # zero-pad around the origin: offsets −c … b−1−c keep their place mod p
+        padded = img.new_zeros((n, p, p))
+        hi = b - c
+        padded[:, :hi, :hi] = img[:, :hi, :hi]
+        padded[:, :hi, p - c :] = img[:, :hi, hi:]
+        padded[:, p - c :, :hi] = img[:, hi:, :hi]
+        padded[:, p - c :, p - c :] = img[:, hi:, hi:]
         img = padded
-    G = fft2c(img)
-    return torch.stack([G.real, G.imag], dim=1).contiguous()
+    G = torch.fft.rfft2(img)
+    if p % 2:
+        G = torch.fft.fftshift(G, dim=-2)
+    return torch.view_as_real(G).permute(0, 3, 1, 2).contiguous()  # (n, 2, p, p//2 + 1)
 
 
 def rotated_points(xy: Tensor, angles_rad: Tensor) -> Tensor:
@@ -75,13 +95,14 @@ def rotated_points(xy: Tensor, angles_rad: Tensor) -> Tensor:
 
 
 def sample_grid(G: Tensor, points: Tensor, zeropad: int) -> Tensor:
-    """Bilinear samples of oversampled centred grids at frequency points.
+    """Bilinear samples of full centred grids at frequency points.
 
     Parameters
     ----------
     G : (n, c, p, p) float tensor
-        ``c`` channels of centred grids with oversampling ``zeropad`` (from
-        :func:`oversample`, or a real grid with ``zeropad = 1``).
+        ``c`` channels of centred grids with oversampling ``zeropad`` (e.g. a
+        real CTF² sum with ``zeropad = 1``; :func:`sample_half` samples what
+        :func:`oversample` returns).
     points : (n, r, m, 2) or (r, m, 2) float tensor
         (x, y) frequencies in Fourier px of the un-oversampled grid; the same
         points for every grid when 3-D.
@@ -97,6 +118,34 @@ def sample_grid(G: Tensor, points: Tensor, zeropad: int) -> Tensor:
     scale = 2.0 / (p - 1)
     grid = (points * zeropad + p // 2) * scale - 1.0
     return nnf.grid_sample(G, grid.to(G.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def sample_half(G: Tensor, points: Tensor, zeropad: int) -> Tensor:
+    """Bilinear samples of half-plane oversampled transforms (from :func:`oversample`).
+
+    A point with x < 0 is sampled at −f and conjugated (transforms of real
+    images), which is what bilinear interpolation on the full grid gives.
+
+    Parameters
+    ----------
+    G : (n, 2, p, p//2 + 1) float tensor
+        Real and imaginary parts, as :func:`oversample` returns them.
+    points, zeropad :
+        As for :func:`sample_grid`.
+
+    Returns
+    -------
+    (n, 2, r, m) float tensor: real and imaginary parts; zero outside the grid.
+    """
+    n, _, p, w = G.shape
+    flip = points[..., 0] < 0
+    pts = torch.where(flip.unsqueeze(-1), -points, points) * zeropad
+    grid = torch.stack([pts[..., 0] * (2.0 / (w - 1)) - 1.0, (pts[..., 1] + p // 2) * (2.0 / (p - 1)) - 1.0], dim=-1)
+    if grid.ndim == 3:
+        grid, flip = grid.unsqueeze(0).expand(n, -1, -1, -1), flip.unsqueeze(0)
+    out = nnf.grid_sample(G, grid.to(G.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+    out[:, 1] = torch.where(flip, -out[:, 1], out[:, 1])
+    return out
 
 
 def rotate_classes(A: Tensor, xy: Tensor, psi_rad: Tensor, zeropad: int) -> Tensor:
@@ -118,7 +167,7 @@ def rotate_classes(A: Tensor, xy: Tensor, psi_rad: Tensor, zeropad: int) -> Tens
     (k, r, m) complex tensor
     """
     G = oversample(A, zeropad)
-    out = sample_grid(G, rotated_points(xy, -psi_rad), zeropad)
+    out = sample_half(G, rotated_points(xy, -psi_rad), zeropad)
     return torch.complex(out[:, 0], out[:, 1])
 
 
@@ -145,7 +194,7 @@ def unrotate_sums(S: Tensor, Q: Tensor, psi_rad: Tensor, xy: Tensor, zeropad: in
     """
     pts = rotated_points(xy, psi_rad).unsqueeze(1)  # (c, 1, m, 2)
     G = oversample(S, zeropad)
-    s_out = sample_grid(G, pts, zeropad)[:, :, 0]
+    s_out = sample_half(G, pts, zeropad)[:, :, 0]
     q_out = sample_grid(Q.unsqueeze(1), pts, 1)[:, 0, 0]
     return torch.complex(s_out[:, 0], s_out[:, 1]), q_out
 
