@@ -10,7 +10,7 @@ from test_rotation import analytic_blobs
 from cryo2d.ctf import ctf_2d
 from cryo2d.em.estep import EStepResult, deshift_phases
 from cryo2d.em.geometry import disc_points, hermitian_grid
-from cryo2d.em.mstep import PoseSums, estimate_tau2, resolution_shell, shell_mean, solve_classes
+from cryo2d.em.mstep import PoseSums, estimate_tau2, resolution_shell, shell_mean, solve_classes, ssnr
 from cryo2d.em.rotation import psi_grid
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, shift_images
 from cryo2d.particles import CTFParams
@@ -88,3 +88,54 @@ def test_shell_mean():
 def test_resolution_shell_is_last_shell_before_snr_drops_below_one():
     snr = torch.tensor([[100.0, 50.0, 10.0, 2.0, 0.5, 3.0], [9.0, 9.0, 9.0, 9.0, 9.0, 9.0], [5.0, 0.1, 0.1, 0.1, 0.1, 0.1]])
     assert resolution_shell(snr).tolist() == [3, 5, 1]
+
+
+def test_pose_sums_match_the_defining_sum_over_entries():
+    """S[k, r] = Σ w · s · c · exp(2πi f·t) · X and Q[k, r] = Σ w · s² · c², entry by entry, in float64.
+
+    Random soft entries: several per particle, repeated (particle, shift)
+    pairs across rotations and repeated (particle, class, rotation) across
+    shifts, as the E-step's significant poses are.
+    """
+    g = torch.Generator().manual_seed(5)
+    b, m, K, R, T, e = 7, 40, 3, 4, 5, 60
+    X = torch.complex(torch.randn(b, m, generator=g), torch.randn(b, m, generator=g))
+    ctf, scale = torch.rand(b, m, generator=g), 0.5 + torch.rand(b, generator=g)
+    phases = torch.polar(torch.ones(T, m), 6.3 * torch.rand(T, m, generator=g))
+    i, t = torch.randint(0, b, (e,), generator=g), torch.randint(0, 2, (e,), generator=g)
+    k, r = torch.randint(0, K, (e,), generator=g), torch.randint(0, R, (e,), generator=g)
+    key = torch.unique(((i * T + t) * K + k) * R + r)  # one entry per (particle, shift, class, rotation)
+    r, k, t, i = key % R, key // R % K, key // (R * K) % T, key // (R * K * T)
+    w = torch.rand(len(key), generator=g)
+    res = EStepResult(torch.ones(b, K), t, k, r, w, w, w, i, t, k, r, w, w)
+    sums = PoseSums(K, R, m, "cpu")
+    sums.add(X, ctf, scale, phases, res)
+    S = torch.zeros(K * R, m, dtype=torch.complex128)
+    Q = torch.zeros(K * R, m, dtype=torch.float64)
+    for n in range(len(key)):
+        row = int(k[n] * R + r[n])
+        S[row] += float(w[n]) * float(scale[i[n]]) * (ctf[i[n]] * phases[t[n]] * X[i[n]]).to(torch.complex128)
+        Q[row] += float(w[n]) * float(scale[i[n]]) ** 2 * ctf[i[n]].double() ** 2
+    torch.testing.assert_close(torch.view_as_complex(sums.S).to(torch.complex128), S, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(sums.Q.double(), Q, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(sums.counts, torch.zeros(K, dtype=torch.float64).index_add_(0, k, w.double()))
+
+
+def test_resolution_of_a_class_with_a_strong_low_frequency_stops_where_its_signal_does():
+    """Signal in shells ≤ 4 only, 10⁴ times stronger at the origin: the SSNR resolution is shell 4-5, not Nyquist.
+
+    With τ² floored at 10⁻⁶ of its largest shell (the origin) the noise-only
+    shells kept an SSNR above 1 and the resolution went to the edge.
+    """
+    g = torch.Generator().manual_seed(2)
+    pts = disc_points(BOX, 0, BOX / 2 - 1, half=True)
+    n_shells = BOX // 2 + 1
+    den = torch.full((1, len(pts)), 50.0)
+    sigma2 = torch.ones(len(pts))
+    signal = torch.where(pts.shell <= 4, 3.0, 0.0) + torch.where(pts.shell == 0, 1e4, 0.0)
+    noise = torch.complex(torch.randn(1, len(pts), generator=g), torch.randn(1, len(pts), generator=g)) * (50.0 / 2) ** 0.5
+    num = den * signal + noise
+    tau2 = estimate_tau2(num, den, sigma2, pts.shell, n_shells, 2.0)
+    snr = ssnr(den, sigma2, tau2, pts.shell, n_shells, 2.0)
+    assert 4 <= int(resolution_shell(snr)[0]) <= 5
+    assert float(snr[0, 6 : BOX // 2].max()) < 1.0  # every noise-only shell (10⁻⁶ of τ²(0) would give SSNR 5000)

@@ -20,7 +20,16 @@ from torch import Tensor
 from cryo2d.em import state as st
 from cryo2d.em.config import EMConfig
 from cryo2d.em.data import batch_ctf, load_batch, noise_spectrum, tune_allocator
-from cryo2d.em.estep import N_CANDIDATES, EStepResult, coarse_references, coarse_subgrid, deshift_phases, e_step, e_step_coarse_to_fine
+from cryo2d.em.estep import (
+    N_CANDIDATES,
+    EStepResult,
+    bf16_matmul_is_fast,
+    coarse_references,
+    coarse_subgrid,
+    deshift_phases,
+    e_step,
+    e_step_coarse_to_fine,
+)
 from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, make_geometry, soft_mask
 from cryo2d.em.mstep import PoseSums, estimate_tau2, resolution_shell, solve_classes, ssnr
 from cryo2d.em.rotation import oversample, psi_grid, rotate_classes, rotated_points, sample_half
@@ -183,6 +192,9 @@ class Engine:
         self.K = config.n_classes
         self.rng = np.random.default_rng(config.seed)
         self.state = st.new_state(n, self.K, len(self.mpts), self.n_shells, self.device)
+        # The coarse search only ranks poses: bfloat16 where the hardware has it
+        # (64 px, K = 20: 44 -> 36 s a job; benchmarks/README.md, E-step throughput).
+        self.coarse_dtype = torch.bfloat16 if bf16_matmul_is_fast(self.device) else torch.float32
 
     # ---------------------------------------------------------------- helpers
     def _to_real(self, A: Tensor) -> Tensor:
@@ -680,7 +692,7 @@ class Engine:
             step = 1.0 if cfg.shift_step_px is None else cfg.shift_step_px * g.work_box / g.box
             grid = coarse_subgrid(plan.shifts_px, step, R, plan.points.xy.norm(dim=1), r_coarse)
         power = refs.abs().square()  # once per pass, not per chunk
-        coarse = coarse_references(refs, grid, power) if grid is not None else None
+        coarse = coarse_references(refs, grid, power, self.coarse_dtype) if grid is not None else None
         G_full = oversample(self._grid(s.A), cfg.zeropad)
         sums = PoseSums(self.K, R, len(self.mpts), dev)
         shell_resid = []  # per particle: residual power per shell

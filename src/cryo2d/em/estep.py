@@ -308,7 +308,30 @@ def coarse_subgrid(
     return coarse.to(dev), neigh.to(dev), torch.arange(0, n_rot, 2, device=dev), coarse_m.to(dev)
 
 
-def coarse_references(refs: Tensor, grid: tuple[Tensor, Tensor, Tensor, Tensor], refs_power: Tensor) -> tuple[Tensor, Tensor]:
+def bf16_matmul_is_fast(device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively (much faster than float32).
+
+    CUDA: compute capability 8.0 or newer. CPU: the AVX512-BF16 or AMX-BF16
+    instructions (read from /proc/cpuinfo; elsewhere assumed absent). On
+    this project's 2-core machine (AVX512-BF16) a (4366 × 796) · (796 × 900)
+    product takes 16 ms in bfloat16 and 44 ms in float32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def coarse_references(
+    refs: Tensor, grid: tuple[Tensor, Tensor, Tensor, Tensor], refs_power: Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """The coarse stage's references, made once for all chunks of a pass.
 
     Parameters
@@ -316,10 +339,13 @@ def coarse_references(refs: Tensor, grid: tuple[Tensor, Tensor, Tensor, Tensor],
     refs : (K, R, M) complex tensor
     grid : the tuple from :func:`coarse_subgrid`
     refs_power : (K, R, M) float tensor, ``|refs|²``
+    dtype : torch dtype
+        Of the coarse correlation product (float32, or bfloat16 where
+        :func:`bf16_matmul_is_fast`): the coarse stage only ranks poses.
 
     Returns
     -------
-    Zc : (K·Rc, 2·Mc) float tensor
+    Zc : (K·Rc, 2·Mc) tensor of ``dtype``
         Real view of the references at the coarse rotations and frequencies.
     power_c : (K·Rc, Mc) float tensor
         Their power.
@@ -327,7 +353,7 @@ def coarse_references(refs: Tensor, grid: tuple[Tensor, Tensor, Tensor, Tensor],
     _, _, coarse_r, cm = grid
     K = refs.shape[0]
     Rc, Mc = len(coarse_r), len(cm)
-    Zc = torch.view_as_real(refs[:, coarse_r][:, :, cm].contiguous()).reshape(K * Rc, 2 * Mc)
+    Zc = torch.view_as_real(refs[:, coarse_r][:, :, cm].contiguous()).reshape(K * Rc, 2 * Mc).to(dtype)
     return Zc, refs_power[:, coarse_r][:, :, cm].reshape(K * Rc, Mc)
 
 
@@ -362,7 +388,13 @@ def e_step_coarse_to_fine(
     combinations, each once). The posterior is over those fine poses; poses
     far from every candidate get probability 0. Returned shift and rotation
     indices refer to the fine grid. ``refs_power`` (``|refs|²``) and ``coarse_refs`` (from
-    :func:`coarse_references`) can be made once per pass and passed in.
+    :func:`coarse_references`) can be made once per pass and passed in; the
+    coarse correlations are computed in the dtype of ``coarse_refs``.
+
+    In bfloat16 (8-bit mantissa, float32 sums) the coarse log-likelihoods
+    of a 64 px particle differ from float32 by 0.03 nats (SD; 1.1 at most)
+    against a spread of 270 nats over its poses, and the fine stage scores
+    the candidates in float32.
     """
     b, m = X.shape
     K, R, _ = refs.shape
@@ -378,7 +410,8 @@ def e_step_coarse_to_fine(
     norm_all = ((ctf * ctf) * inv_sigma2) @ refs_power.reshape(K * R, m).T  # (b, KR)
     ctf2 = (ctf[:, cm] ** 2) * inv_sigma2[cm]
     norm_c = ctf2 @ power_c.T
-    logp_c = (s * (Yc @ Zc.T).view(b, Tc, K * Rc) - 0.5 * s * s * norm_c.unsqueeze(1)).view(b, Tc, K, Rc)
+    cross_c = (Yc.to(Zc.dtype) @ Zc.T).float()
+    logp_c = (s * cross_c.view(b, Tc, K * Rc) - 0.5 * s * s * norm_c.unsqueeze(1)).view(b, Tc, K, Rc)
     # Candidates: best coarse pose of each class + the n_candidates best (class,
     # rotation) pairs that are local maxima over rotation, each at its best
     # coarse shift. Ranking whole poses filled the list with shift and angle
