@@ -150,7 +150,11 @@ def _shift_disc(radius: int) -> torch.Tensor:
 
 
 def test_coarse_to_fine_finds_the_exhaustive_best_pose():
-    """Low noise, 10° rotations, 1 px shifts: both searches agree; precomputed references change nothing."""
+    """Low noise, 10° rotations, 1 px shifts: both searches agree; precomputed references change nothing.
+
+    A bfloat16 coarse stage (ranking only) finds the same poses with the same
+    float32 scores.
+    """
     from cryo2d.em.estep import coarse_references, coarse_subgrid, e_step_coarse_to_fine
 
     g = torch.Generator().manual_seed(3)
@@ -175,4 +179,7 @@ def test_coarse_to_fine_finds_the_exhaustive_best_pose():
     power = refs.abs().square()
     pre = e_step_coarse_to_fine(*args, grid, mode="hard", refs_power=power, coarse_refs=coarse_references(refs, grid, power))
     torch.testing.assert_close(pre.best_cross, c2f.best_cross)
+    bf = e_step_coarse_to_fine(*args, grid, mode="hard", coarse_refs=coarse_references(refs, grid, power, torch.bfloat16))
+    assert torch.equal(bf.best_k, k_true) and torch.equal(bf.best_r, r_true) and torch.equal(bf.best_t, t_true)
+    torch.testing.assert_close(bf.best_cross, c2f.best_cross)
     torch.testing.assert_close(e_step(*args, mode="hard", refs_power=power).best_cross, exh.best_cross)
