@@ -121,12 +121,18 @@ def load_batch(particles: ParticleSet, idx: np.ndarray, geom: Geometry, device) 
     return crop_fourier(fft2c(images), geom.work_box)
 
 
-def batch_ctf(particles: ParticleSet, idx: np.ndarray, geom: Geometry, use_ctf: bool, device) -> Tensor:
-    """CTF of particles ``idx`` on the centred working grid, (b, work_box, work_box) float32 (ones without CTF)."""
+def batch_ctf(particles: ParticleSet, idx: np.ndarray, geom: Geometry, use_ctf: bool, device, flat: Tensor | None = None) -> Tensor:
+    """CTF of particles ``idx`` on the centred working grid, (b, work_box, work_box) float32 (ones without CTF).
+
+    With ``flat`` (indices into the flattened grid), only at those points: (b, len(flat)).
+    """
     b = len(idx)
+    shape = (b, geom.work_box, geom.work_box) if flat is None else (b, len(flat))
     if not use_ctf:
-        return torch.ones((b, geom.work_box, geom.work_box), device=device)
+        return torch.ones(shape, device=device)
     freqs = freq_grid(geom.work_box, geom.work_pixel_angst, device=device)
+    if flat is not None:
+        freqs = freqs.reshape(-1, 2)[flat]
     return ctf_2d(freqs, particles.ctf.subset(np.asarray(idx)), device=device)
 
 

@@ -410,13 +410,15 @@ def e_step_coarse_to_fine(
     norm_all = ((ctf * ctf) * inv_sigma2) @ refs_power.reshape(K * R, m).T  # (b, KR)
     ctf2 = (ctf[:, cm] ** 2) * inv_sigma2[cm]
     norm_c = ctf2 @ power_c.T
-    cross_c = (Yc.to(Zc.dtype) @ Zc.T).float()
-    logp_c = (s * cross_c.view(b, Tc, K * Rc) - 0.5 * s * s * norm_c.unsqueeze(1)).view(b, Tc, K, Rc)
+    # The norm term does not depend on the shift and s > 0: the best coarse
+    # shift of each (class, rotation) is that of the largest correlation.
+    best_c, best_t = (Yc.to(Zc.dtype) @ Zc.T).view(b, Tc, K * Rc).max(dim=1)
+    best_lp = (s[:, 0] * best_c.float() - 0.5 * s[:, 0] ** 2 * norm_c).view(b, K, Rc)
+    best_t = best_t.view(b, K, Rc)
     # Candidates: best coarse pose of each class + the n_candidates best (class,
     # rotation) pairs that are local maxima over rotation, each at its best
     # coarse shift. Ranking whole poses filled the list with shift and angle
     # neighbours of one pose, and missed a second mode of the same class.
-    best_lp, best_t = logp_c.max(dim=1)  # (b, K, Rc)
     cls_r = best_lp.argmax(dim=2)  # (b, K)
     cls_t = best_t.gather(2, cls_r.unsqueeze(2)).squeeze(2)
     n_top = min(n_candidates, K * Rc)
