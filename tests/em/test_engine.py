@@ -72,3 +72,39 @@ def test_quality_small(bundled_volume, tmp_path):
     assert scores["purity"] >= 0.7, summary
     assert scores["median_ncc"] >= 0.9, summary
     assert scores["n_empty_classes"] <= 1, summary
+
+
+def test_online_m_step_sums_stop_at_the_plans_radius(particles3):
+    """An online pass sums the M-step only within r_mstep: zero beyond, close to a full-radius pass inside.
+
+    The back-rotation interpolates on a zero-padded (sinc-interpolated)
+    grid, so cutting the sums at r_mstep changes the interpolated values
+    inside a little (64 px, K = 20: 1 % within the E-step radius, 13 % at
+    the edge). Checked within the E-step radius, where the next E-step
+    reads the classes; the noise counts stop at the same shells.
+    """
+    import dataclasses
+    import math
+
+    import torch
+
+    from cryo2d.em.engine import Engine
+
+    eng = Engine(particles3, EMConfig(n_classes=3, seed=0))
+    eng.initialise()
+    eng.iterate(0)
+    eng.state.r_res = 3.0  # E-step radius 6, M-step sums to 13 of 15 Fourier px
+    plan = eng.plan(1, online=True)
+    assert plan.r_mstep < eng.geom.r_max and math.isinf(eng.plan(1, online=False).r_mstep)
+    idx = np.arange(60)
+    (num, den, counts, nsum, ncnt), _ = eng.pass_over(idx, plan, "soft", 1)
+    (num_f, den_f, counts_f, _, ncnt_f), _ = eng.pass_over(idx, dataclasses.replace(plan, r_mstep=math.inf), "soft", 1)
+    radius = eng.mpts.xy.norm(dim=1)
+    beyond, inside = radius > plan.r_mstep, radius <= plan.r_cur
+    assert float(num[:, beyond].abs().max()) == 0.0 and float(den[:, beyond].abs().max()) == 0.0
+    assert float((num[:, inside] - num_f[:, inside]).norm() / num_f[:, inside].norm()) < 0.03
+    near = radius <= plan.r_mstep - 1.5  # CTF² sums: bilinear, no padding, so equal beyond its reach of the edge
+    torch.testing.assert_close(den[:, near], den_f[:, near])
+    torch.testing.assert_close(counts, counts_f)
+    shells = torch.arange(len(ncnt), dtype=torch.float32)
+    assert float(ncnt[shells > plan.r_mstep + 0.5].sum()) == 0.0 and float(ncnt_f[shells > plan.r_mstep + 0.5].sum()) > 0

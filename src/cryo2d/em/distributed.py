@@ -131,7 +131,7 @@ def source_of(particles: ParticleSet, project_dir=None, rows: np.ndarray | None 
 def _plan_to_wire(plan: IterationPlan) -> dict:
     p = plan.points
     return {
-        "r_cur": plan.r_cur, "temperature": plan.temperature,
+        "r_cur": plan.r_cur, "temperature": plan.temperature, "r_mstep": plan.r_mstep,
         "psi_rad": plan.psi_rad.cpu().numpy(), "shifts_px": plan.shifts_px.cpu().numpy(),
         "flat": p.flat.cpu().numpy(), "xy": p.xy.cpu().numpy(), "shell": p.shell.cpu().numpy(),
         "weight": p.weight.cpu().numpy(),
@@ -143,7 +143,7 @@ def _plan_from_wire(w: dict, device) -> IterationPlan:
     return IterationPlan(
         r_cur=w["r_cur"], psi_rad=t("psi_rad"), shifts_px=t("shifts_px"),
         points=PointSet(flat=t("flat"), xy=t("xy"), shell=t("shell"), weight=t("weight")),
-        temperature=w["temperature"],
+        temperature=w["temperature"], r_mstep=w["r_mstep"],
     )
 
 
@@ -204,14 +204,14 @@ class ShardTask:
 def _shard_to_wire(sh: ShardSums) -> dict:
     return {
         "num": sh.num.cpu().numpy(), "den": sh.den.cpu().numpy(), "counts": sh.counts.cpu().numpy(),
-        "shell_resid": sh.shell_resid.cpu().numpy(), "per": sh.per,
+        "shell_resid": sh.shell_resid.cpu().numpy(), "shell_points": sh.shell_points.cpu().numpy(), "per": sh.per,
     }
 
 
 def _shard_from_wire(w: dict) -> ShardSums:
     return ShardSums(
         num=torch.from_numpy(w["num"]), den=torch.from_numpy(w["den"]), counts=torch.from_numpy(w["counts"]),
-        shell_resid=torch.from_numpy(w["shell_resid"]), per=w["per"],
+        shell_resid=torch.from_numpy(w["shell_resid"]), shell_points=torch.from_numpy(w["shell_points"]), per=w["per"],
     )
 
 

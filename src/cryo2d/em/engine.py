@@ -52,6 +52,11 @@ _SEED_RATIO = 3.0  # a seed must be at least this far (Δ / E) from every other 
 _POOL_SD = 1.5  # pooled misfits for growing classes: fit z this many robust SDs below the class median
 _GROW_ROUNDS = 2  # E/M rounds over the pool that grow new classes
 _CLASS_FIELDS = ("num", "den", "counts", "A", "tau2")  # per-class state a class move replaces
+# Online iterations sum the M-step only within this multiple of the E-step
+# radius (+4 Fourier px), as RELION's current_size: beyond it the classes hold
+# noise, and the resolution can still grow by half the radius an iteration.
+# Full passes sum every M-step point.
+_MSTEP_RADIUS = 1.5
 _PSI_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0)
 
 
@@ -64,6 +69,7 @@ class IterationPlan:
     shifts_px: Tensor  # (T, 2) working px
     points: PointSet  # E-step points
     temperature: float
+    r_mstep: float = math.inf  # M-step points beyond this radius (Fourier px) get no sums this pass
 
 
 @dataclass
@@ -81,6 +87,8 @@ class ShardSums:
     shell_resid : (b, n_shells) float64 tensor
         Per particle, residual power |X − s·c·Z| ² at the best pose summed per
         Fourier shell (the robust noise model picks particles over the whole pass).
+    shell_points : (n_shells,) float64 tensor
+        M-step points per shell that the pass summed over (the same in every shard).
     per : dict of (b, ...) numpy arrays
         Per-particle results in the shard's order (keys as :meth:`Engine.record` reads).
     """
@@ -89,6 +97,7 @@ class ShardSums:
     den: Tensor
     counts: Tensor
     shell_resid: Tensor
+    shell_points: Tensor
     per: dict
 
 
@@ -239,6 +248,7 @@ class Engine:
             shifts_px=shift_grid(g, cfg, self.device),
             points=disc_points(g.work_box, g.r_min_align, r_cur, half=True, device=self.device),
             temperature=temperature,
+            r_mstep=_MSTEP_RADIUS * r_cur + 4.0 if online else math.inf,
         )
 
     # ---------------------------------------------------------------- init
@@ -661,7 +671,7 @@ class Engine:
             num, den, counts = num + sh.num.to(dev), den + sh.den.to(dev), counts + sh.counts.to(dev)
         per = {k: np.concatenate([sh.per[k] for sh in shards]) for k in shards[0].per}
         shell_resid = torch.cat([sh.shell_resid.to(dev) for sh in shards])
-        noise_sum, noise_cnt = self._robust_noise_sums(shell_resid, per["chi2"])
+        noise_sum, noise_cnt = self._robust_noise_sums(shell_resid, shards[0].shell_points.to(dev), per["chi2"])
         return (num, den, counts, noise_sum, noise_cnt), per
 
     def pass_shard(self, idx: np.ndarray, plan: IterationPlan, mode: str, classes: Tensor | None = None) -> ShardSums:
@@ -680,7 +690,10 @@ class Engine:
         refs = rotate_classes(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad)
         inv_sig = plan.points.weight / s.sigma2_shell[plan.points.shell]
         phases = deshift_phases(plan.points.xy / g.work_box, plan.shifts_px)
-        phases_m = deshift_phases(self.mpts.xy / g.work_box, plan.shifts_px)
+        within = self.mpts.xy.norm(dim=1) <= plan.r_mstep
+        sub = None if bool(within.all()) else torch.nonzero(within).squeeze(1)
+        mp = self.mpts if sub is None else self.mpts.subset(sub)  # the points this pass sums
+        phases_m = deshift_phases(mp.xy / g.work_box, plan.shifts_px)
         grid = None
         # The coarse stage needs enough resolution to rank poses (≥ 12 Fourier
         # px): below twice that it searches the coarse poses at the full
@@ -694,14 +707,14 @@ class Engine:
         power = refs.abs().square()  # once per pass, not per chunk
         coarse = coarse_references(refs, grid, power, self.coarse_dtype) if grid is not None else None
         G_full = oversample(self._grid(s.A), cfg.zeropad)
-        sums = PoseSums(self.K, R, len(self.mpts), dev)
+        sums = PoseSums(self.K, R, len(mp), dev)
         shell_resid = []  # per particle: residual power per shell
         chunk = self._chunk_size(plan, grid)
         read = max(chunk, 256)
         out = {k: [] for k in ("k", "psi", "shift", "max_prob", "post", "ess", "cross", "norm", "chi2")}
         # The CTF only where the E- and M-steps look (64 px: 37 % of the grid).
-        ctf_flat = torch.unique(torch.cat([plan.points.flat, self.mpts.flat]))
-        e_pos, m_pos = torch.searchsorted(ctf_flat, plan.points.flat), torch.searchsorted(ctf_flat, self.mpts.flat)
+        ctf_flat = torch.unique(torch.cat([plan.points.flat, mp.flat]))
+        e_pos, m_pos = torch.searchsorted(ctf_flat, plan.points.flat), torch.searchsorted(ctf_flat, mp.flat)
         for start in range(0, len(idx), read):
             ridx = idx[start : start + read]
             X_all = load_batch(self.particles, ridx, g, dev).flatten(1)
@@ -717,16 +730,16 @@ class Engine:
                     res = e_step_coarse_to_fine(
                         *args, grid, temperature=plan.temperature, mode=mode, refs_power=power, coarse_refs=coarse
                     )
-                Xm, Cm = X[:, self.mpts.flat], C[:, m_pos]
+                Xm, Cm = X[:, mp.flat], C[:, m_pos]
                 sums.add(Xm, Cm, scale, phases_m, res if classes is None else res.only_classes(classes))
                 # Noise: residual at the best pose, per shell.
-                pts = rotated_points(self.mpts.xy, -plan.psi_rad[res.best_r]).unsqueeze(1)
+                pts = rotated_points(mp.xy, -plan.psi_rad[res.best_r]).unsqueeze(1)
                 Zb = sample_half(G_full[res.best_k], pts, cfg.zeropad)[:, :, 0]
                 Zb = torch.complex(Zb[:, 0], Zb[:, 1])
                 resid = (Xm * phases_m[res.best_t] - scale[:, None] * Cm * Zb).abs() ** 2
-                out["chi2"].append((resid * (self.mpts.weight / s.sigma2_shell[self.mpts.shell])).sum(dim=1))
+                out["chi2"].append((resid * (mp.weight / s.sigma2_shell[mp.shell])).sum(dim=1))
                 per_shell = torch.zeros((len(cidx), self.n_shells), device=dev, dtype=torch.float64)
-                shell_resid.append(per_shell.index_add_(1, self.mpts.shell, resid.double()))
+                shell_resid.append(per_shell.index_add_(1, mp.shell, resid.double()))
                 p = res.class_post
                 out["k"].append(res.best_k if mode == "hard" else p.argmax(dim=1))
                 out["psi"].append(plan.psi_rad[res.best_r])
@@ -737,12 +750,16 @@ class Engine:
                 out["ess"].append(1.0 / (p * p).sum(dim=1))
                 out["cross"].append(res.best_cross)
                 out["norm"].append(res.best_norm)
-        num, den = sums.class_frame(plan.psi_rad, self.mpts, g.work_box, cfg.zeropad)
+        num, den = sums.class_frame(plan.psi_rad, mp, g.work_box, cfg.zeropad)
+        if sub is not None:  # zero sums beyond r_mstep
+            num = torch.zeros((self.K, len(self.mpts)), dtype=num.dtype, device=dev).index_copy_(1, sub, num)
+            den = torch.zeros((self.K, len(self.mpts)), dtype=den.dtype, device=dev).index_copy_(1, sub, den)
         per = {k: torch.cat(v).cpu().numpy() for k, v in out.items()}
-        return ShardSums(num, den, sums.counts, torch.cat(shell_resid), per)
+        shell_points = torch.bincount(mp.shell, minlength=self.n_shells).double()
+        return ShardSums(num, den, sums.counts, torch.cat(shell_resid), shell_points, per)
 
-    def _robust_noise_sums(self, shell_resid: Tensor, chi2: np.ndarray) -> tuple[Tensor, Tensor]:
-        """Noise sums per shell over the particles the model fits typically.
+    def _robust_noise_sums(self, shell_resid: Tensor, shell_points: Tensor, chi2: np.ndarray) -> tuple[Tensor, Tensor]:
+        """Noise sums per shell over the particles the model fits typically (``shell_points`` per particle and shell).
 
         Particles whose normalised residual is an outlier (above median +
         5 × MAD: ice, aggregates, overlapping neighbours) are left out, so
@@ -751,8 +768,7 @@ class Engine:
         med = np.median(chi2)
         mad = np.median(np.abs(chi2 - med)) * 1.4826
         typical = torch.from_numpy(chi2 <= med + 5.0 * max(mad, 1e-12)).to(shell_resid.device)
-        n_points = torch.bincount(self.mpts.shell, minlength=self.n_shells).double()
-        return shell_resid[typical].sum(dim=0), n_points * float(typical.sum())
+        return shell_resid[typical].sum(dim=0), shell_points * float(typical.sum())
 
     # ---------------------------------------------------------------- one iteration
     def iterate(

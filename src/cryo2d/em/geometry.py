@@ -154,6 +154,10 @@ class PointSet:
     def __len__(self) -> int:
         return int(self.flat.numel())
 
+    def subset(self, index: Tensor) -> "PointSet":
+        """The points at positions ``index`` (int64), in that order."""
+        return PointSet(flat=self.flat[index], xy=self.xy[index], shell=self.shell[index], weight=self.weight[index])
+
 
 def disc_points(work_box: int, r_lo: float, r_hi: float, *, half: bool, device=None) -> PointSet:
     """Grid points with ``r_lo <= |f| <= r_hi``.
