@@ -3,7 +3,11 @@
 For each problem size, times the exhaustive E-step (cryo2d.em.estep.e_step),
 the coarse-to-fine E-step, and a bare ``torch.matmul`` of the same shape as
 the E-step's cross-term GEMM ((b·T × 2M) @ (2M × K·R)), measured in the same
-run: the matmul rate is this machine's limit for the formulation.
+run: the matmul rate is this machine's limit for the formulation. The
+coarse-to-fine E-step gets its references' power and coarse references made
+beforehand, as the engine makes them once per pass: "c2f" with a float32
+coarse stage, "c2f bf16" with the bfloat16 one the engine uses where the
+hardware multiplies bfloat16 natively (n/a elsewhere).
 
     python benchmarks/estep.py [--threads 2] [--repeat 3]
 """
@@ -16,7 +20,7 @@ import time
 
 import torch
 
-from cryo2d.em.estep import coarse_subgrid, deshift_phases, e_step, e_step_coarse_to_fine
+from cryo2d.em.estep import bf16_matmul_is_fast, coarse_references, coarse_subgrid, deshift_phases, e_step, e_step_coarse_to_fine
 from cryo2d.em.geometry import disc_points
 from cryo2d.em.rotation import psi_grid, rotate_classes
 from cryo2d.fourier import fft2c, radius_grid
@@ -65,7 +69,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads")
-    header = ("box", "K", "R", "T", "2M", "b", "exh poses/s", "exh GFLOP/s", "matmul GFLOP/s", "exh/matmul", "c2f poses/s", "c2f speed-up")
+    header = ("box", "K", "R", "T", "2M", "b", "exh poses/s", "exh GFLOP/s", "matmul GFLOP/s", "exh/matmul",
+              "c2f poses/s", "c2f speed-up", "c2f bf16 poses/s", "c2f bf16 speed-up")
+    bf16 = bf16_matmul_is_fast("cpu")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for box, K, psi_step, shift_range, b in SIZES:
@@ -74,13 +80,21 @@ def main() -> None:
         poses = b * T * K * R
         flops = 2.0 * b * T * K * R * 2 * M + 2.0 * b * M * K * R
         t_exh = _best_time(lambda: e_step(X, ctf, inv, refs, phases, prior, scale), args.repeat)
-        t_c2f = _best_time(lambda: e_step_coarse_to_fine(X, ctf, inv, refs, phases, prior, scale, grid), args.repeat)
+        power = refs.abs().square()
+        c2f = {}
+        for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
+            coarse = coarse_references(refs, grid, power, dtype)
+            c2f[dtype] = _best_time(lambda: e_step_coarse_to_fine(
+                X, ctf, inv, refs, phases, prior, scale, grid, refs_power=power, coarse_refs=coarse), args.repeat)
+        t_c2f = c2f[torch.float32]
         A = torch.randn(b * T, 2 * M)
         B = torch.randn(2 * M, K * R)
         t_mm = _best_time(lambda: A @ B, args.repeat)
         mm_rate = 2.0 * b * T * 2 * M * K * R / t_mm / 1e9
         row = (box, K, R, T, 2 * M, b, f"{poses / t_exh:.3g}", f"{flops / t_exh / 1e9:.1f}", f"{mm_rate:.1f}",
                f"{(flops / t_exh / 1e9) / mm_rate:.2f}", f"{poses / t_c2f:.3g}", f"{t_exh / t_c2f:.1f}x")
+        t16 = c2f.get(torch.bfloat16)
+        row += (f"{poses / t16:.3g}", f"{t_exh / t16:.1f}x") if t16 else ("n/a", "n/a")
         print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB")

@@ -49,14 +49,14 @@ def test_quality_small(bundled_volume, tmp_path):
 
     The issue's bar (junk F1 ≥ 0.9, purity ≥ 0.8, rare view in a class of
     its own, median NCC ≥ 0.8) is not fully met yet; this guards what the
-    engine reaches today with defaults (simulation seeds 0/1/2, one thread:
-    junk F1 0.75/0.78/0.79, purity 0.86/0.87/0.92, rare view kept on seeds 0
-    and 1, median NCC 0.98; at most one small class has been seen to end
-    empty, absorbed in the final pass by a class of the same kind of junk),
-    with a margin
-    for the chaotic EM trajectory, and above RELION 3.1 Class2D on the same
-    kind of data (benchmarks/README.md: junk F1 0.03, purity 0.59, 6 empty
-    classes).
+    engine reaches today with defaults (session 5, simulation seeds 0-5, one
+    thread: junk F1 0.77/0.74/0.79/0.58/0.76/0.74, purity
+    0.95/0.78/0.87/0.60/0.94/0.82, rare view kept on seeds 3 and 5, median
+    NCC 0.95-0.98; at most one small class has been seen to end empty,
+    absorbed in the final pass by a class of the same kind of junk; seed 3
+    is the outlier), with a margin for the
+    chaotic EM trajectory, and above RELION 3.1 Class2D on the same kind of
+    data (benchmarks/README.md: junk F1 0.03, purity 0.59, 6 empty classes).
     """
     from cryo2d.classify import classify
     from cryo2d.evaluate import score_job

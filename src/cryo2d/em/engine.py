@@ -202,7 +202,7 @@ class Engine:
         self.rng = np.random.default_rng(config.seed)
         self.state = st.new_state(n, self.K, len(self.mpts), self.n_shells, self.device)
         # The coarse search only ranks poses: bfloat16 where the hardware has it
-        # (64 px, K = 20: 44 -> 36 s a job; benchmarks/README.md, E-step throughput).
+        # (64 px, K = 20: 44 -> 41 s a job; benchmarks/README.md, Session 5).
         self.coarse_dtype = torch.bfloat16 if bf16_matmul_is_fast(self.device) else torch.float32
 
     # ---------------------------------------------------------------- helpers
