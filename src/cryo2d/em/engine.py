@@ -37,9 +37,10 @@ from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, pad_fourier
 from cryo2d.particles import ParticleSet
 
-# Class moves of the online phase (Engine._reseed_empty), measured on the
-# simulated 48 px sets of the quality test (K = 12, 1,500 particles, one
-# thread). Seeds 0-2, junk F1 / purity / rare view kept: merges and misfit
+# Class moves of the online phase (Engine._reseed_empty), measured in session
+# 3 (that engine's search) on the simulated 48 px sets of the quality test
+# (K = 12, 1,500 particles, one thread; today's figures are in
+# test_quality_small). Seeds 0-2, junk F1 / purity / rare view kept: merges and misfit
 # seeds only 0.77/0.75/0.79, 0.89/0.91/0.88, 0 of 3 (72 CPU s); with only
 # distinct seeds (_SEED_RATIO) and classes grown from the pooled misfits
 # (_GROW_ROUNDS = 2) 0.69/0.80/0.82, 0.87/0.93/0.87, 1 of 3 (84 CPU s).
