@@ -359,6 +359,21 @@ def test_shift_range_and_step_set_the_shift_grid(particles3, helpers, rng, step,
     assert float(plan.shifts_px.norm(dim=1).max()) <= rng + 1e-6
 
 
+def test_auto_shift_step_gets_finer_with_resolution(particles3, helpers):
+    """Default step box / (4 · E-step radius), at least one working px; --shift-step overrides it."""
+    eng = Engine(particles3, helpers.tiny_config(shift_range_px=3.0))
+    eng.state.r_res = 1.0  # E-step radius 5.25 on 32 px: step 32 / 21 = 1.52 px
+    low = eng.plan(0, True)
+    assert low.shift_step == pytest.approx(32 / (4 * low.r_cur)) and low.shift_step > 1.4
+    assert len(low.shifts_px) == 9  # (0, 0), (±1.52, 0), (0, ±1.52), (±1.52, ±1.52) within 3 px
+    eng.state.r_res = 1e3
+    high = eng.plan(0, True)
+    assert high.shift_step == 1.0 and len(high.shifts_px) == 29
+    fixed = Engine(particles3, helpers.tiny_config(shift_range_px=3.0, shift_step_px=1.0))
+    fixed.state.r_res = 1.0
+    assert len(fixed.plan(0, True).shifts_px) == 29
+
+
 def test_default_shift_range_is_ten_percent_of_the_box(particles3, helpers):
     _, plan = _plan(particles3, helpers.tiny_config())
     assert 3.0 < float(plan.shifts_px.norm(dim=1).max()) <= 3.2  # 3.2 px on a 1 px grid

@@ -59,7 +59,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ctf", dest="use_ctf", action="store_false", help="no CTF (negative stain)")
     p.add_argument("--psi-step", type=float, default=None, help="in-plane angular step, degrees (default: from resolution)")
     p.add_argument("--shift-range", type=float, default=None, help="largest shift searched, px (default 10%% of the box)")
-    p.add_argument("--shift-step", type=float, default=None, help="shift step, px (default one working pixel)")
+    p.add_argument("--shift-step", type=float, default=None, help="shift step, px (default from resolution: box / (4 x search radius in Fourier px), at least one working pixel)")
     p.add_argument("--exhaustive", dest="coarse_to_fine", action="store_false",
                    help="score every pose on the fine grid (default: coarse-to-fine search)")
     _on_off(p, "hard-last", True, "final pass puts each particle in its best class only (default on)")

@@ -131,7 +131,7 @@ def source_of(particles: ParticleSet, project_dir=None, rows: np.ndarray | None 
 def _plan_to_wire(plan: IterationPlan) -> dict:
     p = plan.points
     return {
-        "r_cur": plan.r_cur, "temperature": plan.temperature, "r_mstep": plan.r_mstep,
+        "r_cur": plan.r_cur, "temperature": plan.temperature, "r_mstep": plan.r_mstep, "shift_step": plan.shift_step,
         "psi_rad": plan.psi_rad.cpu().numpy(), "shifts_px": plan.shifts_px.cpu().numpy(),
         "flat": p.flat.cpu().numpy(), "xy": p.xy.cpu().numpy(), "shell": p.shell.cpu().numpy(),
         "weight": p.weight.cpu().numpy(),
@@ -143,7 +143,7 @@ def _plan_from_wire(w: dict, device) -> IterationPlan:
     return IterationPlan(
         r_cur=w["r_cur"], psi_rad=t("psi_rad"), shifts_px=t("shifts_px"),
         points=PointSet(flat=t("flat"), xy=t("xy"), shell=t("shell"), weight=t("weight")),
-        temperature=w["temperature"], r_mstep=w["r_mstep"],
+        temperature=w["temperature"], r_mstep=w["r_mstep"], shift_step=w["shift_step"],
     )
 
 
