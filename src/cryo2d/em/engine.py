@@ -183,8 +183,6 @@ def shift_step(r_cur: float, geom: Geometry, config: EMConfig) -> float:
     """
     if config.shift_step_px is not None:
         return config.shift_step_px * geom.work_box / geom.box
-    if _SHIFT_STEP_DIV <= 0:
-        return 1.0
     return max(1.0, geom.work_box / (_SHIFT_STEP_DIV * max(r_cur, 1.0)))
 
 
