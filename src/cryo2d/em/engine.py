@@ -186,7 +186,7 @@ def shift_step(r_cur: float, geom: Geometry, config: EMConfig) -> float:
     return max(1.0, geom.work_box / (_SHIFT_STEP_DIV * max(r_cur, 1.0)))
 
 
-def shift_grid(geom: Geometry, config: EMConfig, device, step: float = 1.0) -> Tensor:
+def shift_grid(geom: Geometry, config: EMConfig, device, step: float) -> Tensor:
     """Shifts (x, y) in working px within a disc of the search range on a lattice of ``step`` working px, (T, 2)."""
     to_work = geom.work_box / geom.box
     rng = (0.1 * geom.box if config.shift_range_px is None else config.shift_range_px) * to_work
@@ -259,12 +259,13 @@ class Engine:
         floor = min(g.r_align, max(g.r_min_align + 3.0, 0.35 * g.r_align))
         r_cur = float(min(g.r_align, max(floor, r_res + 3.0)))
         step = cfg.psi_step_deg if cfg.psi_step_deg is not None else auto_psi_step(r_cur, g)
+        t_step = shift_step(r_cur, g, cfg)
         temperature = temperature_at(cfg, iteration) if online else 1.0
         return IterationPlan(
             r_cur=r_cur,
             psi_rad=psi_grid(step, device=self.device),
-            shifts_px=shift_grid(g, cfg, self.device, shift_step(r_cur, g, cfg)),
-            shift_step=shift_step(r_cur, g, cfg),
+            shifts_px=shift_grid(g, cfg, self.device, t_step),
+            shift_step=t_step,
             points=disc_points(g.work_box, g.r_min_align, r_cur, half=True, device=self.device),
             temperature=temperature,
             r_mstep=_MSTEP_RADIUS * r_cur + 4.0 if online else math.inf,

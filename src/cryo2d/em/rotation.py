@@ -32,7 +32,7 @@ def oversample(F: Tensor, zeropad: int) -> Tensor:
     only the x ≥ 0 half of the oversampled transform is kept, the rest
     follows from F(−f) = conj F(f) (:func:`sample_half` mirrors the points).
     Real FFTs and no ``fftshift`` copies along x: 1,300 grids of 64 px,
-    ``zeropad = 2``, 0.52 → 0.12 s on 2 threads (benchmarks/README.md).
+    ``zeropad = 2``, 0.49 → 0.12 s on 2 threads (benchmarks/README.md).
 
     Parameters
     ----------
