@@ -36,6 +36,7 @@ class ClassifyResult:
     out_dir: Path
     n_duplicates: int
     n_bad: int
+    empty_class: int = -1  # the class of the empty boxes (output order), -1 for none
 
 
 class _Subset:
@@ -188,6 +189,7 @@ def finalize(result: EMResult, particles: ParticleSet, config: EMConfig) -> Clas
         out_dir=Path("."),
         n_duplicates=int((~keep).sum()),
         n_bad=0,
+        empty_class=int(new_of_old[result.empty_class]) if result.empty_class >= 0 else -1,
     )
 
 
@@ -212,4 +214,4 @@ def write_job(final: ClassifyResult, particles: ParticleSet, out: Path, pixel_si
     write_particles(particles, out / f"particles{suffix}", assignments=final.assignments, rows=rows)
     if (~keep).any():
         write_particles(particles, out / f"duplicates{suffix}", assignments=final.assignments, rows=np.nonzero(~keep)[0])
-    render_gallery(final.classes, final.counts, final.resolution_angst, out / "gallery.png")
+    render_gallery(final.classes, final.counts, final.resolution_angst, out / "gallery.png", empty_class=final.empty_class)

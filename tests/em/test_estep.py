@@ -183,3 +183,68 @@ def test_coarse_to_fine_finds_the_exhaustive_best_pose():
     assert torch.equal(bf.best_k, k_true) and torch.equal(bf.best_r, r_true) and torch.equal(bf.best_t, t_true)
     torch.testing.assert_close(bf.best_cross, c2f.best_cross)
     torch.testing.assert_close(e_step(*args, mode="hard", refs_power=power).best_cross, exh.best_cross)
+
+
+def _with_empty_class(args: dict) -> dict:
+    """The problem's classes plus an empty-box class (index K, zero references)."""
+    refs = args["refs"]
+    K = refs.shape[0]
+    return {**args, "refs": torch.cat([refs, torch.zeros_like(refs[:1])]), "log_prior": torch.full((K + 1,), -math.log(K + 1))}
+
+
+def test_empty_box_class_has_the_evidence_of_noise_alone():
+    """Class posterior of the empty-box class = (T·R) / (T·R + Σ_k,poses exp(gain)), by hand in float64."""
+    args = _with_empty_class(_problem(n_particles=8, noise=2.0))
+    n, m = args["X"].shape
+    K1, R, _ = args["refs"].shape
+    T = args["phases"].shape[0]
+    g = torch.Generator().manual_seed(1)
+    args["X"][4:] = 2.0 * torch.complex(torch.randn(4, m, generator=g), torch.randn(4, m, generator=g))  # 4 empty boxes
+    res = e_step(**args, mode="soft", null_class=K1 - 1)
+    c128 = torch.complex128
+    P = args["X"].to(c128) * args["inv_sigma2"].double()
+    Y = P[:, None, :] * args["phases"].to(c128)[None]  # (n, T, m)
+    Z = args["refs"][: K1 - 1].to(c128).reshape(-1, m)  # (K·R, m)
+    cross = torch.einsum("itm,jm->itj", Y, Z.conj()).real
+    norm = (Z.abs() ** 2 * args["inv_sigma2"].double()).sum(dim=1)
+    gain_sum = torch.exp(cross - 0.5 * norm).sum(dim=(1, 2))
+    expected = T * R / (T * R + gain_sum)
+    torch.testing.assert_close(res.class_post[:, K1 - 1].double(), expected, atol=1e-4, rtol=1e-3)
+    null = res.class_post[:, K1 - 1]
+    assert float(null[4:].min()) > float(null[:4].max()) and (null[:4] < 0.1).all()  # empty boxes look empty
+    torch.testing.assert_close(res.class_post.sum(dim=1), torch.ones(n), atol=1e-5, rtol=0)
+    # hard: the empty class wins exactly when the best pose's gain is below log(T·R)
+    hard = e_step(**args, mode="hard", null_class=K1 - 1)
+    best_gain = (cross - 0.5 * norm).amax(dim=(1, 2))
+    assert torch.equal(hard.best_k == K1 - 1, best_gain < math.log(T * R))
+    # one M-step entry (shift 0, rotation 0) per particle carries the empty class's weight
+    on = res.entry_k == K1 - 1
+    assert torch.equal(res.entry_i[on], torch.unique(res.entry_i[on]))
+    assert (res.entry_t[on] == 0).all() and (res.entry_r[on] == 0).all()
+
+
+def test_coarse_to_fine_empty_box_class_matches_the_exhaustive_search():
+    """Same empty-box decisions from both searches; the empty class takes no candidate slot."""
+    from cryo2d.em.estep import coarse_subgrid, e_step_coarse_to_fine
+
+    g = torch.Generator().manual_seed(4)
+    pts = disc_points(BOX, 1, 12, half=True)
+    psi, shifts = psi_grid(10.0), _shift_disc(3)
+    f = torch.fft.fftfreq(BOX)
+    lowpass = torch.exp(-(f[:, None] ** 2 + f[None, :] ** 2) * (2 * math.pi * 2.0) ** 2 / 2)
+    A = fft2c(torch.fft.ifft2(torch.fft.fft2(torch.randn(3, BOX, BOX, generator=g)) * lowpass).real)
+    refs = torch.cat([rotate_classes(A, pts.xy, psi, 2), torch.zeros(1, len(psi), len(pts), dtype=torch.complex64)])
+    phases = deshift_phases(pts.xy / BOX, shifts)
+    n = 12
+    k_true, r_true, t_true = torch.arange(n) % 3, (torch.arange(n) * 7) % len(psi), (torch.arange(n) * 5) % len(shifts)
+    sd = 0.4 * float(refs[:3].abs().mean())
+    X = sd * torch.complex(torch.randn(n, len(pts), generator=g), torch.randn(n, len(pts), generator=g))
+    X[:6] = X[:6] + refs[k_true[:6], r_true[:6]] / phases[t_true[:6]]  # 6 particles, 6 empty boxes
+    args = (X, torch.ones(n, len(pts)), pts.weight / (2 * sd**2), refs, phases, torch.zeros(4), torch.ones(n))
+    grid = coarse_subgrid(shifts, 1.0, len(psi), pts.xy.norm(dim=1), 12.0)
+    for mode in ("soft", "hard"):
+        exh = e_step(*args, mode=mode, null_class=3)
+        c2f = e_step_coarse_to_fine(*args, grid, mode=mode, null_class=3)
+        assert torch.equal(exh.best_k, torch.cat([k_true[:6], torch.full((6,), 3)])), mode
+        assert torch.equal(c2f.best_k, exh.best_k), mode
+    torch.testing.assert_close(c2f.class_post[:, 3], exh.class_post[:, 3], atol=0.05, rtol=0)

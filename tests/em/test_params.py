@@ -483,3 +483,32 @@ def test_same_seed_gives_identical_classes_mrcs_bytes(particles3, helpers, tmp_p
     time.sleep(1.1)
     write_stack(tmp_path / "b.mrcs", classes, 11.4)
     assert (tmp_path / "a.mrcs").read_bytes() == (tmp_path / "b.mrcs").read_bytes()
+
+
+# ------------------------------------------------------------ empty boxes
+@pytest.fixture(scope="module")
+def with_empty_boxes(bundled_volume, helpers):
+    """480 particles, 32 px, SNR 0.5, three views, 25 % junk of which a third (40) are empty boxes."""
+    from cryo2d.simulate import simulate
+
+    sim = simulate(*bundled_volume, n_particles=480, box=32, snr=0.5, junk_fraction=0.25,
+                   views="discrete", n_views=3, rare_view_fraction=1 / 3, seed=2)
+    return sim, helpers.memory_particles(sim.images, sim.pixel_size_angst, ctf=sim.ctf)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_empty_class_collects_the_empty_boxes(with_empty_boxes, on):
+    """On: one class holds ≥ 90 % of the pure-noise images and is mostly junk; off: no such class."""
+    sim, particles = with_empty_boxes
+    result = run_em(particles, EMConfig(n_classes=6, n_online_iterations=8, batch_size_per_class=40, seed=0, empty_class=on))
+    kind = sim.truth["kind"].to_numpy()
+    noise = kind == "noise"
+    best = np.bincount(result.class_index[noise], minlength=6).max()
+    if on:
+        k = result.empty_class
+        assert k >= 0 and (result.class_index[noise] == k).mean() >= 0.9
+        assert (kind[result.class_index == k] != "particle").mean() > 0.5
+        # its average is the mean of its members (noise and faint ice): weak next to the particle classes
+        assert result.classes[k].std() < 0.5 * np.median([result.classes[c].std() for c in range(6) if c != k])
+    else:
+        assert result.empty_class == -1 and best < 0.9 * noise.sum()

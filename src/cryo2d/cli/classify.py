@@ -63,6 +63,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exhaustive", dest="coarse_to_fine", action="store_false",
                    help="score every pose on the fine grid (default: coarse-to-fine search)")
     _on_off(p, "hard-last", True, "final pass puts each particle in its best class only (default on)")
+    _on_off(p, "empty-class", True, "from halfway through the online iterations, one class holds the empty boxes: "
+            "particles that no class explains better than noise alone (default on)")
     dup = p.add_mutually_exclusive_group()
     dup.add_argument("--remove-duplicates", dest="remove_duplicates", action="store_true", default=True, help="keep one of each duplicate pick (default)")
     dup.add_argument("--keep-duplicates", dest="remove_duplicates", action="store_false")
@@ -114,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> EMConfig:
         shift_range_px=args.shift_range,
         shift_step_px=args.shift_step,
         hard_last=args.hard_last,
+        empty_class=args.empty_class,
         coarse_to_fine=args.coarse_to_fine,
         remove_duplicates=args.remove_duplicates,
         min_separation_angst=args.min_separation,
@@ -169,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
     n_classes = int((result.counts > 0).sum())
     print(f"{args.out}: {n_classes} non-empty classes of {len(result.counts)}; "
           f"{int(result.counts.sum())} particles assigned", file=sys.stderr)
+    if result.empty_class >= 0:
+        print(f"{args.out}: class {result.empty_class + 1} holds the empty boxes "
+              f"({int(result.counts[result.empty_class])} particles)", file=sys.stderr)
     if result.n_duplicates:
         print(f"{args.out}: removed {result.n_duplicates} duplicate picks (written to duplicates file)", file=sys.stderr)
     if result.n_bad:

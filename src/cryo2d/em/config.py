@@ -58,6 +58,9 @@ class EMConfig:
     #: grid around the best poses.
     coarse_to_fine: bool = True
     hard_last: bool = True
+    #: Keep one class for empty boxes: its reference is zero, and a particle
+    #: goes there when no class explains it better than noise alone.
+    empty_class: bool = True
     remove_duplicates: bool = True
     #: Duplicate separation, Å (None = 0.5 x particle diameter).
     min_separation_angst: float | None = None

@@ -185,6 +185,8 @@ class ShardTask:
     sigma2_shell : (n_shells,) float32
         Noise variance per shell.
     log_prior : (K,) float32
+    null_class : int
+        The empty-box class, -1 for none.
     plan : dict
         The iteration's search plan (:func:`_plan_to_wire`).
     mode : str
@@ -197,6 +199,7 @@ class ShardTask:
     A: np.ndarray
     sigma2_shell: np.ndarray
     log_prior: np.ndarray
+    null_class: int
     plan: dict
     mode: str
 
@@ -269,6 +272,7 @@ def run_shard(task: ShardTask) -> dict:
         sigma2_shell=torch.from_numpy(task.sigma2_shell).to(dev),
         log_prior=torch.from_numpy(task.log_prior).to(dev),
         scale=scale,
+        null_class=task.null_class,
     )
     assert eng.state.A.shape == (eng.K, len(eng.mpts)), "worker geometry differs from the client's"
     return _shard_to_wire(eng.pass_shard(task.idx, _plan_from_wire(task.plan, dev), task.mode))
@@ -349,7 +353,7 @@ class DaskPass:
         common = dict(
             run=self.spec, A=s.A.cpu().numpy(),
             sigma2_shell=s.sigma2_shell.float().cpu().numpy(), log_prior=s.log_prior.float().cpu().numpy(),
-            plan=_plan_to_wire(plan), mode=mode,
+            null_class=int(s.null_class), plan=_plan_to_wire(plan), mode=mode,
         )
         b = shard_bounds(len(idx), n_shards)
         return [ShardTask(idx=idx[b[i]:b[i + 1]], scale=s.scale[idx[b[i]:b[i + 1]]], **common) for i in range(len(b) - 1)]

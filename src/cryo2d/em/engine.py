@@ -49,6 +49,7 @@ _MERGE_RATIO = 3.0  # Δ / expected estimation noise below which two classes are
 _MISFIT_SD = 2.0  # misfits: fit z below the class median by this many robust SDs
 _MIN_SEED = 6  # smallest misfit group that seeds a class
 _MERGE_FROM = 0.25  # merges start after this fraction of the online iterations
+_NULL_FROM = 0.5  # the empty-box class may start after this fraction of the online iterations
 _SEED_RATIO = 3.0  # a seed must be at least this far (Δ / E) from every other class
 _POOL_SD = 1.5  # pooled misfits for growing classes: fit z this many robust SDs below the class median
 _GROW_ROUNDS = 2  # E/M rounds over the pool that grow new classes
@@ -126,6 +127,8 @@ class EMResult:
     history : list of dict
         One entry per iteration (also written to iterations.jsonl).
     geometry : Geometry
+    empty_class : int
+        The class that holds the empty boxes (``EMConfig.empty_class``), -1 for none.
     """
 
     classes: np.ndarray
@@ -140,6 +143,7 @@ class EMResult:
     scale: np.ndarray
     history: list = field(default_factory=list)
     geometry: Geometry | None = None
+    empty_class: int = -1
 
 
 def _single_pixel_size(particles: ParticleSet) -> float:
@@ -341,10 +345,14 @@ class Engine:
             A = self._to_points(img)
         if allow_recenter and cfg.recenter:
             A = self._recenter(A)
+        if s.null_class >= 0:
+            A[s.null_class] = 0
         s.A = A
         snr = ssnr(s.den, sigma2, s.tau2, self.mpts.shell, self.n_shells, cfg.tau2_fudge)
         s.res_shell = resolution_shell(snr)
         occupied = s.counts > 0.5
+        if s.null_class >= 0:
+            occupied[s.null_class] = False
         s.r_res = float(s.res_shell[occupied].max()) if bool(occupied.any()) else 1.0
         # Uniform class priors: priors proportional to occupancy let large
         # classes swallow rare views and junk (measured: view purity 0.78
@@ -427,6 +435,8 @@ class Engine:
         if ratio is None:
             return []
         ratio = 0.5 * (ratio + ratio.T)
+        if self.state.null_class >= 0:  # the empty-box class is nobody's duplicate
+            ratio[self.state.null_class] = ratio[:, self.state.null_class] = float("inf")
         counts, K = self.state.counts, self.K
         freed, used = [], set()
         for flat in torch.argsort(ratio.flatten()).tolist():
@@ -439,7 +449,9 @@ class Engine:
             freed.append(j if float(counts[j]) <= float(counts[i]) else i)
         return freed
 
-    def _reseed_empty(self, idx: np.ndarray, per: dict, plan: IterationPlan | None = None, merge: bool = False) -> int:
+    def _reseed_empty(
+        self, idx: np.ndarray, per: dict, plan: IterationPlan | None = None, merge: bool = False, null_ok: bool = False
+    ) -> int:
         """Re-seed (nearly) empty classes, and free and re-seed redundant ones.
 
         A class holding under 10 % of the average occupancy counts as empty.
@@ -470,14 +482,24 @@ class Engine:
         s = self.state
         expected = float(s.counts.sum()) / self.K
         empty = torch.nonzero(s.counts < max(1.0, 0.1 * expected)).squeeze(1).tolist()
+        if s.null_class >= 0 and s.null_class in empty:  # no empty boxes to hold: an ordinary class from now on
+            s.null_class = -2
         z = self._fit_z(per)
-        seeds = self._misfit_groups(per["k"], z, exclude=set(empty))
+        seeds = self._misfit_groups(per["k"], z, exclude=set(empty) | {s.null_class})
         redundant = []
         if merge and plan is not None:
             # Duplicated views, then all but the largest junk-like class.
             redundant = [k for k in self._redundant_classes(plan) if k not in empty]
             redundant += [k for k in self._junk_like(per["k"], z)[1:] if k not in empty and k not in redundant]
+            redundant = [k for k in redundant if k != s.null_class]
         targets = empty + redundant
+        if null_ok and s.null_class == -1 and targets and plan is not None:
+            # Particles no class explains better than noise: best-pose gain below log(T · R).
+            gain = (per["cross"] - 0.5 * per["norm"]) / plan.temperature
+            rows = np.nonzero(gain < math.log(len(plan.shifts_px) * len(plan.psi_rad)))[0]
+            if len(rows) >= _MIN_SEED:
+                s.null_class = targets.pop(0)
+                self._seed_class(s.null_class, idx, per, rows)
         grown = self._grow_seeds(targets, idx, per, z, plan) if plan is not None else set()
         split = set()
         for k in targets:
@@ -529,7 +551,7 @@ class Engine:
         and from the targets placed before it; the others get their sums back.
         """
         s = self.state
-        groups = self._misfit_groups(per["k"], z, exclude=set(targets), sd_cut=_POOL_SD, min_rows=1)
+        groups = self._misfit_groups(per["k"], z, exclude=set(targets) | {s.null_class}, sd_cut=_POOL_SD, min_rows=1)
         pool = np.sort(np.concatenate(groups)) if groups else np.zeros(0, dtype=np.int64)
         if len(targets) == 0 or len(pool) < 2 * _MIN_SEED:
             return set()
@@ -631,7 +653,7 @@ class Engine:
         out = []
         for c in range(self.K):
             members = np.nonzero(labels == c)[0]
-            if len(members) and float(np.median(z[members])) < 0:
+            if c != self.state.null_class and len(members) and float(np.median(z[members])) < 0:
                 out.append((len(members), c))
         return [c for _, c in sorted(out, reverse=True)]
 
@@ -744,10 +766,11 @@ class Engine:
                 scale = torch.from_numpy(s.scale[cidx]).float().to(dev)
                 args = (X[:, plan.points.flat], C[:, e_pos], inv_sig, refs, phases, s.log_prior, scale)
                 if grid is None:
-                    res = e_step(*args, temperature=plan.temperature, mode=mode, refs_power=power)
+                    res = e_step(*args, temperature=plan.temperature, mode=mode, refs_power=power, null_class=s.null_class)
                 else:
                     res = e_step_coarse_to_fine(
-                        *args, grid, temperature=plan.temperature, mode=mode, refs_power=power, coarse_refs=coarse
+                        *args, grid, temperature=plan.temperature, mode=mode, refs_power=power, coarse_refs=coarse,
+                        null_class=s.null_class,
                     )
                 Xm, Cm = X[:, mp.flat], C[:, m_pos]
                 sums.add(Xm, Cm, scale, phases_m, res if classes is None else res.only_classes(classes))
@@ -843,7 +866,8 @@ class Engine:
             s.sigma2_shell = self._noise_model(torch.where(s.noise_cnt > 0, sig, s.sigma2_shell))
             if online and it < n_online - 1:
                 merge = it >= _MERGE_FROM * n_online
-                reseeded = self._reseed_empty(idx, per, plan, merge=merge)
+                null_ok = cfg.empty_class and it >= _NULL_FROM * n_online
+                reseeded = self._reseed_empty(idx, per, plan, merge=merge, null_ok=null_ok)
             self._update_classes(allow_recenter=not last)
         record = {
             "iteration": it + 1,
@@ -942,7 +966,11 @@ def eng_result(eng: Engine) -> EMResult:
     """Collect the final classes and per-particle results (input-box units)."""
     s, g = eng.state, eng.geom
     B, D = g.work_box, g.box
-    images = ifft2c(pad_fourier(eng._grid(s.A), D), real=True)
+    A = s.A
+    if s.null_class >= 0:  # its reference is zero: show the (Wiener) average of its members
+        A = A.clone()
+        A[s.null_class] = eng._wiener(s.num[s.null_class : s.null_class + 1], s.den[s.null_class : s.null_class + 1])[1][0]
+    images = ifft2c(pad_fourier(eng._grid(A), D), real=True)
     # The M-step constraints hold on the band-limited classes only up to ringing;
     # the written classes obey them exactly.
     if eng.config.clamp_solvent:
@@ -965,4 +993,5 @@ def eng_result(eng: Engine) -> EMResult:
         scale=s.scale.astype(np.float64),
         history=list(s.history),
         geometry=g,
+        empty_class=max(s.null_class, -1),
     )

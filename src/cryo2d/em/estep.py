@@ -11,9 +11,17 @@ rotated by ψ_r),
 
 where w = 2 for half-plane points (each stands for a Hermitian pair). The
 data model is X = s · c · shift_t(rotate_ψ(A_k)) + noise.
+
+An *empty-box* class (``null_class``) is the hypothesis that the image holds
+no particle, X = noise. Its log-likelihood gain over noise is 0 at every
+pose, so with a uniform prior over the T · R poses of the other classes its
+evidence is log π_0 + log(T · R), carried by one entry (shift 0, rotation 0)
+of that class: a particle goes there when Σ_poses exp(gain) < T · R, the
+likelihood-ratio test of "a particle of class k somewhere" against "nothing".
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -199,6 +207,7 @@ def e_step(
     max_entries: int = 48,
     min_weight: float = 5e-3,
     refs_power: Tensor | None = None,
+    null_class: int = -1,
 ) -> EStepResult:
     """Posteriors of one chunk of particles over all (shift, class, rotation).
 
@@ -231,6 +240,9 @@ def e_step(
     refs_power : (K, R, M) float tensor, optional
         ``|refs|²``; pass it when the same references serve many chunks
         (computed here otherwise).
+    null_class : int
+        Index of the empty-box class (see the module docstring), -1 for none;
+        its references are ignored.
 
     Returns
     -------
@@ -250,6 +262,9 @@ def e_step(
     s = scale.view(b, 1, 1)
     logp = (s * cross - 0.5 * s * s * norm.unsqueeze(1)) / temperature
     logp = logp.view(b, T, K, R) + log_prior.view(1, 1, K, 1)
+    if null_class >= 0:
+        logp[:, :, null_class] = float("-inf")
+        logp[:, 0, null_class, 0] = log_prior[null_class] + math.log(T * R)
     return _summarise(logp.view(b, -1), _Grid(cross, norm, K, R), mode, max_entries, min_weight)
 
 
@@ -374,6 +389,7 @@ def e_step_coarse_to_fine(
     min_weight: float = 5e-3,
     refs_power: Tensor | None = None,
     coarse_refs: tuple[Tensor, Tensor] | None = None,
+    null_class: int = -1,
 ) -> EStepResult:
     """Like :func:`e_step`, but searching a coarse grid first, then refining.
 
@@ -389,7 +405,9 @@ def e_step_coarse_to_fine(
     far from every candidate get probability 0. Returned shift and rotation
     indices refer to the fine grid. ``refs_power`` (``|refs|²``) and ``coarse_refs`` (from
     :func:`coarse_references`) can be made once per pass and passed in; the
-    coarse correlations are computed in the dtype of ``coarse_refs``.
+    coarse correlations are computed in the dtype of ``coarse_refs``. The
+    empty-box class (``null_class``) takes no candidate slot; its evidence is
+    that of :func:`e_step`, on one entry.
 
     In bfloat16 (8-bit mantissa, float32 sums) the coarse log-likelihoods
     of a 64 px particle differ from float32 by 0.03 nats (SD; 1.1 at most)
@@ -423,6 +441,8 @@ def e_step_coarse_to_fine(
     cls_t = best_t.gather(2, cls_r.unsqueeze(2)).squeeze(2)
     n_top = min(n_candidates, K * Rc)
     peak = (best_lp >= best_lp.roll(1, dims=2)) & (best_lp >= best_lp.roll(-1, dims=2))
+    if null_class >= 0:
+        peak[:, null_class] = False
     top = best_lp.masked_fill(~peak, float("-inf")).reshape(b, -1).topk(n_top, dim=1).indices  # over K * Rc
     top_k, top_r = top // Rc, top % Rc
     top_t = best_t.reshape(b, -1).gather(1, top)
@@ -443,6 +463,11 @@ def e_step_coarse_to_fine(
     logp = (s * cross - 0.5 * s * s * norm.unsqueeze(1)) / temperature + log_prior[kr_idx.clamp(min=0) // R].unsqueeze(1)
     valid = t_valid.unsqueeze(2) & kr_valid.unsqueeze(1)
     logp = logp.masked_fill(~valid, float("-inf"))
+    if null_class >= 0:  # one entry: the first (shift, rotation) of the class
+        in_null = kr_valid & (kr_idx // R == null_class)
+        first = in_null & (in_null.cumsum(dim=1) == 1)
+        logp.masked_fill_(in_null.unsqueeze(1), float("-inf"))
+        logp[:, 0].masked_fill_(first, float(log_prior[null_class]) + math.log(phases.shape[0] * R))
     table = _Candidates(cross, norm, t_idx.clamp(min=0), kr_idx.clamp(min=0), K, R)
     return _summarise(logp.reshape(b, -1), table, mode, max_entries, min_weight)
 

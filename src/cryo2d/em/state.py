@@ -40,6 +40,7 @@ class RunState:
     class_post: np.ndarray
     class_ess: np.ndarray
     scale: np.ndarray
+    null_class: int = -1  # the empty-box class (reference fixed at 0); -1 = not yet, -2 = released
     history: list = field(default_factory=list)
 
 

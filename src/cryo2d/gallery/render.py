@@ -27,6 +27,7 @@ def render_gallery(
     *,
     tile_px: int = 128,
     columns: int | None = None,
+    empty_class: int = -1,
 ) -> None:
     """Write a PNG grid of class averages with "#k  n  res" under each.
 
@@ -44,6 +45,8 @@ def render_gallery(
         Edge of each tile in the PNG, px.
     columns : int, optional
         Tiles per row (default: about square).
+    empty_class : int
+        The class of empty boxes (0-based), labelled "empty" instead of a resolution; -1 for none.
     """
     k = len(classes)
     cols = columns or max(1, math.ceil(math.sqrt(k * 1.3)))
@@ -64,6 +67,8 @@ def render_gallery(
             canvas.paste(_tile(np.asarray(classes[i], dtype=np.float64), tile_px), (x, y))
         res = resolution_angst[i]
         res_txt = f"{res:.0f}A" if np.isfinite(res) else "-"
+        if i == empty_class:
+            res_txt = "empty"
         text = f"#{i + 1} n={int(counts[i])} ({100 * counts[i] / total:.0f}%) {res_txt}"
         draw.text((x + 1, y + tile_px + 2), text, fill=255, font=font)
     with atomic_path(path) as tmp:
