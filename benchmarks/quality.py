@@ -19,6 +19,10 @@ Presets:
     $ python benchmarks/quality.py --preset peer
     $ python benchmarks/quality.py                      # ~35 min of RELION the first time
     $ python benchmarks/quality.py --relion-background  # start RELION, score what is ready
+    $ python benchmarks/quality.py --small --map ../shared/data/maps/emd_3488.mrc --sim-args '--pixel-size 2.5'
+
+``--map`` simulates from another molecule (its own cache entries and README
+subsection): the held-out check of the engine issue.
 
 RELION's results are cached by input and command, so only the first run of a
 preset waits for it.
@@ -26,6 +30,7 @@ preset waits for it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -60,10 +65,10 @@ def cryo2d_exe() -> list[str]:
     return [sys.executable, "-m", "cryo2d"]
 
 
-def simulate_command(p: dict, out: Path, seed: int, extra: list[str]) -> list[str]:
-    """``cryo2d simulate`` arguments for a preset."""
+def simulate_command(p: dict, out: Path, seed: int, extra: list[str], map_path: str = "bundled") -> list[str]:
+    """``cryo2d simulate`` arguments for a preset (``map_path``: an MRC map, or the bundled one)."""
     return [
-        "cryo2d", "simulate", "bundled", "-o", str(out),
+        "cryo2d", "simulate", map_path, "-o", str(out),
         "-n", str(p["n"]), "--box", str(p["box"]), "--snr", f"{p['snr']:g}",
         "--junk-fraction", f"{p['junk_fraction']:g}", "--views", p["views"],
         "--n-views", str(p["n_views"]), "--rare-fraction", f"{p['rare_fraction']:g}",
@@ -88,9 +93,9 @@ def _shell(cmd: list[str]) -> str:
     return shlex.join(cmd)
 
 
-def simulate(p: dict, sim_dir: Path, seed: int, extra: list[str]) -> str:
+def simulate(p: dict, sim_dir: Path, seed: int, extra: list[str], map_path: str = "bundled") -> str:
     """Simulate into ``sim_dir`` unless it is already there; return the command."""
-    cmd = simulate_command(p, sim_dir, seed, extra)
+    cmd = simulate_command(p, sim_dir, seed, extra, map_path)
     done = sim_dir / "particles.star"
     if done.exists() and (sim_dir / "truth.json").exists() and (sim_dir / "views.mrcs").exists():
         print(f"simulate: cached {sim_dir}", flush=True)
@@ -207,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", "-K", type=int)
     p.add_argument("--n-views", type=int, help="discrete views / uniform bins")
     p.add_argument("--seed", type=int, default=0, help="simulation and cryo2d seed (RELION gets seed + 1)")
-    p.add_argument("--sim-args", default="", help="extra cryo2d simulate arguments (one string)")
+    p.add_argument("--map", default="bundled", help="3D map to simulate from (default: the bundled EMD-1832)")
+    p.add_argument("--sim-args", default="", help="extra cryo2d simulate arguments (one string), e.g. '--pixel-size 2.5'")
     p.add_argument("--classify-args", default="", help="extra cryo2d classify arguments (one string)")
     p.add_argument("--relion-iter", type=int, default=25)
     p.add_argument("--skip-relion", action="store_true")
@@ -229,10 +235,14 @@ def main(argv: list[str] | None = None) -> int:
                        ("n_views", args.n_views)):
         if value is not None:
             p[key] = value
-    tag = (f"{name}-n{p['n']}-b{p['box']}-snr{p['snr']:g}-j{p['junk_fraction']:g}-v{p['n_views']}"
+    if args.map != "bundled":  # another molecule: its own cache entries and README subsection
+        name = f"{name}, {Path(args.map).name.split('.')[0]}"
+    tag = (f"{name.replace(', ', '-')}-n{p['n']}-b{p['box']}-snr{p['snr']:g}-j{p['junk_fraction']:g}-v{p['n_views']}"
            f"-s{args.seed}")
+    if args.sim_args:
+        tag += "-x" + hashlib.sha256(args.sim_args.encode()).hexdigest()[:8]
     sim_dir = CACHE / "sim" / tag
-    sim_cmd = simulate(p, sim_dir, args.seed, shlex.split(args.sim_args))
+    sim_cmd = simulate(p, sim_dir, args.seed, shlex.split(args.sim_args), args.map)
     star = sim_dir / "particles.star"
     rows, notes, commands = [], [], {"simulate": sim_cmd}
 

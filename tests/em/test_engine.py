@@ -49,14 +49,14 @@ def test_quality_small(bundled_volume, tmp_path):
 
     The issue's bar (junk F1 ≥ 0.9, purity ≥ 0.8, rare view in a class of
     its own, median NCC ≥ 0.8) is not fully met yet; this guards what the
-    engine reaches today with defaults (session 5, simulation seeds 0-5, one
-    thread: junk F1 0.77/0.74/0.79/0.58/0.76/0.74, purity
-    0.95/0.78/0.87/0.60/0.94/0.82, rare view kept on seeds 3 and 5, median
-    NCC 0.95-0.98; at most one small class has been seen to end empty,
-    absorbed in the final pass by a class of the same kind of junk; seed 3
-    is the outlier), with a margin for the
-    chaotic EM trajectory, and above RELION 3.1 Class2D on the same kind of
-    data (benchmarks/README.md: junk F1 0.03, purity 0.59, 6 empty classes).
+    engine reaches today with defaults (session 6, simulation seeds 0-5, one
+    thread: junk F1 0.77/0.74/0.81/0.74/0.79/0.76, purity
+    0.85/0.86/0.87/0.75/0.84/0.85, rare view kept on 5 of the 6 seeds,
+    median NCC 0.97-0.98, no empty class; the empty boxes gather in the
+    empty-box class, the doublets are what keeps junk F1 below 0.9), with
+    a margin for the chaotic EM trajectory, and above RELION 3.1 Class2D on
+    the same kind of data (benchmarks/README.md: junk F1 0.03, purity 0.59,
+    6 empty classes).
     """
     from cryo2d.classify import classify
     from cryo2d.evaluate import score_job
@@ -68,7 +68,7 @@ def test_quality_small(bundled_volume, tmp_path):
     classify(data / "particles.star", tmp_path / "job", EMConfig(n_classes=12, seed=0))
     scores = score_job(tmp_path / "job", data)
     summary = {k: scores[k] for k in ("junk_f1", "purity", "rare_view_recovered", "median_ncc", "n_empty_classes")}
-    assert scores["junk_f1"] >= 0.6, summary
+    assert scores["junk_f1"] >= 0.65, summary
     assert scores["purity"] >= 0.7, summary
     assert scores["median_ncc"] >= 0.9, summary
     assert scores["n_empty_classes"] <= 1, summary
