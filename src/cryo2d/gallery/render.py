@@ -10,9 +10,15 @@ from PIL import Image, ImageDraw, ImageFont
 from cryo2d.io.outputs import atomic_path
 
 
-def _tile(image: np.ndarray, size: int) -> Image.Image:
-    """One class average as an 8-bit tile: 0.5-99.5 percentile window, resized."""
+def _window(image: np.ndarray) -> tuple[float, float]:
+    """The 0.5-99.5 percentile grey-level window of an image."""
     lo, hi = np.percentile(image, [0.5, 99.5])
+    return float(lo), float(hi)
+
+
+def _tile(image: np.ndarray, size: int, window: tuple[float, float] | None = None) -> Image.Image:
+    """One class average as an 8-bit tile in ``window`` (default: its own :func:`_window`), resized."""
+    lo, hi = _window(image) if window is None else window
     scaled = np.clip((image - lo) / max(hi - lo, 1e-12), 0, 1)
     # Row 0 at the top, as RELION's and CryoSPARC's displays show stacks.
     tile = Image.fromarray((scaled * 255).astype(np.uint8), mode="L")
@@ -59,12 +65,20 @@ def render_gallery(
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     total = max(float(np.sum(counts)), 1.0)
+    # The empty-box class gets the other classes' typical contrast around its
+    # own median, so that it looks as flat as it is instead of stretched to full range.
+    widths = [np.subtract(*_window(classes[i])[::-1]) for i in range(k) if counts[i] > 0 and i != empty_class]
     for i in range(k):
         r, c = divmod(i, cols)
         x = pad + c * (tile_px + pad)
         y = pad + r * (tile_px + label_h + pad)
         if counts[i] > 0:
-            canvas.paste(_tile(np.asarray(classes[i], dtype=np.float64), tile_px), (x, y))
+            image = np.asarray(classes[i], dtype=np.float64)
+            window = None
+            if i == empty_class and widths:
+                mid, half = float(np.median(image)), 0.5 * float(np.median(widths))
+                window = (mid - half, mid + half)
+            canvas.paste(_tile(image, tile_px, window), (x, y))
         res = resolution_angst[i]
         res_txt = f"{res:.0f}A" if np.isfinite(res) else "-"
         if i == empty_class:
