@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-args", default="", help="extra cryo2d simulate arguments (one string), e.g. '--pixel-size 2.5'")
     p.add_argument("--classify-args", default="", help="extra cryo2d classify arguments (one string)")
     p.add_argument("--relion-iter", type=int, default=25)
+    p.add_argument("--same-mask", action="store_true",
+                   help="also run cryo2d with --mask-diameter set to RELION's particle diameter (a second row)")
     p.add_argument("--skip-relion", action="store_true")
     p.add_argument("--skip-cryo2d", action="store_true")
     p.add_argument("--relion-background", action="store_true",
@@ -251,12 +253,18 @@ def main(argv: list[str] | None = None) -> int:
             if relion.running_runs():
                 notes.append("a RELION run was going on while cryo2d ran: cryo2d's wall time is contended.")
             job = CACHE / "cryo2d" / f"{tag}-K{p['classes']}"
-            timing = run_cryo2d(star, job, p["classes"], args.seed, shlex.split(args.classify_args))
-            commands["cryo2d"] = timing["command"]
-            if timing["returncode"] == 0:
-                rows.append(("cryo2d", timing, score_job(job, sim_dir)))
-            else:
-                notes.append(f"cryo2d classify failed (exit {timing['returncode']}); see {job}.log")
+            runs = [("cryo2d", job, shlex.split(args.classify_args))]
+            if args.same_mask:  # the mask diameter RELION is given, as a user would type it into both
+                d = particle_diameter_angst(sim_dir)
+                runs.append((f"cryo2d --mask-diameter {d:g}", job.parent / f"{job.name}-m{d:g}",
+                             [*shlex.split(args.classify_args), "--mask-diameter", f"{d:g}"]))
+            for label, job_dir, extra in runs:
+                timing = run_cryo2d(star, job_dir, p["classes"], args.seed, extra)
+                commands[label] = timing["command"]
+                if timing["returncode"] == 0:
+                    rows.append((label, timing, score_job(job_dir, sim_dir)))
+                else:
+                    notes.append(f"{label} failed (exit {timing['returncode']}); see {job_dir}.log")
         else:
             notes.append("`cryo2d classify` is not available in this checkout yet; only RELION was scored.")
 
