@@ -67,7 +67,7 @@ def render_gallery(
     total = max(float(np.sum(counts)), 1.0)
     # The empty-box class gets the other classes' typical contrast around its
     # own median, so that it looks as flat as it is instead of stretched to full range.
-    widths = [np.subtract(*_window(classes[i])[::-1]) for i in range(k) if counts[i] > 0 and i != empty_class]
+    widths = [hi - lo for lo, hi in (_window(classes[i]) for i in range(k) if counts[i] > 0 and i != empty_class)]
     for i in range(k):
         r, c = divmod(i, cols)
         x = pad + c * (tile_px + pad)
