@@ -498,7 +498,6 @@ class Engine:
             # Duplicated views, then all but the largest junk-like class.
             redundant = [k for k in self._redundant_classes(plan) if k not in empty]
             redundant += [k for k in self._junk_like(per["k"], z)[1:] if k not in empty and k not in redundant]
-            redundant = [k for k in redundant if k != s.null_class]
         targets = empty + redundant
         if null_ok and s.null_class == -1 and targets and plan is not None:
             # Particles no class explains better than noise: best-pose gain below log(T · R).
