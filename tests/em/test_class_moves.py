@@ -30,7 +30,7 @@ def _engine_with_classes(helpers, images: np.ndarray, counts: list[float]) -> En
     s.num = s.A * s.den
     s.sigma2_shell = torch.ones(eng.n_shells)
     s.tau2 = torch.full((len(images), eng.n_shells), 1e3)
-    s.r_res = float(eng.geom.r_align)
+    s.r_res = s.r_res_sums = float(eng.geom.r_align)
     return eng
 
 

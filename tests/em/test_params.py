@@ -44,7 +44,7 @@ def baseline(particles3, helpers) -> EMResult:
 def _plan(particles, config, resolved=True):
     eng = Engine(particles, config)
     if resolved:
-        eng.state.r_res = 1e3  # as if the classes were resolved to Nyquist: the plan's cap shows
+        eng.state.r_res = eng.state.r_res_sums = 1e3  # as if the classes were resolved to Nyquist: the plan's cap shows
     return eng, eng.plan(5, online=True)
 
 
@@ -348,7 +348,7 @@ def test_psi_step_sets_the_angle_grid(particles3, helpers, psi_step, n_psi):
 def test_auto_psi_step_gets_finer_with_resolution(particles3, helpers):
     eng = Engine(particles3, helpers.tiny_config())
     coarse = len(eng.plan(0, True).psi_rad)
-    eng.state.r_res = 1e3
+    eng.state.r_res = eng.state.r_res_sums = 1e3
     assert len(eng.plan(0, True).psi_rad) > coarse
 
 
@@ -362,15 +362,15 @@ def test_shift_range_and_step_set_the_shift_grid(particles3, helpers, rng, step,
 def test_auto_shift_step_gets_finer_with_resolution(particles3, helpers):
     """Default step box / (4 · E-step radius), at least one working px; --shift-step overrides it."""
     eng = Engine(particles3, helpers.tiny_config(shift_range_px=3.0))
-    eng.state.r_res = 1.0  # E-step radius 5.25 on 32 px: step 32 / 21 = 1.52 px
+    eng.state.r_res = eng.state.r_res_sums = 1.0  # E-step radius 5.25 on 32 px: step 32 / 21 = 1.52 px
     low = eng.plan(0, True)
     assert low.shift_step == pytest.approx(32 / (4 * low.r_cur)) and low.shift_step > 1.4
     assert len(low.shifts_px) == 9  # (0, 0), (±1.52, 0), (0, ±1.52), (±1.52, ±1.52) within 3 px
-    eng.state.r_res = 1e3
+    eng.state.r_res = eng.state.r_res_sums = 1e3
     high = eng.plan(0, True)
     assert high.shift_step == 1.0 and len(high.shifts_px) == 29
     fixed = Engine(particles3, helpers.tiny_config(shift_range_px=3.0, shift_step_px=1.0))
-    fixed.state.r_res = 1.0
+    fixed.state.r_res = fixed.state.r_res_sums = 1.0
     assert len(fixed.plan(0, True).shifts_px) == 29
 
 

@@ -53,6 +53,11 @@ _NULL_FROM = 0.5  # the empty-box class may start after this fraction of the onl
 _SEED_RATIO = 3.0  # a seed must be at least this far (Δ / E) from every other class
 _POOL_SD = 1.5  # pooled misfits for growing classes: fit z this many robust SDs below the class median
 _GROW_ROUNDS = 2  # E/M rounds over the pool that grow new classes
+# Search radius: the resolution shell of the running sums + _RES_MARGIN, but
+# at most _DISTINCT_MARGIN beyond that of the distinct particles (see
+# _update_classes; measured in benchmarks/README.md, "Online resolution").
+_RES_MARGIN = 3.0
+_DISTINCT_MARGIN = 6.0
 _CLASS_FIELDS = ("num", "den", "counts", "A", "tau2")  # per-class state a class move replaces
 # Online iterations sum the M-step only within this multiple of the E-step
 # radius (+4 Fourier px), as RELION's current_size: beyond it the classes hold
@@ -259,9 +264,10 @@ class Engine:
     def plan(self, iteration: int, online: bool) -> IterationPlan:
         """Search grid for an iteration from the current class resolution."""
         g, cfg = self.geom, self.config
-        r_res = float(self.state.r_res)
+        s = self.state
+        r_res = min(s.r_res_sums + _RES_MARGIN, s.r_res + _DISTINCT_MARGIN)
         floor = min(g.r_align, max(g.r_min_align + 3.0, 0.35 * g.r_align))
-        r_cur = float(min(g.r_align, max(floor, r_res + 3.0)))
+        r_cur = float(min(g.r_align, max(floor, r_res)))
         step = cfg.psi_step_deg if cfg.psi_step_deg is not None else auto_psi_step(r_cur, g)
         t_step = shift_step(r_cur, g, cfg)
         temperature = temperature_at(cfg, iteration) if online else 1.0
@@ -348,16 +354,32 @@ class Engine:
         if s.null_class >= 0:
             A[s.null_class] = 0
         s.A = A
-        snr = ssnr(s.den, sigma2, s.tau2, self.mpts.shell, self.n_shells, cfg.tau2_fudge)
-        s.res_shell = resolution_shell(snr)
+        # Online, batches that cover most of the data set put each particle in
+        # the running sums several times (weight up to about 1/eta batches),
+        # and repeated noise does not average out: the SSNR of the sums rises
+        # with the iterations, not with the classes (96 px, K = 50: Nyquist
+        # online, 23 Å in the full pass). r_res is the resolution of the sums
+        # scaled to the distinct particles; r_res_sums that of the sums as
+        # they are. Full iterations count each particle once: both agree.
         occupied = s.counts > 0.5
         if s.null_class >= 0:
             occupied[s.null_class] = False
-        s.r_res = float(s.res_shell[occupied].max()) if bool(occupied.any()) else 1.0
+        share = min(1.0, len(self.particles) / max(float(s.counts.sum()), 1e-12))
+        s.res_shell, s.r_res_sums = self._resolution(s.den, s.tau2, sigma2, occupied)
+        s.r_res = s.r_res_sums
+        if share < 1.0:
+            tau2 = estimate_tau2(s.num * share, s.den * share, sigma2, self.mpts.shell, self.n_shells, cfg.tau2_fudge)
+            s.res_shell, s.r_res = self._resolution(s.den * share, tau2, sigma2, occupied)
         # Uniform class priors: priors proportional to occupancy let large
         # classes swallow rare views and junk (measured: view purity 0.78
         # with them, 0.88 without, on the 48 px test set).
         s.log_prior = torch.zeros_like(s.log_prior)
+
+    def _resolution(self, den: Tensor, tau2: Tensor, sigma2: Tensor, occupied: Tensor) -> tuple[Tensor, float]:
+        """Per-class resolution shells (K,) and the best over occupied classes (Fourier px)."""
+        snr = ssnr(den, sigma2, tau2, self.mpts.shell, self.n_shells, self.config.tau2_fudge)
+        shells = resolution_shell(snr)
+        return shells, float(shells[occupied].max()) if bool(occupied.any()) else 1.0
 
     def _recenter(self, A: Tensor) -> Tensor:
         """Shift each class (and its running sums) to its centre of mass above threshold."""

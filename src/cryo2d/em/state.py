@@ -40,6 +40,7 @@ class RunState:
     class_post: np.ndarray
     class_ess: np.ndarray
     scale: np.ndarray
+    r_res_sums: float = 1.0  # r_res of the running sums as they are (online: particles counted repeatedly)
     null_class: int = -1  # the empty-box class (reference fixed at 0); -1 = not yet, -2 = released
     history: list = field(default_factory=list)
 
