@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import mrcfile
 import numpy as np
@@ -128,6 +129,36 @@ def test_cs_input_gives_particles_cs(cs_job):
     for name in ("alignments2D/class_posterior", "alignments2D/class_ess"):
         assert name in out.dtype.names
     assert not (job / "particles.star").exists()
+
+
+def test_cryosparc_tools_read_the_cs(cs_job):
+    """CryoSPARC's own reader (cryosparc-tools) loads particles.cs with every field we wrote."""
+    dataset_module = pytest.importorskip("cryosparc.dataset")
+    job, array = cs_job
+    out = np.load(job / "particles.cs")
+    dataset = dataset_module.Dataset.load(job / "particles.cs")
+    assert len(dataset) == len(array)
+    assert set(out.dtype.names) <= set(dataset.fields())
+    np.testing.assert_array_equal(dataset["uid"], array["uid"])
+    for name in ("alignments2D/class", "alignments2D/pose", "alignments2D/shift", "alignments2D/class_posterior"):
+        np.testing.assert_array_equal(dataset[name], out[name], err_msg=name)
+
+
+def test_relion_selects_the_same_particles(star_job, tmp_path):
+    """RELION's relion_star_handler reads particles.star: selecting one class gives the particles we put there."""
+    handler = shutil.which("relion_star_handler")
+    if handler is None:
+        pytest.skip("RELION (relion_star_handler) not installed")
+    ours = starfile.read(star_job / "particles.star", always_dict=True)["particles"]
+    k = int(ours["rlnClassNumber"].value_counts().idxmax())
+    out = tmp_path / "class.star"
+    subprocess.run([handler, "--i", str(star_job / "particles.star"), "--o", str(out), "--select", "rlnClassNumber",
+                    "--minval", str(k), "--maxval", str(k)], check=True, capture_output=True, cwd=tmp_path)
+    got = starfile.read(out, always_dict=True)["particles"]
+    want = ours[ours["rlnClassNumber"] == k]
+    assert len(got) == len(want) > 0
+    assert list(got["rlnImageName"]) == list(want["rlnImageName"])
+    np.testing.assert_allclose(got["rlnAnglePsi"], want["rlnAnglePsi"], atol=1e-4)
 
 
 def test_cs_and_star_give_the_same_classification(star_job, cs_job):
