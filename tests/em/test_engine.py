@@ -50,8 +50,8 @@ def test_quality_small(bundled_volume, tmp_path):
     The issue's bar (junk F1 ≥ 0.9, purity ≥ 0.8, rare view in a class of
     its own, median NCC ≥ 0.8) is not fully met yet; this guards what the
     engine reaches today with defaults (session 7, simulation seeds 0-5, one
-    thread: junk F1 0.78/0.74/0.81/0.73/0.77/0.74, purity
-    0.85/0.91/0.88/0.76/0.85/0.86, rare view kept on 4 of the 6 seeds,
+    thread: junk F1 0.70/0.78/0.83/0.83/0.78/0.80, purity
+    0.88/0.92/0.89/0.93/0.90/0.94, rare view kept on 5 of the 6 seeds,
     median NCC 0.97-0.98, no empty class; the empty boxes gather in the
     empty-box class, the doublets are what keeps junk F1 below 0.9), with
     a margin for the chaotic EM trajectory, and above RELION 3.1 Class2D on
@@ -69,7 +69,7 @@ def test_quality_small(bundled_volume, tmp_path):
     scores = score_job(tmp_path / "job", data)
     summary = {k: scores[k] for k in ("junk_f1", "purity", "rare_view_recovered", "median_ncc", "n_empty_classes")}
     assert scores["junk_f1"] >= 0.65, summary
-    assert scores["purity"] >= 0.7, summary
+    assert scores["purity"] >= 0.8, summary  # the bar
     assert scores["median_ncc"] >= 0.9, summary
     assert scores["n_empty_classes"] <= 1, summary
 

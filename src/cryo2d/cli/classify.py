@@ -62,6 +62,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift-step", type=float, default=None, help="shift step, px (default from resolution: box / (4 x search radius in Fourier px), at least one working pixel)")
     p.add_argument("--exhaustive", dest="coarse_to_fine", action="store_false",
                    help="score every pose on the fine grid (default: coarse-to-fine search)")
+    _on_off(p, "auto-mask", True, "the search masks each class around its own density, within the circular mask "
+            "(default on)")
     _on_off(p, "hard-last", True, "final pass puts each particle in its best class only (default on)")
     _on_off(p, "empty-class", True, "from halfway through the online iterations, one class holds the empty boxes: "
             "particles that no class explains better than noise alone (default on)")
@@ -104,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> EMConfig:
         force_max=args.force_max,
         mask_diameter_angst=args.mask_diameter,
         mask_diameter_outer_angst=args.mask_diameter_outer,
+        auto_mask=args.auto_mask,
         recenter=args.recenter,
         recenter_threshold=args.recenter_threshold,
         zeropad=args.zeropad,

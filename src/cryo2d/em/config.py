@@ -38,6 +38,9 @@ class EMConfig:
     mask_diameter_angst: float | None = None
     #: Outer diameter of the soft edge, Å (None = 1.2 x inner).
     mask_diameter_outer_angst: float | None = None
+    #: Mask each class around its own density for the search (within the
+    #: circular mask): the noise outside the particle stays out of it.
+    auto_mask: bool = True
     recenter: bool = True
     recenter_threshold: float = 0.2
     #: Fourier oversampling of classes for rotation interpolation (1 or more).

@@ -55,9 +55,21 @@ _POOL_SD = 1.5  # pooled misfits for growing classes: fit z this many robust SDs
 _GROW_ROUNDS = 2  # E/M rounds over the pool that grow new classes
 # Search radius: the resolution shell of the running sums + _RES_MARGIN, but
 # at most _DISTINCT_MARGIN beyond that of the distinct particles (see
-# _update_classes; measured in benchmarks/README.md, "Online resolution").
-_RES_MARGIN = 3.0
+# _update_classes; measured in benchmarks/README.md, "Reading the quality
+# figures": margin 3 before the class masks, 2 with them).
+_RES_MARGIN = 2.0
 _DISTINCT_MARGIN = 6.0
+# Each class's own mask for the search (config.auto_mask): the class low-passed
+# (Gaussian, sigma = box / _AUTO_BLUR), thresholded at _AUTO_MASK of its
+# maximum, dilated by box / _AUTO_DILATE and given a soft edge of sigma
+# _AUTO_SOFT px. Thresholds 0.08 / 0.15 / 0.25 on the 48 px set (seeds 0-5,
+# positive density): purity 0.89 / 0.92 / 0.92, junk F1 0.81 / 0.83 / 0.81;
+# |density| at 0.15: 0.91 / 0.80, whatever the particles' contrast
+# (benchmarks/README.md, "Reading the quality figures").
+_AUTO_MASK = 0.15
+_AUTO_BLUR = 24.0
+_AUTO_DILATE = 16.0
+_AUTO_SOFT = 1.5
 _CLASS_FIELDS = ("num", "den", "counts", "A", "tau2")  # per-class state a class move replaces
 # Online iterations sum the M-step only within this multiple of the E-step
 # radius (+4 Fourier px), as RELION's current_size: beyond it the classes hold
@@ -374,6 +386,30 @@ class Engine:
         # classes swallow rare views and junk (measured: view purity 0.78
         # with them, 0.88 without, on the 48 px test set).
         s.log_prior = torch.zeros_like(s.log_prior)
+
+    def _support_masks(self, img: Tensor) -> Tensor:
+        """Soft masks (K, B, B) around each class's own density, within the circular mask.
+
+        Noise that a class average carries outside its particle correlates
+        with the noise of the images and pulls the search; RELION masks
+        the references with the particle's diameter. Here each class masks
+        itself: its density low-passed (sigma B / 24 px), the absolute
+        value (particles white or black) thresholded at 15 % of the maximum, dilated by B / 16 px, edge
+        softened (sigma 1.5 px), times ``self.mask``. A class of zeros
+        (the empty-box class) gets a zero mask.
+        """
+        B = img.shape[-1]
+        f2 = torch.fft.fftfreq(B, device=img.device)[:, None] ** 2 + torch.fft.rfftfreq(B, device=img.device)[None, :] ** 2
+
+        def blur(x: Tensor, sigma_px: float) -> Tensor:
+            return torch.fft.irfft2(torch.fft.rfft2(x) * torch.exp(-2 * math.pi**2 * sigma_px**2 * f2), s=(B, B))
+
+        density = blur(img * self.mask, B / _AUTO_BLUR).abs()
+        peak = density.amax(dim=(1, 2), keepdim=True)
+        support = ((density > _AUTO_MASK * peak) & (peak > 0)).float()
+        d = max(1, round(B / _AUTO_DILATE))
+        support = torch.nn.functional.max_pool2d(support[:, None], 2 * d + 1, stride=1, padding=d)[:, 0]
+        return blur(support, _AUTO_SOFT).clamp(0, 1) * self.mask
 
     def _resolution(self, den: Tensor, tau2: Tensor, sigma2: Tensor, occupied: Tensor) -> tuple[Tensor, float]:
         """Per-class resolution shells (K,) and the best over occupied classes (Fourier px)."""
@@ -756,7 +792,8 @@ class Engine:
         s, g, cfg = self.state, self.geom, self.config
         dev = self.device
         R = len(plan.psi_rad)
-        masked = self._to_points(self._to_real(s.A) * self.mask)
+        real = self._to_real(s.A)
+        masked = self._to_points(real * (self._support_masks(real) if cfg.auto_mask else self.mask))
         refs = rotate_classes(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad)
         inv_sig = plan.points.weight / s.sigma2_shell[plan.points.shell]
         phases = deshift_phases(plan.points.xy / g.work_box, plan.shifts_px)
