@@ -10,7 +10,7 @@ from test_rotation import analytic_blobs
 from cryo2d.ctf import ctf_2d
 from cryo2d.em.estep import EStepResult, deshift_phases
 from cryo2d.em.geometry import disc_points, hermitian_grid
-from cryo2d.em.mstep import PoseSums, estimate_tau2, resolution_shell, shell_mean, solve_classes, ssnr
+from cryo2d.em.mstep import PoseSums, class_resolution_shell, estimate_tau2, resolution_shell, shell_mean, solve_classes, ssnr
 from cryo2d.em.rotation import psi_grid
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, shift_images
 from cryo2d.particles import CTFParams
@@ -88,6 +88,19 @@ def test_shell_mean():
 def test_resolution_shell_is_last_shell_before_snr_drops_below_one():
     snr = torch.tensor([[100.0, 50.0, 10.0, 2.0, 0.5, 3.0], [9.0, 9.0, 9.0, 9.0, 9.0, 9.0], [5.0, 0.1, 0.1, 0.1, 0.1, 0.1]])
     assert resolution_shell(snr).tolist() == [3, 5, 1]
+
+
+def test_class_resolution_skips_the_low_ctf_dip_and_smooths():
+    """A dip below 1 at the lowest shells (CTF near its amplitude contrast) does not end the class's resolution."""
+    snr = torch.tensor([
+        [0.0, 0.6, 0.8, 3.0, 9.0, 12.0, 6.0, 2.0, 0.9, 0.8, 0.5],  # small class: dip at shells 1-2, signal to 7
+        [0.0, 100.0, 50.0, 10.0, 2.0, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1],  # large class: falls off from the start
+        [0.0, 0.9, 0.5, 0.8, 0.7, 0.9, 0.6, 0.8, 0.5, 0.4, 0.3],  # noise: never reaches 1
+        [0.0, 8.0, 8.0, 8.0, 8.0, 0.1, 8.0, 8.0, 8.0, 8.0, 8.0],  # one bad shell: smoothed over, signal to Nyquist
+    ])
+    # Smoothed over 3 shells: class 0 peaks at shell 5, first below 1 at shell 9 -> 8.
+    assert class_resolution_shell(snr).tolist() == [8, 4, 1, 10]
+    assert resolution_shell(snr).tolist() == [1, 4, 1, 4]  # the search's first drop, for comparison
 
 
 def test_pose_sums_match_the_defining_sum_over_entries():

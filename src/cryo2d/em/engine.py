@@ -31,7 +31,7 @@ from cryo2d.em.estep import (
     e_step_coarse_to_fine,
 )
 from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, make_geometry, soft_mask
-from cryo2d.em.mstep import PoseSums, estimate_tau2, resolution_shell, solve_classes, ssnr
+from cryo2d.em.mstep import PoseSums, class_resolution_shell, estimate_tau2, resolution_shell, solve_classes, ssnr
 from cryo2d.em.rotation import oversample, psi_grid, rotate_classes, rotated_points, sample_half
 from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, pad_fourier
@@ -137,7 +137,7 @@ class EMResult:
     counts : (K,) float64
         Particles per class (hard count in the final assignment).
     resolution_angst : (K,) float64
-        SSNR-based resolution per class (Å).
+        SSNR-based resolution per class (Å; :func:`~cryo2d.em.mstep.class_resolution_shell`).
     class_index, psi_deg, shift_px, max_prob, class_posterior, class_ess, scale :
         Per-particle results (see :class:`cryo2d.particles.Assignments`);
         shifts in px of the input box.
@@ -352,7 +352,6 @@ class Engine:
     def _update_classes(self, allow_recenter: bool) -> None:
         """Wiener solve from the current sums, then clamp/non-negativity/re-centring, priors, resolution."""
         s, cfg = self.state, self.config
-        sigma2 = s.sigma2_shell[self.mpts.shell]
         s.tau2, A = self._wiener(s.num, s.den)
         if cfg.clamp_solvent or cfg.non_negative:
             img = self._to_real(A)
@@ -376,12 +375,8 @@ class Engine:
         occupied = s.counts > 0.5
         if s.null_class >= 0:
             occupied[s.null_class] = False
-        share = min(1.0, len(self.particles) / max(float(s.counts.sum()), 1e-12))
-        s.res_shell, s.r_res_sums = self._resolution(s.den, s.tau2, sigma2, occupied)
-        s.r_res = s.r_res_sums
-        if share < 1.0:
-            tau2 = estimate_tau2(s.num * share, s.den * share, sigma2, self.mpts.shell, self.n_shells, cfg.tau2_fudge)
-            s.res_shell, s.r_res = self._resolution(s.den * share, tau2, sigma2, occupied)
+        s.r_res_sums = self._resolution(self.class_ssnr(distinct=False), occupied)[1]
+        s.res_shell, s.r_res = self._resolution(self.class_ssnr(), occupied)
         # Uniform class priors: priors proportional to occupancy let large
         # classes swallow rare views and junk (measured: view purity 0.78
         # with them, 0.88 without, on the 48 px test set).
@@ -411,9 +406,20 @@ class Engine:
         support = torch.nn.functional.max_pool2d(support[:, None], 2 * d + 1, stride=1, padding=d)[:, 0]
         return blur(support, _AUTO_SOFT).clamp(0, 1) * self.mask
 
-    def _resolution(self, den: Tensor, tau2: Tensor, sigma2: Tensor, occupied: Tensor) -> tuple[Tensor, float]:
+    def class_ssnr(self, distinct: bool = True) -> Tensor:
+        """(K, n_shells) SSNR of the current sums; ``distinct``: scaled to each particle counted once."""
+        s, cfg = self.state, self.config
+        sigma2 = s.sigma2_shell[self.mpts.shell]
+        den, tau2 = s.den, s.tau2
+        share = min(1.0, len(self.particles) / max(float(s.counts.sum()), 1e-12)) if distinct else 1.0
+        if share < 1.0:
+            den = den * share
+            tau2 = estimate_tau2(s.num * share, den, sigma2, self.mpts.shell, self.n_shells, cfg.tau2_fudge)
+        return ssnr(den, sigma2, tau2, self.mpts.shell, self.n_shells, cfg.tau2_fudge)
+
+    @staticmethod
+    def _resolution(snr: Tensor, occupied: Tensor) -> tuple[Tensor, float]:
         """Per-class resolution shells (K,) and the best over occupied classes (Fourier px)."""
-        snr = ssnr(den, sigma2, tau2, self.mpts.shell, self.n_shells, self.config.tau2_fudge)
         shells = resolution_shell(snr)
         return shells, float(shells[occupied].max()) if bool(occupied.any()) else 1.0
 
@@ -1044,7 +1050,7 @@ def eng_result(eng: Engine) -> EMResult:
         images = images.clamp(min=0)
     classes = images.cpu().numpy().astype(np.float32)
     counts = np.bincount(s.class_index[s.class_index >= 0], minlength=eng.K).astype(np.float64)
-    res = np.array([g.radius_to_angst(float(r)) for r in s.res_shell.cpu()])
+    res = np.array([g.radius_to_angst(float(r)) for r in class_resolution_shell(eng.class_ssnr()).cpu()])
     return EMResult(
         classes=classes,
         counts=counts,

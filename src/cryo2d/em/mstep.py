@@ -187,3 +187,33 @@ def resolution_shell(snr: Tensor) -> Tensor:
     below = snr[:, 1:] < 1
     first = torch.where(below.any(dim=1), below.float().argmax(dim=1), torch.full_like(below[:, 0], below.shape[1], dtype=torch.long))
     return first.clamp(min=1)
+
+
+def class_resolution_shell(snr: Tensor) -> Tensor:
+    """Per class, the last shell before the smoothed SSNR drops below 1 after its peak (≥ 1).
+
+    What a class's resolution is reported as. At the lowest shells the CTF
+    is near its amplitude contrast (about 0.1), so a class of a few dozen
+    particles can have an SSNR below 1 at shells 1-3 and well above 1
+    further out; :func:`resolution_shell` (first drop, the search's
+    conservative radius) then reports the box size. Here the SSNR is
+    averaged over 3 neighbouring shells and the drop is looked for after
+    its peak; a class whose smoothed SSNR never reaches 1 gets shell 1.
+
+    Parameters
+    ----------
+    snr : (K, n_shells) float
+
+    Returns
+    -------
+    (K,) int64 tensor
+    """
+    s = snr[:, 1:].float()
+    smooth = torch.nn.functional.avg_pool1d(s[:, None], 3, stride=1, padding=1, count_include_pad=False)[:, 0]
+    peak = smooth.argmax(dim=1, keepdim=True)
+    index = torch.arange(s.shape[1], device=s.device)[None]
+    below = (smooth < 1) & (index > peak)
+    first = torch.where(below.any(dim=1), below.float().argmax(dim=1), torch.full_like(peak[:, 0], s.shape[1]))
+    first = torch.where(smooth.amax(dim=1) < 1, torch.ones_like(first), first)
+    return first.clamp(min=1)
+
