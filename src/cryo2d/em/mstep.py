@@ -184,13 +184,16 @@ def resolution_shell(snr: Tensor) -> Tensor:
     -------
     (K,) int64 tensor
     """
-    below = snr[:, 1:] < 1
-    first = torch.where(below.any(dim=1), below.float().argmax(dim=1), torch.full_like(below[:, 0], below.shape[1], dtype=torch.long))
-    return first.clamp(min=1)
+    return _first_true(snr[:, 1:] < 1).clamp(min=1)
+
+
+def _first_true(below: Tensor) -> Tensor:
+    """(K, S) bool -> (K,) index of each row's first True, S where none."""
+    return torch.where(below.any(dim=1), below.float().argmax(dim=1), torch.full_like(below[:, 0], below.shape[1], dtype=torch.long))
 
 
 def class_resolution_shell(snr: Tensor) -> Tensor:
-    """Per class, the last shell before the smoothed SSNR drops below 1 after its peak (≥ 1).
+    """Per class, the last shell before the smoothed SSNR (K, n_shells) drops below 1 after its peak: (K,) int64, ≥ 1.
 
     What a class's resolution is reported as. At the lowest shells the CTF
     is near its amplitude contrast (about 0.1), so a class of a few dozen
@@ -199,21 +202,12 @@ def class_resolution_shell(snr: Tensor) -> Tensor:
     conservative radius) then reports the box size. Here the SSNR is
     averaged over 3 neighbouring shells and the drop is looked for after
     its peak; a class whose smoothed SSNR never reaches 1 gets shell 1.
-
-    Parameters
-    ----------
-    snr : (K, n_shells) float
-
-    Returns
-    -------
-    (K,) int64 tensor
     """
     s = snr[:, 1:].float()
     smooth = torch.nn.functional.avg_pool1d(s[:, None], 3, stride=1, padding=1, count_include_pad=False)[:, 0]
     peak = smooth.argmax(dim=1, keepdim=True)
     index = torch.arange(s.shape[1], device=s.device)[None]
-    below = (smooth < 1) & (index > peak)
-    first = torch.where(below.any(dim=1), below.float().argmax(dim=1), torch.full_like(peak[:, 0], s.shape[1]))
+    first = _first_true((smooth < 1) & (index > peak))
     first = torch.where(smooth.amax(dim=1) < 1, torch.ones_like(first), first)
     return first.clamp(min=1)
 
