@@ -389,9 +389,10 @@ class Engine:
         with the noise of the images and pulls the search; RELION masks
         the references with the particle's diameter. Here each class masks
         itself: its density low-passed (sigma B / 24 px), the absolute
-        value (particles white or black) thresholded at 15 % of the maximum, dilated by B / 16 px, edge
-        softened (sigma 1.5 px), times ``self.mask``. A class of zeros
-        (the empty-box class) gets a zero mask.
+        value (particles white or black) thresholded at 15 % of its
+        maximum, dilated by B / 16 px, edge softened (sigma 1.5 px), times
+        ``self.mask``. A class of zeros (the empty-box class) gets a zero
+        mask. ``img`` is (K, B, B) real, B the working box.
         """
         B = img.shape[-1]
         f2 = torch.fft.fftfreq(B, device=img.device)[:, None] ** 2 + torch.fft.rfftfreq(B, device=img.device)[None, :] ** 2

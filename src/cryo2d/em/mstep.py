@@ -210,4 +210,3 @@ def class_resolution_shell(snr: Tensor) -> Tensor:
     first = _first_true((smooth < 1) & (index > peak))
     first = torch.where(smooth.amax(dim=1) < 1, torch.ones_like(first), first)
     return first.clamp(min=1)
-
