@@ -251,13 +251,33 @@ def test_clamp_solvent_zeroes_pixels_outside_the_mask(particles3, helpers):
     kw = dict(mask_diameter_angst=200.0, n_online_iterations=2)
     outside = (radius_grid(32) > 1.2 * 200.0 / 2 / 11.4 + 1).numpy()
     clamped = _run(particles3, helpers, clamp_solvent=True, **kw).classes
-    free = _run(particles3, helpers, **kw).classes
+    free = _run(particles3, helpers, flatten_solvent=False, **kw).classes
     peak = np.abs(clamped).max(axis=(1, 2))
     assert (peak > 0).sum() >= 2
     clamped, free, peak = clamped[peak > 0], free[peak > 0], peak[peak > 0]  # an empty class is all zero
     # The written classes are exactly zero beyond the mask's outer edge.
     assert (clamped[:, outside] == 0).all()
     assert np.abs(free[:, outside]).mean() > 3 * np.abs(clamped[:, outside]).mean()
+
+
+def test_flatten_solvent_writes_each_class_times_its_own_mask(particles3, helpers, baseline):
+    """The written classes are the unflattened ones times each class's mask (the circular one without --auto-mask)."""
+    free = _run(particles3, helpers, flatten_solvent=False)
+    assert np.array_equal(free.class_index, baseline.class_index)  # the search is the same
+    eng = Engine(particles3, helpers.tiny_config())
+    assert eng.geom.work_box == 32  # no Fourier crop: the circle of the search is that of the written box
+    masks = eng._support_masks(torch.as_tensor(free.classes)).numpy()
+    np.testing.assert_allclose(baseline.classes, free.classes * masks, atol=1e-5 * np.abs(free.classes).max())
+    occupied = np.abs(free.classes).max(axis=(1, 2)) > 0
+    solvent = masks[occupied] < 1e-3
+    assert solvent.mean(axis=(1, 2)).min() > 0.2  # each class has solvent, zero in the written class
+    assert np.abs(free.classes[occupied][solvent]).mean() > 0  # and not zero before
+    # Without the automatic masks, the circular mask alone (here: 200 Å on 11.4 Å pixels).
+    circ = dict(auto_mask=False, mask_diameter_angst=200.0)
+    flat, raw = _run(particles3, helpers, **circ), _run(particles3, helpers, flatten_solvent=False, **circ)
+    circle = Engine(particles3, helpers.tiny_config(**circ)).mask.numpy()
+    assert circle.min() == 0
+    np.testing.assert_allclose(flat.classes, raw.classes * circle[None], atol=1e-6)
 
 
 def test_non_negative_classes(particles3, helpers):

@@ -64,6 +64,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="score every pose on the fine grid (default: coarse-to-fine search)")
     _on_off(p, "auto-mask", True, "the search masks each class around its own density, within the circular mask "
             "(default on)")
+    _on_off(p, "flatten-solvent", True, "write the class averages masked as the search sees them (each class's own "
+            "mask with --auto-mask, else the circular mask): zero outside the particle (default on)")
     _on_off(p, "hard-last", True, "final pass puts each particle in its best class only (default on)")
     _on_off(p, "empty-class", True, "from halfway through the online iterations, one class holds the empty boxes: "
             "particles that no class explains better than noise alone (default on)")
@@ -107,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> EMConfig:
         mask_diameter_angst=args.mask_diameter,
         mask_diameter_outer_angst=args.mask_diameter_outer,
         auto_mask=args.auto_mask,
+        flatten_solvent=args.flatten_solvent,
         recenter=args.recenter,
         recenter_threshold=args.recenter_threshold,
         zeropad=args.zeropad,

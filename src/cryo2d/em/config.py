@@ -41,6 +41,10 @@ class EMConfig:
     #: Mask each class around its own density for the search (within the
     #: circular mask): the noise outside the particle stays out of it.
     auto_mask: bool = True
+    #: Write the class averages masked as the search sees them (each class's
+    #: own mask with ``auto_mask``, else the circular mask): flat solvent, as
+    #: RELION's --flatten_solvent and CryoSPARC's masked classes.
+    flatten_solvent: bool = True
     recenter: bool = True
     recenter_threshold: float = 0.2
     #: Fourier oversampling of classes for rotation interpolation (1 or more).

@@ -382,7 +382,7 @@ class Engine:
         # with them, 0.88 without, on the 48 px test set).
         s.log_prior = torch.zeros_like(s.log_prior)
 
-    def _support_masks(self, img: Tensor) -> Tensor:
+    def _support_masks(self, img: Tensor, circle: Tensor | None = None) -> Tensor:
         """Soft masks (K, B, B) around each class's own density, within the circular mask.
 
         Noise that a class average carries outside its particle correlates
@@ -391,21 +391,23 @@ class Engine:
         itself: its density low-passed (sigma B / 24 px), the absolute
         value (particles white or black) thresholded at 15 % of its
         maximum, dilated by B / 16 px, edge softened (sigma 1.5 px), times
-        ``self.mask``. A class of zeros (the empty-box class) gets a zero
-        mask. ``img`` is (K, B, B) real, B the working box.
+        ``circle``. A class of zeros (the empty-box class) gets a zero
+        mask. ``img`` is (K, B, B) real; ``circle`` (B, B) is the circular
+        mask at that box (default ``self.mask``, the working box).
         """
         B = img.shape[-1]
+        circle = self.mask if circle is None else circle
         f2 = torch.fft.fftfreq(B, device=img.device)[:, None] ** 2 + torch.fft.rfftfreq(B, device=img.device)[None, :] ** 2
 
         def blur(x: Tensor, sigma_px: float) -> Tensor:
             return torch.fft.irfft2(torch.fft.rfft2(x) * torch.exp(-2 * math.pi**2 * sigma_px**2 * f2), s=(B, B))
 
-        density = blur(img * self.mask, B / _AUTO_BLUR).abs()
+        density = blur(img * circle, B / _AUTO_BLUR).abs()
         peak = density.amax(dim=(1, 2), keepdim=True)
         support = ((density > _AUTO_MASK * peak) & (peak > 0)).float()
         d = max(1, round(B / _AUTO_DILATE))
         support = torch.nn.functional.max_pool2d(support[:, None], 2 * d + 1, stride=1, padding=d)[:, 0]
-        return blur(support, _AUTO_SOFT).clamp(0, 1) * self.mask
+        return blur(support, _AUTO_SOFT).clamp(0, 1) * circle
 
     def class_ssnr(self, distinct: bool = True) -> Tensor:
         """(K, n_shells) SSNR of the current sums; ``distinct``: scaled to each particle counted once."""
@@ -1044,9 +1046,14 @@ def eng_result(eng: Engine) -> EMResult:
         A[s.null_class] = eng._wiener(s.num[s.null_class : s.null_class + 1], s.den[s.null_class : s.null_class + 1])[1][0]
     images = ifft2c(pad_fourier(eng._grid(A), D), real=True)
     # The M-step constraints hold on the band-limited classes only up to ringing;
-    # the written classes obey them exactly.
-    if eng.config.clamp_solvent:
-        images = images * soft_mask(D, g.mask_inner_px * D / B, g.mask_outer_px * D / B, device=images.device)
+    # the written classes obey them exactly. Flat solvent: the noise an average
+    # carries outside its particle is not shown (median NCC to the true view,
+    # benchmarks/README.md, Session 8).
+    circle = soft_mask(D, g.mask_inner_px * D / B, g.mask_outer_px * D / B, device=images.device)
+    if eng.config.flatten_solvent:
+        images = images * (eng._support_masks(images, circle) if eng.config.auto_mask else circle)
+    elif eng.config.clamp_solvent:
+        images = images * circle
     if eng.config.non_negative:
         images = images.clamp(min=0)
     classes = images.cpu().numpy().astype(np.float32)
