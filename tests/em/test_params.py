@@ -244,6 +244,14 @@ def test_auto_mask_follows_each_class_and_changes_the_search(particles3, helpers
     assert masks[0][dist >= 12].max() < 0.05  # nothing far from it
     assert masks[1].max() == 0  # a zero class (the empty-box class) masks everything
     np.testing.assert_allclose(masks[2], masks[0], atol=1e-6)
+    # A separate blob above the threshold is kept when it reaches half the class's peak (a second
+    # domain), dropped when it does not (the noise a small class carries).
+    blob = np.hypot(xx + 7, yy - 6) <= 2.5  # at (x, y) = (-7, +6), 17 px from the disc
+    for height, kept in ((0.8, True), (0.3, False)):
+        two = classes[:1] + height * torch.as_tensor(blob.astype(np.float32))
+        m = eng._support_masks(two).numpy()[0]
+        assert m[dist <= 6].min() > 0.95
+        assert (m[blob].min() > 0.95) if kept else (m[blob].max() < 0.05), height
     assert _differ(_run(particles3, helpers, auto_mask=False), baseline)
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import Tensor
 
 from cryo2d.em import state as st
@@ -67,6 +68,10 @@ _DISTINCT_MARGIN = 6.0
 # |density| at 0.15: 0.91 / 0.80, whatever the particles' contrast
 # (benchmarks/README.md, "Reading the quality figures").
 _AUTO_MASK = 0.15
+# Of the thresholded regions (8-connected), those whose peak density reaches
+# _AUTO_KEEP of the class's peak: the particle, not the noise blobs a small
+# class carries above the threshold.
+_AUTO_KEEP = 0.5
 _AUTO_BLUR = 24.0
 _AUTO_DILATE = 16.0
 _AUTO_SOFT = 1.5
@@ -161,6 +166,18 @@ class EMResult:
     history: list = field(default_factory=list)
     geometry: Geometry | None = None
     empty_class: int = -1
+
+
+def _keep_strong_regions(support: Tensor, density: Tensor, level: Tensor) -> Tensor:
+    """``support`` (K, B, B) bool without its 8-connected regions whose maximum ``density`` is below ``level`` (K, 1, 1)."""
+    sup, den, lev = support.cpu().numpy(), density.cpu().numpy(), level.flatten().cpu().numpy()
+    out = np.zeros(sup.shape, dtype=np.float32)
+    for k in range(len(sup)):
+        labels, n = ndimage.label(sup[k], structure=np.ones((3, 3)))
+        if n:
+            peaks = ndimage.maximum(den[k], labels, index=np.arange(1, n + 1))
+            out[k] = np.isin(labels, np.nonzero(peaks >= lev[k])[0] + 1)
+    return torch.from_numpy(out).to(support.device)
 
 
 def _single_pixel_size(particles: ParticleSet) -> float:
@@ -390,8 +407,9 @@ class Engine:
         the references with the particle's diameter. Here each class masks
         itself: its density low-passed (sigma B / 24 px), the absolute
         value (particles white or black) thresholded at 15 % of its
-        maximum, dilated by B / 16 px, edge softened (sigma 1.5 px), times
-        ``circle``. A class of zeros (the empty-box class) gets a zero
+        maximum, only the connected regions that reach half the maximum
+        (the particle, not the noise blobs of a small class), dilated by
+        B / 16 px, edge softened (sigma 1.5 px), times ``circle``. A class of zeros (the empty-box class) gets a zero
         mask. ``img`` is (K, B, B) real; ``circle`` (B, B) is the circular
         mask at that box (default ``self.mask``, the working box).
         """
@@ -404,7 +422,7 @@ class Engine:
 
         density = blur(img * circle, B / _AUTO_BLUR).abs()
         peak = density.amax(dim=(1, 2), keepdim=True)
-        support = ((density > _AUTO_MASK * peak) & (peak > 0)).float()
+        support = _keep_strong_regions((density > _AUTO_MASK * peak) & (peak > 0), density, _AUTO_KEEP * peak)
         d = max(1, round(B / _AUTO_DILATE))
         support = torch.nn.functional.max_pool2d(support[:, None], 2 * d + 1, stride=1, padding=d)[:, 0]
         return blur(support, _AUTO_SOFT).clamp(0, 1) * circle
