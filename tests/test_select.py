@@ -219,6 +219,32 @@ def test_select_prints_one_line_summary(truth_job, tmp_path, capsys):
     assert len(out) == 1 and out[0].startswith(f"selected 1 of {len(names)} classes (2)")
 
 
+def test_junk_scores_read_the_unmasked_averages(truth_job, tmp_path):
+    """With classes_unmasked.mrcs (written with --flatten-solvent) the junk scores read it; templates stay classes.mrcs."""
+    job, names = truth_job
+    flat = _copy_job(job, tmp_path / "flat")
+    with mrcfile.open(job / "classes.mrcs") as mrc:
+        averages, voxel = np.asarray(mrc.data), float(mrc.voxel_size.x)
+    before = select(flat, tmp_path / "before").classes
+    assert len(before) == 4
+    # Unmasked averages of pure noise: every class scores as junk, whatever classes.mrcs shows.
+    noise = np.random.default_rng(0).normal(size=averages.shape).astype(np.float32)
+    write_stack(flat / "classes_unmasked.mrcs", noise, voxel)
+    job_read = read_job(flat)
+    np.testing.assert_array_equal(job_read.unmasked, noise)
+    np.testing.assert_array_equal(job_read.averages, averages)
+    assert len(select(flat, tmp_path / "noise").classes) == 0
+    # The truth averages as the unmasked ones: the same selection as before; templates from classes.mrcs.
+    write_stack(flat / "classes_unmasked.mrcs", averages, voxel)
+    write_stack(flat / "classes.mrcs", averages * (np.abs(averages) > 0.1 * np.abs(averages).max()), voxel)
+    assert list(select(flat, tmp_path / "after").classes) == list(before)
+    with mrcfile.open(tmp_path / "after" / "templates.mrcs") as t, mrcfile.open(flat / "classes.mrcs") as c:
+        np.testing.assert_array_equal(t.data, c.data[np.array(before) - 1])
+    write_stack(flat / "classes_unmasked.mrcs", averages[:2], voxel)
+    with pytest.raises(Cryo2DError, match="classes_unmasked.mrcs: shape"):
+        read_job(flat)
+
+
 def test_bad_class_numbers_and_missing_files(truth_job, tmp_path, capsys):
     job, names = truth_job
     with pytest.raises(Cryo2DError, match="classes.star.*class 99 does not exist"):

@@ -37,6 +37,7 @@ class ClassifyResult:
     n_duplicates: int
     n_bad: int
     empty_class: int = -1  # the class of the empty boxes (output order), -1 for none
+    classes_unmasked: np.ndarray | None = None  # before the solvent mask (--flatten-solvent), output order
 
 
 class _Subset:
@@ -88,7 +89,8 @@ def classify(
         RELION STAR or CryoSPARC .cs (or an already read set).
     out_dir : path
         Job folder: classes.mrcs, classes.star, particles.star (or .cs),
-        gallery.png, iterations.jsonl, checkpoint.pt.
+        gallery.png, iterations.jsonl, checkpoint.pt; classes_unmasked.mrcs
+        with ``config.flatten_solvent``.
     config : EMConfig
     device : str
         "cpu" or "cuda".
@@ -156,9 +158,12 @@ def finalize(result: EMResult, particles: ParticleSet, config: EMConfig) -> Clas
     new_of_old = np.empty(K, dtype=np.int64)
     new_of_old[order] = np.arange(K)
     classes = result.classes[order]
+    unmasked = None if result.classes_unmasked is None else result.classes_unmasked[order]
     class_index = np.where(result.class_index >= 0, new_of_old[np.maximum(result.class_index, 0)], -1)
     psi = result.psi_deg
-    if config.align_filaments:
+    if config.align_filaments and unmasked is not None:
+        classes, psi, unmasked = align_vertical(classes, psi, class_index, also=unmasked)
+    elif config.align_filaments:
         classes, psi = align_vertical(classes, psi, class_index)
     keep = np.ones(len(class_index), dtype=bool)
     if config.remove_duplicates:
@@ -190,6 +195,7 @@ def finalize(result: EMResult, particles: ParticleSet, config: EMConfig) -> Clas
         n_duplicates=int((~keep).sum()),
         n_bad=0,
         empty_class=int(new_of_old[result.empty_class]) if result.empty_class >= 0 else -1,
+        classes_unmasked=None if unmasked is None else unmasked.astype(np.float32),
     )
 
 
@@ -197,6 +203,8 @@ def write_job(final: ClassifyResult, particles: ParticleSet, out: Path, pixel_si
     """Write classes.mrcs, classes.star, particles.star/.cs (+ duplicates), gallery.png."""
     K = len(final.classes)
     write_stack(out / "classes.mrcs", final.classes, pixel_size_angst)
+    if final.classes_unmasked is not None:  # as RELION's run_unmasked_classes.mrcs
+        write_stack(out / "classes_unmasked.mrcs", final.classes_unmasked, pixel_size_angst)
     total = max(float(final.counts.sum()), 1.0)
     table = pd.DataFrame(
         {

@@ -78,6 +78,10 @@ class Job:
         and ``no_ctf=True``: only the rows are needed, never the images.
     class_number : (n,) int64
         1-based class of each particle row; 0 when it has none.
+    unmasked : (K, box, box) float32 ndarray
+        The averages before the solvent mask (``classes_unmasked.mrcs``,
+        written with ``--flatten-solvent``), else ``averages``: the junk
+        scores read these, as a flat solvent hides what they look for.
     """
 
     folder: Path
@@ -86,6 +90,11 @@ class Job:
     table: pd.DataFrame
     particles: ParticleSet
     class_number: np.ndarray
+    unmasked: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.unmasked is None:
+            self.unmasked = self.averages
 
     @property
     def n_classes(self) -> int:
@@ -149,7 +158,14 @@ def read_job(job_dir: str | os.PathLike) -> Job:
             f"{particles.source}: particle {int(np.argmax(bad)) + 1} is in class {class_number[bad][0]}, "
             f"but the job has {len(averages)} classes"
         )
-    return Job(folder, averages, pixel, table, particles, class_number)
+    unmasked = None
+    if (folder / "classes_unmasked.mrcs").is_file():
+        unmasked, _ = _read_averages(folder / "classes_unmasked.mrcs")
+        if unmasked.shape != averages.shape:
+            raise Cryo2DError(
+                f"{folder / 'classes_unmasked.mrcs'}: shape {unmasked.shape} differs from classes.mrcs {averages.shape}"
+            )
+    return Job(folder, averages, pixel, table, particles, class_number, unmasked)
 
 
 def _read_averages(path: Path) -> tuple[np.ndarray, float]:
@@ -359,7 +375,7 @@ def passes(job: Job, criteria: SelectionCriteria) -> np.ndarray:
     if criteria.max_res_angst is not None:
         ok &= np.isfinite(res) & (res >= criteria.max_res_angst)
     if criteria.max_junk_score is not None:
-        ok &= junk_scores(job.averages, counts) <= criteria.max_junk_score
+        ok &= junk_scores(job.unmasked, counts) <= criteria.max_junk_score
     return ok
 
 

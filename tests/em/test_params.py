@@ -276,6 +276,8 @@ def test_flatten_solvent_writes_each_class_times_its_own_mask(particles3, helper
     assert eng.geom.work_box == 32  # no Fourier crop: the circle of the search is that of the written box
     masks = eng._support_masks(torch.as_tensor(free.classes)).numpy()
     np.testing.assert_allclose(baseline.classes, free.classes * masks, atol=1e-5 * np.abs(free.classes).max())
+    np.testing.assert_array_equal(baseline.classes_unmasked, free.classes)  # kept for the junk scores
+    assert free.classes_unmasked is None
     occupied = np.abs(free.classes).max(axis=(1, 2)) > 0
     solvent = masks[occupied] < 1e-3
     assert solvent.mean(axis=(1, 2)).min() > 0.2  # each class has solvent, zero in the written class

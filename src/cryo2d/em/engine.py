@@ -151,6 +151,10 @@ class EMResult:
     geometry : Geometry
     empty_class : int
         The class that holds the empty boxes (``EMConfig.empty_class``), -1 for none.
+    classes_unmasked : (K, box, box) float32 or None
+        With ``EMConfig.flatten_solvent``, the class averages before the
+        solvent mask (what the junk scores of ``cryo2d select`` read);
+        None otherwise.
     """
 
     classes: np.ndarray
@@ -166,6 +170,7 @@ class EMResult:
     history: list = field(default_factory=list)
     geometry: Geometry | None = None
     empty_class: int = -1
+    classes_unmasked: np.ndarray | None = None
 
 
 def _keep_strong_regions(support: Tensor, density: Tensor, level: Tensor) -> Tensor:
@@ -1068,12 +1073,14 @@ def eng_result(eng: Engine) -> EMResult:
     # carries outside its particle is not shown (median NCC to the true view,
     # benchmarks/README.md, Session 8).
     circle = soft_mask(D, g.mask_inner_px * D / B, g.mask_outer_px * D / B, device=images.device)
-    if eng.config.flatten_solvent:
-        images = images * (eng._support_masks(images, circle) if eng.config.auto_mask else circle)
-    elif eng.config.clamp_solvent:
+    if eng.config.clamp_solvent:
         images = images * circle
     if eng.config.non_negative:
         images = images.clamp(min=0)
+    unmasked = None
+    if eng.config.flatten_solvent:
+        unmasked = images.cpu().numpy().astype(np.float32)
+        images = images * (eng._support_masks(images, circle) if eng.config.auto_mask else circle)
     classes = images.cpu().numpy().astype(np.float32)
     counts = np.bincount(s.class_index[s.class_index >= 0], minlength=eng.K).astype(np.float64)
     res = np.array([g.radius_to_angst(float(r)) for r in class_resolution_shell(eng.class_ssnr()).cpu()])
@@ -1091,4 +1098,5 @@ def eng_result(eng: Engine) -> EMResult:
         history=list(s.history),
         geometry=g,
         empty_class=max(s.null_class, -1),
+        classes_unmasked=unmasked,
     )

@@ -36,22 +36,29 @@ def principal_axis_deg(image: np.ndarray, threshold: float = 0.2) -> float:
     return float(np.degrees(np.arctan2(v[1], v[0])))
 
 
-def align_vertical(classes: np.ndarray, psi_deg: np.ndarray, class_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def align_vertical(
+    classes: np.ndarray, psi_deg: np.ndarray, class_index: np.ndarray, also: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rotate each class so its long axis is vertical (along y); update particle angles.
 
     A particle is ``shift(rotate(class, ψ))``; rotating a class by φ makes
-    its particles' angles ψ − φ.
+    its particles' angles ψ − φ. ``also`` (K, box, box), e.g. the unmasked
+    averages, is rotated by the same angles.
 
     Returns
     -------
     classes : (K, box, box) float32, psi_deg : (n,) float64
+        and, with ``also``, its rotated copy (K, box, box) float32.
     """
     phi = np.array([90.0 - principal_axis_deg(c) for c in classes])
-    rotated = rotate_images(torch.from_numpy(np.asarray(classes, dtype=np.float32)), torch.from_numpy(phi).float())
+    angles = torch.from_numpy(phi).float()
+    rotated = rotate_images(torch.from_numpy(np.asarray(classes, dtype=np.float32)), angles)
     new_psi = np.asarray(psi_deg, dtype=np.float64).copy()
     assigned = class_index >= 0
     new_psi[assigned] = (new_psi[assigned] - phi[class_index[assigned]]) % 360.0
-    return rotated.numpy(), new_psi
+    if also is None:
+        return rotated.numpy(), new_psi
+    return rotated.numpy(), new_psi, rotate_images(torch.from_numpy(np.asarray(also, dtype=np.float32)), angles).numpy()
 
 
 def duplicate_mask(micrograph: np.ndarray, xy_angst: np.ndarray, score: np.ndarray, min_separation_angst: float) -> np.ndarray:

@@ -92,7 +92,7 @@ class ViewServer(ThreadingHTTPServer):
         self._save_lock = threading.Lock()
         self._static = _static_names()
         counts = job.counts
-        self._junk = junk_scores(job.averages, counts)
+        self._junk = junk_scores(job.unmasked, counts)
         self._auto = passes(job, SelectionCriteria.auto())
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
