@@ -35,6 +35,24 @@ def test_classes_mrcs(star_job, sim3):
         assert np.isfinite(mrc.data).all()
 
 
+def test_classes_unmasked_mrcs(star_job, sim3, tmp_path):
+    """Flat solvent by default: classes.mrcs is classes_unmasked.mrcs times masks in [0, 1]."""
+    with mrcfile.open(star_job / "classes.mrcs") as flat, mrcfile.open(star_job / "classes_unmasked.mrcs") as raw:
+        assert raw.data.shape == flat.data.shape and float(raw.voxel_size.x) == float(flat.voxel_size.x)
+        big = np.abs(raw.data) > 1e-3 * np.abs(raw.data).max()
+        ratio = flat.data[big] / raw.data[big]
+        assert ratio.min() > -1e-4 and ratio.max() < 1 + 1e-4
+        assert (ratio < 1e-3).mean() > 0.1  # solvent set to zero
+    # Rerun into the same folder without flat solvent: no stale unmasked file is left for select.
+    job = tmp_path / "job"
+    shutil.copytree(star_job, job)
+    (job / "checkpoint.pt").unlink(missing_ok=True)
+    assert main(["classify", str(sim3.star), "-o", str(job), *FAST, "--no-flatten-solvent"]) == 0
+    assert not (job / "classes_unmasked.mrcs").exists()
+    with mrcfile.open(star_job / "classes_unmasked.mrcs") as raw, mrcfile.open(job / "classes.mrcs") as unflat:
+        np.testing.assert_allclose(unflat.data, raw.data, atol=1e-6 * np.abs(raw.data).max())  # same search
+
+
 def test_classes_star(star_job):
     classes = starfile.read(star_job / "classes.star")
     assert len(classes) == 3

@@ -205,6 +205,8 @@ def write_job(final: ClassifyResult, particles: ParticleSet, out: Path, pixel_si
     write_stack(out / "classes.mrcs", final.classes, pixel_size_angst)
     if final.classes_unmasked is not None:  # as RELION's run_unmasked_classes.mrcs
         write_stack(out / "classes_unmasked.mrcs", final.classes_unmasked, pixel_size_angst)
+    else:  # an earlier run's file in this folder would feed select stale junk scores
+        (out / "classes_unmasked.mrcs").unlink(missing_ok=True)
     total = max(float(final.counts.sum()), 1.0)
     table = pd.DataFrame(
         {

@@ -416,9 +416,10 @@ class Engine:
         value (particles white or black) thresholded at 15 % of its
         maximum, only the connected regions that reach half the maximum
         (the particle, not the noise blobs of a small class), dilated by
-        B / 16 px, edge softened (sigma 1.5 px), times ``circle``. A class of zeros (the empty-box class) gets a zero
-        mask. ``img`` is (K, B, B) real; ``circle`` (B, B) is the circular
-        mask at that box (default ``self.mask``, the working box).
+        B / 16 px, edge softened (sigma 1.5 px), times ``circle``. A class
+        of zeros (the empty-box class) gets a zero mask. ``img`` is
+        (K, B, B) real; ``circle`` (B, B) is the circular mask at that box
+        (default ``self.mask``, the working box).
         """
         B = img.shape[-1]
         circle = self.mask if circle is None else circle
