@@ -161,10 +161,8 @@ def finalize(result: EMResult, particles: ParticleSet, config: EMConfig) -> Clas
     unmasked = None if result.classes_unmasked is None else result.classes_unmasked[order]
     class_index = np.where(result.class_index >= 0, new_of_old[np.maximum(result.class_index, 0)], -1)
     psi = result.psi_deg
-    if config.align_filaments and unmasked is not None:
+    if config.align_filaments:
         classes, psi, unmasked = align_vertical(classes, psi, class_index, also=unmasked)
-    elif config.align_filaments:
-        classes, psi = align_vertical(classes, psi, class_index)
     keep = np.ones(len(class_index), dtype=bool)
     if config.remove_duplicates:
         picks = pick_locations(particles)

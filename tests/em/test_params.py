@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import mrcfile
 import numpy as np
@@ -374,6 +375,10 @@ def test_align_filaments_makes_the_axis_vertical(helpers):
                         torch.from_numpy(aligned.assignments.psi_deg))
     for o, w in zip(old.numpy(), new.numpy()):
         assert np.corrcoef(o.ravel(), w.ravel())[0, 1] > 0.98
+    # The unmasked averages (flat solvent) turn by the same angle as the written ones.
+    assert aligned.classes_unmasked is None
+    both = finalize(replace(result, classes_unmasked=2 * rod[None]), particles, cfg)
+    np.testing.assert_allclose(both.classes_unmasked, 2 * both.classes, atol=1e-5)
 
 
 def test_no_ctf(sim3, helpers, baseline):

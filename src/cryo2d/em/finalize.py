@@ -38,7 +38,7 @@ def principal_axis_deg(image: np.ndarray, threshold: float = 0.2) -> float:
 
 def align_vertical(
     classes: np.ndarray, psi_deg: np.ndarray, class_index: np.ndarray, also: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Rotate each class so its long axis is vertical (along y); update particle angles.
 
     A particle is ``shift(rotate(class, ψ))``; rotating a class by φ makes
@@ -48,7 +48,7 @@ def align_vertical(
     Returns
     -------
     classes : (K, box, box) float32, psi_deg : (n,) float64
-        and, with ``also``, its rotated copy (K, box, box) float32.
+    also : (K, box, box) float32 rotated copy of ``also``, or None without it.
     """
     phi = np.array([90.0 - principal_axis_deg(c) for c in classes])
     angles = torch.from_numpy(phi).float()
@@ -56,9 +56,9 @@ def align_vertical(
     new_psi = np.asarray(psi_deg, dtype=np.float64).copy()
     assigned = class_index >= 0
     new_psi[assigned] = (new_psi[assigned] - phi[class_index[assigned]]) % 360.0
-    if also is None:
-        return rotated.numpy(), new_psi
-    return rotated.numpy(), new_psi, rotate_images(torch.from_numpy(np.asarray(also, dtype=np.float32)), angles).numpy()
+    if also is not None:
+        also = rotate_images(torch.from_numpy(np.asarray(also, dtype=np.float32)), angles).numpy()
+    return rotated.numpy(), new_psi, also
 
 
 def duplicate_mask(micrograph: np.ndarray, xy_angst: np.ndarray, score: np.ndarray, min_separation_angst: float) -> np.ndarray:
