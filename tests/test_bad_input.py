@@ -147,3 +147,25 @@ def test_non_numeric_ctf_value(star, info):
         table.loc[2, "rlnDefocusV"] = "abc"
     rewrite_star(star, change)
     assert "column _rlnDefocusV has a non-numeric value ('abc')" in info(star)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu0"])
+def test_unknown_device(tmp_path, capsys, device):
+    """An unknown --device is a one-line usage error before any work; the library raises Cryo2DError."""
+    import torch
+
+    from cryo2d.cli.main import main
+    from cryo2d.em.config import check_device
+
+    with pytest.raises(SystemExit) as exc:
+        main(["classify", str(tmp_path / "p.star"), "-o", str(tmp_path / "job"), "--device", device])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --device: {device}: unknown device (cpu, cuda or cuda:N)" in err and "Traceback" not in err
+    assert not (tmp_path / "job").exists()
+    with pytest.raises(Cryo2DError, match=f"--device {device}: unknown device"):
+        check_device(device)
+    assert check_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(Cryo2DError, match="no CUDA device is available"):
+            check_device("cuda")

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from cryo2d.classify import ClassifyResult, finalize, subset_particles, write_job
-from cryo2d.em.config import EMConfig
+from cryo2d.em.config import EMConfig, check_device
 from cryo2d.em.engine import Engine, eng_result
 from cryo2d.em.state import RunState
 from cryo2d.errors import Cryo2DError
@@ -465,8 +465,7 @@ def stream(
         continues from there.
     """
     config.validate()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise Cryo2DError("--device cuda asked for, but no CUDA device is available")
+    check_device(device)
     run = _Stream(Path(source), Path(out_dir), config, device=device, settle_s=settle_s,
                   project_dir=project_dir, skip_bad=skip_bad, resume=resume)
     with ExitStack() as stack:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cryo2d.em.config import EMConfig
+from cryo2d.em.config import EMConfig, check_device
+from cryo2d.errors import Cryo2DError
 
 
 def _on_off(parser: argparse.ArgumentParser, name: str, default, help_on: str) -> None:
@@ -27,6 +28,14 @@ def _on_off(parser: argparse.ArgumentParser, name: str, default, help_on: str) -
     group = parser.add_mutually_exclusive_group()
     group.add_argument(f"--{name}", dest=dest, action="store_true", default=default, help=help_on)
     group.add_argument(f"--no-{name}", dest=dest, action="store_false")
+
+
+def device_arg(value: str) -> str:
+    """argparse type of ``--device``: cpu, cuda or cuda:N, present on this machine."""
+    try:
+        return check_device(value)
+    except Cryo2DError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from None
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +85,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sort", dest="sort_classes", action="store_false", help="keep classes in engine order")
     p.add_argument("--tau2-fudge", type=float, default=d.tau2_fudge, help="regularisation: signal power multiplier (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     p.add_argument("--project-dir", default=None, help="CryoSPARC project folder for .cs blob paths")
     p.add_argument("--skip-bad", action="store_true", help="drop images with NaN/Inf pixels (reported) instead of refusing")

@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from cryo2d.cli.classify import device_arg
+
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", default="cryo2d_demo", help="demo folder (default %(default)s)")
@@ -25,7 +27,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snr", type=float, default=0.1, help="signal-to-noise ratio (default %(default)s)")
     p.add_argument("--classes", type=int, default=12, help="number of classes (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,9 +4,27 @@ Defaults and meanings follow CryoSPARC's 2D classification (DESIGN §2).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 from cryo2d.errors import Cryo2DError
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def check_device(device: str) -> str:
+    """``device`` if it names the CPU or a CUDA device that is present ("cpu", "cuda", "cuda:N"); else Cryo2DError."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise Cryo2DError(f"--device {device}: unknown device (cpu, cuda or cuda:N)")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise Cryo2DError(f"--device {device} asked for, but no CUDA device is available")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise Cryo2DError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 @dataclass(frozen=True)
