@@ -121,6 +121,67 @@ def load_batch(particles: ParticleSet, idx: np.ndarray, geom: Geometry, device) 
     return crop_fourier(fft2c(images), geom.work_box)
 
 
+#: Memory for :class:`PointCache` (bytes): 64 px, 20,000 particles fit.
+POINT_CACHE_BYTES = 256 * 2**20
+
+
+class PointCache:
+    """Particles' transforms at fixed Fourier points, kept for the run up to a memory budget.
+
+    A run reads each particle many times (every online batch that draws it,
+    every full pass). Reading, normalising, transforming and cropping it
+    again each time took 2 s of the 35 s `peer` job (3,000 x 64 px, K = 20).
+    The first ``capacity`` distinct particles read (``budget_bytes`` / 8
+    bytes per point) are kept; the others are read from the stack each
+    time. The values are those :func:`load_batch` gives, so a run gives the
+    same classes with or without the cache.
+
+    Parameters
+    ----------
+    particles : ParticleSet
+    geom : Geometry
+    flat : (m,) int64 tensor
+        Flat indices into the ``work_box`` x ``work_box`` centred grid.
+    device : torch device
+    budget_bytes : int
+    """
+
+    def __init__(self, particles: ParticleSet, geom: Geometry, flat: Tensor, device, budget_bytes: int = POINT_CACHE_BYTES):
+        self.particles, self.geom, self.flat, self.device = particles, geom, flat, device
+        self.capacity = int(min(len(particles), budget_bytes // (8 * max(1, len(flat)))))
+        self.slot = np.full(len(particles), -1, dtype=np.int64)  # row in ``values``, -1 = not kept
+        self.used = 0
+        self.values: Tensor | None = None
+
+    def read(self, idx: np.ndarray) -> Tensor:
+        """(b, m) complex64 transforms of particles ``idx`` at the points."""
+        idx = np.asarray(idx)
+        slots = self.slot[idx]
+        miss = slots < 0
+        if not miss.any():
+            return self.values[torch.from_numpy(slots).to(self.device)]
+        fresh = load_batch(self.particles, idx[miss], self.geom, self.device).flatten(1)[:, self.flat]
+        if miss.all():
+            out = fresh
+        else:
+            out = torch.empty((len(idx), len(self.flat)), dtype=fresh.dtype, device=self.device)
+            out[torch.from_numpy(np.nonzero(miss)[0]).to(self.device)] = fresh
+            hit = np.nonzero(~miss)[0]
+            out[torch.from_numpy(hit).to(self.device)] = self.values[torch.from_numpy(slots[hit]).to(self.device)]
+        room = self.capacity - self.used
+        if room > 0:
+            if self.values is None:
+                self.values = torch.empty((self.capacity, len(self.flat)), dtype=fresh.dtype, device=self.device)
+            new = idx[miss]
+            _, first = np.unique(new, return_index=True)  # each particle once
+            take = np.sort(first)[:room]
+            rows = np.arange(self.used, self.used + len(take))
+            self.values[torch.from_numpy(rows).to(self.device)] = fresh[torch.from_numpy(take).to(self.device)]
+            self.slot[new[take]] = rows
+            self.used += len(take)
+        return out
+
+
 def batch_ctf(particles: ParticleSet, idx: np.ndarray, geom: Geometry, use_ctf: bool, device, flat: Tensor | None = None) -> Tensor:
     """CTF of particles ``idx`` on the centred working grid, (b, work_box, work_box) float32 (ones without CTF).
 

@@ -19,8 +19,8 @@ from scipy import ndimage
 from torch import Tensor
 
 from cryo2d.em import state as st
-from cryo2d.em.config import EMConfig
-from cryo2d.em.data import batch_ctf, load_batch, noise_spectrum, tune_allocator
+from cryo2d.em.config import EMConfig, check_device
+from cryo2d.em.data import PointCache, batch_ctf, load_batch, noise_spectrum, tune_allocator
 from cryo2d.em.estep import (
     N_CANDIDATES,
     EStepResult,
@@ -260,6 +260,7 @@ class Engine:
         g = self.geom
         self.n_shells = g.work_box // 2 + 1
         self.mpts = disc_points(g.work_box, 0.0, g.r_max, half=True, device=self.device)
+        self.images = PointCache(particles, g, self.mpts.flat, self.device)  # the particles at the M-step points
         self.mask = soft_mask(g.work_box, g.mask_inner_px, g.mask_outer_px, device=self.device)
         self.K = config.n_classes
         self.rng = np.random.default_rng(config.seed)
@@ -856,15 +857,18 @@ class Engine:
         # The CTF only where the E- and M-steps look (64 px: 37 % of the grid).
         ctf_flat = torch.unique(torch.cat([plan.points.flat, mp.flat]))
         e_pos, m_pos = torch.searchsorted(ctf_flat, plan.points.flat), torch.searchsorted(ctf_flat, mp.flat)
+        # The images are read at the M-step points (sorted flat indices; the E-step's are among them).
+        e_img = torch.searchsorted(self.mpts.flat, plan.points.flat)
+        m_img = torch.searchsorted(self.mpts.flat, mp.flat)
         for start in range(0, len(idx), read):
             ridx = idx[start : start + read]
-            X_all = load_batch(self.particles, ridx, g, dev).flatten(1)
+            X_all = self.images.read(ridx)
             C_all = batch_ctf(self.particles, ridx, g, cfg.use_ctf, dev, flat=ctf_flat)
             for c0 in range(0, len(ridx), chunk):
                 cidx = ridx[c0 : c0 + chunk]
                 X, C = X_all[c0 : c0 + chunk], C_all[c0 : c0 + chunk]
                 scale = torch.from_numpy(s.scale[cidx]).float().to(dev)
-                args = (X[:, plan.points.flat], C[:, e_pos], inv_sig, refs, phases, s.log_prior, scale)
+                args = (X[:, e_img], C[:, e_pos], inv_sig, refs, phases, s.log_prior, scale)
                 if grid is None:
                     res = e_step(*args, temperature=plan.temperature, mode=mode, refs_power=power, null_class=s.null_class)
                 else:
@@ -872,7 +876,7 @@ class Engine:
                         *args, grid, temperature=plan.temperature, mode=mode, refs_power=power, coarse_refs=coarse,
                         null_class=s.null_class,
                     )
-                Xm, Cm = X[:, mp.flat], C[:, m_pos]
+                Xm, Cm = X[:, m_img], C[:, m_pos]
                 sums.add(Xm, Cm, scale, phases_m, res if classes is None else res.only_classes(classes))
                 # Noise: residual at the best pose, per shell.
                 pts = rotated_points(mp.xy, -plan.psi_rad[res.best_r]).unsqueeze(1)
@@ -1038,8 +1042,7 @@ def run_em(
     -------
     EMResult
     """
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise Cryo2DError("--device cuda asked for, but no CUDA device is available")
+    check_device(device)
     eng = Engine(particles, config, device)
     s, cfg = eng.state, config
     start_iter = 0

@@ -1,0 +1,67 @@
+"""The run's cache of particle transforms at the M-step points."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cryo2d.em.data import PointCache, load_batch
+from cryo2d.em.geometry import disc_points, make_geometry
+
+
+def _setup(helpers, n=12, box=24, seed=0):
+    rng = np.random.default_rng(seed)
+    particles = helpers.memory_particles(rng.standard_normal((n, box, box)), pixel_size_angst=4.0)
+    geom = make_geometry(box, 4.0, helpers.tiny_config())
+    flat = disc_points(geom.work_box, 0.0, geom.r_max, half=True).flat
+    return particles, geom, flat
+
+
+def _direct(particles, geom, flat, idx):
+    return load_batch(particles, np.asarray(idx), geom, "cpu").flatten(1)[:, flat]
+
+
+def test_reads_equal_a_fresh_read_bit_for_bit(helpers):
+    """Hits, misses, mixes and repeats give exactly what load_batch gives; only ``capacity`` particles are kept."""
+    particles, geom, flat = _setup(helpers)
+    per_particle = 8 * len(flat)
+    cache = PointCache(particles, geom, flat, "cpu", budget_bytes=5 * per_particle)
+    assert cache.capacity == 5
+    for idx in ([3, 7, 1], [1, 3, 9, 10, 11], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [7, 7, 2], [11, 3]):
+        got = cache.read(np.array(idx))
+        assert got.dtype == torch.complex64 and got.shape == (len(idx), len(flat))
+        assert torch.equal(got, _direct(particles, geom, flat, idx)), idx
+    assert cache.used == 5
+    kept = np.nonzero(cache.slot >= 0)[0]
+    assert len(kept) == 5 and set(kept) == {1, 3, 7, 9, 10}  # the first five distinct particles read
+    assert sorted(cache.slot[kept]) == list(range(5))
+
+
+def test_no_budget_keeps_nothing(helpers):
+    particles, geom, flat = _setup(helpers)
+    cache = PointCache(particles, geom, flat, "cpu", budget_bytes=0)
+    assert cache.capacity == 0
+    assert torch.equal(cache.read(np.array([2, 5])), _direct(particles, geom, flat, [2, 5]))
+    assert cache.values is None and (cache.slot < 0).all()
+
+
+def test_a_run_gives_the_same_classes_without_the_cache(helpers, monkeypatch):
+    """The cache only saves work: a run with it is bit-identical to a run reading every image each time."""
+    from cryo2d.em.engine import run_em
+
+    particles, _, _ = _setup(helpers, n=60, box=24, seed=1)
+    config = helpers.tiny_config(use_ctf=False)
+    original = PointCache.__init__
+    capacities = []
+
+    def init(self, *args, budget_bytes=None):
+        original(self, *args, **({} if budget_bytes is None else {"budget_bytes": budget_bytes}))
+        capacities.append(self.capacity)
+
+    monkeypatch.setattr(PointCache, "__init__", init)
+    with_cache = run_em(particles, config)
+    monkeypatch.setattr(PointCache, "__init__", lambda self, *args: init(self, *args, budget_bytes=0))
+    without = run_em(particles, config)
+    assert capacities == [60, 0]
+    assert np.array_equal(with_cache.class_index, without.class_index)
+    assert np.array_equal(with_cache.psi_deg, without.psi_deg)
+    assert np.array_equal(with_cache.classes, without.classes)
