@@ -169,3 +169,28 @@ def test_unknown_device(tmp_path, capsys, device):
     if not torch.cuda.is_available():
         with pytest.raises(Cryo2DError, match="no CUDA device is available"):
             check_device("cuda")
+
+
+@pytest.mark.parametrize("value, problem", [("0", "0 is fewer than 1 thread"), ("-2", "-2 is fewer than 1 thread"),
+                                            ("two", "'two' is not a whole number")])
+def test_bad_thread_count(tmp_path, capsys, value, problem):
+    """--threads 0 used to mean "all cores" silently and a negative count raised a torch traceback."""
+    from cryo2d.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["classify", str(tmp_path / "p.star"), "-o", str(tmp_path / "job"), "--threads", value])
+    assert exc.value.code == 2
+    assert f"argument --threads: {problem}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("min_separation_angst", -5.0, "--min-separation must be positive"),
+    ("min_separation_angst", 0.0, "--min-separation must be positive"),
+    ("mask_diameter_angst", -10.0, "--mask-diameter must be positive"),
+    ("n_classes", 0, "--classes must be at least 1"),
+])
+def test_config_values_that_make_no_sense(field, value, message):
+    from cryo2d.em.config import EMConfig
+
+    with pytest.raises(Cryo2DError, match=message):
+        EMConfig(**{field: value}).validate()

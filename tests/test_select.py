@@ -297,3 +297,17 @@ def test_cs_job_writes_cs(truth_job, sim_data, tmp_path):
     np.testing.assert_array_equal(kept, array[mask])
     np.testing.assert_array_equal(rejected, array[~mask])
     assert not (tmp_path / "out" / "particles.star").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(min_particles=-1), "--min-particles must be >= 0, got -1"),
+    (dict(min_res_angst=-3.0), "--min-res must be positive"),
+    (dict(max_res_angst=0.0), "--max-res must be positive"),
+    (dict(max_junk_score=-1.0), r"--max-junk-score must be in \[0, 1\], got -1"),
+    (dict(max_junk_score=1.5), r"--max-junk-score must be in \[0, 1\], got 1.5"),
+])
+def test_criteria_that_make_no_sense_are_refused(kwargs, message):
+    """A negative resolution or a junk score outside [0, 1] used to select nothing (or everything) silently."""
+    with pytest.raises(Cryo2DError, match=message):
+        SelectionCriteria(**kwargs)
+    assert SelectionCriteria(min_particles=0, max_junk_score=0.0).describe()  # the edges are allowed

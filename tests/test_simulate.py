@@ -191,3 +191,18 @@ def test_read_map_errors(tmp_path):
     mrcfile.new(flat, np.zeros((4, 8, 8), np.float32)).close()
     with pytest.raises(Cryo2DError, match="flat.mrc.*cube"):
         read_map(flat)
+
+
+@pytest.mark.parametrize("pixel", [-1.0, 0.0])
+def test_non_positive_pixel_size_is_refused(bundled, pixel):
+    """A negative pixel size used to be written into the STAR file as is."""
+    with pytest.raises(Cryo2DError, match=f"pixel size must be positive, got {pixel}"):
+        simulate(*bundled, n_particles=10, box=16, pixel_size_angst=pixel)
+
+
+def test_cli_refuses_a_non_positive_map_pixel_size(tmp_path, capsys):
+    from cryo2d.cli.main import main
+
+    assert main(["simulate", "bundled", "-o", str(tmp_path / "sim"), "--map-pixel-size", "-2"]) == 1
+    assert "--map-pixel-size must be positive, got -2.0" in capsys.readouterr().err
+    assert not (tmp_path / "sim").exists()

@@ -65,6 +65,9 @@ def test_binds_loopback_by_default(truth_job):  # noqa: F811
     assert args.host == "127.0.0.1"
     with pytest.raises(Cryo2DError, match="job folder not found"):
         make_server(truth_job[0] / "missing", port=0)
+    for port in (-5, 65536):  # used to end in socket's OverflowError traceback
+        with pytest.raises(Cryo2DError, match=f"--port must be in 0-65535, got {port}"):
+            make_server(truth_job[0], port=port)
 
 
 def test_routes_and_traversal_404(served):

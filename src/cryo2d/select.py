@@ -260,6 +260,17 @@ class SelectionCriteria:
     max_res_angst: float | None = None
     max_junk_score: float | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse values that select nothing meaningful (a negative Å resolution, a junk score outside [0, 1])."""
+        for value, ok, message in (
+            (self.min_particles, lambda v: v >= 0, "--min-particles must be >= 0"),
+            (self.min_res_angst, lambda v: v > 0, "--min-res must be positive (Å)"),
+            (self.max_res_angst, lambda v: v > 0, "--max-res must be positive (Å)"),
+            (self.max_junk_score, lambda v: 0 <= v <= 1, "--max-junk-score must be in [0, 1]"),
+        ):
+            if value is not None and not ok(value):
+                raise Cryo2DError(f"{message}, got {value:g}")
+
     @classmethod
     def auto(cls) -> "SelectionCriteria":
         """The default automatic selection: junk score ≤ ``DEFAULT_MAX_JUNK_SCORE``."""

@@ -606,6 +606,8 @@ def simulate(
         raise Cryo2DError("simulate: need n_particles ≥ 1, box ≥ 8, n_views ≥ 1 and fractions in [0, 1]")
     if snr <= 0:
         raise Cryo2DError(f"simulate: snr must be positive, got {snr}")
+    if pixel_size_angst is not None and not pixel_size_angst > 0:
+        raise Cryo2DError(f"simulate: pixel size must be positive, got {pixel_size_angst}")
     rng = np.random.default_rng(seed)
     vol, pixel = _prepare_volume(volume, float(voxel_size_angst), int(box), pixel_size_angst)
     max_shift = 0.03 * box if max_shift_px is None else float(max_shift_px)

@@ -38,6 +38,17 @@ def device_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from None
 
 
+def threads_arg(value: str) -> int:
+    """argparse type of ``--threads``: a whole number of at least 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value} is fewer than 1 thread")
+    return n
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Every classification parameter (DESIGN §2); shared with other commands."""
     d = EMConfig()
@@ -86,7 +97,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau2-fudge", type=float, default=d.tau2_fudge, help="regularisation: signal power multiplier (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--threads", type=threads_arg, default=None, help="CPU threads for torch (default: all cores)")
     p.add_argument("--project-dir", default=None, help="CryoSPARC project folder for .cs blob paths")
     p.add_argument("--skip-bad", action="store_true", help="drop images with NaN/Inf pixels (reported) instead of refusing")
     p.add_argument("--resume", action="store_true", help="continue from the job's checkpoint")

@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     volume, voxel = read_map(args.map)
     if args.map_pixel_size is not None:
+        if not args.map_pixel_size > 0:
+            raise Cryo2DError(f"--map-pixel-size must be positive, got {args.map_pixel_size}")
         voxel = args.map_pixel_size
     if not voxel or voxel <= 0:
         raise Cryo2DError(f"{args.map}: map header has no voxel size (give --map-pixel-size)")

@@ -130,6 +130,7 @@ class EMConfig:
             (self.shift_step_px is None or self.shift_step_px > 0, "--shift-step must be positive"),
             (self.tau2_fudge > 0, "--tau2-fudge must be positive"),
             (self.mask_diameter_angst is None or self.mask_diameter_angst > 0, "--mask-diameter must be positive"),
+            (self.min_separation_angst is None or self.min_separation_angst > 0, "--min-separation must be positive"),
         ]
         for ok, message in checks:
             if not ok:

@@ -289,6 +289,8 @@ def make_server(
     Cryo2DError
         A bad job folder (see ``read_job``), or the address cannot be bound.
     """
+    if not 0 <= int(port) <= 65535:
+        raise Cryo2DError(f"--port must be in 0-65535, got {port}")
     job = read_job(job_dir)
     out = Path(out_dir) if out_dir is not None else job.folder / "selected"
     try:
