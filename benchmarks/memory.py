@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = work / "tiled.mrcs"
     if not (star.exists() and stack.exists()):
         print(f"tiling {max(sizes)} images of {box} px into {stack} ...", flush=True)
+        work.mkdir(parents=True, exist_ok=True)  # also makes CACHE / "memory" for the log
         wall, rss = run_child([sys.executable, __file__, "--_tile", str(sim_dir / "particles.star"), str(max(sizes)),
                                str(work), "--seed", str(args.seed), "--noise", str(args.noise),
                                "--chunk", str(args.chunk)], CACHE / "memory" / "tile.log")
