@@ -13,7 +13,10 @@ Presets:
 - ``--small``: 1,500 particles, 48 px, SNR 0.1, 8 discrete views, one at 3%,
   K = 12;
 - ``--preset peer``: the hard preset at 3,000 particles, the size of the
-  speed issue's side-by-side run (RELION 3.1 took 20 minutes on it).
+  speed issue's side-by-side run (RELION 3.1 took 20 minutes on it);
+- ``--preset lowsnr``: 3,000 particles, 80 px, SNR 0.02, 15% junk, 12
+  discrete views, one at 3%, K = 20 (with the ribosome map: the lowest SNR
+  measured side by side, where neither program finds the views).
 
     $ python benchmarks/quality.py --small
     $ python benchmarks/quality.py --preset peer
@@ -58,6 +61,9 @@ PRESETS = {
                   rare_fraction=0.03),
 }
 PRESETS["peer"] = dict(PRESETS["hard"], n=3000)  # the speed issue's side-by-side size
+# low SNR: where the search cannot find the views from random starting classes
+PRESETS["lowsnr"] = dict(n=3000, box=80, snr=0.02, junk_fraction=0.15, classes=20, views="discrete", n_views=12,
+                         rare_fraction=0.03)
 
 
 def cryo2d_exe() -> list[str]:
