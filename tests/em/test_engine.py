@@ -142,3 +142,25 @@ def test_online_resolution_counts_each_particle_once(bundled_volume, helpers):
     assert abs(online_res - s.r_res) <= 1.0, (online_res, s.r_res)
     assert online_sums >= s.r_res + 5.0, (online_sums, s.r_res)
     assert r_cur <= online_res + 6.0
+
+
+def test_starting_classes_do_not_depend_on_the_read_size(particles3, monkeypatch):
+    """The starting classes and noise model are sums over the chosen images: reading them 64 at a time
+    (as a large box would) gives what one read of all 300 gives, up to float32 rounding."""
+    import torch
+
+    import cryo2d.em.engine as engine_mod
+    from cryo2d.em.engine import Engine
+
+    def start(read: int):
+        monkeypatch.setattr(engine_mod, "_INIT_READ", read)
+        eng = Engine(particles3, EMConfig(n_classes=3, seed=4))
+        eng.initialise()
+        return eng.state
+
+    one, grouped = start(10_000), start(64)
+    torch.testing.assert_close(grouped.sigma2_shell, one.sigma2_shell, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(grouped.counts, one.counts)
+    torch.testing.assert_close(grouped.num, one.num, rtol=1e-4, atol=1e-4 * float(one.num.abs().max()))
+    torch.testing.assert_close(grouped.A, one.A, rtol=1e-4, atol=1e-4 * float(one.A.abs().max()))
+    assert float(one.counts.sum()) == 300.0
