@@ -68,8 +68,8 @@ def assert_same_result(result, ref) -> None:
     np.testing.assert_array_equal(result.class_index, ref.class_index)
     np.testing.assert_array_equal(result.psi_deg, ref.psi_deg)  # poses are grid points: equal or not
     np.testing.assert_array_equal(result.shift_px, ref.shift_px)
-    # Posteriors are softmaxes of float32 log-likelihoods that workers (one torch thread each) sum
-    # in another order than this process: a particle near 0.5 moved by 6e-5 (session 11).
+    # Posteriors are softmaxes of float32 log-likelihoods, which a worker (one torch thread) can
+    # sum in another order than this process: a particle near 0.5 moved by 6e-5 (session 11).
     np.testing.assert_allclose(result.max_prob, ref.max_prob, rtol=0, atol=POST_ATOL)
     np.testing.assert_allclose(result.class_posterior, ref.class_posterior, rtol=0, atol=POST_ATOL)
     np.testing.assert_array_equal(result.counts, ref.counts)

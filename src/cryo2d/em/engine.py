@@ -328,7 +328,8 @@ class Engine:
         labels = torch.from_numpy(np.arange(m) % self.K)[torch.from_numpy(self.rng.permutation(m))].to(self.device)
         psi = torch.from_numpy(self.rng.uniform(0, 2 * np.pi, size=m)).float().to(self.device)
         # Read in groups: the images are at the full box here (K = 20, 256 px:
-        # 1,000 of them at once made the run's peak RSS; benchmarks/README.md).
+        # reading all 1,000 at once set the run's peak RSS, 3,449 MB against
+        # 2,571 MB read 256 at a time; benchmarks/README.md, session 11).
         sig_sum, sums = None, None
         for start in range(0, m, _INIT_READ):
             sl = slice(start, start + _INIT_READ)
