@@ -164,3 +164,32 @@ def test_starting_classes_do_not_depend_on_the_read_size(particles3, monkeypatch
     torch.testing.assert_close(grouped.num, one.num, rtol=1e-4, atol=1e-4 * float(one.num.abs().max()))
     torch.testing.assert_close(grouped.A, one.A, rtol=1e-4, atol=1e-4 * float(one.A.abs().max()))
     assert float(one.counts.sum()) == 300.0
+
+
+def test_aligned_sums_do_not_depend_on_the_read_size(particles3, monkeypatch):
+    """A re-seeded class's sums (images de-shifted and rotated into one class) are the same read
+    64 at a time as in one read of 200, up to float32 rounding."""
+    import torch
+
+    import cryo2d.em.engine as engine_mod
+    from cryo2d.em.engine import Engine
+
+    eng = Engine(particles3, EMConfig(n_classes=3, seed=0))
+    rng = np.random.default_rng(1)
+    idx = np.sort(rng.choice(len(particles3), size=200, replace=False))
+    labels = torch.zeros(200, dtype=torch.long)
+    psi = torch.from_numpy(rng.uniform(0, 2 * np.pi, size=200)).float()
+    shifts = torch.from_numpy(rng.uniform(-2, 2, size=(200, 2))).float()
+
+    def sums(read: int):
+        monkeypatch.setattr(engine_mod, "_INIT_READ", read)
+        (num, den, counts), sig = eng._read_fixed(idx, labels, psi, n_classes=1, shifts_px=shifts)
+        assert sig is None
+        return num, den, counts
+
+    (num1, den1, c1), (num2, den2, c2) = sums(10_000), sums(64)
+    assert float(c1.sum()) == float(c2.sum()) == 200.0
+    torch.testing.assert_close(num2, num1, rtol=1e-4, atol=1e-4 * float(num1.abs().max()))
+    torch.testing.assert_close(den2, den1, rtol=1e-4, atol=1e-4 * float(den1.abs().max()))
+    unshifted, _ = eng._read_fixed(idx, labels, psi, n_classes=1)
+    assert float((unshifted[0] - num1).abs().max()) > 0.1 * float(num1.abs().max())  # the shifts are applied

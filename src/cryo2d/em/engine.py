@@ -88,7 +88,7 @@ _MSTEP_RADIUS = 1.5
 # 64 px, K = 20: the peer job 32.8 -> 25.5 s; 6 seeds of the 48 px set and 3
 # of the hard set: scores within their seed-to-seed spread (benchmarks/README.md).
 _SHIFT_STEP_DIV = 4.0
-_INIT_READ = 256  # starting-class images read at a time
+_INIT_READ = 256  # images read at a time at the full box (starting and re-seeded classes)
 _PSI_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0)
 
 
@@ -327,19 +327,8 @@ class Engine:
         idx = np.sort(self.rng.choice(n, size=m, replace=False))
         labels = torch.from_numpy(np.arange(m) % self.K)[torch.from_numpy(self.rng.permutation(m))].to(self.device)
         psi = torch.from_numpy(self.rng.uniform(0, 2 * np.pi, size=m)).float().to(self.device)
-        # Read in groups: the images are at the full box here (K = 20, 256 px:
-        # reading all 1,000 at once set the run's peak RSS, 3,449 MB against
-        # 2,571 MB read 256 at a time; benchmarks/README.md, session 11).
-        sig_sum, sums = None, None
-        for start in range(0, m, _INIT_READ):
-            sl = slice(start, start + _INIT_READ)
-            X = load_batch(self.particles, idx[sl], self.geom, self.device)
-            sig = noise_spectrum(X, self.geom, self.n_shells) * X.shape[0]
-            part = self._accumulate_fixed(idx[sl], X, labels[sl], psi[sl])
-            sig_sum = sig if sig_sum is None else sig_sum + sig
-            sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
-            del X
-        s.sigma2_shell = self._noise_model(sig_sum / m)
+        sums, sig = self._read_fixed(idx, labels, psi, with_noise=True)
+        s.sigma2_shell = self._noise_model(sig)
         num, den, counts = sums
         s.num, s.den, s.counts = num, den, counts
         self._update_classes(allow_recenter=False)
@@ -348,6 +337,31 @@ class Engine:
         if self.config.white_noise:
             return torch.full_like(sig_shell, float(sig_shell[1:].mean()))
         return sig_shell.clamp(min=float(sig_shell[1:].mean()) * 1e-4)
+
+    def _read_fixed(self, idx: np.ndarray, labels: Tensor, psi: Tensor, *, n_classes: int | None = None,
+                    shifts_px: Tensor | None = None, with_noise: bool = False):
+        """:meth:`_accumulate_fixed` sums for particles ``idx``, read ``_INIT_READ`` images at a time.
+
+        The images are read at the full box here, so one read of them all set
+        the peak RSS (256 px, K = 20: 3,449 MB with the starting classes' 1,000
+        images and a re-seeded class read in one go each, 1,635 MB read 256 at
+        a time; benchmarks/README.md, session 11). ``shifts_px`` (b, 2) are undone
+        first (working px); ``with_noise`` also returns the images' mean noise
+        spectrum (:func:`noise_spectrum`), else None.
+        """
+        sums, sig_sum = None, None
+        for start in range(0, len(idx), _INIT_READ):
+            sl = slice(start, start + _INIT_READ)
+            X = load_batch(self.particles, idx[sl], self.geom, self.device)
+            if with_noise:
+                sig = noise_spectrum(X, self.geom, self.n_shells) * X.shape[0]
+                sig_sum = sig if sig_sum is None else sig_sum + sig
+            if shifts_px is not None:
+                X = X * self._deshift_grid(shifts_px[sl])
+            part = self._accumulate_fixed(idx[sl], X, labels[sl], psi[sl], n_classes)
+            sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
+            del X
+        return sums, (sig_sum / len(idx) if with_noise else None)
 
     def _accumulate_fixed(self, idx: np.ndarray, X: Tensor, labels: Tensor, psi: Tensor, n_classes: int | None = None):
         """Sums for particles with a given class and angle each (zero shift): initial and re-seeded classes.
@@ -771,11 +785,10 @@ class Engine:
         """Class ``k`` := the average of batch rows ``rows`` aligned at their best poses."""
         s = self.state
         chosen = idx[rows]
-        X = load_batch(self.particles, chosen, self.geom, self.device)
-        X = X * self._deshift_grid(torch.from_numpy(per["shift"][rows]).to(self.device))
         labels = torch.zeros(len(chosen), dtype=torch.long, device=self.device)
         psi = torch.from_numpy(per["psi"][rows]).float().to(self.device)
-        num, den, _ = self._accumulate_fixed(chosen, X, labels, psi, n_classes=1)
+        shifts = torch.from_numpy(per["shift"][rows]).to(self.device)
+        (num, den, _), _ = self._read_fixed(chosen, labels, psi, n_classes=1, shifts_px=shifts)
         s.num[k], s.den[k] = num[0], den[0]
         s.counts[k] = float(len(chosen))
 
