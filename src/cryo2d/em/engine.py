@@ -176,6 +176,11 @@ class EMResult:
     classes_unmasked: np.ndarray | None = None
 
 
+def _add_sums(total: tuple | None, part: tuple) -> tuple:
+    """Element-wise sum of two (num, den, counts) tuples; ``part`` when ``total`` is None."""
+    return part if total is None else tuple(a + c for a, c in zip(total, part))
+
+
 def _keep_strong_regions(support: Tensor, density: Tensor, level: Tensor) -> Tensor:
     """``support`` (K, B, B) bool without its 8-connected regions whose maximum ``density`` is below ``level`` (K, 1, 1)."""
     sup, den, lev = support.cpu().numpy(), density.cpu().numpy(), level.flatten().cpu().numpy()
@@ -340,46 +345,49 @@ class Engine:
 
     def _read_fixed(self, idx: np.ndarray, labels: Tensor, psi: Tensor, *, n_classes: int | None = None,
                     shifts_px: Tensor | None = None, with_noise: bool = False):
-        """:meth:`_accumulate_fixed` sums for particles ``idx``, read ``_INIT_READ`` images at a time.
+        """Sums for particles with a given class and angle each: starting and re-seeded classes.
 
-        The images are read at the full box here, so one read of them all set
-        the peak RSS (256 px, K = 20: 3,449 MB with the starting classes' 1,000
-        images and a re-seeded class read in one go each, 1,635 MB read 256 at
-        a time; benchmarks/README.md, session 11). ``shifts_px`` (b, 2) are undone
-        first (working px); ``with_noise`` also returns the images' mean noise
-        spectrum (:func:`noise_spectrum`), else None.
+        The images are read ``_INIT_READ`` at a time: they are read at the full
+        box here, so one read of them all set the peak RSS (256 px, K = 20:
+        3,449 MB with the starting classes' 1,000 images and a re-seeded class
+        read in one go each, 1,635 MB read 256 at a time; benchmarks/README.md,
+        session 11). The per-(class, angle) sums hold K rows per particle, so
+        each read is summed in groups of at most 64 MB of rows (measured before:
+        4.6 GB for the starting classes at K = 50, 128 px).
+
+        Parameters
+        ----------
+        idx : (b,) particle indices; labels : (b,) classes; psi : (b,) angles (radians)
+        n_classes : int, optional
+            Classes in the sums (default K).
+        shifts_px : (b, 2) tensor, optional
+            Shifts undone first (working px).
+        with_noise : bool
+            Also return the images' mean noise spectrum (:func:`noise_spectrum`), else None.
+
+        Returns
+        -------
+        (num, den, counts), noise spectrum or None
         """
+        K = n_classes or self.K
+        rows = max(1, int(64e6 // (12 * len(self.mpts) * K)))  # particles per group of sums
         sums, sig_sum = None, None
         for start in range(0, len(idx), _INIT_READ):
             sl = slice(start, start + _INIT_READ)
-            X = load_batch(self.particles, idx[sl], self.geom, self.device)
+            ids, lab, ang = idx[sl], labels[sl], psi[sl]
+            X = load_batch(self.particles, ids, self.geom, self.device)
             if with_noise:
                 sig = noise_spectrum(X, self.geom, self.n_shells) * X.shape[0]
                 sig_sum = sig if sig_sum is None else sig_sum + sig
             if shifts_px is not None:
                 X = X * self._deshift_grid(shifts_px[sl])
-            part = self._accumulate_fixed(idx[sl], X, labels[sl], psi[sl], n_classes)
-            sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
+            part = None
+            for g in range(0, len(ids), rows):
+                gs = slice(g, g + rows)
+                part = _add_sums(part, self._accumulate_group(ids[gs], X[gs], lab[gs], ang[gs], K))
+            sums = _add_sums(sums, part)
             del X
         return sums, (sig_sum / len(idx) if with_noise else None)
-
-    def _accumulate_fixed(self, idx: np.ndarray, X: Tensor, labels: Tensor, psi: Tensor, n_classes: int | None = None):
-        """Sums for particles with a given class and angle each (zero shift): initial and re-seeded classes.
-
-        ``psi`` holds one angle per particle, or a single angle for all. With
-        one angle per particle the per-(class, angle) sums hold K rows per
-        particle, so particles are summed in groups of at most 64 MB of rows
-        (measured before: 4.6 GB for the initial classes at K = 50, 128 px).
-        """
-        K = n_classes or self.K
-        b = len(idx)
-        step = b if len(psi) == 1 else max(1, int(64e6 // (12 * len(self.mpts) * K)))
-        total = None
-        for start in range(0, b, step):
-            sl = slice(start, start + step)
-            part = self._accumulate_group(idx[sl], X[sl], labels[sl], psi if len(psi) == 1 else psi[sl], K)
-            total = part if total is None else tuple(a + c for a, c in zip(total, part))
-        return total
 
     def _accumulate_group(self, idx: np.ndarray, X: Tensor, labels: Tensor, psi: Tensor, K: int):
         ctf = batch_ctf(self.particles, idx, self.geom, self.config.use_ctf, self.device)
