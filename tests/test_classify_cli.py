@@ -222,3 +222,81 @@ def test_nan_pixels_are_refused_or_skipped(sim3, tmp_path, capsys):
     bad_name = given.loc[[i for i, name in enumerate(given["rlnImageName"]) if name.startswith("000008@")][0], "rlnImageName"]
     assert bad_name not in set(kept["rlnImageName"])
     assert "skipped 1" in capsys.readouterr().err
+
+
+# Each engine option of the command line, a value other than its default, and
+# the EMConfig field and value it must give (DESIGN §2: no option parsed and ignored).
+ENGINE_OPTIONS = [
+    (["--classes", "7"], "n_classes", 7),
+    (["--max-res", "12"], "max_res_angst", 12.0),
+    (["--max-align-res", "15"], "max_align_res_angst", 15.0),
+    (["--min-align-res", "150"], "min_align_res_angst", 150.0),
+    (["--online-iterations", "9"], "n_online_iterations", 9),
+    (["--batch-per-class", "33"], "batch_size_per_class", 33),
+    (["--full-iterations", "3"], "n_full_iterations", 3),
+    (["--uncertainty-factor", "4"], "uncertainty_factor", 4.0),
+    (["--anneal-start", "5"], "anneal_start", 5),
+    (["--anneal-iterations", "7"], "anneal_iterations", 7),
+    (["--white-noise"], "white_noise", True),
+    (["--force-max"], "force_max", True),
+    (["--no-force-max"], "force_max", False),
+    (["--mask-diameter", "180"], "mask_diameter_angst", 180.0),
+    (["--mask-diameter-outer", "200"], "mask_diameter_outer_angst", 200.0),
+    (["--no-auto-mask"], "auto_mask", False),
+    (["--no-flatten-solvent"], "flatten_solvent", False),
+    (["--no-recenter"], "recenter", False),
+    (["--recenter-threshold", "0.4"], "recenter_threshold", 0.4),
+    (["--zeropad", "1"], "zeropad", 1),
+    (["--estimate-scale"], "estimate_scale", True),
+    (["--clamp-solvent"], "clamp_solvent", True),
+    (["--non-negative"], "non_negative", True),
+    (["--align-filaments"], "align_filaments", True),
+    (["--no-ctf"], "use_ctf", False),
+    (["--psi-step", "6"], "psi_step_deg", 6.0),
+    (["--shift-range", "4"], "shift_range_px", 4.0),
+    (["--shift-step", "0.5"], "shift_step_px", 0.5),
+    (["--exhaustive"], "coarse_to_fine", False),
+    (["--no-hard-last"], "hard_last", False),
+    (["--no-empty-class"], "empty_class", False),
+    (["--keep-duplicates"], "remove_duplicates", False),
+    (["--min-separation", "40"], "min_separation_angst", 40.0),
+    (["--no-sort"], "sort_classes", False),
+    (["--tau2-fudge", "3"], "tau2_fudge", 3.0),
+    (["--seed", "11"], "seed", 11),
+]
+
+
+def _engine_parser():
+    import argparse
+
+    from cryo2d.cli.classify import add_engine_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    return parser
+
+
+@pytest.mark.parametrize("argv,field,value", ENGINE_OPTIONS, ids=[a[0] for a, _, _ in ENGINE_OPTIONS])
+def test_each_engine_option_reaches_the_config(argv, field, value):
+    """The option sets its own EMConfig field to the value given, and no other field."""
+    import dataclasses
+
+    from cryo2d.cli.classify import config_from_args
+
+    parser = _engine_parser()
+    base = config_from_args(parser.parse_args(["-o", "job"]))
+    got = config_from_args(parser.parse_args(["-o", "job", *argv]))
+    assert getattr(got, field) == value and getattr(base, field) != value
+    changed = {f.name for f in dataclasses.fields(got) if getattr(got, f.name) != getattr(base, f.name)}
+    assert changed == {field}
+
+
+def test_every_engine_option_is_in_the_table():
+    """A new engine option needs a row in ENGINE_OPTIONS (and so a field it reaches)."""
+    options = {s for a in _engine_parser()._actions for s in a.option_strings if s.startswith("--")}
+    options -= {"--help", "--out", "--device", "--threads", "--project-dir", "--skip-bad", "--resume"}
+    covered = {a[0] for a, _, _ in ENGINE_OPTIONS}
+    # The "on" spelling of a default-on switch sets the default: nothing to reach.
+    defaults_on = {"--auto-mask", "--flatten-solvent", "--recenter", "--hard-last", "--empty-class",
+                   "--remove-duplicates"}
+    assert options - defaults_on == covered
