@@ -51,10 +51,10 @@ def _solve_noiseless(shifted: bool):
     F = fft2c(images) * ctf
     pts = disc_points(BOX, 0, BOX / 2 - 1, half=True)
     X, C = F.flatten(1)[:, pts.flat], ctf.flatten(1)[:, pts.flat]
-    sums = PoseSums(1, R, len(pts), "cpu")
+    sums = PoseSums(1, psi, pts, BOX, 2, "cpu")
     sums.add(X, C, torch.ones(n), deshift_phases(pts.xy / BOX, shifts), _entries(r, t))
     assert float(sums.counts[0]) == n
-    num, den = sums.class_frame(psi, pts, BOX, 2)
+    num, den = sums.class_frame()
     n_shells = BOX // 2 + 1
     sigma2 = torch.full((len(pts),), 1e-4)
     tau2 = estimate_tau2(num, den, sigma2, pts.shell, n_shells, 2.0)
@@ -111,7 +111,8 @@ def test_pose_sums_match_the_defining_sum_over_entries():
     shifts, as the E-step's significant poses are.
     """
     g = torch.Generator().manual_seed(5)
-    b, m, K, R, T, e = 7, 40, 3, 4, 5, 60
+    pts = disc_points(12, 0, 3.5, half=True)
+    b, m, K, R, T, e = 7, len(pts), 3, 4, 5, 60
     X = torch.complex(torch.randn(b, m, generator=g), torch.randn(b, m, generator=g))
     ctf, scale = torch.rand(b, m, generator=g), 0.5 + torch.rand(b, generator=g)
     phases = torch.polar(torch.ones(T, m), 6.3 * torch.rand(T, m, generator=g))
@@ -121,17 +122,48 @@ def test_pose_sums_match_the_defining_sum_over_entries():
     r, k, t, i = key % R, key // R % K, key // (R * K) % T, key // (R * K * T)
     w = torch.rand(len(key), generator=g)
     res = EStepResult(torch.ones(b, K), t, k, r, w, w, w, i, t, k, r, w, w)
-    sums = PoseSums(K, R, m, "cpu")
+    sums = PoseSums(K, psi_grid(90.0), pts, 12, 2, "cpu")
     sums.add(X, ctf, scale, phases, res)
+    got_S, got_Q = sums.dense()
     S = torch.zeros(K * R, m, dtype=torch.complex128)
     Q = torch.zeros(K * R, m, dtype=torch.float64)
     for n in range(len(key)):
         row = int(k[n] * R + r[n])
         S[row] += float(w[n]) * float(scale[i[n]]) * (ctf[i[n]] * phases[t[n]] * X[i[n]]).to(torch.complex128)
         Q[row] += float(w[n]) * float(scale[i[n]]) ** 2 * ctf[i[n]].double() ** 2
-    torch.testing.assert_close(torch.view_as_complex(sums.S).to(torch.complex128), S, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(sums.Q.double(), Q, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(torch.view_as_complex(got_S).to(torch.complex128), S, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got_Q.double(), Q, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(sums.counts, torch.zeros(K, dtype=torch.float64).index_add_(0, k, w.double()))
+
+
+def test_pose_sums_over_budget_back_rotate_in_parts_with_the_same_result():
+    """Sums that outgrow their budget are back-rotated in parts; the class-frame sums agree with one back-rotation.
+
+    Three classes × 12 rotations, particles added in chunks of 5 with random
+    (class, rotation) each: a budget of 8 rows makes the sums back-rotate
+    several times, each row up to several times.
+    """
+    g = torch.Generator().manual_seed(2)
+    psi = psi_grid(30.0)
+    pts = disc_points(BOX, 0, BOX / 2 - 1, half=True)
+    K, R, m, n = 3, len(psi), len(pts), 40
+    X = torch.complex(torch.randn(n, m, generator=g), torch.randn(n, m, generator=g))
+    ctf = 0.2 + torch.rand(n, m, generator=g)
+    k, r = torch.randint(0, K, (n,), generator=g), torch.randint(0, R, (n,), generator=g)
+    one_phase = torch.ones((1, m), dtype=torch.complex64)
+    results = []
+    for budget in (1 << 30, 8 * 12 * m):
+        sums = PoseSums(K, psi, pts, BOX, 2, "cpu", budget_bytes=budget)
+        for c in range(0, n, 5):
+            ar, one = torch.arange(5), torch.ones(5)
+            res = EStepResult(torch.ones(5, K), ar * 0, k[c : c + 5], r[c : c + 5], one, one, one, ar, ar * 0,
+                              k[c : c + 5], r[c : c + 5], one, one)
+            sums.add(X[c : c + 5], ctf[c : c + 5], torch.ones(5), one_phase, res)
+        results.append((*sums.class_frame(), sums.flushes, sums.S.shape[0]))
+    (num, den, flushes, rooms), (num_b, den_b, flushes_b, rooms_b) = results
+    assert (flushes, rooms) == (1, K * R) and flushes_b >= 3 and rooms_b == 8
+    torch.testing.assert_close(num_b, num, atol=1e-4 * float(num.abs().max()), rtol=1e-5)
+    torch.testing.assert_close(den_b, den, atol=1e-4 * float(den.abs().max()), rtol=1e-5)
 
 
 def test_resolution_of_a_class_with_a_strong_low_frequency_stops_where_its_signal_does():

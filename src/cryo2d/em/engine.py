@@ -393,16 +393,15 @@ class Engine:
         ctf = batch_ctf(self.particles, idx, self.geom, self.config.use_ctf, self.device)
         flat = self.mpts.flat
         Xm, cm = X.flatten(1)[:, flat], ctf.flatten(1)[:, flat]
-        sums = PoseSums(K, len(psi), len(self.mpts), self.device)
+        sums = PoseSums(K, psi, self.mpts, self.geom.work_box, self.config.zeropad, self.device)
         b = len(idx)
         ar = torch.arange(b, device=self.device)
         one = torch.ones(b, device=self.device)
         post = torch.zeros((b, K), device=self.device)
         post[ar, labels] = 1.0
-        rot = ar if len(psi) == b else ar * 0
-        res = EStepResult(post, ar * 0, labels, rot, one, one, one, ar, ar * 0, labels, rot, one, one)
+        res = EStepResult(post, ar * 0, labels, ar, one, one, one, ar, ar * 0, labels, ar, one, one)
         sums.add(Xm, cm, one, torch.ones((1, len(self.mpts)), dtype=torch.complex64, device=self.device), res)
-        num, den = sums.class_frame(psi, self.mpts, self.geom.work_box, self.config.zeropad)
+        num, den = sums.class_frame()
         return num, den, sums.counts
 
     # ---------------------------------------------------------------- classes
@@ -880,7 +879,7 @@ class Engine:
         power = refs.abs().square()  # once per pass, not per chunk
         coarse = coarse_references(refs, grid, power, self.coarse_dtype) if grid is not None else None
         G_full = oversample(self._grid(s.A), cfg.zeropad)
-        sums = PoseSums(self.K, R, len(mp), dev)
+        sums = PoseSums(self.K, plan.psi_rad, mp, g.work_box, cfg.zeropad, dev)
         shell_resid = []  # per particle: residual power per shell
         chunk = self._chunk_size(plan, grid)
         read = max(chunk, 256)
@@ -927,7 +926,7 @@ class Engine:
                 out["ess"].append(1.0 / (p * p).sum(dim=1))
                 out["cross"].append(res.best_cross)
                 out["norm"].append(res.best_norm)
-        num, den = sums.class_frame(plan.psi_rad, mp, g.work_box, cfg.zeropad)
+        num, den = sums.class_frame()
         if sub is not None:  # zero sums beyond r_mstep
             num = torch.zeros((self.K, len(self.mpts)), dtype=num.dtype, device=dev).index_copy_(1, sub, num)
             den = torch.zeros((self.K, len(self.mpts)), dtype=den.dtype, device=dev).index_copy_(1, sub, den)

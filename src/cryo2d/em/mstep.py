@@ -23,23 +23,52 @@ from cryo2d.em.geometry import PointSet, hermitian_grid
 from cryo2d.em.rotation import unrotate_sums
 
 
+# Most bytes the per-(class, rotation) sums of one pass may hold (12 B per row and
+# point): beyond it the rows summed so far are back-rotated into the class frame
+# and their room reused. 128 px, K = 300: K · R · m · 12 B would be several GB.
+SUMS_BUDGET_BYTES = 1 << 30
+
+
 class PoseSums:
-    """Accumulates S and Q (module docstring) over chunks of one batch.
+    """Accumulates S and Q (module docstring) over chunks of one batch, and back-rotates them.
+
+    Room for min(K · R, ``budget_bytes`` / 12 m) rows (class, rotation) is
+    made once; a row gets a room when it is first summed. When the rows
+    summed would not fit, the rows held are back-rotated and added to the
+    class-frame sums, and their rooms reused (the sums are linear: the
+    result is the same up to float rounding). Within the budget the sums and
+    their order are those of K · R dense rows.
 
     Parameters
     ----------
-    n_classes, n_rot : int
-        K and R.
-    n_points : int
-        Number of M-step points (full-plane points within the class radius).
+    n_classes : int
+        K.
+    psi_rad : (R,) float tensor
+        The pass's rotations.
+    points : PointSet
+        The M-step points (a half-plane set, see ``hermitian_grid``).
+    work_box : int
+    zeropad : int
+        Oversampling of the back-rotation.
     device : torch device
+    budget_bytes : int
+        Most bytes of (class, rotation) rows held at once.
     """
 
-    def __init__(self, n_classes: int, n_rot: int, n_points: int, device) -> None:
-        self.K, self.R = n_classes, n_rot
-        self.S = torch.zeros((n_classes * n_rot, n_points, 2), device=device)
-        self.Q = torch.zeros((n_classes * n_rot, n_points), device=device)
+    def __init__(self, n_classes: int, psi_rad: Tensor, points: PointSet, work_box: int, zeropad: int, device,
+                 budget_bytes: int = SUMS_BUDGET_BYTES) -> None:
+        self.K, self.R = n_classes, len(psi_rad)
+        self.psi_rad, self.points, self.work_box, self.zeropad = psi_rad, points, work_box, zeropad
+        m = len(points)
+        self.cap = max(1, int(budget_bytes // (12 * m)))
+        self.S = torch.zeros((min(self.cap, self.K * self.R), m, 2), device=device)
+        self.Q = torch.zeros((self.S.shape[0], m), device=device)
+        self.slot = torch.full((self.K * self.R,), -1, dtype=torch.long, device=device)  # row -> room, -1: none
+        self.rows = torch.zeros(0, dtype=torch.long, device=device)  # the row in each room in use
         self.counts = torch.zeros(n_classes, device=device, dtype=torch.float64)
+        self.num = torch.zeros((n_classes, m), dtype=torch.complex64, device=device)
+        self.den = torch.zeros((n_classes, m), device=device)
+        self.flushes = 0
 
     def add(self, X: Tensor, ctf: Tensor, scale: Tensor, phases: Tensor, res: EStepResult) -> None:
         """Add one chunk.
@@ -61,42 +90,68 @@ class PoseSums:
         # ~39 entries but ~20 distinct (particle, shift) per particle).
         kr = res.entry_k * self.R + res.entry_r
         rows, row = torch.unique(kr, return_inverse=True)
+        rooms = self._rooms(rows)
         n_t = phases.shape[0]
         pairs, col = torch.unique(res.entry_i * n_t + res.entry_t, return_inverse=True)
         Y = torch.view_as_real((X * ctf * scale[:, None])[pairs // n_t] * phases[pairs % n_t]).flatten(1)  # (u, 2m)
-        self.S.index_add_(0, rows, _sparse_times(row, col, res.entry_w, len(rows), Y).view(len(rows), X.shape[1], 2))
-        self.Q.index_add_(0, rows, _sparse_times(row, res.entry_i, res.entry_w, len(rows), ctf * ctf * (scale * scale)[:, None]))
+        self.S.index_add_(0, rooms, _sparse_times(row, col, res.entry_w, len(rows), Y).view(len(rows), X.shape[1], 2))
+        self.Q.index_add_(0, rooms, _sparse_times(row, res.entry_i, res.entry_w, len(rows), ctf * ctf * (scale * scale)[:, None]))
         # Occupancy from the same weights as the sums (hard modes: whole particles).
         self.counts.index_add_(0, res.entry_k, res.entry_w.double())
 
-    def class_frame(self, psi_rad: Tensor, points: PointSet, work_box: int, zeropad: int, chunk: int = 256) -> tuple[Tensor, Tensor]:
-        """Back-rotate the sums and add them per class.
+    def _rooms(self, rows: Tensor) -> Tensor:
+        """Room of each (sorted, distinct) row, given room first (back-rotating the rows held if they would not fit)."""
+        new = rows[self.slot[rows] < 0]
+        if len(new):
+            if len(self.rows) + len(new) > self.cap and len(self.rows):
+                self._flush()
+                new = rows
+            need = len(self.rows) + len(new)
+            if need > self.S.shape[0]:  # one chunk's rows alone exceed the budget
+                m = self.S.shape[1]
+                self.S = torch.cat([self.S, self.S.new_zeros((need - self.S.shape[0], m, 2))])
+                self.Q = torch.cat([self.Q, self.Q.new_zeros((need - self.Q.shape[0], m))])
+            self.slot[new] = torch.arange(len(self.rows), need, device=rows.device)
+            self.rows = torch.cat([self.rows, new])
+        return self.slot[rows]
 
-        Parameters
-        ----------
-        psi_rad : (R,) float tensor
-        points : PointSet
-            The M-step points (a half-plane set, see ``hermitian_grid``).
-        work_box : int
-        zeropad : int
+    def _flush(self, chunk: int = 256) -> None:
+        """Back-rotate the rows held into ``num`` / ``den`` (in row order) and free their rooms."""
+        n = len(self.rows)
+        order = torch.argsort(self.rows)
+        rooms = order[(self.Q[:n].sum(dim=1) > 0)[order]]  # rows with weight, in (class, rotation) order
+        for start in range(0, rooms.numel(), chunk):
+            rm = rooms[start : start + chunk]
+            rows = self.rows[rm]
+            Sg = hermitian_grid(torch.view_as_complex(self.S[rm].contiguous()), self.points, self.work_box)
+            Qg = hermitian_grid(self.Q[rm], self.points, self.work_box)
+            s_cls, q_cls = unrotate_sums(Sg, Qg, self.psi_rad[rows % self.R], self.points.xy, self.zeropad)
+            self.num.index_add_(0, rows // self.R, s_cls)
+            self.den.index_add_(0, rows // self.R, q_cls)
+        self.S[:n] = 0.0
+        self.Q[:n] = 0.0
+        self.slot[self.rows] = -1
+        self.rows = self.rows[:0]
+        self.flushes += 1
+
+    def class_frame(self) -> tuple[Tensor, Tensor]:
+        """Back-rotate the sums and add them per class.
 
         Returns
         -------
         num : (K, m) complex tensor
         den : (K, m) float tensor
         """
-        m = len(points)
-        num = torch.zeros((self.K, m), dtype=torch.complex64, device=self.S.device)
-        den = torch.zeros((self.K, m), device=self.S.device)
-        active = torch.nonzero(self.Q.sum(dim=1) > 0).squeeze(1)
-        for start in range(0, active.numel(), chunk):
-            rows = active[start : start + chunk]
-            Sg = hermitian_grid(torch.view_as_complex(self.S[rows].contiguous()), points, work_box)
-            Qg = hermitian_grid(self.Q[rows], points, work_box)
-            s_cls, q_cls = unrotate_sums(Sg, Qg, psi_rad[rows % self.R], points.xy, zeropad)
-            num.index_add_(0, rows // self.R, s_cls)
-            den.index_add_(0, rows // self.R, q_cls)
-        return num, den
+        if len(self.rows):
+            self._flush()
+        return self.num, self.den
+
+    def dense(self) -> tuple[Tensor, Tensor]:
+        """The rows held as dense (K · R, m, 2) S and (K · R, m) Q, zero for rows not summed (tests)."""
+        n = len(self.rows)
+        S = self.S.new_zeros((self.K * self.R, *self.S.shape[1:])).index_copy_(0, self.rows, self.S[:n])
+        Q = self.Q.new_zeros((self.K * self.R, self.Q.shape[1])).index_copy_(0, self.rows, self.Q[:n])
+        return S, Q
 
 
 def _sparse_times(row: Tensor, col: Tensor, weight: Tensor, n_rows: int, dense: Tensor) -> Tensor:
