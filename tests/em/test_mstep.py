@@ -139,29 +139,32 @@ def test_pose_sums_match_the_defining_sum_over_entries():
 def test_pose_sums_over_budget_back_rotate_in_parts_with_the_same_result():
     """Sums that outgrow their budget are back-rotated in parts; the class-frame sums agree with one back-rotation.
 
-    Three classes × 12 rotations, particles added in chunks of 5 with random
-    (class, rotation) each: a budget of 8 rows makes the sums back-rotate
-    several times, each row up to several times.
+    Five classes × 12 rotations, 40 particles added in chunks of 5 with a
+    random (class, rotation) each: a budget of 8 rows makes the sums
+    back-rotate several times, each row up to several times. ``max_rows``
+    (one row per particle, as in hard mode) makes room for 40 rows, not 60,
+    and changes nothing else.
     """
     g = torch.Generator().manual_seed(2)
     psi = psi_grid(30.0)
     pts = disc_points(BOX, 0, BOX / 2 - 1, half=True)
-    K, R, m, n = 3, len(psi), len(pts), 40
+    K, R, m, n = 5, len(psi), len(pts), 40
     X = torch.complex(torch.randn(n, m, generator=g), torch.randn(n, m, generator=g))
     ctf = 0.2 + torch.rand(n, m, generator=g)
     k, r = torch.randint(0, K, (n,), generator=g), torch.randint(0, R, (n,), generator=g)
     one_phase = torch.ones((1, m), dtype=torch.complex64)
     results = []
-    for budget in (1 << 30, 8 * 12 * m):
-        sums = PoseSums(K, psi, pts, BOX, 2, "cpu", budget_bytes=budget)
+    for budget, max_rows in ((1 << 30, None), (8 * 12 * m, None), (1 << 30, n)):
+        sums = PoseSums(K, psi, pts, BOX, 2, "cpu", budget_bytes=budget, max_rows=max_rows)
         for c in range(0, n, 5):
             ar, one = torch.arange(5), torch.ones(5)
             res = EStepResult(torch.ones(5, K), ar * 0, k[c : c + 5], r[c : c + 5], one, one, one, ar, ar * 0,
                               k[c : c + 5], r[c : c + 5], one, one)
             sums.add(X[c : c + 5], ctf[c : c + 5], torch.ones(5), one_phase, res)
         results.append((*sums.class_frame(), sums.flushes, sums.S.shape[0]))
-    (num, den, flushes, rooms), (num_b, den_b, flushes_b, rooms_b) = results
-    assert (flushes, rooms) == (1, K * R) and flushes_b >= 3 and rooms_b == 8
+    (num, den, flushes, rooms), (num_b, den_b, flushes_b, rooms_b), (num_c, den_c, flushes_c, rooms_c) = results
+    assert (flushes, rooms) == (1, K * R) and flushes_b >= 3 and rooms_b == 8 and (flushes_c, rooms_c) == (1, n)
+    assert torch.equal(num_c, num) and torch.equal(den_c, den)
     torch.testing.assert_close(num_b, num, atol=1e-4 * float(num.abs().max()), rtol=1e-5)
     torch.testing.assert_close(den_b, den, atol=1e-4 * float(den.abs().max()), rtol=1e-5)
 

@@ -22,6 +22,7 @@ from cryo2d.em import state as st
 from cryo2d.em.config import EMConfig, check_device
 from cryo2d.em.data import PointCache, batch_ctf, load_batch, noise_spectrum, tune_allocator
 from cryo2d.em.estep import (
+    MAX_ENTRIES,
     N_CANDIDATES,
     EStepResult,
     bf16_matmul_is_fast,
@@ -393,7 +394,7 @@ class Engine:
         ctf = batch_ctf(self.particles, idx, self.geom, self.config.use_ctf, self.device)
         flat = self.mpts.flat
         Xm, cm = X.flatten(1)[:, flat], ctf.flatten(1)[:, flat]
-        sums = PoseSums(K, psi, self.mpts, self.geom.work_box, self.config.zeropad, self.device)
+        sums = PoseSums(K, psi, self.mpts, self.geom.work_box, self.config.zeropad, self.device, max_rows=len(idx))
         b = len(idx)
         ar = torch.arange(b, device=self.device)
         one = torch.ones(b, device=self.device)
@@ -879,7 +880,9 @@ class Engine:
         power = refs.abs().square()  # once per pass, not per chunk
         coarse = coarse_references(refs, grid, power, self.coarse_dtype) if grid is not None else None
         G_full = oversample(self._grid(s.A), cfg.zeropad)
-        sums = PoseSums(self.K, plan.psi_rad, mp, g.work_box, cfg.zeropad, dev)
+        # Hard mode: one entry, so at most one (class, rotation) row, per particle.
+        max_rows = len(idx) * (1 if mode == "hard" else MAX_ENTRIES)
+        sums = PoseSums(self.K, plan.psi_rad, mp, g.work_box, cfg.zeropad, dev, max_rows=max_rows)
         shell_resid = []  # per particle: residual power per shell
         chunk = self._chunk_size(plan, grid)
         read = max(chunk, 256)

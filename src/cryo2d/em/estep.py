@@ -28,6 +28,10 @@ import torch
 from torch import Tensor
 
 
+#: Most (shift, class, rotation) entries a particle gives the M-step (soft modes; hard: one).
+MAX_ENTRIES = 48
+
+
 @dataclass
 class EStepResult:
     """Per-particle outcome of the E-step for one chunk (b particles).
@@ -204,7 +208,7 @@ def e_step(
     *,
     temperature: float = 1.0,
     mode: str = "soft",
-    max_entries: int = 48,
+    max_entries: int = MAX_ENTRIES,
     min_weight: float = 5e-3,
     refs_power: Tensor | None = None,
     null_class: int = -1,
@@ -385,7 +389,7 @@ def e_step_coarse_to_fine(
     temperature: float = 1.0,
     mode: str = "soft",
     n_candidates: int = N_CANDIDATES,
-    max_entries: int = 48,
+    max_entries: int = MAX_ENTRIES,
     min_weight: float = 5e-3,
     refs_power: Tensor | None = None,
     coarse_refs: tuple[Tensor, Tensor] | None = None,

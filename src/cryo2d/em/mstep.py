@@ -32,8 +32,8 @@ SUMS_BUDGET_BYTES = 1 << 30
 class PoseSums:
     """Accumulates S and Q (module docstring) over chunks of one batch, and back-rotates them.
 
-    Room for min(K · R, ``budget_bytes`` / 12 m) rows (class, rotation) is
-    made once; a row gets a room when it is first summed. When the rows
+    Room for min(K · R, ``budget_bytes`` / 12 m, ``max_rows``) rows (class,
+    rotation) is made once; a row gets a room when it is first summed. When the rows
     summed would not fit, the rows held are back-rotated and added to the
     class-frame sums, and their rooms reused (the sums are linear: the
     result is the same up to float rounding). Within the budget the sums and
@@ -53,15 +53,19 @@ class PoseSums:
     device : torch device
     budget_bytes : int
         Most bytes of (class, rotation) rows held at once.
+    max_rows : int, optional
+        Most distinct rows the pass can sum (its entries: one per particle in
+        hard mode): no more room is made than that.
     """
 
     def __init__(self, n_classes: int, psi_rad: Tensor, points: PointSet, work_box: int, zeropad: int, device,
-                 budget_bytes: int = SUMS_BUDGET_BYTES) -> None:
+                 budget_bytes: int = SUMS_BUDGET_BYTES, max_rows: int | None = None) -> None:
         self.K, self.R = n_classes, len(psi_rad)
         self.psi_rad, self.points, self.work_box, self.zeropad = psi_rad, points, work_box, zeropad
         m = len(points)
         self.cap = max(1, int(budget_bytes // (12 * m)))
-        self.S = torch.zeros((min(self.cap, self.K * self.R), m, 2), device=device)
+        rooms = min(self.cap, self.K * self.R, max_rows if max_rows is not None else self.K * self.R)
+        self.S = torch.zeros((max(rooms, 1), m, 2), device=device)
         self.Q = torch.zeros((self.S.shape[0], m), device=device)
         self.slot = torch.full((self.K * self.R,), -1, dtype=torch.long, device=device)  # row -> room, -1: none
         self.rows = torch.zeros(0, dtype=torch.long, device=device)  # the row in each room in use
