@@ -352,9 +352,12 @@ class Engine:
         box here, so one read of them all set the peak RSS (256 px, K = 20:
         3,449 MB with the starting classes' 1,000 images and a re-seeded class
         read in one go each, 1,635 MB read 256 at a time; benchmarks/README.md,
-        session 11). The per-(class, angle) sums hold K rows per particle, so
-        each read is summed in groups of at most 64 MB of rows (measured before:
-        4.6 GB for the starting classes at K = 50, 128 px).
+        session 11). Each read is summed in groups of 64e6 / (12 m K)
+        particles. The groups bounded the dense K rows per particle that the
+        sums once held (4.6 GB for the starting classes at K = 50, 128 px);
+        since ``PoseSums`` makes room for one row per particle they no longer
+        bound anything, but they fix the float summation order: one group
+        per read gives other classes (hard set, seed 0: NCC 0.901 -> 0.891).
 
         Parameters
         ----------
@@ -371,7 +374,7 @@ class Engine:
         (num, den, counts), noise spectrum or None
         """
         K = n_classes or self.K
-        rows = max(1, int(64e6 // (12 * len(self.mpts) * K)))  # particles per group of sums
+        rows = max(1, int(64e6 // (12 * len(self.mpts) * K)))  # particles per group of sums (the summation order)
         sums, sig_sum = None, None
         for start in range(0, len(idx), _INIT_READ):
             sl = slice(start, start + _INIT_READ)
