@@ -102,3 +102,13 @@ def test_hermitian_grid_gives_a_real_image():
     # Round trip: the real image's transform has the values at the half-plane points.
     back = fft2c(img.real).flatten(1)[:, pts.flat]
     torch.testing.assert_close(back, vals, atol=1e-4, rtol=1e-4)
+
+
+def test_outer_mask_smaller_than_the_inner_one_is_an_error_that_names_both():
+    with pytest.raises(Cryo2DError, match="--mask-diameter-outer 100 Å must not be smaller than --mask-diameter 150 Å"):
+        make_geometry(BOX, PIX, EMConfig(mask_diameter_angst=150.0, mask_diameter_outer_angst=100.0))
+    # alone, it is compared with the default inner diameter (the box)
+    with pytest.raises(Cryo2DError, match=rf"smaller than the default --mask-diameter \(the box, {BOX * PIX:.1f} Å\): give --mask-diameter too"):
+        make_geometry(BOX, PIX, EMConfig(mask_diameter_outer_angst=BOX * PIX - 10))
+    g = make_geometry(BOX, PIX, EMConfig(mask_diameter_outer_angst=BOX * PIX + 10))
+    assert g.mask_outer_px > g.mask_inner_px

@@ -102,7 +102,15 @@ def make_geometry(box: int, pixel_size_angst: float, config: EMConfig) -> Geomet
     else:
         outer = 1.2 * inner
     if outer < inner:
-        raise Cryo2DError("--mask-diameter-outer must not be smaller than --mask-diameter")
+        if config.mask_diameter_angst is None:
+            raise Cryo2DError(
+                f"--mask-diameter-outer {config.mask_diameter_outer_angst:g} Å is smaller than the default "
+                f"--mask-diameter (the box, {box * pixel_size_angst:.1f} Å): give --mask-diameter too"
+            )
+        raise Cryo2DError(
+            f"--mask-diameter-outer {config.mask_diameter_outer_angst:g} Å must not be smaller than "
+            f"--mask-diameter {config.mask_diameter_angst:g} Å"
+        )
     return Geometry(
         box=box,
         pixel_size_angst=float(pixel_size_angst),
