@@ -194,3 +194,35 @@ def test_aligned_sums_do_not_depend_on_the_read_size(particles3, monkeypatch):
     torch.testing.assert_close(den2, den1, rtol=1e-4, atol=1e-4 * float(den1.abs().max()))
     unshifted, _ = eng._read_fixed(idx, labels, psi, n_classes=1)
     assert float((unshifted[0] - num1).abs().max()) > 0.1 * float(num1.abs().max())  # the shifts are applied
+
+
+def test_references_over_budget_are_sampled_with_the_same_result(particles3, helpers, monkeypatch):
+    """Past REFS_BUDGET_BYTES the passes sample their references from a RotationTable: same labels,
+    angles and classes as with the dense references (float rounding only), on the exhaustive and the
+    coarse-to-fine search."""
+    import cryo2d.em.engine as engine_mod
+    from cryo2d.em.rotation import RotationTable
+
+    made = []
+    original = RotationTable.__init__
+
+    def counting(self, *args):
+        original(self, *args)
+        made.append(self.n_dense)
+
+    monkeypatch.setattr(RotationTable, "__init__", counting)
+    for exhaustive in (False, True):
+        config = helpers.tiny_config(coarse_to_fine=not exhaustive)
+        dense = run_em(particles3, config)
+        assert not made
+        # 0: every row sampled; 600 kB: one or two of the 3 classes made once (255 kB each here), the rest sampled
+        for budget, n_dense in ((0, {0}), (600_000, {1, 2})):
+            monkeypatch.setattr(engine_mod, "REFS_BUDGET_BYTES", budget)
+            lazy = run_em(particles3, config)
+            assert len(made) == config.n_online_iterations + config.n_full_iterations and set(made) <= n_dense, made
+            made.clear()
+            assert np.array_equal(lazy.class_index, dense.class_index)
+            d = np.angle(np.exp(1j * np.deg2rad(lazy.psi_deg - dense.psi_deg)))
+            assert np.abs(d).max() < 1e-3
+            np.testing.assert_allclose(lazy.classes, dense.classes, rtol=0, atol=1e-3 * np.abs(dense.classes).max())
+        monkeypatch.setattr(engine_mod, "REFS_BUDGET_BYTES", 1 << 30)

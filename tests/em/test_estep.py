@@ -149,6 +149,13 @@ def _shift_disc(radius: int) -> torch.Tensor:
     return torch.stack([xx[keep], yy[keep]], dim=1)
 
 
+def _smooth_classes(k: int, g: torch.Generator) -> torch.Tensor:
+    """(k, BOX, BOX) centred transforms of Gaussian-filtered (σ = 2 px) random images."""
+    f = torch.fft.fftfreq(BOX)
+    lowpass = torch.exp(-(f[:, None] ** 2 + f[None, :] ** 2) * (2 * math.pi * 2.0) ** 2 / 2)
+    return fft2c(torch.fft.ifft2(torch.fft.fft2(torch.randn(k, BOX, BOX, generator=g)) * lowpass).real)
+
+
 def test_coarse_to_fine_finds_the_exhaustive_best_pose():
     """Low noise, 10° rotations, 1 px shifts: both searches agree; precomputed references change nothing.
 
@@ -160,10 +167,7 @@ def test_coarse_to_fine_finds_the_exhaustive_best_pose():
     g = torch.Generator().manual_seed(3)
     pts = disc_points(BOX, 1, 12, half=True)
     psi, shifts = psi_grid(10.0), _shift_disc(3)
-    f = torch.fft.fftfreq(BOX)
-    lowpass = torch.exp(-(f[:, None] ** 2 + f[None, :] ** 2) * (2 * math.pi * 2.0) ** 2 / 2)  # Gaussian, σ = 2 px
-    A = fft2c(torch.fft.ifft2(torch.fft.fft2(torch.randn(3, BOX, BOX, generator=g)) * lowpass).real)
-    refs = rotate_classes(A, pts.xy, psi, 2)
+    refs = rotate_classes(_smooth_classes(3, g), pts.xy, psi, 2)
     phases = deshift_phases(pts.xy / BOX, shifts)
     n = 12
     k_true, r_true, t_true = torch.arange(n) % 3, (torch.arange(n) * 7) % len(psi), (torch.arange(n) * 5) % len(shifts)
@@ -230,10 +234,7 @@ def test_coarse_to_fine_empty_box_class_matches_the_exhaustive_search():
     g = torch.Generator().manual_seed(4)
     pts = disc_points(BOX, 1, 12, half=True)
     psi, shifts = psi_grid(10.0), _shift_disc(3)
-    f = torch.fft.fftfreq(BOX)
-    lowpass = torch.exp(-(f[:, None] ** 2 + f[None, :] ** 2) * (2 * math.pi * 2.0) ** 2 / 2)
-    A = fft2c(torch.fft.ifft2(torch.fft.fft2(torch.randn(3, BOX, BOX, generator=g)) * lowpass).real)
-    refs = torch.cat([rotate_classes(A, pts.xy, psi, 2), torch.zeros(1, len(psi), len(pts), dtype=torch.complex64)])
+    refs = torch.cat([rotate_classes(_smooth_classes(3, g), pts.xy, psi, 2), torch.zeros(1, len(psi), len(pts), dtype=torch.complex64)])
     phases = deshift_phases(pts.xy / BOX, shifts)
     n = 12
     k_true, r_true, t_true = torch.arange(n) % 3, (torch.arange(n) * 7) % len(psi), (torch.arange(n) * 5) % len(shifts)
@@ -248,3 +249,48 @@ def test_coarse_to_fine_empty_box_class_matches_the_exhaustive_search():
         assert torch.equal(exh.best_k, torch.cat([k_true[:6], torch.full((6,), 3)])), mode
         assert torch.equal(c2f.best_k, exh.best_k), mode
     torch.testing.assert_close(c2f.class_post[:, 3], exh.class_post[:, 3], atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("search", ["exhaustive", "coarse_to_fine"])
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_rotation_table_scores_like_the_dense_references(search, mode):
+    """References sampled from a RotationTable (a few classes at a time) give the dense references' E-step.
+
+    The table's rows are the dense rows, but the norms (and, exhaustive, the
+    correlations) are summed group by group: same best poses and M-step
+    entries, the rest equal up to float rounding.
+    """
+    from cryo2d.em.estep import coarse_references, coarse_subgrid, e_step_coarse_to_fine
+    from cryo2d.em.rotation import RotationTable
+
+    g = torch.Generator().manual_seed(5)
+    pts = disc_points(BOX, 1, 12, half=True)
+    psi, shifts = psi_grid(10.0), _shift_disc(3)
+    A = _smooth_classes(5, g)
+    refs, table = rotate_classes(A, pts.xy, psi, 2), RotationTable(A, pts.xy, psi, 2)
+    phases = deshift_phases(pts.xy / BOX, shifts)
+    n = 10
+    X = refs[torch.arange(n) % 5, (torch.arange(n) * 7) % len(psi)] / phases[(torch.arange(n) * 5) % len(shifts)]
+    sd = 0.5 * float(X.abs().mean())
+    X = X + sd * torch.complex(torch.randn(n, len(pts), generator=g), torch.randn(n, len(pts), generator=g))
+    args = (X, torch.ones(n, len(pts)), pts.weight / (2 * sd**2), None, phases, torch.full((5,), -math.log(5)), torch.ones(n))
+    if search == "exhaustive":
+        run = lambda r, **kw: e_step(*args[:3], r, *args[4:], mode=mode, **kw)  # noqa: E731
+    else:
+        grid = coarse_subgrid(shifts, 1.0, len(psi), pts.xy.norm(dim=1), 6.0)
+        run = lambda r, **kw: e_step_coarse_to_fine(*args[:3], r, *args[4:], grid, mode=mode, **kw)  # noqa: E731
+    import cryo2d.em.estep as estep
+
+    old, estep._TABLE_GROUP_VALUES = estep._TABLE_GROUP_VALUES, 2 * len(psi) * len(pts)  # 3 groups of classes
+    try:
+        if search == "exhaustive":
+            dense, lazy = run(refs), run(table)
+        else:
+            dense = run(refs, coarse_refs=coarse_references(refs, grid, refs.abs().square()))
+            lazy = run(table, coarse_refs=coarse_references(table, grid, None))
+    finally:
+        estep._TABLE_GROUP_VALUES = old
+    for name in ("best_k", "best_r", "best_t", "entry_i", "entry_t", "entry_k", "entry_r"):
+        assert torch.equal(getattr(lazy, name), getattr(dense, name)), name
+    for name in ("best_cross", "best_norm", "class_post", "entry_w", "log_evidence", "max_prob"):
+        torch.testing.assert_close(getattr(lazy, name), getattr(dense, name), rtol=1e-4, atol=1e-5, msg=name)

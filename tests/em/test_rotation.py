@@ -9,7 +9,7 @@ import torch
 from scipy.ndimage import map_coordinates
 
 from cryo2d.em.geometry import disc_points
-from cryo2d.em.rotation import oversample, psi_grid, rotate_classes, rotated_points, sample_half
+from cryo2d.em.rotation import RotationTable, oversample, psi_grid, rotate_classes, rotated_points, sample_half
 from cryo2d.fourier import fft2c, rotate_images
 
 BOX = 32
@@ -102,3 +102,22 @@ def test_half_plane_oversampling_matches_full_grid_interpolation(box, zeropad):
     got = torch.complex(got[0], got[1]).numpy().astype(np.complex128)
     assert oversample(torch.zeros((1, box, box), dtype=torch.complex64), zeropad).shape == (1, 2, p, p // 2 + 1)
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("zeropad", [1, 2, 3])
+def test_rotation_table_rows_are_the_rotated_classes(zeropad):
+    """Any (class, rotation) rows of a RotationTable, at any index shape, are exactly rotate_classes' rows."""
+    g = torch.Generator().manual_seed(0)
+    A = fft2c(torch.randn(4, BOX, BOX, generator=g))
+    A[:, 0, :] = 0  # no Nyquist row or column (oversample's requirement)
+    A[:, :, 0] = 0
+    pts = disc_points(BOX, 0, BOX / 2 - 1, half=True)
+    psi = psi_grid(7.5)
+    want = rotate_classes(A, pts.xy, psi, zeropad).reshape(4 * len(psi), len(pts))
+    kr = torch.randint(0, 3 * len(psi), (3, 50), generator=g)  # class 3 unused, repeats
+    for n_dense in (0, 2, 4):  # sampled, half made once, all made once
+        table = RotationTable(A, pts.xy, psi, zeropad, n_dense)
+        assert table.shape == (4, len(psi), len(pts))
+        got = table.rows(kr)
+        assert got.shape == (3, 50, len(pts))
+        assert torch.equal(got, want[kr]), n_dense

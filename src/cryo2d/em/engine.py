@@ -34,7 +34,7 @@ from cryo2d.em.estep import (
 )
 from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, make_geometry, soft_mask
 from cryo2d.em.mstep import PoseSums, class_resolution_shell, estimate_tau2, resolution_shell, solve_classes, ssnr
-from cryo2d.em.rotation import oversample, psi_grid, rotate_classes, rotated_points, sample_half
+from cryo2d.em.rotation import RotationTable, oversample, psi_grid, rotate_classes, rotated_points, sample_half
 from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, pad_fourier
 from cryo2d.particles import ParticleSet
@@ -90,6 +90,13 @@ _MSTEP_RADIUS = 1.5
 # of the hard set: scores within their seed-to-seed spread (benchmarks/README.md).
 _SHIFT_STEP_DIV = 4.0
 _INIT_READ = 256  # images read at a time at the full box (starting and re-seeded classes)
+# The E-step's rotated references (K · R · M complex values and their power,
+# 12 bytes each) are made once per pass up to this size; beyond it a
+# RotationTable makes the rows of the classes that fit in it (8 bytes a value)
+# and samples the other classes' rows each chunk needs (benchmarks/README.md,
+# "Memory": sampling all of them, 3,000 particles, K = 300: 261 -> 334 s,
+# peak RSS 2.6 -> 1.8 GB, the same classes).
+REFS_BUDGET_BYTES = 1 << 30
 _PSI_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0)
 
 
@@ -864,7 +871,14 @@ class Engine:
         R = len(plan.psi_rad)
         real = self._to_real(s.A)
         masked = self._to_points(real * (self._support_masks(real) if cfg.auto_mask else self.mask))
-        refs = rotate_classes(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad)
+        per_class = R * len(plan.points)  # rotated values per class
+        if self.K * per_class * 12 <= REFS_BUDGET_BYTES:
+            refs = rotate_classes(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad)
+            power = refs.abs().square()  # once per pass, not per chunk
+        else:  # the classes that fit made once, the others' rows sampled when a chunk needs them
+            n_dense = REFS_BUDGET_BYTES // (8 * per_class)
+            refs = RotationTable(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad, n_dense)
+            power = None
         inv_sig = plan.points.weight / s.sigma2_shell[plan.points.shell]
         phases = deshift_phases(plan.points.xy / g.work_box, plan.shifts_px)
         within = self.mpts.xy.norm(dim=1) <= plan.r_mstep
@@ -880,7 +894,6 @@ class Engine:
             r_coarse = plan.r_cur
         if cfg.coarse_to_fine and R % 2 == 0 and len(plan.shifts_px) >= 9:
             grid = coarse_subgrid(plan.shifts_px, plan.shift_step, R, plan.points.xy.norm(dim=1), r_coarse)
-        power = refs.abs().square()  # once per pass, not per chunk
         coarse = coarse_references(refs, grid, power, self.coarse_dtype) if grid is not None else None
         G_full = oversample(self._grid(s.A), cfg.zeropad)
         # Hard mode: one entry, so at most one (class, rotation) row, per particle.

@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from cryo2d.em.rotation import RotationTable
+
 
 #: Most (shift, class, rotation) entries a particle gives the M-step (soft modes; hard: one).
 MAX_ENTRIES = 48
@@ -201,7 +203,7 @@ def e_step(
     X: Tensor,
     ctf: Tensor,
     inv_sigma2: Tensor,
-    refs: Tensor,
+    refs: Tensor | RotationTable,
     phases: Tensor,
     log_prior: Tensor,
     scale: Tensor,
@@ -223,8 +225,9 @@ def e_step(
         CTF at those points (ones without CTF).
     inv_sigma2 : (M,) float tensor
         Point weight / noise variance (w / σ²).
-    refs : (K, R, M) complex tensor
-        Rotated class transforms at the E-step points.
+    refs : (K, R, M) complex tensor, or :class:`~cryo2d.em.rotation.RotationTable`
+        Rotated class transforms at the E-step points (a table gives them a
+        few classes at a time: memory for the chunk's scores, not K · R · M).
     phases : (T, M) complex tensor
         De-shift phases from :func:`deshift_phases`.
     log_prior : (K,) float tensor
@@ -259,10 +262,21 @@ def e_step(
     P = X * ctf * inv_sigma2
     Y = P.unsqueeze(1) * phases.unsqueeze(0)  # (b, T, M)
     Yr = torch.view_as_real(Y).reshape(b * T, 2 * m)
-    Zr = torch.view_as_real(refs.reshape(KR, m).contiguous()).reshape(KR, 2 * m)
-    cross = (Yr @ Zr.T).view(b, T, KR)
-    power = refs.abs().square() if refs_power is None else refs_power
-    norm = ((ctf * ctf) * inv_sigma2) @ power.reshape(KR, m).T  # (b, KR)
+    if isinstance(refs, Tensor):
+        Zr = torch.view_as_real(refs.reshape(KR, m).contiguous()).reshape(KR, 2 * m)
+        cross = (Yr @ Zr.T).view(b, T, KR)
+        power = refs.abs().square() if refs_power is None else refs_power
+        norm = ((ctf * ctf) * inv_sigma2) @ power.reshape(KR, m).T  # (b, KR)
+    else:  # a RotationTable: the rows of a few classes at a time
+        cross = torch.empty((b * T, KR), dtype=Yr.dtype, device=X.device)
+        norm = torch.empty((b, KR), dtype=Yr.dtype, device=X.device)
+        per = max(1, _TABLE_GROUP_VALUES // (R * m))
+        for k0 in range(0, K, per):
+            cols = slice(k0 * R, min(K, k0 + per) * R)
+            Z = refs.rows(torch.arange(cols.start, cols.stop, device=X.device))
+            cross[:, cols] = Yr @ torch.view_as_real(Z).reshape(len(Z), 2 * m).T
+            norm[:, cols] = ((ctf * ctf) * inv_sigma2) @ Z.abs().square().T
+        cross = cross.view(b, T, KR)
     s = scale.view(b, 1, 1)
     logp = (s * cross - 0.5 * s * s * norm.unsqueeze(1)) / temperature
     logp = logp.view(b, T, K, R) + log_prior.view(1, 1, K, 1)
@@ -274,6 +288,8 @@ def e_step(
 
 #: Coarse (class, rotation) candidates refined per particle, besides each class's best.
 N_CANDIDATES = 24
+#: Rotated-reference values a :class:`~cryo2d.em.rotation.RotationTable` gives :func:`e_step` at a time (128 MB).
+_TABLE_GROUP_VALUES = 1 << 24
 
 
 def coarse_subgrid(
@@ -349,15 +365,19 @@ def bf16_matmul_is_fast(device) -> bool:
 
 
 def coarse_references(
-    refs: Tensor, grid: tuple[Tensor, Tensor, Tensor, Tensor], refs_power: Tensor, dtype: torch.dtype = torch.float32
+    refs: Tensor | RotationTable,
+    grid: tuple[Tensor, Tensor, Tensor, Tensor],
+    refs_power: Tensor | None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """The coarse stage's references, made once for all chunks of a pass.
 
     Parameters
     ----------
-    refs : (K, R, M) complex tensor
+    refs : (K, R, M) complex tensor, or :class:`~cryo2d.em.rotation.RotationTable`
+        (sampled a few classes at a time)
     grid : the tuple from :func:`coarse_subgrid`
-    refs_power : (K, R, M) float tensor, ``|refs|²``
+    refs_power : (K, R, M) float tensor, ``|refs|²`` (None with a table)
     dtype : torch dtype
         Of the coarse correlation product (float32, or bfloat16 where
         :func:`bf16_matmul_is_fast`): the coarse stage only ranks poses.
@@ -370,17 +390,28 @@ def coarse_references(
         Their power.
     """
     _, _, coarse_r, cm = grid
-    K = refs.shape[0]
+    K, R, M = refs.shape
     Rc, Mc = len(coarse_r), len(cm)
-    Zc = torch.view_as_real(refs[:, coarse_r][:, :, cm].contiguous()).reshape(K * Rc, 2 * Mc).to(dtype)
-    return Zc, refs_power[:, coarse_r][:, :, cm].reshape(K * Rc, Mc)
+    if isinstance(refs, Tensor):
+        Zc = torch.view_as_real(refs[:, coarse_r][:, :, cm].contiguous()).reshape(K * Rc, 2 * Mc).to(dtype)
+        return Zc, refs_power[:, coarse_r][:, :, cm].reshape(K * Rc, Mc)
+    Zc = torch.empty((K * Rc, 2 * Mc), dtype=dtype, device=cm.device)
+    power_c = torch.empty((K * Rc, Mc), device=cm.device)
+    per = max(1, _TABLE_GROUP_VALUES // (Rc * M))
+    for k0 in range(0, K, per):
+        k = torch.arange(k0, min(K, k0 + per), device=cm.device)
+        Z = refs.rows((k[:, None] * R + coarse_r[None, :]).reshape(-1))[:, cm]
+        rows = slice(k0 * Rc, k0 * Rc + len(Z))
+        Zc[rows] = torch.view_as_real(Z).reshape(len(Z), 2 * Mc).to(dtype)
+        power_c[rows] = Z.abs().square()
+    return Zc, power_c
 
 
 def e_step_coarse_to_fine(
     X: Tensor,
     ctf: Tensor,
     inv_sigma2: Tensor,
-    refs: Tensor,
+    refs: Tensor | RotationTable,
     phases: Tensor,
     log_prior: Tensor,
     scale: Tensor,
@@ -411,7 +442,9 @@ def e_step_coarse_to_fine(
     :func:`coarse_references`) can be made once per pass and passed in; the
     coarse correlations are computed in the dtype of ``coarse_refs``. The
     empty-box class (``null_class``) takes no candidate slot; its evidence is
-    that of :func:`e_step`, on one entry.
+    that of :func:`e_step`, on one entry. With a
+    :class:`~cryo2d.em.rotation.RotationTable` for ``refs``, the fine stage
+    takes only the candidates' rows from it and sums their norms from them.
 
     In bfloat16 (8-bit mantissa, float32 sums) the coarse log-likelihoods
     of a 64 px particle differ from float32 by 0.03 nats (SD; 1.1 at most)
@@ -423,13 +456,15 @@ def e_step_coarse_to_fine(
     coarse_t, neighbours, coarse_r, cm = grid
     Rc, Tc, Mc = len(coarse_r), len(coarse_t), len(cm)
     P = X * ctf * inv_sigma2
-    if refs_power is None:
+    dense = isinstance(refs, Tensor)
+    if refs_power is None and dense:
         refs_power = refs.abs().square()
     Zc, power_c = coarse_references(refs, grid, refs_power) if coarse_refs is None else coarse_refs
     # Stage 1: coarse exhaustive search.
     Yc = torch.view_as_real(P[:, cm].unsqueeze(1) * phases[coarse_t][:, cm].unsqueeze(0)).reshape(b * Tc, 2 * Mc)
     s = scale.view(b, 1, 1)
-    norm_all = ((ctf * ctf) * inv_sigma2) @ refs_power.reshape(K * R, m).T  # (b, KR)
+    if dense:
+        norm_all = ((ctf * ctf) * inv_sigma2) @ refs_power.reshape(K * R, m).T  # (b, KR)
     ctf2 = (ctf[:, cm] ** 2) * inv_sigma2[cm]
     norm_c = ctf2 @ power_c.T
     # The norm term does not depend on the shift and s > 0: the best coarse
@@ -461,9 +496,13 @@ def e_step_coarse_to_fine(
     kr_idx, kr_valid = _unique_rows(kr_fine)
     # Stage 2: score all (fine shift, fine rotation) pairs of each particle (batched GEMM).
     Yf = P.unsqueeze(1) * phases[t_idx.clamp(min=0)]  # (b, nt, M)
-    Zf = refs.reshape(K * R, m)[kr_idx.clamp(min=0)]  # (b, nkr, M)
+    if dense:
+        Zf = refs.reshape(K * R, m)[kr_idx.clamp(min=0)]  # (b, nkr, M)
+        norm = norm_all.gather(1, kr_idx.clamp(min=0))
+    else:
+        Zf = refs.rows(kr_idx.clamp(min=0))
+        norm = torch.bmm(Zf.abs().square(), ((ctf * ctf) * inv_sigma2).unsqueeze(2)).squeeze(2)
     cross = torch.bmm(torch.view_as_real(Yf).flatten(2), torch.view_as_real(Zf).flatten(2).transpose(1, 2))
-    norm = norm_all.gather(1, kr_idx.clamp(min=0))
     logp = (s * cross - 0.5 * s * s * norm.unsqueeze(1)) / temperature + log_prior[kr_idx.clamp(min=0) // R].unsqueeze(1)
     valid = t_valid.unsqueeze(2) & kr_valid.unsqueeze(1)
     logp = logp.masked_fill(~valid, float("-inf"))

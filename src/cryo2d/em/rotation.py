@@ -137,15 +137,26 @@ def sample_half(G: Tensor, points: Tensor, zeropad: int) -> Tensor:
     -------
     (n, 2, r, m) float tensor: real and imaginary parts; zero outside the grid.
     """
-    n, _, p, w = G.shape
+    n = G.shape[0]
+    grid, flip = _half_grid(points, G.shape[-2], zeropad)
+    if grid.ndim == 3:
+        grid, flip = grid.unsqueeze(0).expand(n, -1, -1, -1), flip.unsqueeze(0)
+    out = nnf.grid_sample(G, grid.to(G.dtype), **_BILINEAR)
+    out[:, 1] = torch.where(flip, -out[:, 1], out[:, 1])
+    return out
+
+
+_BILINEAR = dict(mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def _half_grid(points: Tensor, p: int, zeropad: int) -> tuple[Tensor, Tensor]:
+    """``grid_sample`` coordinates on a (p, p//2 + 1) half-plane grid of frequency ``points`` (..., 2),
+    and where a point was mirrored to x ≥ 0 (its sample is then conjugated)."""
+    w = p // 2 + 1
     flip = points[..., 0] < 0
     pts = torch.where(flip.unsqueeze(-1), -points, points) * zeropad
     grid = torch.stack([pts[..., 0] * (2.0 / (w - 1)) - 1.0, (pts[..., 1] + p // 2) * (2.0 / (p - 1)) - 1.0], dim=-1)
-    if grid.ndim == 3:
-        grid, flip = grid.unsqueeze(0).expand(n, -1, -1, -1), flip.unsqueeze(0)
-    out = nnf.grid_sample(G, grid.to(G.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
-    out[:, 1] = torch.where(flip, -out[:, 1], out[:, 1])
-    return out
+    return grid, flip
 
 
 def rotate_classes(A: Tensor, xy: Tensor, psi_rad: Tensor, zeropad: int) -> Tensor:
@@ -203,3 +214,71 @@ def psi_grid(step_deg: float, device=None) -> Tensor:
     """Angles 0, step, 2·step, … < 360°, in radians, as a float32 tensor."""
     n = max(1, int(round(360.0 / step_deg)))
     return torch.arange(n, device=device, dtype=torch.float64).mul(2 * math.pi / n).float()
+
+
+
+class RotationTable:
+    """Rotated class transforms sampled on demand: the E-step's references without their K · R · M array.
+
+    Holds the rows of the first ``n_dense`` classes, as
+    ``rotate_classes(A, xy, psi_rad, zeropad)`` makes them, and for the
+    other classes their oversampled grids (p · (p//2 + 1) complex values
+    each) and the sampling grid of every rotation (R · M points), so that
+    :meth:`rows` gives any (class, rotation) rows of ``rotate_classes``:
+    the same values, looked up or sampled when asked for (one bilinear
+    interpolation per value, class by class).
+
+    Parameters
+    ----------
+    A : (K, b, b) complex tensor
+        Centred transforms of the class images.
+    xy : (M, 2) float tensor
+        Frequencies (Fourier px) of the rows.
+    psi_rad : (R,) float tensor
+        In-plane angles (counter-clockwise rotation of the class), radians.
+    zeropad : int
+    n_dense : int
+        Classes whose rows are made once here (R · M · 8 bytes each).
+    """
+
+    def __init__(self, A: Tensor, xy: Tensor, psi_rad: Tensor, zeropad: int, n_dense: int = 0) -> None:
+        K, R, M = A.shape[0], len(psi_rad), len(xy)
+        self.shape = (K, R, M)
+        self.n_dense = min(max(0, int(n_dense)), K)
+        self.dense = torch.empty((self.n_dense * R, M), dtype=torch.complex64, device=A.device)
+        step = max(1, (1 << 24) // (R * M))  # about 128 MB of float samples at a time
+        for k0 in range(0, self.n_dense, step):
+            k1 = min(self.n_dense, k0 + step)
+            self.dense[k0 * R : k1 * R] = rotate_classes(A[k0:k1], xy, psi_rad, zeropad).reshape(-1, M)
+        self.grids = oversample(A[self.n_dense :], zeropad) if self.n_dense < K else None  # (K - n_dense, 2, p, w)
+        self.points, self.flip = _half_grid(rotated_points(xy, -psi_rad), zeropad * A.shape[-1], zeropad)
+
+    def rows(self, kr: Tensor) -> Tensor:
+        """Rotated transforms of the (class, rotation) rows ``kr`` (flat index k · R + r).
+
+        Parameters
+        ----------
+        kr : (...) int64 tensor
+
+        Returns
+        -------
+        (..., M) complex tensor: ``rotate_classes(A, xy, psi_rad, zeropad)[k, r]``.
+        """
+        K, R, M = self.shape
+        flat = kr.reshape(-1)
+        k, r = flat // R, flat % R
+        out = torch.empty((len(flat), M), dtype=torch.complex64, device=flat.device)
+        looked_up = torch.nonzero(k < self.n_dense).squeeze(1)
+        out[looked_up] = self.dense[flat[looked_up]]
+        order = torch.argsort(k, stable=True)
+        counts = torch.bincount(k, minlength=K).tolist()
+        start = sum(counts[: self.n_dense])
+        for c in range(self.n_dense, K):
+            n = counts[c]
+            if n:
+                sel = order[start : start + n]
+                rs = r[sel]
+                v = nnf.grid_sample(self.grids[c - self.n_dense : c - self.n_dense + 1], self.points[rs].unsqueeze(0), **_BILINEAR)[0]
+                out[sel] = torch.complex(v[0], torch.where(self.flip[rs], -v[1], v[1]))
+                start += n
+        return out.reshape(*kr.shape, M)
