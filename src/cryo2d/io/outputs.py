@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cryo2d.errors import Cryo2DError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -31,6 +33,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         Write the whole file there; when the ``with`` block ends without an
         exception the file is flushed to disk and renamed onto ``path``. On an
         exception the temporary file is removed and ``path`` is left as it was.
+
+    Raises
+    ------
+    Cryo2DError
+        When the file cannot be written (an ``OSError``: disk full, no
+        permission; or the folder removed during the run).
     """
     final = Path(path)
     tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
@@ -38,6 +46,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, final)
+    except OSError as err:  # a full disk, no permission, the folder removed: a one-line error
+        raise Cryo2DError(f"{final}: cannot write ({err.strerror or err})") from None
+    except RuntimeError:  # torch.save reports a missing folder so
+        if not final.parent.is_dir():
+            raise Cryo2DError(f"{final}: cannot write (folder {final.parent} no longer exists)") from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
