@@ -6,7 +6,8 @@ oversampled ``zeropad`` times (the class is zero-padded in real space to
 ``zeropad × work_box`` before its FFT), after dividing the image by the
 real-space apodisation that linear interpolation causes (sinc², the usual
 gridding correction). ``zeropad = 1`` skips the padding: less memory, more
-interpolation error.
+interpolation error. :class:`RotationTable` gives the same rotated rows on
+demand, for passes whose K · R · M references would not fit their budget.
 """
 from __future__ import annotations
 
@@ -120,6 +121,19 @@ def sample_grid(G: Tensor, points: Tensor, zeropad: int) -> Tensor:
     return nnf.grid_sample(G, grid.to(G.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
+_BILINEAR = dict(mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def _half_grid(points: Tensor, p: int, zeropad: int) -> tuple[Tensor, Tensor]:
+    """``grid_sample`` coordinates on a (p, p//2 + 1) half-plane grid of frequency ``points`` (..., 2),
+    and where a point was mirrored to x ≥ 0 (its sample is then conjugated)."""
+    w = p // 2 + 1
+    flip = points[..., 0] < 0
+    pts = torch.where(flip.unsqueeze(-1), -points, points) * zeropad
+    grid = torch.stack([pts[..., 0] * (2.0 / (w - 1)) - 1.0, (pts[..., 1] + p // 2) * (2.0 / (p - 1)) - 1.0], dim=-1)
+    return grid, flip
+
+
 def sample_half(G: Tensor, points: Tensor, zeropad: int) -> Tensor:
     """Bilinear samples of half-plane oversampled transforms (from :func:`oversample`).
 
@@ -144,19 +158,6 @@ def sample_half(G: Tensor, points: Tensor, zeropad: int) -> Tensor:
     out = nnf.grid_sample(G, grid.to(G.dtype), **_BILINEAR)
     out[:, 1] = torch.where(flip, -out[:, 1], out[:, 1])
     return out
-
-
-_BILINEAR = dict(mode="bilinear", padding_mode="zeros", align_corners=True)
-
-
-def _half_grid(points: Tensor, p: int, zeropad: int) -> tuple[Tensor, Tensor]:
-    """``grid_sample`` coordinates on a (p, p//2 + 1) half-plane grid of frequency ``points`` (..., 2),
-    and where a point was mirrored to x ≥ 0 (its sample is then conjugated)."""
-    w = p // 2 + 1
-    flip = points[..., 0] < 0
-    pts = torch.where(flip.unsqueeze(-1), -points, points) * zeropad
-    grid = torch.stack([pts[..., 0] * (2.0 / (w - 1)) - 1.0, (pts[..., 1] + p // 2) * (2.0 / (p - 1)) - 1.0], dim=-1)
-    return grid, flip
 
 
 def rotate_classes(A: Tensor, xy: Tensor, psi_rad: Tensor, zeropad: int) -> Tensor:
@@ -214,7 +215,6 @@ def psi_grid(step_deg: float, device=None) -> Tensor:
     """Angles 0, step, 2·step, … < 360°, in radians, as a float32 tensor."""
     n = max(1, int(round(360.0 / step_deg)))
     return torch.arange(n, device=device, dtype=torch.float64).mul(2 * math.pi / n).float()
-
 
 
 class RotationTable:
@@ -278,7 +278,8 @@ class RotationTable:
             if n:
                 sel = order[start : start + n]
                 rs = r[sel]
-                v = nnf.grid_sample(self.grids[c - self.n_dense : c - self.n_dense + 1], self.points[rs].unsqueeze(0), **_BILINEAR)[0]
+                grid = self.grids[c - self.n_dense : c - self.n_dense + 1]
+                v = nnf.grid_sample(grid, self.points[rs].unsqueeze(0), **_BILINEAR)[0]
                 out[sel] = torch.complex(v[0], torch.where(self.flip[rs], -v[1], v[1]))
                 start += n
         return out.reshape(*kr.shape, M)
