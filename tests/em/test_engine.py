@@ -226,3 +226,17 @@ def test_references_over_budget_are_sampled_with_the_same_result(particles3, hel
             assert np.abs(d).max() < 1e-3
             np.testing.assert_allclose(lazy.classes, dense.classes, rtol=0, atol=1e-3 * np.abs(dense.classes).max())
         monkeypatch.setattr(engine_mod, "REFS_BUDGET_BYTES", 1 << 30)
+
+
+def test_refs_budget_is_larger_on_a_gpu(monkeypatch):
+    """CPU: REFS_BUDGET_BYTES; CUDA: a quarter of the device's memory when that is more."""
+    import types
+
+    import torch
+
+    import cryo2d.em.engine as engine_mod
+
+    assert engine_mod.refs_budget("cpu") == engine_mod.REFS_BUDGET_BYTES
+    for total, budget in ((80 << 30, 20 << 30), (2 << 30, engine_mod.REFS_BUDGET_BYTES)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, t=total: types.SimpleNamespace(total_memory=t))
+        assert engine_mod.refs_budget("cuda:0") == budget

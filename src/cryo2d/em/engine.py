@@ -97,6 +97,19 @@ _INIT_READ = 256  # images read at a time at the full box (starting and re-seede
 # "Memory": sampling all of them, 3,000 particles, K = 300: 261 -> 334 s,
 # peak RSS 2.6 -> 1.8 GB, the same classes).
 REFS_BUDGET_BYTES = 1 << 30
+
+
+def refs_budget(device) -> int:
+    """Bytes the E-step's rotated references may take on ``device``.
+
+    :data:`REFS_BUDGET_BYTES` on the CPU. On a GPU a quarter of its memory,
+    if that is more: there the dense references are far faster than
+    sampling rows class by class, and 300 classes at 6 Å need about 4 GB.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return max(REFS_BUDGET_BYTES, torch.cuda.get_device_properties(device).total_memory // 4)
+    return REFS_BUDGET_BYTES
 _PSI_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0)
 
 
@@ -871,12 +884,12 @@ class Engine:
         R = len(plan.psi_rad)
         real = self._to_real(s.A)
         masked = self._to_points(real * (self._support_masks(real) if cfg.auto_mask else self.mask))
-        per_class = R * len(plan.points)  # rotated values per class
-        if self.K * per_class * 12 <= REFS_BUDGET_BYTES:
+        per_class, budget = R * len(plan.points), refs_budget(dev)  # rotated values per class
+        if self.K * per_class * 12 <= budget:
             refs = rotate_classes(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad)
             power = refs.abs().square()  # once per pass, not per chunk
         else:  # the classes that fit made once, the others' rows sampled when a chunk needs them
-            n_dense = REFS_BUDGET_BYTES // (8 * per_class)
+            n_dense = budget // (8 * per_class)
             refs = RotationTable(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad, n_dense)
             power = None
         inv_sig = plan.points.weight / s.sigma2_shell[plan.points.shell]
