@@ -211,6 +211,7 @@ def test_references_over_budget_are_sampled_with_the_same_result(particles3, hel
         made.append(self.n_dense)
 
     monkeypatch.setattr(RotationTable, "__init__", counting)
+    default = engine_mod.REFS_BUDGET_BYTES
     for exhaustive in (False, True):
         config = helpers.tiny_config(coarse_to_fine=not exhaustive)
         dense = run_em(particles3, config)
@@ -225,7 +226,7 @@ def test_references_over_budget_are_sampled_with_the_same_result(particles3, hel
             d = np.angle(np.exp(1j * np.deg2rad(lazy.psi_deg - dense.psi_deg)))
             assert np.abs(d).max() < 1e-3
             np.testing.assert_allclose(lazy.classes, dense.classes, rtol=0, atol=1e-3 * np.abs(dense.classes).max())
-        monkeypatch.setattr(engine_mod, "REFS_BUDGET_BYTES", 1 << 30)
+        monkeypatch.setattr(engine_mod, "REFS_BUDGET_BYTES", default)
 
 
 def test_refs_budget_is_larger_on_a_gpu(monkeypatch):

@@ -253,7 +253,7 @@ def test_coarse_to_fine_empty_box_class_matches_the_exhaustive_search():
 
 @pytest.mark.parametrize("search", ["exhaustive", "coarse_to_fine"])
 @pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_rotation_table_scores_like_the_dense_references(search, mode):
+def test_rotation_table_scores_like_the_dense_references(search, mode, monkeypatch):
     """References sampled from a RotationTable (a few classes at a time) give the dense references' E-step.
 
     The table's rows are the dense rows, but the norms (and, exhaustive, the
@@ -281,15 +281,12 @@ def test_rotation_table_scores_like_the_dense_references(search, mode):
         run = lambda r, **kw: e_step_coarse_to_fine(*args[:3], r, *args[4:], grid, mode=mode, **kw)  # noqa: E731
     import cryo2d.em.estep as estep
 
-    old, estep._TABLE_GROUP_VALUES = estep._TABLE_GROUP_VALUES, 2 * len(psi) * len(pts)  # 3 groups of classes
-    try:
-        if search == "exhaustive":
-            dense, lazy = run(refs), run(table)
-        else:
-            dense = run(refs, coarse_refs=coarse_references(refs, grid, refs.abs().square()))
-            lazy = run(table, coarse_refs=coarse_references(table, grid, None))
-    finally:
-        estep._TABLE_GROUP_VALUES = old
+    monkeypatch.setattr(estep, "_TABLE_GROUP_VALUES", 2 * len(psi) * len(pts))  # 3 groups of classes
+    if search == "exhaustive":
+        dense, lazy = run(refs), run(table)
+    else:
+        dense = run(refs, coarse_refs=coarse_references(refs, grid, refs.abs().square()))
+        lazy = run(table, coarse_refs=coarse_references(table, grid, None))
     for name in ("best_k", "best_r", "best_t", "entry_i", "entry_t", "entry_k", "entry_r"):
         assert torch.equal(getattr(lazy, name), getattr(dense, name)), name
     for name in ("best_cross", "best_norm", "class_post", "entry_w", "log_evidence", "max_prob"):
