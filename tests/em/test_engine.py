@@ -215,12 +215,13 @@ def test_references_over_budget_are_sampled_with_the_same_result(particles3, hel
     for exhaustive in (False, True):
         config = helpers.tiny_config(coarse_to_fine=not exhaustive)
         dense = run_em(particles3, config)
-        assert not made
+        assert not made and all(h["sampled_reference_classes"] == 0 for h in dense.history)
         # 0: every row sampled; 600 kB: one or two of the 3 classes made once (255 kB each here), the rest sampled
         for budget, n_dense in ((0, {0}), (600_000, {1, 2})):
             monkeypatch.setattr(engine_mod, "REFS_BUDGET_BYTES", budget)
             lazy = run_em(particles3, config)
             assert len(made) == config.n_online_iterations + config.n_full_iterations and set(made) <= n_dense, made
+            assert [h["sampled_reference_classes"] for h in lazy.history] == [3 - d for d in made]
             made.clear()
             assert np.array_equal(lazy.class_index, dense.class_index)
             d = np.angle(np.exp(1j * np.deg2rad(lazy.psi_deg - dense.psi_deg)))

@@ -169,7 +169,9 @@ def progress_printer(total: int):
         bar.write(
             f"iter {r['iteration']:3d} {r['phase']:6s} n={r['particles']:7d} res={r['resolution_angst']:6.2f} Å "
             f"psi={r['psi_step_deg']:g}° shifts={r['n_shifts']} T={r['temperature']:.2f} "
-            f"changes={100 * r['class_changes']:5.1f}% {r['time_s']:.1f}s",
+            f"changes={100 * r['class_changes']:5.1f}% {r['time_s']:.1f}s"
+            + (f" (references of {r['sampled_reference_classes']} classes sampled per chunk: memory budget)"
+               if r.get("sampled_reference_classes") else ""),
             file=sys.stderr,
         )
 

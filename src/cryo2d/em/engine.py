@@ -325,6 +325,14 @@ class Engine:
         # 256 MB of intermediates: no slower than 512 MB, lower peak RSS (benchmarks/README.md, Memory)
         return int(max(1, min(512, 256e6 // per_particle)))
 
+    def _dense_references(self, plan: IterationPlan) -> int | None:
+        """None when a pass's rotated references fit :func:`refs_budget`; else how many classes'
+        rows a :class:`RotationTable` makes once (the other classes' rows are sampled per chunk)."""
+        per_class, budget = len(plan.psi_rad) * len(plan.points), refs_budget(self.device)  # values per class
+        if self.K * per_class * 12 <= budget:
+            return None
+        return min(self.K, budget // (8 * per_class))
+
     def plan(self, iteration: int, online: bool) -> IterationPlan:
         """Search grid for an iteration from the current class resolution."""
         g, cfg = self.geom, self.config
@@ -884,12 +892,11 @@ class Engine:
         R = len(plan.psi_rad)
         real = self._to_real(s.A)
         masked = self._to_points(real * (self._support_masks(real) if cfg.auto_mask else self.mask))
-        per_class, budget = R * len(plan.points), refs_budget(dev)  # rotated values per class
-        if self.K * per_class * 12 <= budget:
+        n_dense = self._dense_references(plan)
+        if n_dense is None:
             refs = rotate_classes(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad)
             power = refs.abs().square()  # once per pass, not per chunk
         else:  # the classes that fit made once, the others' rows sampled when a chunk needs them
-            n_dense = budget // (8 * per_class)
             refs = RotationTable(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad, n_dense)
             power = None
         inv_sig = plan.points.weight / s.sigma2_shell[plan.points.shell]
@@ -1035,6 +1042,7 @@ class Engine:
                 null_ok = cfg.empty_class and it >= _NULL_FROM * n_online
                 reseeded = self._reseed_empty(idx, per, plan, merge=merge, null_ok=null_ok)
             self._update_classes(allow_recenter=not last)
+        n_dense = self._dense_references(plan)
         record = {
             "iteration": it + 1,
             "phase": "online" if online else "full",
@@ -1047,6 +1055,7 @@ class Engine:
             "temperature": round(plan.temperature, 3),
             "class_changes": round(changed, 4),
             "reseeded": reseeded,
+            "sampled_reference_classes": 0 if n_dense is None else self.K - n_dense,
             "time_s": round(time.perf_counter() - t0, 3),
         }
         s.history.append(record)
