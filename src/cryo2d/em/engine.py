@@ -90,6 +90,7 @@ _MSTEP_RADIUS = 1.5
 # of the hard set: scores within their seed-to-seed spread (benchmarks/README.md).
 _SHIFT_STEP_DIV = 4.0
 _INIT_READ = 256  # images read at a time at the full box (starting and re-seeded classes)
+_PSI_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0)
 # The E-step's rotated references (K · R · M complex values and their power,
 # 12 bytes each) are made once per pass up to this size; beyond it a
 # RotationTable makes the rows of the classes that fit in it (8 bytes a value)
@@ -110,7 +111,6 @@ def refs_budget(device) -> int:
     if device.type == "cuda":
         return max(REFS_BUDGET_BYTES, torch.cuda.get_device_properties(device).total_memory // 4)
     return REFS_BUDGET_BYTES
-_PSI_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0)
 
 
 @dataclass

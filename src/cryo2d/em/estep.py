@@ -262,11 +262,12 @@ def e_step(
     P = X * ctf * inv_sigma2
     Y = P.unsqueeze(1) * phases.unsqueeze(0)  # (b, T, M)
     Yr = torch.view_as_real(Y).reshape(b * T, 2 * m)
+    ctf2 = (ctf * ctf) * inv_sigma2
     if isinstance(refs, Tensor):
         Zr = torch.view_as_real(refs.reshape(KR, m).contiguous()).reshape(KR, 2 * m)
         cross = (Yr @ Zr.T).view(b, T, KR)
         power = refs.abs().square() if refs_power is None else refs_power
-        norm = ((ctf * ctf) * inv_sigma2) @ power.reshape(KR, m).T  # (b, KR)
+        norm = ctf2 @ power.reshape(KR, m).T  # (b, KR)
     else:  # a RotationTable: the rows of a few classes at a time
         cross = torch.empty((b * T, KR), dtype=Yr.dtype, device=X.device)
         norm = torch.empty((b, KR), dtype=Yr.dtype, device=X.device)
@@ -275,7 +276,7 @@ def e_step(
             cols = slice(k0 * R, min(K, k0 + per) * R)
             Z = refs.rows(torch.arange(cols.start, cols.stop, device=X.device))
             cross[:, cols] = Yr @ torch.view_as_real(Z).reshape(len(Z), 2 * m).T
-            norm[:, cols] = ((ctf * ctf) * inv_sigma2) @ Z.abs().square().T
+            norm[:, cols] = ctf2 @ Z.abs().square().T
         cross = cross.view(b, T, KR)
     s = scale.view(b, 1, 1)
     logp = (s * cross - 0.5 * s * s * norm.unsqueeze(1)) / temperature
