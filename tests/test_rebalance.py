@@ -96,6 +96,27 @@ def test_explicit_superclasses_and_unreachable_share(dominant_job, tmp_path):
     assert result.notes and (result.counts_after == result.counts_before.min()).all()
 
 
+def test_rebalance_of_a_selection_groups_only_the_selected_classes(dominant_job, tmp_path, capsys):
+    """``cryo2d select`` then ``cryo2d rebalance`` on its folder: the job's class numbers throughout."""
+    job, _, view = dominant_job
+    assert main(["select", str(job), "-o", str(tmp_path / "sel"), "--classes", "2,3,5,6"]) == 0
+    capsys.readouterr()
+    assert main(["rebalance", str(tmp_path / "sel"), "-o", str(tmp_path / "r"), "--max-share", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    supers = starfile.read(tmp_path / "r" / "superclasses.star")
+    assert supers["rlnClassNumber"].tolist() == [2, 3, 5, 6]
+    groups = supers["superclass"].to_numpy()
+    assert groups[0] == groups[1] and len(set(groups)) == 3  # classes 2 and 3 hold the same view
+    assert "(classes 2,3)" in printed
+    selected = _kept_views(tmp_path / "sel" / "particles.star", view)
+    kept = _kept_views(tmp_path / "r" / "particles.star", view)
+    dropped = _kept_views(tmp_path / "r" / "dropped.star", view)
+    assert len(kept) + len(dropped) == len(selected)
+    assert set(kept) == {0, 2, 3} and (np.bincount(kept, minlength=4) / len(kept)).max() <= 0.5 + 1e-9
+    counts = starfile.read(job / "classes.star")["rlnClassParticleCount"].to_numpy()
+    np.testing.assert_array_equal(supers["rlnClassParticleCount"], counts[[1, 2, 4, 5]])
+
+
 def test_cap_size_known_answers():
     assert cap_size(np.array([100, 10, 10]), 0.5) == 20  # 20 <= 0.5 * (20 + 10 + 10)
     assert cap_size(np.array([50, 50]), 0.5) == 50

@@ -203,6 +203,19 @@ def test_select_classes_writes_rows_with_all_columns(truth_job, tmp_path):
     with mrcfile.open(out / "templates.mrcs") as mrc, mrcfile.open(job / "classes.mrcs") as classes:
         np.testing.assert_array_equal(mrc.data, classes.data[[0, 2]])
         assert mrc.voxel_size.x == pytest.approx(float(classes.voxel_size.x))
+    table = starfile.read(out / "classes.star")  # the selected rows, the job's numbers, images in templates.mrcs
+    source_table = starfile.read(job / "classes.star")
+    assert table["rlnClassNumber"].tolist() == [1, 3]
+    assert table["rlnReferenceImage"].tolist() == ["000001@templates.mrcs", "000002@templates.mrcs"]
+    np.testing.assert_array_equal(table["rlnClassParticleCount"], source_table["rlnClassParticleCount"].iloc[[0, 2]])
+
+
+def test_a_selection_folder_is_not_a_job_to_select_from(truth_job, tmp_path, capsys):
+    job, _ = truth_job
+    assert main(["select", str(job), "-o", str(tmp_path / "sel"), "--classes", "1,3"]) == 0
+    assert main(["select", str(tmp_path / "sel"), "-o", str(tmp_path / "again")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "select folder" in err[0] and str(tmp_path / "sel") in err[0]
 
 
 def test_exclude_is_the_complement(truth_job, tmp_path):
@@ -297,6 +310,9 @@ def test_cs_job_writes_cs(truth_job, sim_data, tmp_path):
     np.testing.assert_array_equal(kept, array[mask])
     np.testing.assert_array_equal(rejected, array[~mask])
     assert not (tmp_path / "out" / "particles.star").exists()
+    selection = read_job(tmp_path / "out", selection=True)  # classes 2 and 4 of the job, in that order
+    assert selection.numbers.tolist() == [2, 4] and selection.n_classes == 2
+    np.testing.assert_array_equal(selection.class_number, np.where(kept["alignments2D/class"] == 1, 1, 2))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -201,6 +201,8 @@ class RebalanceResult:
         Things the user should know (e.g. the share could not be reached).
     paths : dict
         ``"particles"``, ``"dropped"``, ``"superclasses"`` -> Path (after writing).
+    class_numbers : (K,) int64, optional
+        The job's number of each class (``Job.numbers``; default 1..K), as printed.
     """
 
     superclass_of_class: np.ndarray
@@ -210,14 +212,16 @@ class RebalanceResult:
     keep: np.ndarray
     notes: list[str] = field(default_factory=list)
     paths: dict[str, Path] = field(default_factory=dict)
+    class_numbers: np.ndarray | None = None
 
     def distribution(self) -> list[str]:
         """One line per superclass: its classes, count and share before -> after."""
         before_total = max(int(self.counts_before.sum()), 1)
         after_total = max(int(self.counts_after.sum()), 1)
+        numbers = self.class_numbers if self.class_numbers is not None else np.arange(1, len(self.superclass_of_class) + 1)
         lines = []
         for s, (nb, na) in enumerate(zip(self.counts_before, self.counts_after), start=1):
-            members = ",".join(str(k + 1) for k in np.flatnonzero(self.superclass_of_class == s))
+            members = ",".join(str(numbers[k]) for k in np.flatnonzero(self.superclass_of_class == s))
             lines.append(
                 f"superclass {s:3d} (classes {members}): {nb:7d} ({100 * nb / before_total:5.1f}%) -> "
                 f"{na:7d} ({100 * na / after_total:5.1f}%)"
@@ -289,7 +293,7 @@ def rebalance_job(
             members = np.sort(rng.choice(members, size=cap, replace=False))
         keep[members] = True
     after = np.bincount(particle_super[keep], minlength=S + 1)[1:].astype(np.int64)
-    return RebalanceResult(superclass_of_class, before, after, int(cap), keep, notes)
+    return RebalanceResult(superclass_of_class, before, after, int(cap), keep, notes, class_numbers=job.numbers)
 
 
 def rebalance(
@@ -305,7 +309,8 @@ def rebalance(
     Parameters
     ----------
     job_dir : str or PathLike
-        Classification job folder.
+        Classification job folder, or a selection folder of ``cryo2d select``
+        (only its classes are grouped; ``read_job(..., selection=True)``).
     out_dir : str or PathLike
         Created if needed; gets ``particles{.star,.cs}`` (kept),
         ``dropped{.star,.cs}`` and ``superclasses.star`` (block
@@ -318,7 +323,7 @@ def rebalance(
     -------
     RebalanceResult
     """
-    job = read_job(job_dir)
+    job = read_job(job_dir, selection=True)
     result = rebalance_job(job, max_share=max_share, n_superclasses=n_superclasses, seed=seed)
     out = output_folder(job, out_dir)
     paths = {
@@ -331,7 +336,7 @@ def rebalance(
     valid = (job.class_number >= 1)
     after_per_class = np.bincount(job.class_number[result.keep & valid] - 1, minlength=job.n_classes)
     table = pd.DataFrame({
-        "rlnClassNumber": np.arange(1, job.n_classes + 1),
+        "rlnClassNumber": job.numbers,
         "superclass": result.superclass_of_class,
         "rlnClassParticleCount": job.counts,
         "count_after": after_per_class.astype(np.int64),

@@ -11,7 +11,12 @@ function):
   of the selected classes, every column kept;
 - ``OUT/rejected.star`` (or ``.cs``): all other rows;
 - ``OUT/templates.mrcs``: the selected class averages (float32, pixel size in
-  the header), in class-number order, e.g. for template picking.
+  the header), in class-number order, e.g. for template picking;
+- ``OUT/classes.star``: their rows of the job's ``classes.star``, with the
+  job's class numbers and ``_rlnReferenceImage`` pointing into
+  ``templates.mrcs``. With it the folder is a *selection folder*, which
+  ``read_job(..., selection=True)`` reads as a job of the selected classes
+  (``cryo2d rebalance Select/good``).
 
 Class numbers are 1-based everywhere (``_rlnClassNumber``; a ``.cs`` file's
 0-based ``alignments2D/class`` is converted). A particle with no class
@@ -40,7 +45,7 @@ import pandas as pd
 import starfile
 
 from cryo2d.errors import Cryo2DError
-from cryo2d.io import read_particles, write_particles, write_stack
+from cryo2d.io import atomic_path, read_particles, write_particles, write_stack
 from cryo2d.junk import DEFAULT_MAX_JUNK_SCORE, junk_scores
 from cryo2d.particles import ParticleSet
 
@@ -82,6 +87,10 @@ class Job:
         The averages before the solvent mask (``classes_unmasked.mrcs``,
         written with ``--flatten-solvent``), else ``averages``: the junk
         scores read these, as a flat solvent hides what they look for.
+    numbers : (K,) int64 ndarray
+        The classification job's number of each class: 1..K for a job
+        folder, the selected classes' numbers for a selection folder
+        (``class_number`` counts 1..K in this order).
     """
 
     folder: Path
@@ -91,10 +100,13 @@ class Job:
     particles: ParticleSet
     class_number: np.ndarray
     unmasked: np.ndarray | None = None
+    numbers: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.unmasked is None:
             self.unmasked = self.averages
+        if self.numbers is None:
+            self.numbers = np.arange(1, len(self.averages) + 1, dtype=np.int64)
 
     @property
     def n_classes(self) -> int:
@@ -118,7 +130,7 @@ class Job:
         return ".star" if self.particles.kind == "star" else ".cs"
 
 
-def read_job(job_dir: str | os.PathLike) -> Job:
+def read_job(job_dir: str | os.PathLike, *, selection: bool = False) -> Job:
     """Read a classification job folder.
 
     Parameters
@@ -126,6 +138,11 @@ def read_job(job_dir: str | os.PathLike) -> Job:
     job_dir : str or PathLike
         Folder written by ``cryo2d classify`` (classes.mrcs, classes.star,
         particles.star or particles.cs).
+    selection : bool
+        Also accept a selection folder written by ``cryo2d select``
+        (templates.mrcs, classes.star, particles.star/.cs): its classes are
+        the selected ones, in the order of ``templates.mrcs``, with their
+        job numbers in ``Job.numbers``.
 
     Returns
     -------
@@ -141,6 +158,12 @@ def read_job(job_dir: str | os.PathLike) -> Job:
     folder = Path(job_dir)
     if not folder.is_dir():
         raise Cryo2DError(f"{folder}: job folder not found")
+    if not (folder / "classes.mrcs").is_file() and (folder / "templates.mrcs").is_file():
+        if selection:
+            return _read_selection(folder)
+        raise Cryo2DError(
+            f"{folder}: a cryo2d select folder (templates.mrcs, no classes.mrcs); give the classification job folder"
+        )
     averages, pixel = _read_averages(folder / "classes.mrcs")
     table = _read_class_table(folder / "classes.star")
     if len(table) != len(averages):
@@ -166,6 +189,26 @@ def read_job(job_dir: str | os.PathLike) -> Job:
                 f"{folder / 'classes_unmasked.mrcs'}: shape {unmasked.shape} differs from classes.mrcs {averages.shape}"
             )
     return Job(folder, averages, pixel, table, particles, class_number, unmasked)
+
+
+def _read_selection(folder: Path) -> Job:
+    """A selection folder (see :func:`read_job`) as a job of the selected classes."""
+    averages, pixel = _read_averages(folder / "templates.mrcs")
+    table = _read_class_table(folder / "classes.star")
+    if len(table) != len(averages):
+        raise Cryo2DError(
+            f"{folder / 'classes.star'}: {len(table)} classes but templates.mrcs has {len(averages)} images"
+        )
+    numbers = pd.to_numeric(table["rlnClassNumber"], errors="coerce").to_numpy(np.float64)
+    if not (np.isfinite(numbers).all() and (numbers % 1 == 0).all() and (numbers >= 1).all()
+            and (np.diff(numbers) > 0).all()):
+        raise Cryo2DError(f"{folder / 'classes.star'}: _rlnClassNumber must be increasing class numbers")
+    numbers = numbers.astype(np.int64)
+    particles = _read_job_particles(folder)
+    original = _class_numbers(particles)
+    pos = np.searchsorted(numbers, original)
+    listed = (pos < len(numbers)) & (numbers[np.minimum(pos, len(numbers) - 1)] == original)
+    return Job(folder, averages, pixel, table, particles, np.where(listed, pos + 1, 0).astype(np.int64), None, numbers)
 
 
 def _read_averages(path: Path) -> tuple[np.ndarray, float]:
@@ -444,8 +487,8 @@ def write_selection(job: Job, classes: list[int] | np.ndarray, out_dir: str | os
     classes : sequence of int
         1-based class numbers to keep (may be empty).
     out_dir : str or PathLike
-        Created if needed. Gets ``particles{.star,.cs}``, ``rejected{.star,.cs}``
-        and ``templates.mrcs``; each written atomically. Must not be the job
+        Created if needed. Gets ``particles{.star,.cs}``, ``rejected{.star,.cs}``,
+        ``templates.mrcs`` and ``classes.star``; each written atomically. Must not be the job
         folder itself (that would overwrite the job's particles file).
 
     Returns
@@ -470,12 +513,18 @@ def write_selection(job: Job, classes: list[int] | np.ndarray, out_dir: str | os
         "particles": out / f"particles{job.suffix}",
         "rejected": out / f"rejected{job.suffix}",
         "templates": out / "templates.mrcs",
+        "classes": out / "classes.star",
     }
     write_particles(job.particles, paths["particles"], rows=np.flatnonzero(mask))
     write_particles(job.particles, paths["rejected"], rows=np.flatnonzero(~mask))
     box = job.averages.shape[-1]
     templates = job.averages[chosen - 1] if len(chosen) else np.zeros((0, box, box), np.float32)
     write_stack(paths["templates"], templates, job.pixel_size_angst)
+    table = job.table.iloc[chosen - 1].reset_index(drop=True)
+    table["rlnReferenceImage"] = [f"{i:06d}@templates.mrcs" for i in range(1, len(chosen) + 1)]
+    table["rlnClassNumber"] = job.numbers[chosen - 1]
+    with atomic_path(paths["classes"]) as tmp:
+        starfile.write({"classes": table}, tmp)
     return SelectionResult(chosen, int(mask.sum()), int((~mask).sum()), job.n_classes, paths)
 
 

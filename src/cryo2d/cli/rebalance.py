@@ -9,7 +9,8 @@ OUT/particles.star (kept; .cs for .cs input), OUT/dropped.star and
 OUT/superclasses.star (class -> superclass, counts before/after).
 
 examples:
-  $ cryo2d rebalance Select/good -o Rebalance/run1
+  $ cryo2d select Class2D/run1 -o Select/good                  # the good classes
+  $ cryo2d rebalance Select/good -o Rebalance/run1                # their views capped
   $ cryo2d rebalance Class2D/run1 -o Rebalance/p20 --max-share 0.2 --n-superclasses 8 --seed 3
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cryo2d.rebalance import rebalance
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("job", help="classification job folder (classes.mrcs, classes.star, particles.star/.cs)")
+    parser.add_argument("job", help="classification job folder (classes.mrcs, classes.star, particles.star/.cs), or a cryo2d select output folder")
     parser.add_argument("-o", "--out", required=True, help="output folder")
     parser.add_argument("--max-share", type=float, default=0.1, help="largest fraction of the kept particles per superclass (default %(default)s)")
     parser.add_argument("--n-superclasses", type=int, default=None, help="number of superclasses (default: automatic, classes with correlation >= 0.9 grouped)")
