@@ -200,6 +200,16 @@ def test_non_positive_pixel_size_is_refused(bundled, pixel):
         simulate(*bundled, n_particles=10, box=16, pixel_size_angst=pixel)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"snr": float("nan")}, "snr must be positive, got nan"),  # used to give noise-free images
+    ({"junk_fraction": 1.5}, r"junk fraction must be in \[0, 1\], got 1.5"),
+    ({"rare_view_fraction": -0.1}, r"rare view fraction must be in \[0, 1\], got -0.1"),
+])
+def test_bad_snr_and_fractions_are_refused_by_name(bundled, kwargs, message):
+    with pytest.raises(Cryo2DError, match=message):
+        simulate(*bundled, n_particles=10, box=16, **kwargs)
+
+
 def test_cli_refuses_a_non_positive_map_pixel_size(tmp_path, capsys):
     from cryo2d.cli.main import main
 

@@ -602,9 +602,12 @@ def simulate(
         raise Cryo2DError("simulate: voxel size must be positive (the map header has none; pass it)")
     if views not in ("discrete", "uniform", "preferred"):
         raise Cryo2DError(f"simulate: views must be discrete, uniform or preferred, got {views!r}")
-    if n_particles < 1 or box < 8 or n_views < 1 or not 0 <= junk_fraction <= 1 or not 0 <= rare_view_fraction <= 1:
-        raise Cryo2DError("simulate: need n_particles ≥ 1, box ≥ 8, n_views ≥ 1 and fractions in [0, 1]")
-    if snr <= 0:
+    if n_particles < 1 or box < 8 or n_views < 1:
+        raise Cryo2DError("simulate: need n_particles ≥ 1, box ≥ 8 and n_views ≥ 1")
+    for name, value in (("junk fraction", junk_fraction), ("rare view fraction", rare_view_fraction)):
+        if not 0 <= value <= 1:
+            raise Cryo2DError(f"simulate: {name} must be in [0, 1], got {value}")
+    if not snr > 0:  # inf: no noise; NaN refused
         raise Cryo2DError(f"simulate: snr must be positive, got {snr}")
     if pixel_size_angst is not None and not pixel_size_angst > 0:
         raise Cryo2DError(f"simulate: pixel size must be positive, got {pixel_size_angst}")

@@ -56,6 +56,13 @@ def test_min_align_res_at_or_above_max_is_an_error():
         make_geometry(BOX, PIX, EMConfig(max_res_angst=8.0, max_align_res_angst=16.0, min_align_res_angst=128 / 7.5))
 
 
+def test_max_res_coarser_than_the_box_names_the_resolution_not_none():
+    """Without --min-align-res the message names --max-res and the box length (found by a fuzz run: it said "None Å")."""
+    with pytest.raises(Cryo2DError, match=r"--max-res 1000.0 Å leaves no frequencies .* the box \(") as err:
+        make_geometry(BOX, PIX, EMConfig(max_res_angst=1000.0))
+    assert "None" not in str(err.value)
+
+
 def test_tiny_box_is_an_error():
     with pytest.raises(Cryo2DError, match="too small"):
         make_geometry(8, PIX, EMConfig())

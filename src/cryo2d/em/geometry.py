@@ -86,9 +86,12 @@ def make_geometry(box: int, pixel_size_angst: float, config: EMConfig) -> Geomet
     if config.min_align_res_angst is not None:
         r_min = max(1.0, length_angst / config.min_align_res_angst)
     if r_min + 1 > r_align:
+        lowest = (f"--min-align-res {config.min_align_res_angst} Å" if config.min_align_res_angst is not None
+                  else f"the box ({length_angst:.0f} Å)")
+        flag = "--max-align-res" if config.max_align_res_angst else "--max-res"
         raise Cryo2DError(
-            f"--min-align-res {config.min_align_res_angst} Å leaves no frequencies below "
-            f"--max-align-res {align_res} Å for this box ({box} px at {pixel_size_angst:.3f} Å)"
+            f"{flag} {align_res} Å leaves no frequencies to align with above {lowest} "
+            f"({box} px at {pixel_size_angst:.3f} Å)"
         )
     work_px = pixel_size_angst * box / work_box
     if config.mask_diameter_angst is not None:
