@@ -164,12 +164,7 @@ def read_job(job_dir: str | os.PathLike, *, selection: bool = False) -> Job:
         raise Cryo2DError(
             f"{folder}: a cryo2d select folder (templates.mrcs, no classes.mrcs); give the classification job folder"
         )
-    averages, pixel = _read_averages(folder / "classes.mrcs")
-    table = _read_class_table(folder / "classes.star")
-    if len(table) != len(averages):
-        raise Cryo2DError(
-            f"{folder / 'classes.star'}: {len(table)} classes but classes.mrcs has {len(averages)} images"
-        )
+    averages, pixel, table = _read_classes(folder, "classes.mrcs")
     numbers = pd.to_numeric(table["rlnClassNumber"], errors="coerce").to_numpy()
     if not np.array_equal(numbers, np.arange(1, len(table) + 1)):
         raise Cryo2DError(f"{folder / 'classes.star'}: _rlnClassNumber must run 1..{len(table)} in order")
@@ -193,12 +188,7 @@ def read_job(job_dir: str | os.PathLike, *, selection: bool = False) -> Job:
 
 def _read_selection(folder: Path) -> Job:
     """A selection folder (see :func:`read_job`) as a job of the selected classes."""
-    averages, pixel = _read_averages(folder / "templates.mrcs")
-    table = _read_class_table(folder / "classes.star")
-    if len(table) != len(averages):
-        raise Cryo2DError(
-            f"{folder / 'classes.star'}: {len(table)} classes but templates.mrcs has {len(averages)} images"
-        )
+    averages, pixel, table = _read_classes(folder, "templates.mrcs")
     numbers = pd.to_numeric(table["rlnClassNumber"], errors="coerce").to_numpy(np.float64)
     if not (np.isfinite(numbers).all() and (numbers % 1 == 0).all() and (numbers >= 1).all()
             and (np.diff(numbers) > 0).all()):
@@ -209,6 +199,15 @@ def _read_selection(folder: Path) -> Job:
     pos = np.searchsorted(numbers, original)
     listed = (pos < len(numbers)) & (numbers[np.minimum(pos, len(numbers) - 1)] == original)
     return Job(folder, averages, pixel, table, particles, np.where(listed, pos + 1, 0).astype(np.int64), None, numbers)
+
+
+def _read_classes(folder: Path, stack: str) -> tuple[np.ndarray, float, pd.DataFrame]:
+    """Class averages (from ``stack``), their pixel size and ``classes.star``'s table, one row per image."""
+    averages, pixel = _read_averages(folder / stack)
+    table = _read_class_table(folder / "classes.star")
+    if len(table) != len(averages):
+        raise Cryo2DError(f"{folder / 'classes.star'}: {len(table)} classes but {stack} has {len(averages)} images")
+    return averages, pixel, table
 
 
 def _read_averages(path: Path) -> tuple[np.ndarray, float]:

@@ -281,7 +281,7 @@ def test_rotation_table_scores_like_the_dense_references(search, mode, monkeypat
         run = lambda r, **kw: e_step_coarse_to_fine(*args[:3], r, *args[4:], grid, mode=mode, **kw)  # noqa: E731
     import cryo2d.em.estep as estep
 
-    monkeypatch.setattr(estep, "_TABLE_GROUP_VALUES", 2 * len(psi) * len(pts))  # 3 groups of classes
+    monkeypatch.setattr(estep, "TABLE_GROUP_VALUES", 2 * len(psi) * len(pts))  # 3 groups of classes
     if search == "exhaustive":
         dense, lazy = run(refs), run(table)
     else:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from cryo2d.em.rotation import RotationTable
+from cryo2d.em.rotation import TABLE_GROUP_VALUES, RotationTable
 
 
 #: Most (shift, class, rotation) entries a particle gives the M-step (soft modes; hard: one).
@@ -271,7 +271,7 @@ def e_step(
     else:  # a RotationTable: the rows of a few classes at a time
         cross = torch.empty((b * T, KR), dtype=Yr.dtype, device=X.device)
         norm = torch.empty((b, KR), dtype=Yr.dtype, device=X.device)
-        per = max(1, _TABLE_GROUP_VALUES // (R * m))
+        per = max(1, TABLE_GROUP_VALUES // (R * m))
         for k0 in range(0, K, per):
             cols = slice(k0 * R, min(K, k0 + per) * R)
             Z = refs.rows(torch.arange(cols.start, cols.stop, device=X.device))
@@ -289,8 +289,6 @@ def e_step(
 
 #: Coarse (class, rotation) candidates refined per particle, besides each class's best.
 N_CANDIDATES = 24
-#: Rotated-reference values a :class:`~cryo2d.em.rotation.RotationTable` gives :func:`e_step` at a time (128 MB).
-_TABLE_GROUP_VALUES = 1 << 24
 
 
 def coarse_subgrid(
@@ -398,7 +396,7 @@ def coarse_references(
         return Zc, refs_power[:, coarse_r][:, :, cm].reshape(K * Rc, Mc)
     Zc = torch.empty((K * Rc, 2 * Mc), dtype=dtype, device=cm.device)
     power_c = torch.empty((K * Rc, Mc), device=cm.device)
-    per = max(1, _TABLE_GROUP_VALUES // (Rc * M))
+    per = max(1, TABLE_GROUP_VALUES // (Rc * M))
     for k0 in range(0, K, per):
         k = torch.arange(k0, min(K, k0 + per), device=cm.device)
         Z = refs.rows((k[:, None] * R + coarse_r[None, :]).reshape(-1))[:, cm]

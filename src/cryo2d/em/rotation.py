@@ -217,6 +217,10 @@ def psi_grid(step_deg: float, device=None) -> Tensor:
     return torch.arange(n, device=device, dtype=torch.float64).mul(2 * math.pi / n).float()
 
 
+#: Rotated-reference values made or handed out at a time by :class:`RotationTable` and its users (128 MB).
+TABLE_GROUP_VALUES = 1 << 24
+
+
 class RotationTable:
     """Rotated class transforms sampled on demand: the E-step's references without their K · R · M array.
 
@@ -246,7 +250,7 @@ class RotationTable:
         self.shape = (K, R, M)
         self.n_dense = min(max(0, int(n_dense)), K)
         self.dense = torch.empty((self.n_dense * R, M), dtype=torch.complex64, device=A.device)
-        step = max(1, (1 << 24) // (R * M))  # about 128 MB of float samples at a time
+        step = max(1, TABLE_GROUP_VALUES // (R * M))
         for k0 in range(0, self.n_dense, step):
             k1 = min(self.n_dense, k0 + step)
             self.dense[k0 * R : k1 * R] = rotate_classes(A[k0:k1], xy, psi_rad, zeropad).reshape(-1, M)
