@@ -185,6 +185,9 @@ def test_cs_and_star_give_the_same_classification(star_job, cs_job):
     out = np.load(job / "particles.cs")
     np.testing.assert_array_equal(out["alignments2D/class"], star["rlnClassNumber"].to_numpy() - 1)
     np.testing.assert_allclose(np.rad2deg(out["alignments2D/pose"]), star["rlnAnglePsi"], atol=1e-3)
+    # CryoSPARC's shift is RELION's origin in pixels (pyem's csparc2star copies it unchanged).
+    origin_px = star[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / out["alignments2D/psize_A"][:, None]
+    np.testing.assert_allclose(out["alignments2D/shift"], origin_px, atol=1e-4)
 
 
 def test_fewer_particles_than_classes(sim3, tmp_path, capsys):

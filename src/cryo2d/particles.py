@@ -113,8 +113,10 @@ class Assignments:
 
     The writers convert these once: STAR gets 1-based ``_rlnClassNumber``,
     ``_rlnAnglePsi`` = −psi_deg (RELION's sense of rotation) in degrees and
-    ``_rlnOriginX/YAngst`` in Å; .cs gets 0-based ``alignments2D/class``,
-    ``alignments2D/pose`` = −psi in radians and ``alignments2D/shift`` in pixels.
+    ``_rlnOriginX/YAngst`` = −shift_px in Å (RELION's origin: the translation
+    that centres the particle); .cs gets 0-based ``alignments2D/class``,
+    ``alignments2D/pose`` = −psi in radians and ``alignments2D/shift`` =
+    −shift_px in pixels.
 
     Attributes
     ----------

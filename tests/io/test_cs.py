@@ -56,7 +56,7 @@ def test_write_cs_roundtrip_all_fields_and_units(tmp_path):
     np.testing.assert_array_equal(out["alignments2D/class"], assignments.class_index)
     # RELION sense: minus the counter-clockwise angle.
     np.testing.assert_allclose(out["alignments2D/pose"], np.radians(np.mod(-assignments.psi_deg, 360.0)), rtol=1e-6)
-    np.testing.assert_allclose(out["alignments2D/shift"], assignments.shift_px, rtol=1e-6)
+    np.testing.assert_allclose(out["alignments2D/shift"], -assignments.shift_px, rtol=1e-6)
     np.testing.assert_allclose(out["alignments2D/psize_A"], ctf["pixel_size_angst"], rtol=1e-6)
     np.testing.assert_allclose(out["alignments2D/class_posterior"], assignments.class_posterior, rtol=1e-6)
     np.testing.assert_allclose(out["alignments2D/class_ess"], assignments.class_ess, rtol=1e-6)

@@ -75,8 +75,8 @@ def test_write_31_roundtrip_all_columns_and_units(tmp_path):
     np.testing.assert_array_equal(out["rlnClassNumber"], assignments.class_index + 1)
     # RELION sense: minus the counter-clockwise angle.
     np.testing.assert_allclose(out["rlnAnglePsi"], np.mod(-assignments.psi_deg, 360.0), rtol=1e-15)
-    np.testing.assert_allclose(out["rlnOriginXAngst"], assignments.shift_px[:, 0] * ctf["pixel_size_angst"], rtol=1e-15)
-    np.testing.assert_allclose(out["rlnOriginYAngst"], assignments.shift_px[:, 1] * ctf["pixel_size_angst"], rtol=1e-15)
+    np.testing.assert_allclose(out["rlnOriginXAngst"], -assignments.shift_px[:, 0] * ctf["pixel_size_angst"], rtol=1e-15)
+    np.testing.assert_allclose(out["rlnOriginYAngst"], -assignments.shift_px[:, 1] * ctf["pixel_size_angst"], rtol=1e-15)
     np.testing.assert_allclose(out["rlnMaxValueProbDistribution"], assignments.max_prob, rtol=1e-15)
     np.testing.assert_allclose(out["rlnNormCorrection"], assignments.scale, rtol=1e-15)
     assert "rlnOriginX" not in out and "rlnClassPosterior" not in out
@@ -95,8 +95,8 @@ def test_write_30_keeps_single_block_and_pixel_origins(tmp_path):
     assert list(written) == ["particles"]
     out = written["particles"]
     _assert_columns_equal(out, particles.table, skip={"rlnClassNumber"})
-    np.testing.assert_allclose(out["rlnOriginX"], assignments.shift_px[:, 0], rtol=1e-15)
-    np.testing.assert_allclose(out["rlnOriginY"], assignments.shift_px[:, 1], rtol=1e-15)
+    np.testing.assert_allclose(out["rlnOriginX"], -assignments.shift_px[:, 0], rtol=1e-15)
+    np.testing.assert_allclose(out["rlnOriginY"], -assignments.shift_px[:, 1], rtol=1e-15)
     assert "rlnOriginXAngst" not in out
 
 
@@ -109,7 +109,7 @@ def test_write_rows_subset(tmp_path):
     out = starfile.read(tmp_path / "sub.star", always_dict=True)["particles"]
     assert out["rlnImageName"].tolist() == particles.table["rlnImageName"].iloc[rows].tolist()
     np.testing.assert_array_equal(out["rlnClassNumber"], assignments.class_index[rows] + 1)
-    np.testing.assert_allclose(out["rlnOriginXAngst"], assignments.shift_px[rows, 0] * ctf["pixel_size_angst"][rows])
+    np.testing.assert_allclose(out["rlnOriginXAngst"], -assignments.shift_px[rows, 0] * ctf["pixel_size_angst"][rows])
     mask = np.zeros(len(particles), dtype=bool)
     mask[rows] = True
     write_particles(particles, tmp_path / "masked.star", rows=mask)

@@ -3,7 +3,8 @@
 Conventions converted here and nowhere else: ``blob/idx`` is 0-based,
 ``ctf/df_angle_rad`` and ``ctf/phase_shift_rad`` are radians (``CTFParams``
 holds degrees), ``alignments2D/class`` is 0-based, ``alignments2D/pose`` is
-radians and ``alignments2D/shift`` pixels.
+−psi in radians and ``alignments2D/shift`` −shift in pixels (RELION's
+``_rlnAnglePsi`` and origin).
 """
 from __future__ import annotations
 
@@ -255,9 +256,11 @@ def _with_assignments(array: np.ndarray, a: Assignments, pixel_size_angst: np.nd
     for name, _ in kept:
         out[name] = array[name]
     out["alignments2D/class"] = np.asarray(a.class_index, dtype=np.int64)
-    # Same sense as the STAR writer's _rlnAnglePsi (RELION: minus our counter-clockwise angle).
+    # The same sense as the STAR writer's _rlnAnglePsi and _rlnOriginX/Y (both
+    # negated), in radians and pixels: CryoSPARC's pose and shift convert to
+    # RELION's psi and origin unchanged (pyem's csparc2star).
     out["alignments2D/pose"] = np.deg2rad(np.mod(-np.asarray(a.psi_deg, dtype=np.float64), 360.0))
-    out["alignments2D/shift"] = np.asarray(a.shift_px, dtype=np.float64).reshape(-1, 2)
+    out["alignments2D/shift"] = -np.asarray(a.shift_px, dtype=np.float64).reshape(-1, 2)
     out["alignments2D/psize_A"] = pixel_size_angst
     out["alignments2D/class_posterior"] = a.class_posterior
     out["alignments2D/class_ess"] = a.class_ess

@@ -236,9 +236,10 @@ def write_star(
         Output file, written atomically.
     assignments : Assignments, optional
         Same length as ``particles``. Adds (or overwrites) ``_rlnClassNumber``
-        (class_index + 1), ``_rlnAnglePsi`` (degrees), ``_rlnOriginXAngst`` /
-        ``_rlnOriginYAngst`` (shift_px × pixel size, Å; 3.0 input gets
-        ``_rlnOriginX`` / ``_rlnOriginY`` in pixels), ``_rlnMaxValueProbDistribution``
+        (class_index + 1), ``_rlnAnglePsi`` (−psi_deg, degrees), ``_rlnOriginXAngst`` /
+        ``_rlnOriginYAngst`` (−shift_px × pixel size, Å: RELION's origin is the
+        translation that centres the particle; 3.0 input gets ``_rlnOriginX`` /
+        ``_rlnOriginY`` in pixels), ``_rlnMaxValueProbDistribution``
         and ``_rlnNormCorrection`` (scale). ``keep`` is not applied: pass
         ``rows`` to leave particles out.
     rows : (m,) int array or (n,) bool mask, optional
@@ -283,15 +284,17 @@ def _with_assignments(
     table = table.copy()
     shift_px = np.asarray(a.shift_px, dtype=np.float64).reshape(-1, 2)
     table["rlnClassNumber"] = np.asarray(a.class_index, dtype=np.int64) + 1
-    # RELION's reference at _rlnAnglePsi = ψ is the class rotated clockwise by ψ
-    # (it samples the class at Aᵀk), so its ψ is minus our counter-clockwise angle.
+    # RELION aligns a particle to its reference by translating it by the origin
+    # and then rotating it by _rlnAnglePsi (relion_stack_create
+    # --apply_transformation; tests/io/test_relion_poses.py): the origin undoes our
+    # shift and ψ our counter-clockwise rotation, so both are negated.
     table["rlnAnglePsi"] = np.mod(-np.asarray(a.psi_deg, dtype=np.float64), 360.0)
     if angstrom_origins:
-        table["rlnOriginXAngst"] = shift_px[:, 0] * pixel_size_angst
-        table["rlnOriginYAngst"] = shift_px[:, 1] * pixel_size_angst
+        table["rlnOriginXAngst"] = -shift_px[:, 0] * pixel_size_angst
+        table["rlnOriginYAngst"] = -shift_px[:, 1] * pixel_size_angst
     else:
-        table["rlnOriginX"] = shift_px[:, 0]
-        table["rlnOriginY"] = shift_px[:, 1]
+        table["rlnOriginX"] = -shift_px[:, 0]
+        table["rlnOriginY"] = -shift_px[:, 1]
     table["rlnMaxValueProbDistribution"] = np.asarray(a.max_prob, dtype=np.float64)
     table["rlnNormCorrection"] = np.asarray(a.scale, dtype=np.float64)
     return table
