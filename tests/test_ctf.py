@@ -105,3 +105,29 @@ def test_defocus_angle_direction():
     iso_u = _params(defocus_u_angst=[25000], defocus_v_angst=[25000])
     f = torch.tensor([[0.0, 0.05]], dtype=torch.float64)  # along +y
     torch.testing.assert_close(ctf_2d(f, p, dtype=torch.float64), ctf_2d(f, iso_u, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "box, pixel, kv, cs, q0, du, dv, angle, phase",
+    [(64, 1.5, 300.0, 2.7, 0.1, 15000.0, 11000.0, 30.0, 20.0), (48, 3.2, 200.0, 0.01, 0.07, 22000.0, 25000.0, 125.0, 0.0)],
+)
+def test_ctf_grid_equals_relion_ctf_toolbox(tmp_path, box, pixel, kv, cs, q0, du, dv, angle, phase):
+    """RELION 3.1's own CTF image (relion_ctf_toolbox --simulate): same values, layout and astigmatism direction."""
+    import shutil
+    import subprocess
+
+    import mrcfile
+
+    tool = shutil.which("relion_ctf_toolbox")
+    if tool is None:
+        pytest.skip("RELION (relion_ctf_toolbox) not installed")
+    out = tmp_path / "ctf.mrc"
+    subprocess.run([tool, "--simulate", str(out), "--angpix", str(pixel), "--box", str(box), "--kV", str(kv),
+                    "--Cs", str(cs), "--Q0", str(q0), "--defU", str(du), "--defV", str(dv), "--defAng", str(angle),
+                    "--phase_shift", str(phase)], check=True, capture_output=True)
+    with mrcfile.open(out) as mrc:
+        relion = np.array(mrc.data, dtype=np.float64)
+    params = _params(defocus_u_angst=[du], defocus_v_angst=[dv], defocus_angle_deg=[angle], voltage_kv=[kv],
+                     cs_mm=[cs], amplitude_contrast=[q0], phase_shift_deg=[phase])
+    ours = ctf_grid(params, box, pixel, dtype=torch.float64)[0].numpy()
+    np.testing.assert_allclose(ours, relion, atol=1e-5)  # RELION writes float32
