@@ -17,8 +17,12 @@ from cryo2d.cli.main import main
 FAST = ["--classes", "3", "--online-iterations", "2", "--batch-per-class", "20", "--seed", "0"]
 
 
+def _errors_in(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("cryo2d: error:")]
+
+
 def _errors(capsys) -> list[str]:
-    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("cryo2d: error:")]
+    return _errors_in(capsys.readouterr().err)
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +192,14 @@ def test_cs_and_star_give_the_same_classification(star_job, cs_job):
     # CryoSPARC's shift is RELION's origin in pixels (pyem's csparc2star copies it unchanged).
     origin_px = star[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / out["alignments2D/psize_A"][:, None]
     np.testing.assert_allclose(out["alignments2D/shift"], origin_px, atol=1e-4)
+
+
+def test_impossible_resolution_is_one_line_without_a_progress_bar(sim3, tmp_path, capsys):
+    code = main(["classify", str(sim3.star), "-o", str(tmp_path / "job"), "--classes", "3", "--max-res", "1000"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == _errors_in(err) and len(err.splitlines()) == 1, err
+    assert "--max-res 1000.0 Å leaves no frequencies" in err
 
 
 def test_fewer_particles_than_classes(sim3, tmp_path, capsys):

@@ -162,7 +162,9 @@ def progress_printer(total: int):
     """A tqdm bar plus one log line per iteration on stderr."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc="2D classification", unit="it", file=sys.stderr, leave=True)
+    # Shown after a second: an input error found while the job starts is not
+    # preceded by an empty bar.
+    bar = tqdm(total=total, desc="2D classification", unit="it", file=sys.stderr, leave=True, delay=1.0)
 
     def on_iteration(r: dict) -> None:
         bar.update(1)
@@ -195,6 +197,9 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume, skip_bad=args.skip_bad, on_iteration=on_iteration,
             workers=args.workers, scheduler=args.scheduler,
         )
+    except BaseException:
+        bar.leave = False  # an error: clear the bar, the error line follows
+        raise
     finally:
         bar.close()
     n_classes = int((result.counts > 0).sum())
