@@ -224,9 +224,10 @@ def test_cli_ctrl_c_stops_cleanly_and_bad_source(sim3, tmp_path):
     args = [sys.executable, "-m", "cryo2d", "stream", str(folder), "-o", str(job), "--classes", "3",
             "--online-iterations", "3", "--batch-per-class", "10", "--settle-seconds", "0",
             "--poll-seconds", "0.05", "--threads", "1"]
-    # Started with Ctrl-C's default action: a process inherits an ignored
-    # SIGINT, and this one's is at times ignored for a moment (seen twice in
-    # full runs of the suite: the child then ignored the signal and hung).
+    # The child starts with Ctrl-C's default action. A child inherits an
+    # ignored SIGINT, and in two full runs of the suite this process had it
+    # ignored for a moment (SIGQUIT too: some thread's system() call), so the
+    # child ignored the signal and hung.
     start = "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); " \
             "sys.argv[0] = 'cryo2d'; runpy.run_module('cryo2d', run_name='__main__')"
     proc = subprocess.Popen([sys.executable, "-c", start, *args[3:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
