@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import starfile
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import radius_grid, resize_images, rotate_images
-from cryo2d.io import atomic_path, write_particles
+from cryo2d.io import write_particles
+from cryo2d.io.star import write_blocks
 from cryo2d.select import Job, output_folder, read_job
 
 __all__ = [
@@ -341,7 +341,6 @@ def rebalance(
         "rlnClassParticleCount": job.counts,
         "count_after": after_per_class.astype(np.int64),
     })
-    with atomic_path(paths["superclasses"]) as tmp:
-        starfile.write({"superclasses": table}, tmp)
+    write_blocks({"superclasses": table}, paths["superclasses"])
     result.paths = paths
     return result

@@ -45,7 +45,8 @@ import pandas as pd
 import starfile
 
 from cryo2d.errors import Cryo2DError
-from cryo2d.io import atomic_path, read_particles, write_particles, write_stack
+from cryo2d.io import read_particles, write_particles, write_stack
+from cryo2d.io.star import write_blocks
 from cryo2d.junk import DEFAULT_MAX_JUNK_SCORE, junk_scores
 from cryo2d.particles import ParticleSet
 
@@ -522,8 +523,7 @@ def write_selection(job: Job, classes: list[int] | np.ndarray, out_dir: str | os
     table = job.table.iloc[chosen - 1].reset_index(drop=True)
     table["rlnReferenceImage"] = [f"{i:06d}@templates.mrcs" for i in range(1, len(chosen) + 1)]
     table["rlnClassNumber"] = job.numbers[chosen - 1]
-    with atomic_path(paths["classes"]) as tmp:
-        starfile.write({"classes": table}, tmp)
+    write_blocks({"classes": table}, paths["classes"])
     return SelectionResult(chosen, int(mask.sum()), int((~mask).sum()), job.n_classes, paths)
 
 
