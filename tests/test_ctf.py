@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 
+import mrcfile
 import numpy as np
 import pytest
 import torch
@@ -113,11 +116,6 @@ def test_defocus_angle_direction():
 )
 def test_ctf_grid_equals_relion_ctf_toolbox(tmp_path, box, pixel, kv, cs, q0, du, dv, angle, phase):
     """RELION 3.1's own CTF image (relion_ctf_toolbox --simulate): same values, layout and astigmatism direction."""
-    import shutil
-    import subprocess
-
-    import mrcfile
-
     tool = shutil.which("relion_ctf_toolbox")
     if tool is None:
         pytest.skip("RELION (relion_ctf_toolbox) not installed")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 
 from cryo2d.em.config import EMConfig, check_device
 from cryo2d.errors import Cryo2DError
@@ -158,12 +159,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_scale_out_args(p)
 
 
+@contextmanager
 def progress_printer(total: int):
-    """A tqdm bar plus one log line per iteration on stderr."""
+    """A tqdm bar plus one log line per iteration on stderr; yields the ``on_iteration`` callback.
+
+    The bar shows after a second and is cleared when the block raises, so an
+    input error found while the job starts is one line, not an empty bar and
+    the error.
+    """
     from tqdm import tqdm
 
-    # Shown after a second: an input error found while the job starts is not
-    # preceded by an empty bar.
     bar = tqdm(total=total, desc="2D classification", unit="it", file=sys.stderr, leave=True, delay=1.0)
 
     def on_iteration(r: dict) -> None:
@@ -177,7 +182,13 @@ def progress_printer(total: int):
             file=sys.stderr,
         )
 
-    return bar, on_iteration
+    try:
+        yield on_iteration
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,18 +201,12 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.validate()
     total = config.n_online_iterations + max(config.n_full_iterations, 1)
-    bar, on_iteration = progress_printer(total)
-    try:
+    with progress_printer(total) as on_iteration:
         result = classify(
             args.particles, args.out, config, device=args.device, project_dir=args.project_dir,
             resume=args.resume, skip_bad=args.skip_bad, on_iteration=on_iteration,
             workers=args.workers, scheduler=args.scheduler,
         )
-    except BaseException:
-        bar.leave = False  # an error: clear the bar, the error line follows
-        raise
-    finally:
-        bar.close()
     n_classes = int((result.counts > 0).sum())
     print(f"{args.out}: {n_classes} non-empty classes of {len(result.counts)}; "
           f"{int(result.counts.sum())} particles assigned", file=sys.stderr)

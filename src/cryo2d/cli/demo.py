@@ -45,11 +45,8 @@ def run(args: argparse.Namespace) -> int:
     write_simulation(sim, data)
     print(f"simulated {args.n} particles of {args.box} px at {sim.pixel_size_angst:.2f} Å/px into {data}", file=sys.stderr)
     config = EMConfig(n_classes=args.classes, seed=args.seed)
-    bar, on_iteration = progress_printer(config.n_online_iterations + max(config.n_full_iterations, 1))
-    try:
+    with progress_printer(config.n_online_iterations + max(config.n_full_iterations, 1)) as on_iteration:
         classify(data / "particles.star", job, config, device=args.device, on_iteration=on_iteration)
-    finally:
-        bar.close()
     scores = score_job(job, data)
     keys = ("junk_f1", "purity", "rare_view_recovered", "median_ncc", "n_particle_classes", "n_junk_classes", "n_empty_classes")
     print(json.dumps({k: scores[k] for k in keys}, indent=1))
