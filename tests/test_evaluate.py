@@ -110,6 +110,21 @@ def test_ncc_recovers_pose():
     assert (a.psi_deg, a.shift_x_px, a.shift_y_px) == (0.0, 4, -2)
 
 
+def test_ncc_refines_to_a_fraction_of_a_pixel(monkeypatch):
+    """A copy moved by a fraction of a pixel scores 1, with the fractional shift recovered."""
+    ref = _blob_image(48, seed=3)
+    ky, kx = np.meshgrid(np.fft.fftfreq(48), np.fft.fftfreq(48), indexing="ij")
+    dx, dy = 0.375, -1.25  # img(p) = ref(p - d): moved by +d
+    img = np.fft.ifft2(np.fft.fft2(ref) * np.exp(-2j * np.pi * (kx * dx + ky * dy))).real
+    a = align_ncc(img, ref)
+    assert a.ncc == pytest.approx(1.0, abs=1e-9)
+    assert (a.psi_deg, a.shift_x_px, a.shift_y_px) == pytest.approx((0.0, -dx, -dy), abs=1e-9)
+    import cryo2d.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "_REFINE_ROUNDS", 0)  # the whole-pixel grid alone reads less
+    assert align_ncc(img, ref).ncc < 0.9999
+
+
 def test_ncc_is_rotation_invariant():
     ref = _blob_image(48, seed=1)
     img = _blob_image(48, seed=2)
