@@ -16,7 +16,10 @@ Presets:
   speed issue's side-by-side run (RELION 3.1 took 20 minutes on it);
 - ``--preset lowsnr``: 3,000 particles, 80 px, SNR 0.02, 15% junk, 12
   discrete views, one at 3%, K = 20 (with the ribosome map: the lowest SNR
-  measured side by side, where neither program finds the views).
+  measured side by side, where neither program finds the views);
+- ``--preset highsnr``: 2,000 particles, 64 px, SNR 0.3, 10% junk, 10
+  discrete views, one at 3%, K = 16 (with haemoglobin at 1.6 Å per pixel:
+  easy to classify, and class averages sharper than the default 6 Å).
 
     $ python benchmarks/quality.py --small
     $ python benchmarks/quality.py --preset peer
@@ -64,6 +67,9 @@ PRESETS["peer"] = dict(PRESETS["hard"], n=3000)  # the speed issue's side-by-sid
 # low SNR: where the search cannot find the views from random starting classes
 PRESETS["lowsnr"] = dict(n=3000, box=80, snr=0.02, junk_fraction=0.15, classes=20, views="discrete", n_views=12,
                          rare_fraction=0.03)
+# high SNR: the classes are easy; how sharp the averages are decides their NCC
+PRESETS["highsnr"] = dict(n=2000, box=64, snr=0.3, junk_fraction=0.1, classes=16, views="discrete", n_views=10,
+                          rare_fraction=0.03)
 
 
 def cryo2d_exe() -> list[str]:
