@@ -10,6 +10,7 @@ import pytest
 import starfile
 from scipy import ndimage
 
+import cryo2d.evaluate as evaluate
 from cryo2d.errors import Cryo2DError
 from cryo2d.evaluate import (
     align_ncc,
@@ -119,8 +120,6 @@ def test_ncc_refines_to_a_fraction_of_a_pixel(monkeypatch):
     a = align_ncc(img, ref)
     assert a.ncc == pytest.approx(1.0, abs=1e-9)
     assert (a.psi_deg, a.shift_x_px, a.shift_y_px) == pytest.approx((0.0, -dx, -dy), abs=1e-9)
-    import cryo2d.evaluate as evaluate
-
     monkeypatch.setattr(evaluate, "_REFINE_ROUNDS", 0)  # the whole-pixel grid alone reads less
     assert align_ncc(img, ref).ncc < 0.9999
 
