@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from cryo2d.errors import Cryo2DError
+from cryo2d.fourier import fft2c, freq_grid, ifft2c, shift_phase
 
 __all__ = [
     "ClassDetail",
@@ -404,29 +405,27 @@ def _refine_ncc(
     size = big + 2 * pad
     psis = psi0 + psi_step * _REFINE_PSI
     rotated = F.pad(_rotate(image, psis), (pad, pad, pad, pad))  # (R, S, S), image at offset `pad`
-    k = torch.fft.fftfreq(size, dtype=torch.float64)
-    ty = torch.as_tensor(t0[1] + _REFINE_SHIFT)
-    tx = torch.as_tensor(t0[0] + _REFINE_SHIFT)
-    # y(p) = x(p + t): multiply the transform by exp(+2πi k·t), one phase per (t_y, t_x).
-    phase = torch.exp(2j * np.pi * (ty[:, None, None, None] * k[None, None, :, None]
-                                    + tx[None, :, None, None] * k[None, None, None, :]))
-    X = torch.fft.fft2(rotated)
+    ty, tx = torch.meshgrid(torch.as_tensor(t0[1] + _REFINE_SHIFT), torch.as_tensor(t0[0] + _REFINE_SHIFT),
+                            indexing="ij")
+    t = torch.stack([tx.flatten(), ty.flatten()], dim=1)  # (Ty·Tx, 2) as (t_x, t_y)
+    # y(p) = x(p + t): the content moves by -t.
+    phase = shift_phase(freq_grid(size, dtype=torch.float64).reshape(-1, 2), -t).reshape(-1, size, size)
+    X = fft2c(rotated)
     m = torch.as_tensor(mask, dtype=torch.float64)
     w = torch.as_tensor(ref)
     n_mask = float(m.sum())
     floor = _EPS * max(1.0, float((image**2).sum()))
     best = (-np.inf, psi0, (float(t0[0]), float(t0[1])))
     for i in range(len(psis)):
-        y = torch.fft.ifft2(X[i] * phase).real[..., pad : pad + big, pad : pad + big]  # (Ty, Tx, B, B)
+        y = ifft2c(X[i] * phase, real=True)[..., pad : pad + big, pad : pad + big]  # (Ty·Tx, B, B)
         num = (y * w).sum(dim=(-2, -1))
         s1 = (y * m).sum(dim=(-2, -1))
         s2 = (y * y * m).sum(dim=(-2, -1))
         var = s2 - s1 * s1 / n_mask
         ncc = torch.where(var > floor, num / var.clamp_min(_EPS).sqrt(), torch.zeros_like(num))
         j = int(torch.argmax(ncc))
-        if float(ncc.flatten()[j]) > best[0]:
-            a, b = divmod(j, len(_REFINE_SHIFT))
-            best = (float(ncc.flatten()[j]), float(psis[i]), (float(tx[b]), float(ty[a])))
+        if float(ncc[j]) > best[0]:
+            best = (float(ncc[j]), float(psis[i]), (float(t[j, 0]), float(t[j, 1])))
     return best
 
 
