@@ -265,14 +265,14 @@ def main(argv: list[str] | None = None) -> int:
             if relion.running_runs():
                 notes.append("a RELION run was going on while cryo2d ran: cryo2d's wall time is contended.")
             job = CACHE / "cryo2d" / f"{tag}-K{p['classes']}"
-            label = "cryo2d"
+            tool = "cryo2d"
             if args.classify_args:  # its own folder and row, not the defaults' (which it would overwrite)
                 job = job.parent / f"{job.name}-c{hashlib.sha256(args.classify_args.encode()).hexdigest()[:8]}"
-                label = f"cryo2d {args.classify_args}"
-            runs = [(label, job, shlex.split(args.classify_args))]
+                tool = f"cryo2d {args.classify_args}"
+            runs = [(tool, job, shlex.split(args.classify_args))]
             if args.same_mask:  # the mask diameter RELION is given, as a user would type it into both
                 d = particle_diameter_angst(sim_dir)
-                runs.append((f"{label} --mask-diameter {d:g}", job.parent / f"{job.name}-m{d:g}",
+                runs.append((f"{tool} --mask-diameter {d:g}", job.parent / f"{job.name}-m{d:g}",
                              [*shlex.split(args.classify_args), "--mask-diameter", f"{d:g}"]))
             for label, job_dir, extra in runs:
                 timing = run_cryo2d(star, job_dir, p["classes"], args.seed, extra)
