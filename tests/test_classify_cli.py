@@ -245,6 +245,7 @@ ENGINE_OPTIONS = [
     (["--classes", "7"], "n_classes", 7),
     (["--max-res", "12"], "max_res_angst", 12.0),
     (["--max-align-res", "15"], "max_align_res_angst", 15.0),
+    (["--average-res", "4"], "average_res_angst", 4.0),
     (["--min-align-res", "150"], "min_align_res_angst", 150.0),
     (["--online-iterations", "9"], "n_online_iterations", 9),
     (["--batch-per-class", "33"], "batch_size_per_class", 33),

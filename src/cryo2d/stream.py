@@ -41,7 +41,7 @@ import torch
 
 from cryo2d.classify import ClassifyResult, finalize, subset_particles, write_job
 from cryo2d.em.config import EMConfig, check_device
-from cryo2d.em.engine import Engine, eng_result
+from cryo2d.em.engine import Engine, final_result
 from cryo2d.em.state import RunState
 from cryo2d.errors import Cryo2DError
 from cryo2d.io import atomic_path, check_finite, nonfinite_indices, write_json_atomic, write_text_atomic
@@ -342,7 +342,7 @@ class _Stream:
             record = engine.iterate(len(engine.state.history), last=True, pass_fn=pass_fn)
             if on_iteration is not None:
                 on_iteration(record)
-        result = eng_result(engine)
+        result = final_result(engine, on_iteration)
         final = finalize(result, particles, cfg)
         n_old = self.n_particles
         self.pieces, self.state, self.rng_state = pieces, engine.state, engine.rng.bit_generator.state

@@ -55,7 +55,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EMConfig()
     p.add_argument("-o", "--out", required=True, help="job folder to write")
     p.add_argument("--classes", type=int, default=d.n_classes, help="number of classes K (default %(default)s)")
-    p.add_argument("--max-res", type=float, default=d.max_res_angst, help="class-average resolution, Å (default %(default)s)")
+    p.add_argument("--max-res", type=float, default=d.max_res_angst, help="resolution of the classes during the iterations and of the search, Å (default %(default)s)")
+    p.add_argument("--average-res", type=float, default=None,
+                   help="resolution of the written class averages, Å: a last pass rebuilds each class at it from its "
+                        "particles' final poses (default: Nyquist; equal to --max-res: no pass)")
     p.add_argument("--max-align-res", type=float, default=None, help="highest resolution used in alignment, Å (default: --max-res)")
     p.add_argument("--min-align-res", type=float, default=None, help="lowest resolution used in alignment (high-pass), Å")
     p.add_argument("--online-iterations", type=int, default=d.n_online_iterations, help="online-EM iterations (default %(default)s)")
@@ -117,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> EMConfig:
     return EMConfig(
         n_classes=args.classes,
         max_res_angst=args.max_res,
+        average_res_angst=args.average_res,
         max_align_res_angst=args.max_align_res,
         min_align_res_angst=args.min_align_res,
         n_online_iterations=args.online_iterations,
@@ -172,6 +176,10 @@ def progress_printer(total: int):
     bar = tqdm(total=total, desc="2D classification", unit="it", file=sys.stderr, leave=True, delay=1.0)
 
     def on_iteration(r: dict) -> None:
+        if r["phase"] == "average":
+            bar.write(f"class averages at {r['resolution_angst']:.2f} Å from {r['particles']} particles' final poses "
+                      f"{r['time_s']:.1f}s", file=sys.stderr)
+            return
         bar.update(1)
         bar.write(
             f"iter {r['iteration']:3d} {r['phase']:6s} n={r['particles']:7d} res={r['resolution_angst']:6.2f} Å "

@@ -74,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
               f"{s['time_s']:.1f}s, at {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
 
     def on_iteration(r: dict) -> None:
+        changes = f"changes={100 * r['class_changes']:5.1f}% " if "class_changes" in r else ""
         print(f"  iter {r['iteration']:3d} {r['phase']:6s} n={r['particles']:7d} res={r['resolution_angst']:6.2f} Å "
-              f"changes={100 * r['class_changes']:5.1f}% {r['time_s']:.1f}s", file=sys.stderr, flush=True)
+              f"{changes}{r['time_s']:.1f}s", file=sys.stderr, flush=True)
 
     def on_note(text: str) -> None:
         print(f"{args.out}: {text}", file=sys.stderr, flush=True)

@@ -36,8 +36,13 @@ class EMConfig:
     """
 
     n_classes: int = 50
-    #: Highest resolution of the class averages (Fourier crop of the data), Å.
+    #: Highest resolution of the iterations' classes and of the search
+    #: (Fourier crop of the data), Å.
     max_res_angst: float = 6.0
+    #: Resolution of the written class averages: a last pass rebuilds each
+    #: class at it from its particles' final poses (None = Nyquist of the
+    #: input; equal to max_res_angst: no pass), Å.
+    average_res_angst: float | None = None
     #: Highest resolution used by the E-step (None = max_res_angst), Å.
     max_align_res_angst: float | None = None
     #: Lowest resolution used by the E-step, a high-pass (None = keep all), Å.
@@ -112,6 +117,11 @@ class EMConfig:
             (self.n_classes >= 1, "--classes must be at least 1"),
             (self.max_res_angst > 0, "--max-res must be positive"),
             (self.max_align_res_angst is None or self.max_align_res_angst > 0, "--max-align-res must be positive"),
+            (self.average_res_angst is None or self.average_res_angst > 0, "--average-res must be positive"),
+            (
+                self.average_res_angst is None or self.average_res_angst <= self.max_res_angst,
+                "--average-res must not be a lower resolution (larger Å) than --max-res",
+            ),
             (
                 self.min_align_res_angst is None
                 or self.min_align_res_angst > (self.max_align_res_angst or self.max_res_angst),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -373,7 +373,8 @@ class Engine:
         return sig_shell.clamp(min=float(sig_shell[1:].mean()) * 1e-4)
 
     def _read_fixed(self, idx: np.ndarray, labels: Tensor, psi: Tensor, *, n_classes: int | None = None,
-                    shifts_px: Tensor | None = None, with_noise: bool = False):
+                    shifts_px: Tensor | None = None, scale: Tensor | None = None, with_noise: bool = False,
+                    group: int | None = None):
         """Sums for particles with a given class and angle each: starting and re-seeded classes.
 
         The images are read ``_INIT_READ`` at a time: they are read at the full
@@ -394,6 +395,11 @@ class Engine:
             Classes in the sums (default K).
         shifts_px : (b, 2) tensor, optional
             Shifts undone first (working px).
+        scale : (b,) tensor, optional
+            Per-particle scale (default 1).
+        group : int, optional
+            Particles per group of sums (default as above: the starting
+            classes' summation order).
         with_noise : bool
             Also return the images' mean noise spectrum (:func:`noise_spectrum`), else None.
 
@@ -402,7 +408,7 @@ class Engine:
         (num, den, counts), noise spectrum or None
         """
         K = n_classes or self.K
-        rows = max(1, int(64e6 // (12 * len(self.mpts) * K)))  # particles per group of sums (the summation order)
+        rows = group or max(1, int(64e6 // (12 * len(self.mpts) * K)))  # particles per group of sums (the summation order)
         sums, sig_sum = None, None
         for start in range(0, len(idx), _INIT_READ):
             sl = slice(start, start + _INIT_READ)
@@ -416,12 +422,14 @@ class Engine:
             part = None
             for g in range(0, len(ids), rows):
                 gs = slice(g, g + rows)
-                part = _add_sums(part, self._accumulate_group(ids[gs], X[gs], lab[gs], ang[gs], K))
+                sc = None if scale is None else scale[sl][gs]
+                part = _add_sums(part, self._accumulate_group(ids[gs], X[gs], lab[gs], ang[gs], K, sc))
             sums = _add_sums(sums, part)
             del X
         return sums, (sig_sum / len(idx) if with_noise else None)
 
-    def _accumulate_group(self, idx: np.ndarray, X: Tensor, labels: Tensor, psi: Tensor, K: int):
+    def _accumulate_group(self, idx: np.ndarray, X: Tensor, labels: Tensor, psi: Tensor, K: int,
+                          scale: Tensor | None = None):
         ctf = batch_ctf(self.particles, idx, self.geom, self.config.use_ctf, self.device)
         flat = self.mpts.flat
         Xm, cm = X.flatten(1)[:, flat], ctf.flatten(1)[:, flat]
@@ -432,9 +440,63 @@ class Engine:
         post = torch.zeros((b, K), device=self.device)
         post[ar, labels] = 1.0
         res = EStepResult(post, ar * 0, labels, ar, one, one, one, ar, ar * 0, labels, ar, one, one)
-        sums.add(Xm, cm, one, torch.ones((1, len(self.mpts)), dtype=torch.complex64, device=self.device), res)
+        sums.add(Xm, cm, one if scale is None else scale, torch.ones((1, len(self.mpts)), dtype=torch.complex64, device=self.device), res)
         num, den = sums.class_frame()
         return num, den, sums.counts
+
+    # ---------------------------------------------------------------- written averages
+    def average_pass(self) -> Engine | None:
+        """The classes rebuilt at ``config.average_res_angst`` from each particle's best class and pose.
+
+        The search and the iterations' classes stop at ``max_res`` (6 Å by
+        default, as CryoSPARC's); RELION's averages go to Nyquist, and on
+        clean data with fine pixels they matched the true views better
+        (``highsnr`` preset, benchmarks/README.md, session 16). This pass
+        reads every assigned particle once more at the finer box, sums it
+        at its final class, angle, shift and scale, and solves each class as
+        the M-step does (Wiener filter with the class's own signal prior,
+        then clamp-solvent and non-negativity). The noise model is the run's
+        within the band it refined; beyond it, the images' background
+        spectrum (:func:`noise_spectrum`) scaled by its mean ratio to the
+        run's over the outer half of that band. White noise keeps the run's
+        one σ².
+
+        Returns
+        -------
+        Engine or None
+            An engine at the finer box holding the sums, the noise model and
+            the classes; None when that box adds no frequencies to the run's.
+        """
+        cfg, s = self.config, self.state
+        res = cfg.average_res_angst if cfg.average_res_angst is not None else 2.0 * self.geom.pixel_size_angst
+        if res >= cfg.max_res_angst:
+            return None
+        fine = Engine(self.particles, replace(cfg, max_res_angst=res), self.device)
+        if fine.geom.r_max <= self.geom.r_max + 0.5:
+            return None
+        rows = np.nonzero(s.class_index >= 0)[0]
+        dev = self.device
+        labels = torch.from_numpy(s.class_index[rows]).to(dev)
+        psi = torch.from_numpy(s.psi_rad[rows]).float().to(dev)
+        shifts = torch.from_numpy(s.shift_work[rows] * (fine.geom.work_box / self.geom.work_box)).float().to(dev)
+        scale = torch.from_numpy(s.scale[rows]).float().to(dev)
+        (num, den, counts), background = fine._read_fixed(rows, labels, psi, shifts_px=shifts, scale=scale,
+                                                          with_noise=True, group=_INIT_READ)
+        sigma2 = s.sigma2_shell.to(background.dtype)
+        refined = torch.nonzero(s.noise_cnt > 0).flatten()
+        if cfg.white_noise:
+            fine.state.sigma2_shell = torch.full_like(background, float(sigma2[1]))
+        else:
+            last = int(refined.max()) if len(refined) else 0
+            outer = refined[refined >= last // 2]
+            ratio = float((sigma2[outer] / background[outer].clamp(min=1e-30)).mean()) if len(outer) else 1.0
+            model = background * ratio
+            model[refined] = sigma2[refined]
+            fine.state.sigma2_shell = fine._noise_model(model)
+        fine.state.num, fine.state.den, fine.state.counts = num, den, counts
+        fine.state.null_class = s.null_class
+        fine._update_classes(allow_recenter=False)
+        return fine
 
     # ---------------------------------------------------------------- classes
     def _update_classes(self, allow_recenter: bool) -> None:
@@ -1133,23 +1195,53 @@ def run_em(
             st.save_checkpoint(eng, checkpoint, it + 1)
         if on_iteration is not None:
             on_iteration(record)
-    return eng_result(eng)
+    return final_result(eng, on_iteration)
 
 
-def eng_result(eng: Engine) -> EMResult:
-    """Collect the final classes and per-particle results (input-box units)."""
+def final_result(eng: Engine, on_iteration: Callable[[dict], None] | None = None) -> EMResult:
+    """:func:`eng_result` with the classes of :meth:`Engine.average_pass` where it runs.
+
+    The pass's log record (phase "average": particles, resolution, time)
+    goes to ``on_iteration`` and ends the result's history; the engine's own
+    history (the checkpoint's) holds the iterations only.
+    """
+    t0 = time.perf_counter()
+    fine = eng.average_pass()
+    result = eng_result(eng, fine)
+    if fine is not None:
+        record = {
+            "iteration": len(eng.state.history) + 1,
+            "phase": "average",
+            "particles": int(np.sum(eng.state.class_index >= 0)),
+            "resolution_angst": round(fine.geom.radius_to_angst(fine.state.r_res), 2),
+            "time_s": round(time.perf_counter() - t0, 3),
+        }
+        result.history.append(record)
+        if on_iteration is not None:
+            on_iteration(record)
+    return result
+
+
+def eng_result(eng: Engine, fine: Engine | None = None) -> EMResult:
+    """Collect the final classes and per-particle results (input-box units).
+
+    ``fine`` (:meth:`Engine.average_pass`), when given, supplies the class
+    averages and their resolutions; the particles' results are ``eng``'s.
+    """
     s, g = eng.state, eng.geom
     B, D = g.work_box, g.box
-    A = s.A
-    if s.null_class >= 0:  # its reference is zero: show the (Wiener) average of its members
+    src = eng if fine is None else fine  # the classes written
+    cs, cg = src.state, src.geom
+    A = cs.A
+    if cs.null_class >= 0:  # its reference is zero: show the (Wiener) average of its members
         A = A.clone()
-        A[s.null_class] = eng._wiener(s.num[s.null_class : s.null_class + 1], s.den[s.null_class : s.null_class + 1])[1][0]
-    images = ifft2c(pad_fourier(eng._grid(A), D), real=True)
+        A[cs.null_class] = src._wiener(cs.num[cs.null_class : cs.null_class + 1], cs.den[cs.null_class : cs.null_class + 1])[1][0]
+    images = ifft2c(pad_fourier(src._grid(A), D), real=True)
     # The M-step constraints hold on the band-limited classes only up to ringing;
     # the written classes obey them exactly. Flat solvent: the noise an average
     # carries outside its particle is not shown (median NCC to the true view,
     # benchmarks/README.md, Session 8).
-    circle = soft_mask(D, g.mask_inner_px * D / B, g.mask_outer_px * D / B, device=images.device)
+    circle = soft_mask(D, cg.mask_inner_px * D / cg.work_box, cg.mask_outer_px * D / cg.work_box, device=images.device)
     if eng.config.clamp_solvent:
         images = images * circle
     if eng.config.non_negative:
@@ -1157,10 +1249,10 @@ def eng_result(eng: Engine) -> EMResult:
     unmasked = None
     if eng.config.flatten_solvent:
         unmasked = images.cpu().numpy().astype(np.float32)
-        images = images * (eng._support_masks(images, circle) if eng.config.auto_mask else circle)
+        images = images * (src._support_masks(images, circle) if eng.config.auto_mask else circle)
     classes = images.cpu().numpy().astype(np.float32)
     counts = np.bincount(s.class_index[s.class_index >= 0], minlength=eng.K).astype(np.float64)
-    res = np.array([g.radius_to_angst(float(r)) for r in class_resolution_shell(eng.class_ssnr()).cpu()])
+    res = np.array([cg.radius_to_angst(float(r)) for r in class_resolution_shell(src.class_ssnr()).cpu()])
     return EMResult(
         classes=classes,
         counts=counts,
