@@ -63,3 +63,18 @@ def test_a_particle_already_at_its_pose_keeps_it():
                                torch.tensor([[1.0, -2.0]]), math.radians(6.0), 1.0, 2)
     assert abs(math.degrees(float(psi[0])) - 30.0) < 1e-4
     torch.testing.assert_close(shifts, torch.tensor([[1.0, -2.0]]))
+
+
+def test_refined_shifts_stay_within_the_search_range():
+    """A particle 0.4 px beyond a search range of 1 px: its shift may not follow it out of the disc."""
+    pts = disc_points(BOX, 1.0, 12.0, half=True)
+    X = fft2c(blobs(0.0, (1.4, 0.0))[None])[0].flatten()[pts.flat][None]
+    classes = oversample(fft2c(blobs(0.0)[None]), 2)
+    args = (X, torch.ones(1, len(pts)), torch.ones(1), pts.weight, pts.xy, BOX, classes, torch.zeros(1, dtype=torch.long),
+            torch.zeros(1), torch.tensor([[1.0, 0.0]]), math.radians(6.0), 1.0, 2)
+    _, free = refine_poses(*args)
+    assert float(free[0, 0]) == 1.5  # unbounded it moves half a step towards the truth
+    _, bounded = refine_poses(*args, max_shift_px=1.0)
+    assert float(bounded[0].norm()) <= 1.0 + 1e-6
+    _, none = refine_poses(*args[:9], torch.zeros(1, 2), *args[10:], max_shift_px=0.0)
+    assert float(none.abs().max()) == 0.0  # --shift-range 0: no shifts at all

@@ -265,10 +265,14 @@ def shift_step(r_cur: float, geom: Geometry, config: EMConfig) -> float:
     return max(1.0, geom.work_box / (_SHIFT_STEP_DIV * max(r_cur, 1.0)))
 
 
+def shift_range(geom: Geometry, config: EMConfig) -> float:
+    """Radius of the shift search, working px: ``--shift-range``, or 10 % of the box."""
+    return (0.1 * geom.box if config.shift_range_px is None else config.shift_range_px) * geom.work_box / geom.box
+
+
 def shift_grid(geom: Geometry, config: EMConfig, device, step: float) -> Tensor:
     """Shifts (x, y) in working px within a disc of the search range on a lattice of ``step`` working px, (T, 2)."""
-    to_work = geom.work_box / geom.box
-    rng = (0.1 * geom.box if config.shift_range_px is None else config.shift_range_px) * to_work
+    rng = shift_range(geom, config)
     n = int(math.floor(rng / step + 1e-9))
     k = torch.arange(-n, n + 1, device=device, dtype=torch.float32) * step
     yy, xx = torch.meshgrid(k, k, indexing="ij")
@@ -466,7 +470,8 @@ class Engine:
         (session 16), but the averages written beyond it are blurred by the
         grid's steps (:mod:`cryo2d.em.refine`). Scored as the last
         iteration's E-step did (its points, masked classes and noise model);
-        a particle of the empty-box class keeps its pose.
+        shifts stay within the search range, and a particle of the
+        empty-box class keeps its pose.
         """
         s, cfg, g, dev = self.state, self.config, self.geom, self.device
         rows = rows[s.class_index[rows] != s.null_class]
@@ -488,7 +493,7 @@ class Engine:
                 X, ctf, torch.from_numpy(s.scale[ids]).float().to(dev), inv_sig, points.xy, g.work_box, classes,
                 torch.from_numpy(s.class_index[ids]).to(dev), torch.from_numpy(s.psi_rad[ids]).float().to(dev),
                 torch.from_numpy(s.shift_work[ids]).float().to(dev), math.radians(last["psi_step_deg"]),
-                shift_step(r_cur, g, cfg), cfg.zeropad,
+                shift_step(r_cur, g, cfg), cfg.zeropad, max_shift_px=shift_range(g, cfg),
             )
             s.psi_rad[ids] = (psi % (2 * math.pi)).cpu().numpy()
             s.shift_work[ids] = shifts.cpu().numpy()

@@ -41,6 +41,7 @@ def refine_poses(
     dpsi_rad: float,
     dshift_px: float,
     zeropad: int,
+    max_shift_px: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Angles and shifts refined around the given poses (module docstring).
 
@@ -69,6 +70,8 @@ def refine_poses(
     dpsi_rad, dshift_px : float
         The grid's angle and shift steps.
     zeropad : int
+    max_shift_px : float, optional
+        Radius of the search's shifts: no refined shift leaves that disc.
 
     Returns
     -------
@@ -87,6 +90,10 @@ def refine_poses(
     # Every (angle, shift offset) pair: an angle's best shift moves with it for off-centre density.
     cross = ((Y[:, None, :] * model.conj() * inv_sigma2) @ deshift_phases(freq, dt).T).real  # (b, a, T)
     gain = cross - 0.5 * (model.abs().square() @ inv_sigma2)[:, :, None]
+    if max_shift_px is not None:
+        outside = (shifts_px[:, None, :] + dt[None]).norm(dim=-1) > max_shift_px + 1e-6  # (b, T)
+        outside &= dt.norm(dim=1)[None] > 0  # the grid pose itself always stays a choice
+        gain = gain.masked_fill(outside[:, None, :], -torch.inf)
     best = gain.flatten(1).argmax(dim=1)
     best_a, best_t = best // len(dt), best % len(dt)
     rows = torch.arange(len(X), device=dev)
