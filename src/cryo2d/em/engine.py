@@ -480,9 +480,7 @@ class Engine:
         last = s.history[-1]
         r_cur = float(last["align_radius"])
         points = disc_points(g.work_box, g.r_min_align, r_cur, half=True, device=dev)
-        real = self._to_real(s.A)
-        masked = self._to_points(real * (self._support_masks(real) if cfg.auto_mask else self.mask))
-        classes = oversample(self._grid(masked), cfg.zeropad)
+        classes = oversample(self._grid(self._search_classes()), cfg.zeropad)
         inv_sig = points.weight / s.sigma2_shell[points.shell]
         at_points = torch.searchsorted(self.mpts.flat, points.flat)
         for start in range(0, len(rows), _REFINE_CHUNK):
@@ -532,10 +530,11 @@ class Engine:
         res = cfg.average_res_angst if cfg.average_res_angst is not None else 2.0 * self.geom.pixel_size_angst
         if res >= cfg.max_res_angst:
             return None
-        fine = Engine(self.particles, replace(cfg, max_res_angst=res), self.device)
+        fine_cfg = replace(cfg, max_res_angst=res)
         least = self.geom.r_max * _AVERAGE_GAIN if cfg.average_res_angst is None else self.geom.r_max + 0.5
-        if fine.geom.r_max < least:
+        if make_geometry(self.geom.box, self.geom.pixel_size_angst, fine_cfg).r_max < least:
             return None
+        fine = Engine(self.particles, fine_cfg, self.device)
         assigned = np.nonzero(s.class_index >= 0)[0]
         self.refine_final_poses(assigned[np.argsort(s.class_index[assigned], kind="stable")])
         # By angle, then class: a group of the pass holds few distinct (class, angle) pairs to back-rotate.
@@ -602,6 +601,11 @@ class Engine:
         # classes swallow rare views and junk (measured: view purity 0.78
         # with them, 0.88 without, on the 48 px test set).
         s.log_prior = torch.zeros_like(s.log_prior)
+
+    def _search_classes(self) -> Tensor:
+        """(K, m) the classes as the search sees them: each masked by its own support (``auto_mask``) or the circle."""
+        real = self._to_real(self.state.A)
+        return self._to_points(real * (self._support_masks(real) if self.config.auto_mask else self.mask))
 
     def _support_masks(self, img: Tensor, circle: Tensor | None = None) -> Tensor:
         """Soft masks (K, B, B) around each class's own density, within the circular mask.
@@ -1023,8 +1027,7 @@ class Engine:
         s, g, cfg = self.state, self.geom, self.config
         dev = self.device
         R = len(plan.psi_rad)
-        real = self._to_real(s.A)
-        masked = self._to_points(real * (self._support_masks(real) if cfg.auto_mask else self.mask))
+        masked = self._search_classes()
         n_dense = self._dense_references(plan)
         if n_dense is None:
             refs = rotate_classes(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad)
