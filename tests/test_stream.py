@@ -193,6 +193,27 @@ def test_restart_resumes_as_if_uninterrupted(sim3, tmp_path):
     assert (fresh.updates, fresh.n_particles) == (1, 300)
 
 
+def test_iterations_log_ends_with_this_update_average_pass(sim3, tmp_path):
+    """iterations.jsonl: every update's iterations, then one record of the last update's average pass."""
+    source = Source(sim3.folder)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source.write(folder, "c000", 0, 150)
+    pixel = float(source.blocks["optics"]["rlnImagePixelSize"].iloc[0])
+    config = EMConfig(**{**SMALL.to_dict(), "max_res_angst": 8.0 * pixel})  # the pass at Nyquist doubles the radius
+
+    def add_second(summary):
+        if summary["update"] == 1:
+            source.write(folder, "c001", 150, 300)
+
+    stream(folder, tmp_path / "job", config, settle_s=0.0, poll_s=0.01, until=2, on_update=add_second)
+    log = [json.loads(line) for line in (tmp_path / "job/iterations.jsonl").read_text().splitlines()]
+    phases = [r.get("phase") for r in log]
+    assert len(log) == 3 + 1 + 1 + 1 and phases.count("average") == 1 and phases[-1] == "average"
+    assert log[-1]["particles"] == 300 and 2.0 * pixel <= log[-1]["resolution_angst"] < 2.5 * pixel  # the last whole shell
+    assert [r["iteration"] for r in log] == list(range(1, 7))
+
+
 def test_growing_star_file(sim3, tmp_path):
     """One STAR file that grows: only the new rows are added; rewriting old rows is refused."""
     source = Source(sim3.folder)

@@ -386,7 +386,7 @@ class _Stream:
         out = self.out
         write_json_atomic(out / "stream.json", {**summary, "status": "writing"})
         write_job(final, particles, out, pixel_size_angst)
-        write_text_atomic(out / "iterations.jsonl", "".join(json.dumps(r) + "\n" for r in self.state.history))
+        write_text_atomic(out / "iterations.jsonl", "".join(json.dumps(r) + "\n" for r in final.history))
         self._save()
         log = out / "updates.jsonl"
         previous = log.read_text(encoding="utf-8").splitlines(keepends=True) if log.exists() else []
