@@ -46,6 +46,23 @@ def _by_hand(x, y, u, v, ang_deg, kv, cs_mm, q0, ps_deg, bfac):
     return -math.sin(chi) * math.exp(k4 * u2)
 
 
+def test_amplitude_scale_multiplies_the_whole_ctf():
+    """RELION's ``_rlnCtfScalefactor`` (CryoSPARC ``ctf/scale``): CTF = scale x -sin(chi) x envelope."""
+    rng = np.random.default_rng(2)
+    s = rng.uniform(0, 0.25, 40)
+    a = rng.uniform(-math.pi, math.pi, 40)
+    pts = torch.tensor(np.stack([s * np.cos(a), s * np.sin(a)], -1))
+    kw = dict(defocus_u_angst=[18000.0, 9000.0], defocus_v_angst=[17000.0, 9500.0], defocus_angle_deg=[33.0, -10.0],
+              voltage_kv=[300.0, 200.0], cs_mm=[2.7, 2.0], amplitude_contrast=[0.1, 0.07], phase_shift_deg=[0.0, 0.0],
+              bfactor_angst2=[80.0, 0.0])
+    scaled = ctf_2d(pts, _params(**kw, amplitude_scale=[0.7, 1.3]), dtype=torch.float64).numpy()
+    assert _params(**kw).amplitude_scale.tolist() == [1.0, 1.0]  # absent: ones
+    plain = ctf_2d(pts, _params(**kw), dtype=torch.float64).numpy()
+    want = np.array([[_by_hand(x, y, *[kw[k][i] for k in kw]) for x, y in pts.numpy()] for i in range(2)])
+    np.testing.assert_allclose(plain, want, atol=1e-9)
+    np.testing.assert_allclose(scaled, want * np.array([[0.7], [1.3]]), atol=1e-9)
+
+
 def test_wavelength_300kv():
     assert wavelength_angst(300.0) == pytest.approx(0.019687, abs=1e-6)
     assert wavelength_angst(200.0) == pytest.approx(0.025079, abs=1e-6)

@@ -70,7 +70,8 @@ def ctf_2d(
     params : CTFParams
         Length-n arrays: defocus U/V in Å (positive = underfocus), angle of U
         from the x axis in degrees, kV, Cs in mm, amplitude contrast Q0
-        (fraction), phase shift in degrees, B-factor in Å².
+        (fraction), phase shift in degrees, B-factor in Å², and a factor on
+        the whole CTF (``amplitude_scale``, RELION's ``_rlnCtfScalefactor``).
     device : torch device, optional
         Where to compute; default the device of ``freqs``.
     dtype : torch dtype
@@ -80,8 +81,8 @@ def ctf_2d(
     Returns
     -------
     (n, ...) tensor of ``dtype``
-        Unitless CTF, one plane per particle; equals Q0 at zero frequency
-        when the phase shift is 0.
+        Unitless CTF, one plane per particle; equals Q0 (times the amplitude
+        scale) at zero frequency when the phase shift is 0.
     """
     device = freqs.device if device is None else torch.device(device)
     f = torch.as_tensor(freqs, device=device).to(torch.float64)
@@ -110,7 +111,7 @@ def ctf_2d(
     defocus_deviation = -(du - dv) * 0.5
     deltaf = defocus_average + defocus_deviation * torch.cos(2.0 * (theta - angle_rad))
     chi = k1 * deltaf * u2 + k2 * u2 * u2 - k5 - k3
-    ctf = -torch.sin(chi) * torch.exp(k4 * u2)
+    ctf = -torch.sin(chi) * torch.exp(k4 * u2) * c(params.amplitude_scale)
     return ctf.to(dtype)
 
 

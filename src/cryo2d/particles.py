@@ -34,6 +34,9 @@ class CTFParams:
         Additional phase shift (phase plate), degrees; 0 when absent.
     bfactor_angst2 : (n,) float64
         CTF B-factor envelope exp(-B s^2 / 4), Å^2; 0 when absent.
+    amplitude_scale : (n,) float64
+        Factor on the whole CTF (RELION ``_rlnCtfScalefactor``, CryoSPARC
+        ``ctf/scale``); 1 when absent (None: ones).
     """
 
     defocus_u_angst: np.ndarray
@@ -44,6 +47,11 @@ class CTFParams:
     amplitude_contrast: np.ndarray
     phase_shift_deg: np.ndarray
     bfactor_angst2: np.ndarray
+    amplitude_scale: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.amplitude_scale is None:
+            object.__setattr__(self, "amplitude_scale", np.ones(len(self.defocus_u_angst)))
 
     def __len__(self) -> int:
         return len(self.defocus_u_angst)

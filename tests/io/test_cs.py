@@ -41,6 +41,20 @@ def test_read_synthetic_cs_paths_and_units(tmp_path):
         read_particles(cs, project_dir=tmp_path / "J5")
 
 
+def test_ctf_scale_field_is_read(tmp_path):
+    """ctf/scale (CryoSPARC's factor on the CTF, RELION's _rlnCtfScalefactor) reaches the CTF; absent: ones."""
+    import numpy.lib.recfunctions as rfn
+
+    _, cs, _, _ = make_cs_dataset(tmp_path)
+    assert read_particles(cs).ctf.amplitude_scale.tolist() == [1.0] * 12
+    with open(cs, "rb") as handle:
+        array = np.load(handle)
+    array = rfn.append_fields(array, "ctf/scale", np.linspace(0.6, 1.2, 12).astype(np.float32), usemask=False)
+    with open(cs, "wb") as handle:
+        np.save(handle, array)
+    np.testing.assert_allclose(read_particles(cs).ctf.amplitude_scale, np.linspace(0.6, 1.2, 12), rtol=1e-6)
+
+
 def test_write_cs_roundtrip_all_fields_and_units(tmp_path):
     _, cs, _, ctf = make_cs_dataset(tmp_path)
     particles = read_particles(cs)

@@ -23,6 +23,20 @@ def test_read_31_merges_optics_per_particle(tmp_path):
     assert list(particles.extra["blocks"]) == ["optics", "particles"]
 
 
+def test_ctf_b_factor_and_scale_columns_are_read(tmp_path):
+    """_rlnCtfBfactor and _rlnCtfScalefactor (RELION's CTF envelope and amplitude factor) reach the CTF."""
+    star, _, _ = make_star_dataset(tmp_path)
+    assert read_particles(star).ctf.amplitude_scale.tolist() == [1.0] * 12  # absent: ones
+    blocks = starfile.read(star, always_dict=True)
+    blocks["particles"]["rlnCtfBfactor"] = np.linspace(-40.0, 60.0, 12)
+    blocks["particles"]["rlnCtfScalefactor"] = np.linspace(0.5, 1.0, 12)
+    starfile.write(blocks, star, overwrite=True)
+    ctf = read_particles(star).ctf
+    np.testing.assert_allclose(ctf.bfactor_angst2, np.linspace(-40.0, 60.0, 12), rtol=1e-6)
+    np.testing.assert_allclose(ctf.amplitude_scale, np.linspace(0.5, 1.0, 12), rtol=1e-6)
+    np.testing.assert_allclose(ctf.subset(np.array([11, 0])).amplitude_scale, [1.0, 0.5], rtol=1e-6)
+
+
 def test_read_30_pixel_size_from_detector_and_magnification(tmp_path):
     star, images, ctf = make_star_dataset(tmp_path, version="3.0")
     particles = read_particles(star)

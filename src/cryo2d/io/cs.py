@@ -30,9 +30,11 @@ CTF_FIELDS = {
     "cs_mm": ("ctf/cs_mm", 1.0),
     "amplitude_contrast": ("ctf/amp_contrast", 1.0),
 }
+# CTFParams field -> (.cs field, factor to RELION units, value when absent).
 OPTIONAL_CTF_FIELDS = {
-    "phase_shift_deg": ("ctf/phase_shift_rad", 180.0 / np.pi),
-    "bfactor_angst2": ("ctf/bfactor", 1.0),
+    "phase_shift_deg": ("ctf/phase_shift_rad", 180.0 / np.pi, 0.0),
+    "bfactor_angst2": ("ctf/bfactor", 1.0, 0.0),
+    "amplitude_scale": ("ctf/scale", 1.0, 1.0),
 }
 # Fields write_cs adds (replacing any of the same name).
 ALIGNMENT_FIELDS = [
@@ -154,9 +156,9 @@ def _ctf(array: np.ndarray, label: str) -> CTFParams:
         if name not in array.dtype.names:
             raise Cryo2DError(f"{label}: field {name} missing (use --no-ctf to classify without CTF)")
         values[field] = _numbers(array, name, label) * factor
-    for field, (name, factor) in OPTIONAL_CTF_FIELDS.items():
+    for field, (name, factor, absent) in OPTIONAL_CTF_FIELDS.items():
         present = name in array.dtype.names
-        values[field] = _numbers(array, name, label) * factor if present else np.zeros(len(array))
+        values[field] = _numbers(array, name, label) * factor if present else np.full(len(array), absent)
     return CTFParams(**values)
 
 

@@ -30,7 +30,12 @@ CTF_COLUMNS = {
     "cs_mm": "rlnSphericalAberration",
     "amplitude_contrast": "rlnAmplitudeContrast",
 }
-OPTIONAL_CTF_COLUMNS = {"phase_shift_deg": "rlnPhaseShift", "bfactor_angst2": "rlnCtfBfactor"}
+# CTFParams field -> (column, value when absent).
+OPTIONAL_CTF_COLUMNS = {
+    "phase_shift_deg": ("rlnPhaseShift", 0.0),
+    "bfactor_angst2": ("rlnCtfBfactor", 0.0),
+    "amplitude_scale": ("rlnCtfScalefactor", 1.0),
+}
 
 
 def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: bool = True) -> ParticleSet:
@@ -163,9 +168,9 @@ def _ctf(columns: dict[str, pd.Series], label: str) -> CTFParams:
         if values[field] is None:
             raise Cryo2DError(f"{label}: column _{name} missing (use --no-ctf to classify without CTF)")
     n = len(values["defocus_u_angst"])
-    for field, name in OPTIONAL_CTF_COLUMNS.items():
+    for field, (name, absent) in OPTIONAL_CTF_COLUMNS.items():
         found = _numeric(columns, name, label)
-        values[field] = np.zeros(n) if found is None else found
+        values[field] = np.full(n, absent) if found is None else found
     return CTFParams(**values)
 
 
