@@ -97,6 +97,27 @@ def test_huge_log_likelihoods_do_not_underflow():
         torch.testing.assert_close(_weight_sums(res, n), torch.ones(n), atol=1e-5, rtol=0)
 
 
+def test_class_posteriors_are_the_float64_softmax_over_a_wide_range():
+    """Log-probabilities spread over thousands of nats (and -inf padding): the class posteriors are
+    the exact softmax; weights of poses more than 87 nats below the best are exactly 0."""
+    from cryo2d.em.estep import _Grid, _summarise
+
+    g = torch.Generator().manual_seed(3)
+    b, T, K, R = 5, 4, 3, 6
+    logp = -3000.0 * torch.rand(b, T * K * R, generator=g, dtype=torch.float64)
+    logp[:, :20] = -60.0 * torch.rand(b, 20, generator=g, dtype=torch.float64)  # a band of significant poses
+    logp[:, 30:40] = float("-inf")
+    grid = _Grid(torch.zeros(b, T, K * R), torch.zeros(b, K * R), K, R)
+    res = _summarise(logp.float().clone(), grid, "soft", 10_000, 0.0)
+    want = torch.softmax(logp.float().double(), dim=1).view(b, T, K, R).sum(dim=(1, 3))
+    torch.testing.assert_close(res.class_post.double(), want, atol=1e-7, rtol=0)
+    below = logp.float() - logp.float().amax(dim=1, keepdim=True)
+    kept = torch.zeros(b, T * K * R, dtype=torch.bool)
+    kept[res.entry_i, res.entry_t * K * R + res.entry_k * R + res.entry_r] = res.entry_w > 0
+    assert not kept[below < -87.0].any() and kept[below > -86.0].all()
+    assert (below < -87.0).sum() > 100  # the floor was exercised
+
+
 def test_true_class_wins_at_low_noise():
     args = _problem(noise=0.01)
     res = e_step(**args, mode="soft")
