@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent / "io"))
 from particle_files import make_cs_dataset, make_star_dataset, run_cli, shared_data  # noqa: E402
 
 KEYS = ["n_particles", "box", "pixel_size", "n_optics_groups", "defocus_min", "defocus_max",
-        "voltage", "cs", "amplitude_contrast"]
+        "voltage", "cs", "amplitude_contrast", "bfactor_min", "bfactor_max", "ctf_scale_min", "ctf_scale_max"]
 
 
 def test_info_json_star_two_optics_groups(tmp_path, monkeypatch, capsys):
@@ -24,6 +24,7 @@ def test_info_json_star_two_optics_groups(tmp_path, monkeypatch, capsys):
         "n_particles": 12, "box": 16, "pixel_size": [1.5, 2.0], "n_optics_groups": 2,
         "defocus_min": defocus.min(), "defocus_max": defocus.max(),
         "voltage": [200.0, 300.0], "cs": 2.7, "amplitude_contrast": [0.07, 0.1],
+        "bfactor_min": 0.0, "bfactor_max": 0.0, "ctf_scale_min": 1.0, "ctf_scale_max": 1.0,
     }
 
 
@@ -74,6 +75,18 @@ def test_info_real_cs_without_stacks(monkeypatch, capsys):
     assert summary["defocus_max"] == pytest.approx(45842.97, abs=0.01)
     code, out, err = run_cli(monkeypatch, capsys, "info", cs, "--json", "--no-images")
     assert code == 0 and err == "" and json.loads(out) == summary
+
+
+def test_info_real_tilt_series_b_factors_and_scales(monkeypatch, capsys):
+    """Warp's tilt-series export: dose as _rlnCtfBfactor, cos(tilt) as _rlnCtfScalefactor, both shown."""
+    star = shared_data("particles/cryodrgn_sta_ribosome_bin8/sta_testing_bin8.star")
+    code, out, _ = run_cli(monkeypatch, capsys, "info", star, "--json", "--no-images")
+    summary = json.loads(out)
+    assert code == 0 and summary["n_particles"] == 219
+    assert (summary["bfactor_min"], summary["bfactor_max"]) == (-507.0, -13.0)
+    assert (summary["ctf_scale_min"], summary["ctf_scale_max"]) == (0.5, 1.0)
+    code, out, _ = run_cli(monkeypatch, capsys, "info", star, "--no-images")
+    assert "CTF B-factor   -507 - -13 Å²" in out.splitlines() and "CTF scale      0.5 - 1" in out.splitlines()
 
 
 def test_info_metadata_only_star_box_unknown(monkeypatch, capsys):

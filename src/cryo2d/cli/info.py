@@ -41,7 +41,9 @@ def summarize(particles: ParticleSet) -> dict[str, Any]:
         ``n_particles``; ``box`` (px, None when unknown); ``pixel_size`` (Å),
         ``voltage`` (kV), ``cs`` (mm), ``amplitude_contrast``: a number, or
         the sorted list of distinct values when there are several;
-        ``n_optics_groups``; ``defocus_min``/``defocus_max`` (Å, over U and V).
+        ``n_optics_groups``; ``defocus_min``/``defocus_max`` (Å, over U and V);
+        ``bfactor_min``/``bfactor_max`` (Å², ``_rlnCtfBfactor``: 0 when absent) and
+        ``ctf_scale_min``/``ctf_scale_max`` (``_rlnCtfScalefactor``: 1 when absent).
         CTF values are None when the set has no CTF.
     """
     ctf = particles.ctf
@@ -56,6 +58,10 @@ def summarize(particles: ParticleSet) -> dict[str, Any]:
         "voltage": None if ctf is None else _distinct(ctf.voltage_kv),
         "cs": None if ctf is None else _distinct(ctf.cs_mm),
         "amplitude_contrast": None if ctf is None else _distinct(ctf.amplitude_contrast),
+        "bfactor_min": None if ctf is None else _shortest(ctf.bfactor_angst2.min()),
+        "bfactor_max": None if ctf is None else _shortest(ctf.bfactor_angst2.max()),
+        "ctf_scale_min": None if ctf is None else _shortest(ctf.amplitude_scale.min()),
+        "ctf_scale_max": None if ctf is None else _shortest(ctf.amplitude_scale.max()),
     }
 
 
@@ -105,6 +111,11 @@ def _text(summary: dict[str, Any], particles: ParticleSet) -> str:
         ("Cs", fmt(summary["cs"], " mm")),
         ("amp. contrast", fmt(summary["amplitude_contrast"])),
     ]
+    # Shown when the file sets them (RELION's defaults: B 0, scale 1).
+    if summary["bfactor_min"] is not None and (summary["bfactor_min"], summary["bfactor_max"]) != (0.0, 0.0):
+        rows.append(("CTF B-factor", f"{summary['bfactor_min']:g} - {summary['bfactor_max']:g} Å²"))
+    if summary["ctf_scale_min"] is not None and (summary["ctf_scale_min"], summary["ctf_scale_max"]) != (1.0, 1.0):
+        rows.append(("CTF scale", f"{summary['ctf_scale_min']:g} - {summary['ctf_scale_max']:g}"))
     return "\n".join(f"{name:<15}{value}" for name, value in rows)
 
 
