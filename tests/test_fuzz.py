@@ -44,7 +44,8 @@ HANG_S = 5.0
 MEMORY_LIMIT = 32 * 2**20  # bytes; every file here is < 64 KiB
 # CRYO2D_FUZZ_EXAMPLES=2000 for a long hunt; 60 keeps the file under a minute.
 FUZZ = settings(
-    max_examples=int(os.environ.get("CRYO2D_FUZZ_EXAMPLES", "60")), deadline=2000, database=None,
+    # The hang check is SIGALRM at HANG_S; a shorter deadline failed examples on a loaded machine.
+    max_examples=int(os.environ.get("CRYO2D_FUZZ_EXAMPLES", "60")), deadline=HANG_S * 1000, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 INT32 = st.integers(-(2**31), 2**31 - 1)
