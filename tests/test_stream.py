@@ -200,7 +200,7 @@ def test_iterations_log_ends_with_this_update_average_pass(sim3, tmp_path):
     folder.mkdir()
     source.write(folder, "c000", 0, 150)
     pixel = float(source.blocks["optics"]["rlnImagePixelSize"].iloc[0])
-    config = EMConfig(**{**SMALL.to_dict(), "max_res_angst": 8.0 * pixel})  # the pass at Nyquist doubles the radius
+    config = EMConfig(**{**SMALL.to_dict(), "max_res_angst": 8.0 * pixel})  # classes at 8 px, so the pass runs
 
     def add_second(summary):
         if summary["update"] == 1:
