@@ -32,6 +32,25 @@ def star_job(sim3, tmp_path_factory):
     return job
 
 
+def test_note_on_ctf_boosting_b_factors(sim3, tmp_path, capsys):
+    """Negative B-factors (a tilt-series export's dose) boost the CTF: one note names the file and the boost."""
+    blocks = starfile.read(sim3.star, always_dict=True)
+    pixel = float(blocks["optics"]["rlnImagePixelSize"].iloc[0])
+    names = blocks["particles"]["rlnImageName"].str.split("@", n=1, expand=True)
+    blocks["particles"]["rlnImageName"] = names[0] + "@" + str(sim3.folder.resolve()) + "/" + names[1]
+    for name, bfactor in (("plain", 0.0), ("dose", -4.0 * np.log(1000.0) * (2.0 * pixel) ** 2)):  # 1000x at Nyquist
+        star = tmp_path / f"{name}.star"
+        blocks["particles"]["rlnCtfBfactor"] = bfactor
+        starfile.write(blocks, star, overwrite=True)
+        assert main(["classify", str(star), "-o", str(tmp_path / name), *FAST, "--full-iterations", "0"]) == 0
+        notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+        if bfactor == 0.0:
+            assert notes == []
+        else:
+            assert len(notes) == 1 and notes[0].startswith(f"{star}: note: negative CTF B-factors")
+            assert "up to 1,000x at Nyquist" in notes[0]
+
+
 def test_classes_mrcs(star_job, sim3):
     with mrcfile.open(star_job / "classes.mrcs") as mrc:
         assert mrc.data.shape == (3, 32, 32) and mrc.data.dtype == np.float32

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from cryo2d.ctf import envelope_at_nyquist
 from cryo2d.em.config import EMConfig
 from cryo2d.em.engine import EMResult, run_em
 from cryo2d.em.finalize import align_vertical, duplicate_mask, sort_order
@@ -38,6 +39,7 @@ class ClassifyResult:
     n_bad: int
     empty_class: int = -1  # the class of the empty boxes (output order), -1 for none
     classes_unmasked: np.ndarray | None = None  # before the solvent mask (--flatten-solvent), output order
+    ctf_boost: float = 1.0  # largest B-factor envelope at Nyquist (> 1: negative B-factors boost the CTF)
 
 
 class _Subset:
@@ -148,6 +150,8 @@ def classify(
     write_job(final, particles, out, result.geometry.pixel_size_angst)
     final.out_dir = out
     final.n_bad = n_bad
+    if config.use_ctf and particles.ctf is not None:
+        final.ctf_boost = float(envelope_at_nyquist(particles.ctf, particles.pixel_size_angst).max())
     return final
 
 

@@ -115,6 +115,18 @@ def ctf_2d(
     return ctf.to(dtype)
 
 
+def envelope_at_nyquist(params: CTFParams, pixel_size_angst: np.ndarray | float) -> np.ndarray:
+    """(n,) each particle's B-factor envelope exp(-B s² / 4) at its Nyquist frequency s = 1 / (2 px).
+
+    Above 1 where B < 0: RELION's convention then boosts the high frequencies
+    (tilt-series exports store each tilt's dose as a negative B-factor, for a
+    damping that this convention does not apply).
+    """
+    s2 = (0.5 / np.asarray(pixel_size_angst, dtype=np.float64)) ** 2
+    with np.errstate(over="ignore"):
+        return np.exp(-np.asarray(params.bfactor_angst2, dtype=np.float64) * s2 / 4.0)
+
+
 def ctf_grid(
     params: CTFParams,
     box: int,
