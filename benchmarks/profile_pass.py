@@ -45,7 +45,7 @@ def main() -> None:
         particles = read_particles(star)
         eng = Engine(particles, EMConfig(n_classes=args.classes, seed=0, coarse_to_fine=not args.exhaustive))
         eng.initialise()
-        eng.state.r_res = args.r_res
+        eng.state.r_res = eng.state.r_res_sums = args.r_res
         plan = eng.plan(10, online=True)
         n = min(args.batch, len(particles))
         idx = np.sort(eng.rng.choice(len(particles), n, replace=False))

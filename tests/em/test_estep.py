@@ -177,6 +177,15 @@ def _smooth_classes(k: int, g: torch.Generator) -> torch.Tensor:
     return fft2c(torch.fft.ifft2(torch.fft.fft2(torch.randn(k, BOX, BOX, generator=g)) * lowpass).real)
 
 
+def _search_problem(n_classes: int, seed: int):
+    """Smooth classes on a 10° / 1 px grid of radius 3 px: (generator, points, psi, shifts, refs, phases)."""
+    g = torch.Generator().manual_seed(seed)
+    pts = disc_points(BOX, 1, 12, half=True)
+    psi, shifts = psi_grid(10.0), _shift_disc(3)
+    refs = rotate_classes(_smooth_classes(n_classes, g), pts.xy, psi, 2)
+    return g, pts, psi, shifts, refs, deshift_phases(pts.xy / BOX, shifts)
+
+
 def test_coarse_to_fine_finds_the_exhaustive_best_pose():
     """Low noise, 10° rotations, 1 px shifts: both searches agree; precomputed references change nothing.
 
@@ -185,11 +194,7 @@ def test_coarse_to_fine_finds_the_exhaustive_best_pose():
     """
     from cryo2d.em.estep import coarse_references, coarse_subgrid, e_step_coarse_to_fine
 
-    g = torch.Generator().manual_seed(3)
-    pts = disc_points(BOX, 1, 12, half=True)
-    psi, shifts = psi_grid(10.0), _shift_disc(3)
-    refs = rotate_classes(_smooth_classes(3, g), pts.xy, psi, 2)
-    phases = deshift_phases(pts.xy / BOX, shifts)
+    g, pts, psi, shifts, refs, phases = _search_problem(3, seed=3)
     n = 12
     k_true, r_true, t_true = torch.arange(n) % 3, (torch.arange(n) * 7) % len(psi), (torch.arange(n) * 5) % len(shifts)
     # particle = reference shifted by the shift that the de-shift phases undo
@@ -208,6 +213,34 @@ def test_coarse_to_fine_finds_the_exhaustive_best_pose():
     assert torch.equal(bf.best_k, k_true) and torch.equal(bf.best_r, r_true) and torch.equal(bf.best_t, t_true)
     torch.testing.assert_close(bf.best_cross, c2f.best_cross)
     torch.testing.assert_close(e_step(*args, mode="hard", refs_power=power).best_cross, exh.best_cross)
+
+
+def test_coarse_to_fine_scores_each_candidate_pose_once():
+    """Soft, noisy, one class (its best pose is also the top candidate): every kept pose is
+    distinct, and the weight
+    ratio of any two equals exp of their log-likelihood difference computed by hand in float64.
+    """
+    from cryo2d.em.estep import coarse_subgrid, e_step_coarse_to_fine
+
+    g, pts, psi, shifts, refs, phases = _search_problem(1, seed=5)
+    n = 6
+    X = refs[0, (torch.arange(n) * 5) % len(psi)] / phases[(torch.arange(n) * 7) % len(shifts)]
+    sd = 6.0 * float(X.abs().mean())
+    X = X + sd * torch.complex(torch.randn(n, len(pts), generator=g), torch.randn(n, len(pts), generator=g))
+    inv_sigma2 = pts.weight / (2 * sd**2)
+    args = (X, torch.ones(n, len(pts)), inv_sigma2, refs, phases, torch.zeros(1), torch.ones(n))
+    grid = coarse_subgrid(shifts, 1.0, len(psi), pts.xy.norm(dim=1), 12.0)
+    res = e_step_coarse_to_fine(*args, grid, mode="soft", max_entries=200, min_weight=1e-6)
+    c128 = torch.complex128
+    for i in range(n):
+        on = res.entry_i == i
+        t, r, w = res.entry_t[on], res.entry_r[on], res.entry_w[on].double()
+        assert len(t) > 9  # a spread posterior: many poses kept
+        assert len(torch.unique(t * len(psi) + r)) == len(t)  # each pose once
+        Y = X[i].to(c128) * phases[t].to(c128)  # (e, m) de-shifted at each entry's shift
+        Z = refs[0, r].to(c128)
+        lp = (Y * Z.conj() * inv_sigma2.double()).sum(dim=1).real - 0.5 * (Z.abs() ** 2 * inv_sigma2.double()).sum(dim=1)
+        torch.testing.assert_close(torch.log(w) - torch.log(w[0]), lp - lp[0], atol=2e-3, rtol=0)
 
 
 def _with_empty_class(args: dict) -> dict:
@@ -252,11 +285,8 @@ def test_coarse_to_fine_empty_box_class_matches_the_exhaustive_search():
     """Same empty-box decisions from both searches; the empty class takes no candidate slot."""
     from cryo2d.em.estep import coarse_subgrid, e_step_coarse_to_fine
 
-    g = torch.Generator().manual_seed(4)
-    pts = disc_points(BOX, 1, 12, half=True)
-    psi, shifts = psi_grid(10.0), _shift_disc(3)
-    refs = torch.cat([rotate_classes(_smooth_classes(3, g), pts.xy, psi, 2), torch.zeros(1, len(psi), len(pts), dtype=torch.complex64)])
-    phases = deshift_phases(pts.xy / BOX, shifts)
+    g, pts, psi, shifts, refs, phases = _search_problem(3, seed=4)
+    refs = torch.cat([refs, torch.zeros(1, len(psi), len(pts), dtype=torch.complex64)])
     n = 12
     k_true, r_true, t_true = torch.arange(n) % 3, (torch.arange(n) * 7) % len(psi), (torch.arange(n) * 5) % len(shifts)
     sd = 0.4 * float(refs[:3].abs().mean())

@@ -24,6 +24,7 @@ from cryo2d.em.data import PointCache, batch_ctf, load_batch, noise_spectrum, tu
 from cryo2d.em.estep import (
     MAX_ENTRIES,
     N_CANDIDATES,
+    CoarseGrid,
     EStepResult,
     bf16_matmul_is_fast,
     coarse_references,
@@ -320,19 +321,20 @@ class Engine:
         """(K, m) values at the M-step half-plane points -> (K, B, B) centred Hermitian grids."""
         return hermitian_grid(A, self.mpts, self.geom.work_box)
 
-    def _chunk_size(self, plan: IterationPlan, grid: tuple | None = None) -> int:
+    def _chunk_size(self, plan: IterationPlan, grid: CoarseGrid | None = None) -> int:
         """Particles per E-step chunk: about 256 MB of the E-step's intermediates."""
         if self.config.chunk_size:
             return int(self.config.chunk_size)
         T, KR, M = len(plan.shifts_px), self.K * len(plan.psi_rad), len(plan.points)
         if grid is None:
             per_particle = T * (16 * KR + 16 * M) + 8 * KR
-        else:  # coarse scores, then the fine stage's shifted images, references and scores
-            coarse_t, _, coarse_r, cm = grid
-            Tc, KRc, Mc = len(coarse_t), self.K * len(coarse_r), len(cm)
+        else:  # coarse images and scores, the fine stage's 27 poses a candidate (its products
+            # run a few particles at a time), and with a rotation table the candidates' rows
+            Tc, KRc, Mc = len(grid.coarse_t), self.K * len(grid.coarse_r), len(grid.coarse_m)
             n_cand = self.K + N_CANDIDATES
-            nt, nkr = min(T, 9 * n_cand), min(KR, 3 * n_cand)
-            per_particle = Tc * (16 * KRc + 16 * Mc) + nt * (16 * M + 8 * nkr) + 8 * nkr * M + 8 * KR
+            per_particle = Tc * (8 * KRc + 16 * Mc) + n_cand * 27 * 64 + 8 * KR  # measured, with the allocator
+            if self._dense_references(plan) is not None:
+                per_particle += n_cand * 3 * 12 * M
         # 256 MB of intermediates: no slower than 512 MB, lower peak RSS (benchmarks/README.md, Memory)
         return int(max(1, min(512, 256e6 // per_particle)))
 
