@@ -297,6 +297,9 @@ N_CANDIDATES = 24
 #: Particles whose candidates the fine stage scores at a time (their rows stay in the cache).
 FINE_CHUNK = 8
 
+#: The fine stage scores each candidate's shifts within this many fine steps in x and y.
+SHIFT_REACH = 2
+
 
 class CoarseGrid(NamedTuple):
     """A coarse search grid and its fine neighbours (:func:`coarse_subgrid`)."""
@@ -305,7 +308,7 @@ class CoarseGrid(NamedTuple):
     neighbours: Tensor
     coarse_r: Tensor
     coarse_m: Tensor
-    origin: int
+    offset_pairs: Tensor
 
 
 def coarse_subgrid(
@@ -337,31 +340,35 @@ def coarse_subgrid(
 
     coarse_t : (Tc,) int64
         Indices of the coarse shifts among the fine ones.
-    neighbours : (Tc, 9) int64
-        For each coarse shift, the fine shifts within one fine step in x and y
-        (-1 where outside the disc), x fastest: offsets (-1, -1), (0, -1), …, (1, 1).
+    neighbours : (Tc, n_off) int64
+        For each coarse shift, the fine shifts within ``SHIFT_REACH`` fine steps in
+        x and y (-1 where outside the disc), x fastest: n_off = (2·SHIFT_REACH + 1)²
+        offsets (-2, -2), (-1, -2), …, (2, 2).
     coarse_r : (R/2,) int64
         Indices of the coarse rotations among the fine ones.
     coarse_m : (Mc,) int64
         Indices of the coarse frequencies among the E-step points.
-    origin : int
-        The row of the zero shift in ``coarse_t``; its neighbours are the offsets themselves.
+    offset_pairs : (n_off, 2) int64
+        For each offset, a pair of fine shifts (t + offset, t) that both lie in the
+        disc, so that their phases' ratio is the offset's ((0, 0) where no pair does).
     """
     lattice = torch.round(shifts_px / step_px).long()
     coarse = torch.nonzero(((lattice[:, 0] % 2) == 0) & ((lattice[:, 1] % 2) == 0)).squeeze(1)
     lookup = {(int(x), int(y)): i for i, (x, y) in enumerate(lattice.tolist())}
-    neigh = torch.full((len(coarse), 9), -1, dtype=torch.long)
+    reach = range(-SHIFT_REACH, SHIFT_REACH + 1)
+    offsets = [(dx, dy) for dy in reach for dx in reach]
+    neigh = torch.full((len(coarse), len(offsets)), -1, dtype=torch.long)
+    pairs = torch.zeros((len(offsets), 2), dtype=torch.long)
     for row, c in enumerate(coarse.tolist()):
         cx, cy = lattice[c].tolist()
-        j = 0
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                neigh[row, j] = lookup.get((cx + dx, cy + dy), -1)
-                j += 1
+        for j, (dx, dy) in enumerate(offsets):
+            t = lookup.get((cx + dx, cy + dy), -1)
+            neigh[row, j] = t
+            if t >= 0:
+                pairs[j, 0], pairs[j, 1] = t, c
     dev = shifts_px.device
     coarse_m = torch.nonzero(radius <= r_coarse).squeeze(1)
-    origin = int(torch.nonzero((lattice[coarse] == 0).all(dim=1))[0, 0])
-    return CoarseGrid(coarse.to(dev), neigh.to(dev), torch.arange(0, n_rot, 2, device=dev), coarse_m.to(dev), origin)
+    return CoarseGrid(coarse.to(dev), neigh.to(dev), torch.arange(0, n_rot, 2, device=dev), coarse_m.to(dev), pairs.to(dev))
 
 
 def bf16_matmul_is_fast(device) -> bool:
@@ -455,9 +462,10 @@ def e_step_coarse_to_fine(
     coarse radius). Stage 2 takes, per particle, the best coarse pose of
     every class plus the ``n_candidates`` best (class, coarse rotation) pairs
     that are local maxima over rotation (each at its best coarse shift), and
-    scores each candidate's own fine neighbourhood: the 9 fine shifts within
-    one fine step of its shift × the 3 fine rotations within one fine step of
-    its rotation (27 poses; a pose two candidates share counts once). The
+    scores each candidate's own fine neighbourhood: the fine shifts within
+    ``SHIFT_REACH`` fine steps of its shift in x and y (25) × the 3 fine
+    rotations within one fine step of its rotation (a pose two candidates
+    share counts once). The
     posterior is over those fine poses; poses far from every candidate get
     probability 0. Returned shift and rotation
     indices refer to the fine grid. ``refs_power`` (``|refs|²``) and ``coarse_refs`` (from
@@ -475,7 +483,7 @@ def e_step_coarse_to_fine(
     """
     b, m = X.shape
     K, R, _ = refs.shape
-    coarse_t, neighbours, coarse_r, cm, origin = grid
+    coarse_t, neighbours, coarse_r, cm, offset_pairs = grid
     Rc, Tc, Mc = len(coarse_r), len(coarse_t), len(cm)
     P = X * ctf * inv_sigma2
     dense = isinstance(refs, Tensor)
@@ -511,15 +519,16 @@ def e_step_coarse_to_fine(
     cand_r = torch.cat([cls_r, top_r], dim=1)
     cols = cand_k * Rc + cand_r  # (b, nc) columns of the coarse scores
     cand_t = coarse_scores.gather(2, cols.unsqueeze(1).expand(b, Tc, cols.shape[1])).argmax(dim=1)  # coarse shift rows
-    # Fine neighbourhoods: each candidate's 3 fine rotations × 9 fine shifts (within one
-    # fine step of its own). cross[c, r, d] = Re Σ_f P·e(t_c)·conj(Z_cr)·e(d), with
+    # Fine neighbourhoods: each candidate's 3 fine rotations × n_off fine shifts (within
+    # SHIFT_REACH fine steps of its own). cross[c, r, d] = Re Σ_f P·e(t_c)·conj(Z_cr)·e(d), with
     # e(t) the de-shift phases and e(t_c + d) = e(t_c)·e(d): one product of all candidate
-    # rotations against the 9 offsets' phases (conjugated terms: no lazy-conjugate copies).
+    # rotations against the n_off offsets' phases (conjugated terms: no lazy-conjugate copies).
     n_c = cand_k.shape[1]
     kr_c = torch.stack([cand_k * R + (coarse_r[cand_r] + d) % R for d in (-1, 0, 1)], dim=2)  # (b, nc, 3)
-    t_c = neighbours[cand_t]  # (b, nc, 9) fine shift indices, -1 = outside the disc
-    offsets = phases[neighbours[origin].clamp(min=0)]  # (9, M): e(d)
-    E = torch.stack([offsets.real, offsets.imag], dim=2).reshape(9, 2 * m)  # Re(conj(v)·e) = v_re·e_re + v_im·e_im
+    n_off = neighbours.shape[1]
+    t_c = neighbours[cand_t]  # (b, nc, n_off) fine shift indices, -1 = outside the disc
+    offsets = phases[offset_pairs[:, 0]] * phases[offset_pairs[:, 1]].conj()  # (n_off, M): e(d)
+    E = torch.stack([offsets.real, offsets.imag], dim=2).reshape(n_off, 2 * m)  # Re(conj(v)·e) = v_re·e_re + v_im·e_im
     kr_flat = kr_c.reshape(b, -1)
     t_first = coarse_t[cand_t]  # (b, nc) the candidates' own shifts
     if dense:
@@ -528,7 +537,7 @@ def e_step_coarse_to_fine(
     else:  # sampled once for the chunk (a table samples class by class)
         Z_all = refs.rows(kr_flat)  # (b, nc*3, M)
         norm = torch.bmm(Z_all.abs().square(), ((ctf * ctf) * inv_sigma2).unsqueeze(2)).squeeze(2)
-    cross = torch.empty((b, n_c, 3, 9), device=X.device)
+    cross = torch.empty((b, n_c, 3, n_off), device=X.device)
     # A few particles at a time: the candidates' rows (nc·3·M values a particle) then stay
     # in the cache for the products (3000 particles, 64 px: 2.0 s in chunks of 64, 0.45 s in 8s).
     for i0 in range(0, b, FINE_CHUNK):
@@ -541,18 +550,19 @@ def e_step_coarse_to_fine(
         else:
             Zf = Z_all[i0:i1].view(n, n_c, 3, m)
         V = Zf.mul_(Q.unsqueeze(2))  # the conjugate of P·e(t_c)·conj(Z), (n, nc, 3, M)
-        cross[i0:i1] = (torch.view_as_real(V).reshape(-1, 2 * m) @ E.T).view(n, n_c, 3, 9)
-    pose_t = t_c.unsqueeze(2).expand(b, n_c, 3, 9).reshape(b, -1)
-    pose_kr = kr_c.unsqueeze(3).expand(b, n_c, 3, 9).reshape(b, -1)
-    norm = norm.view(b, n_c, 3, 1).expand(b, n_c, 3, 9).reshape(b, -1)
+        cross[i0:i1] = (torch.view_as_real(V).reshape(-1, 2 * m) @ E.T).view(n, n_c, 3, n_off)
+    pose_t = t_c.unsqueeze(2).expand(b, n_c, 3, n_off).reshape(b, -1)
+    pose_kr = kr_c.unsqueeze(3).expand(b, n_c, 3, n_off).reshape(b, -1)
+    norm = norm.view(b, n_c, 3, 1).expand(b, n_c, 3, n_off).reshape(b, -1)
     cross = cross.reshape(b, -1)
     logp = (s[:, 0] * cross - 0.5 * s[:, 0] ** 2 * norm) / temperature + log_prior[pose_kr // R]
     # Each pose once: candidates' neighbourhoods overlap (a class's best is often also a top pair).
     logp.masked_fill_((pose_t < 0) | _repeated(pose_t * (K * R) + pose_kr), float("-inf"))  # keys < 0: outside
     pose_t = pose_t.clamp(min=0)
     if null_class >= 0:  # one entry: the centre pose of its class's candidate (candidate k = class k)
-        logp.view(b, n_c, 27)[:, null_class] = float("-inf")
-        logp.view(b, n_c, 27)[:, null_class, 13] = float(log_prior[null_class]) + math.log(phases.shape[0] * R)
+        logp.view(b, n_c, 3 * n_off)[:, null_class] = float("-inf")
+        centre = n_off + n_off // 2  # middle rotation, zero offset
+        logp.view(b, n_c, 3 * n_off)[:, null_class, centre] = float(log_prior[null_class]) + math.log(phases.shape[0] * R)
     return _summarise(logp, _Poses(cross, norm, pose_t, pose_kr, K, R), mode, max_entries, min_weight)
 
 
