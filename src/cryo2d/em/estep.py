@@ -298,7 +298,7 @@ N_CANDIDATES = 24
 FINE_CHUNK = 8
 
 #: The fine stage scores each candidate's shifts within this many fine steps in x and y.
-SHIFT_REACH = 2
+SHIFT_REACH = 1
 
 
 class CoarseGrid(NamedTuple):
@@ -538,8 +538,9 @@ def e_step_coarse_to_fine(
         Z_all = refs.rows(kr_flat)  # (b, nc*3, M)
         norm = torch.bmm(Z_all.abs().square(), ((ctf * ctf) * inv_sigma2).unsqueeze(2)).squeeze(2)
     cross = torch.empty((b, n_c, 3, n_off), device=X.device)
-    # A few particles at a time: the candidates' rows (nc·3·M values a particle) then stay
-    # in the cache for the products (3000 particles, 64 px: 2.0 s in chunks of 64, 0.45 s in 8s).
+    # A few particles at a time: the candidates' rows (nc·3·M values a particle) then stay in
+    # the cache for the products (3,000 particles, 54 candidates, M = 830: 2.0 s in chunks of
+    # 64 particles, 0.45 s in chunks of 8; benchmarks/README.md, session 19).
     for i0 in range(0, b, FINE_CHUNK):
         i1 = min(b, i0 + FINE_CHUNK)
         n = i1 - i0
