@@ -343,7 +343,7 @@ def coarse_subgrid(
     neighbours : (Tc, n_off) int64
         For each coarse shift, the fine shifts within ``SHIFT_REACH`` fine steps in
         x and y (-1 where outside the disc), x fastest: n_off = (2·SHIFT_REACH + 1)²
-        offsets (-2, -2), (-1, -2), …, (2, 2).
+        offsets (-r, -r), (-r + 1, -r), …, (r, r) for r = SHIFT_REACH.
     coarse_r : (R/2,) int64
         Indices of the coarse rotations among the fine ones.
     coarse_m : (Mc,) int64
@@ -463,7 +463,7 @@ def e_step_coarse_to_fine(
     every class plus the ``n_candidates`` best (class, coarse rotation) pairs
     that are local maxima over rotation (each at its best coarse shift), and
     scores each candidate's own fine neighbourhood: the fine shifts within
-    ``SHIFT_REACH`` fine steps of its shift in x and y (25) × the 3 fine
+    ``SHIFT_REACH`` fine steps of its shift in x and y (9 at reach 1) × the 3 fine
     rotations within one fine step of its rotation (a pose two candidates
     share counts once). The
     posterior is over those fine poses; poses far from every candidate get
