@@ -18,6 +18,7 @@ import starfile
 import torch
 
 from cryo2d.classify import classify
+from cryo2d.ctf import boost_note
 from cryo2d.em.config import EMConfig
 from cryo2d.errors import Cryo2DError
 from cryo2d.evaluate import score_classification, score_job
@@ -140,6 +141,32 @@ def test_half_written_file_and_missing_stack_are_not_read(sim3, tmp_path):
     assert notes == ["c000.star: waiting for stack c000.mrcs"]  # the STAR file came first
     images = watcher.sets["c000.star"].stack.read(np.arange(120))
     np.testing.assert_array_equal(images, source.images[:120])
+
+
+def test_note_on_ctf_boosting_b_factors_once_a_stream(sim3, tmp_path):
+    """Files whose negative B-factors boost the CTF 1000x at Nyquist: one note, naming the first file."""
+    blocks = starfile.read(sim3.star, always_dict=True)
+    pixel = float(blocks["optics"]["rlnImagePixelSize"].iloc[0])
+    names = blocks["particles"]["rlnImageName"].str.split("@", n=1, expand=True)
+    blocks["particles"]["rlnImageName"] = names[0] + "@" + str(sim3.folder.resolve()) + "/" + names[1]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, bfactor in (("a", 0.0), ("b", -4.0 * np.log(1000.0) * (2.0 * pixel) ** 2), ("c", -800.0)):
+        blocks["particles"]["rlnCtfBfactor"] = bfactor
+        starfile.write(blocks, folder / f"{name}.star", overwrite=True)
+
+    def poll_all(watcher: ParticleWatcher) -> list[str]:
+        notes, t0 = [], time.monotonic()
+        while len(watcher.sets) < 3 and time.monotonic() - t0 < 10:
+            notes += watcher.poll()[0]
+            time.sleep(0.05)
+        assert sorted(watcher.sets) == ["a.star", "b.star", "c.star"]
+        return notes
+
+    watcher = ParticleWatcher(folder, settle_s=0.1)
+    boost = [n for n in poll_all(watcher) if "note: negative CTF B-factors" in n]
+    assert boost == [f"b.star: {boost_note(watcher.sets['b.star'].ctf, pixel)}"] and "up to 1,000x at Nyquist" in boost[0]
+    assert poll_all(ParticleWatcher(folder, settle_s=0.1, no_ctf=True)) == []
 
 
 def test_settled_file_that_is_not_star_is_an_error(tmp_path):

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from cryo2d.ctf import envelope_at_nyquist
+from cryo2d.ctf import boost_note
 from cryo2d.em.config import EMConfig
 from cryo2d.em.engine import EMResult, run_em
 from cryo2d.em.finalize import align_vertical, duplicate_mask, sort_order
@@ -39,7 +39,7 @@ class ClassifyResult:
     n_bad: int
     empty_class: int = -1  # the class of the empty boxes (output order), -1 for none
     classes_unmasked: np.ndarray | None = None  # before the solvent mask (--flatten-solvent), output order
-    ctf_boost: float = 1.0  # largest B-factor envelope at Nyquist (> 1: negative B-factors boost the CTF)
+    ctf_note: str | None = None  # :func:`cryo2d.ctf.boost_note` of the particles, when the CTF is used
 
 
 class _Subset:
@@ -151,7 +151,7 @@ def classify(
     final.out_dir = out
     final.n_bad = n_bad
     if config.use_ctf and particles.ctf is not None:
-        final.ctf_boost = float(envelope_at_nyquist(particles.ctf, particles.pixel_size_angst).max())
+        final.ctf_note = boost_note(particles.ctf, particles.pixel_size_angst)
     return final
 
 

@@ -127,6 +127,22 @@ def envelope_at_nyquist(params: CTFParams, pixel_size_angst: np.ndarray | float)
         return np.exp(-np.asarray(params.bfactor_angst2, dtype=np.float64) * s2 / 4.0)
 
 
+#: A note is given when negative B-factors boost the CTF more than this at Nyquist (B = -507 Å² at
+#: 1.96 Å per pixel: 3,800x; RELION per-particle B-factors of -50 Å² at 1 Å per pixel: 23x).
+CTF_BOOST_NOTE = 100.0
+
+
+def boost_note(params: CTFParams | None, pixel_size_angst: np.ndarray | float) -> str | None:
+    """The one-line note for B-factors that boost the CTF more than ``CTF_BOOST_NOTE`` at Nyquist, else None."""
+    if params is None:
+        return None
+    boost = float(envelope_at_nyquist(params, pixel_size_angst).max(initial=1.0))
+    if boost <= CTF_BOOST_NOTE:
+        return None
+    return (f"note: negative CTF B-factors boost the CTF up to {boost:,.0f}x at Nyquist (exp(-B s^2/4), as "
+            "RELION); tilt-series exports store the dose there: drop the column if that is what it holds")
+
+
 def ctf_grid(
     params: CTFParams,
     box: int,

@@ -23,11 +23,6 @@ from contextlib import contextmanager
 from cryo2d.em.config import EMConfig, check_device
 from cryo2d.errors import Cryo2DError
 
-#: A note is printed when negative B-factors boost the CTF more than this at Nyquist (B = -507 Å² at
-#: 1.96 Å per pixel: 3,800x; RELION per-particle B-factors of -50 Å² at 1 Å per pixel: 23x).
-CTF_BOOST_NOTE = 100.0
-
-
 def _on_off(parser: argparse.ArgumentParser, name: str, default, help_on: str) -> None:
     dest = name.replace("-", "_")
     group = parser.add_mutually_exclusive_group()
@@ -229,8 +224,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.out}: removed {result.n_duplicates} duplicate picks (written to duplicates file)", file=sys.stderr)
     if result.n_bad:
         print(f"{args.out}: skipped {result.n_bad} images with NaN/Inf pixels", file=sys.stderr)
-    if result.ctf_boost > CTF_BOOST_NOTE:
-        print(f"{args.particles}: note: negative CTF B-factors boost the CTF up to {result.ctf_boost:,.0f}x at "
-              "Nyquist (exp(-B s^2/4), as RELION); tilt-series exports store the dose there: "
-              "drop the column if that is what it holds", file=sys.stderr)
+    if result.ctf_note:
+        print(f"{args.particles}: {result.ctf_note}", file=sys.stderr)
     return 0

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cryo2d.ctf import boost_note
 from cryo2d.errors import Cryo2DError
 from cryo2d.io import open_stack, read_particles
 from cryo2d.io.mrc import StackRefs, _is_file
@@ -102,6 +103,7 @@ class ParticleWatcher:
         self.settle_s = float(settle_s)
         self.project_dir = project_dir
         self.no_ctf = no_ctf
+        self._boost_noted = False
         self.clock = clock
         self.sets: dict[str, ParticleSet] = {}
         self.read_signature: dict[str, Signature] = {}
@@ -184,4 +186,8 @@ class ParticleWatcher:
                 continue
             self.sets[name] = open_stack(particles)
             self.read_signature[name] = sig
+            note = None if self.no_ctf or self._boost_noted else boost_note(particles.ctf, particles.pixel_size_angst)
+            if note:  # once a stream: its files come from one export
+                self._boost_noted = True
+                self._note(f"{name}: {note}", notes)
         return notes, self._changed
