@@ -217,8 +217,8 @@ def test_coarse_to_fine_finds_the_exhaustive_best_pose():
 
 def test_coarse_to_fine_scores_each_candidate_pose_once():
     """Soft, noisy, one class (its best pose is also the top candidate): every kept pose is
-    distinct, and the weight
-    ratio of any two equals exp of their log-likelihood difference computed by hand in float64.
+    distinct, and the weight ratio of any two equals exp of their log-likelihood difference
+    computed by hand in float64.
     """
     from cryo2d.em.estep import coarse_subgrid, e_step_coarse_to_fine
 

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from cryo2d.em.config import EMConfig, check_device
 from cryo2d.errors import Cryo2DError
 
+
 def _on_off(parser: argparse.ArgumentParser, name: str, default, help_on: str) -> None:
     dest = name.replace("-", "_")
     group = parser.add_mutually_exclusive_group()

@@ -24,6 +24,7 @@ from cryo2d.em.data import PointCache, batch_ctf, load_batch, noise_spectrum, tu
 from cryo2d.em.estep import (
     MAX_ENTRIES,
     N_CANDIDATES,
+    SHIFT_REACH,
     CoarseGrid,
     EStepResult,
     bf16_matmul_is_fast,
@@ -328,11 +329,12 @@ class Engine:
         T, KR, M = len(plan.shifts_px), self.K * len(plan.psi_rad), len(plan.points)
         if grid is None:
             per_particle = T * (16 * KR + 16 * M) + 8 * KR
-        else:  # coarse images and scores, the fine stage's 27 poses a candidate (its products
+        else:  # coarse images and scores, the fine stage's poses a candidate (its products
             # run a few particles at a time), and with a rotation table the candidates' rows
             Tc, KRc, Mc = len(grid.coarse_t), self.K * len(grid.coarse_r), len(grid.coarse_m)
             n_cand = self.K + N_CANDIDATES
-            per_particle = Tc * (8 * KRc + 16 * Mc) + n_cand * 27 * 64 + 8 * KR  # measured, with the allocator
+            n_poses = 3 * (2 * SHIFT_REACH + 1) ** 2
+            per_particle = Tc * (8 * KRc + 16 * Mc) + n_cand * n_poses * 64 + 8 * KR  # measured, with the allocator
             if self._dense_references(plan) is not None:
                 per_particle += n_cand * 3 * 12 * M
         # 256 MB of intermediates: no slower than 512 MB, lower peak RSS (benchmarks/README.md, Memory)
