@@ -292,7 +292,7 @@ def e_step(
 
 
 #: Coarse (class, rotation) candidates refined per particle, besides each class's best.
-N_CANDIDATES = 24
+N_CANDIDATES = 48
 
 #: Particles whose candidates the fine stage scores at a time (their rows stay in the cache).
 FINE_CHUNK = 8
