@@ -95,10 +95,22 @@ def constant_ctf(n: int, defocus_angst: float = 15000.0) -> CTFParams:
     )
 
 
+def relocatable_star(sim) -> tuple[dict, float, float]:
+    """``sim``'s STAR blocks with absolute stack paths (so copies can be written anywhere), its
+    pixel size (Å) and the CTF B-factor (Å²) whose envelope exp(-B s²/4) is 1000 at Nyquist."""
+    import starfile
+
+    blocks = starfile.read(sim.star, always_dict=True)
+    pixel = float(blocks["optics"]["rlnImagePixelSize"].iloc[0])
+    names = blocks["particles"]["rlnImageName"].str.split("@", n=1, expand=True)
+    blocks["particles"]["rlnImageName"] = names[0] + "@" + str(sim.folder.resolve()) + "/" + names[1]
+    return blocks, pixel, -4.0 * np.log(1000.0) * (2.0 * pixel) ** 2
+
+
 @pytest.fixture(scope="session")
 def helpers():
     """The module-level helpers of this conftest, for tests in sub-folders."""
     import types
 
     return types.SimpleNamespace(tiny_config=tiny_config, memory_particles=memory_particles,
-                                 constant_ctf=constant_ctf)
+                                 constant_ctf=constant_ctf, relocatable_star=relocatable_star)

@@ -32,13 +32,10 @@ def star_job(sim3, tmp_path_factory):
     return job
 
 
-def test_note_on_ctf_boosting_b_factors(sim3, tmp_path, capsys):
+def test_note_on_ctf_boosting_b_factors(sim3, tmp_path, capsys, helpers):
     """Negative B-factors (a tilt-series export's dose) boost the CTF: one note names the file and the boost."""
-    blocks = starfile.read(sim3.star, always_dict=True)
-    pixel = float(blocks["optics"]["rlnImagePixelSize"].iloc[0])
-    names = blocks["particles"]["rlnImageName"].str.split("@", n=1, expand=True)
-    blocks["particles"]["rlnImageName"] = names[0] + "@" + str(sim3.folder.resolve()) + "/" + names[1]
-    for name, bfactor in (("plain", 0.0), ("dose", -4.0 * np.log(1000.0) * (2.0 * pixel) ** 2)):  # 1000x at Nyquist
+    blocks, _, b_1000x = helpers.relocatable_star(sim3)
+    for name, bfactor in (("plain", 0.0), ("dose", b_1000x)):  # 1000x at Nyquist
         star = tmp_path / f"{name}.star"
         blocks["particles"]["rlnCtfBfactor"] = bfactor
         starfile.write(blocks, star, overwrite=True)

@@ -143,15 +143,12 @@ def test_half_written_file_and_missing_stack_are_not_read(sim3, tmp_path):
     np.testing.assert_array_equal(images, source.images[:120])
 
 
-def test_note_on_ctf_boosting_b_factors_once_a_stream(sim3, tmp_path):
+def test_note_on_ctf_boosting_b_factors_once_a_stream(sim3, tmp_path, helpers):
     """Files whose negative B-factors boost the CTF 1000x at Nyquist: one note, naming the first file."""
-    blocks = starfile.read(sim3.star, always_dict=True)
-    pixel = float(blocks["optics"]["rlnImagePixelSize"].iloc[0])
-    names = blocks["particles"]["rlnImageName"].str.split("@", n=1, expand=True)
-    blocks["particles"]["rlnImageName"] = names[0] + "@" + str(sim3.folder.resolve()) + "/" + names[1]
+    blocks, pixel, b_1000x = helpers.relocatable_star(sim3)
     folder = tmp_path / "in"
     folder.mkdir()
-    for name, bfactor in (("a", 0.0), ("b", -4.0 * np.log(1000.0) * (2.0 * pixel) ** 2), ("c", -800.0)):
+    for name, bfactor in (("a", 0.0), ("b", b_1000x), ("c", -800.0)):
         blocks["particles"]["rlnCtfBfactor"] = bfactor
         starfile.write(blocks, folder / f"{name}.star", overwrite=True)
 

@@ -150,7 +150,7 @@ def classify(
     write_job(final, particles, out, result.geometry.pixel_size_angst)
     final.out_dir = out
     final.n_bad = n_bad
-    if config.use_ctf and particles.ctf is not None:
+    if config.use_ctf:
         final.ctf_note = boost_note(particles.ctf, particles.pixel_size_angst)
     return final
 

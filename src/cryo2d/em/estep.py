@@ -463,12 +463,11 @@ def e_step_coarse_to_fine(
     every class plus the ``n_candidates`` best (class, coarse rotation) pairs
     that are local maxima over rotation (each at its best coarse shift), and
     scores each candidate's own fine neighbourhood: the fine shifts within
-    ``SHIFT_REACH`` fine steps of its shift in x and y (9 at reach 1) × the 3 fine
-    rotations within one fine step of its rotation (a pose two candidates
-    share counts once). The
-    posterior is over those fine poses; poses far from every candidate get
-    probability 0. Returned shift and rotation
-    indices refer to the fine grid. ``refs_power`` (``|refs|²``) and ``coarse_refs`` (from
+    ``SHIFT_REACH`` fine steps of its shift in x and y (9 at reach 1) × the 3
+    fine rotations within one fine step of its rotation (a pose two
+    candidates share counts once). The posterior is over those fine poses;
+    poses far from every candidate get probability 0. Returned shift and
+    rotation indices refer to the fine grid. ``refs_power`` (``|refs|²``) and ``coarse_refs`` (from
     :func:`coarse_references`) can be made once per pass and passed in; the
     coarse correlations are computed in the dtype of ``coarse_refs``. The
     empty-box class (``null_class``) takes no candidate slot; its evidence is
