@@ -10,6 +10,7 @@ coarse stage, "c2f bf16" with the bfloat16 one the engine uses where the
 hardware multiplies bfloat16 natively (n/a elsewhere).
 
     python benchmarks/estep.py [--threads 2] [--repeat 3]
+    python benchmarks/estep.py --device cuda --batch-scale 32   # a GPU: 32x the particles per chunk
 """
 from __future__ import annotations
 
@@ -20,7 +21,15 @@ import time
 
 import torch
 
-from cryo2d.em.estep import bf16_matmul_is_fast, coarse_references, coarse_subgrid, deshift_phases, e_step, e_step_coarse_to_fine
+from cryo2d.em.estep import (
+    bf16_matmul_is_fast,
+    coarse_references,
+    coarse_subgrid,
+    deshift_phases,
+    e_step,
+    e_step_coarse_to_fine,
+    fine_chunk_for,
+)
 from cryo2d.em.geometry import disc_points
 from cryo2d.em.rotation import psi_grid, rotate_classes
 from cryo2d.fourier import fft2c, radius_grid
@@ -33,12 +42,18 @@ SIZES = [  # (box, classes, psi step, shift range px, particles per chunk)
 ]
 
 
-def _best_time(fn, repeat: int) -> float:
+def _best_time(fn, repeat: int, device: torch.device) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()
     times = []
     for _ in range(repeat):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return min(times)
 
@@ -66,30 +81,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--batch-scale", type=int, default=1, help="particles per chunk x this (a GPU wants more)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads")
+    dev = torch.device(args.device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{args.threads} threads"
+    print(f"torch {torch.__version__}, {name}")
     header = ("box", "K", "R", "T", "2M", "b", "exh poses/s", "exh GFLOP/s", "matmul GFLOP/s", "exh/matmul",
               "c2f poses/s", "c2f speed-up", "c2f bf16 poses/s", "c2f bf16 speed-up")
-    bf16 = bf16_matmul_is_fast("cpu")
+    bf16 = bf16_matmul_is_fast(dev)
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for box, K, psi_step, shift_range, b in SIZES:
+        b *= args.batch_scale
         X, ctf, inv, refs, phases, prior, scale, grid = _problem(box, K, psi_step, shift_range, b)
+        X, ctf, inv, refs, phases, prior, scale = (t.to(dev) for t in (X, ctf, inv, refs, phases, prior, scale))
+        grid = type(grid)(*(t.to(dev) for t in grid))
         T, R, M = phases.shape[0], refs.shape[1], refs.shape[2]
         poses = b * T * K * R
         flops = 2.0 * b * T * K * R * 2 * M + 2.0 * b * M * K * R
-        t_exh = _best_time(lambda: e_step(X, ctf, inv, refs, phases, prior, scale), args.repeat)
+        t_exh = _best_time(lambda: e_step(X, ctf, inv, refs, phases, prior, scale), args.repeat, dev)
         power = refs.abs().square()
         c2f = {}
         for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
             coarse = coarse_references(refs, grid, power, dtype)
             c2f[dtype] = _best_time(lambda: e_step_coarse_to_fine(
-                X, ctf, inv, refs, phases, prior, scale, grid, refs_power=power, coarse_refs=coarse), args.repeat)
+                X, ctf, inv, refs, phases, prior, scale, grid, refs_power=power, coarse_refs=coarse,
+                fine_chunk=fine_chunk_for(dev)), args.repeat, dev)
         t_c2f = c2f[torch.float32]
-        A = torch.randn(b * T, 2 * M)
-        B = torch.randn(2 * M, K * R)
-        t_mm = _best_time(lambda: A @ B, args.repeat)
+        A = torch.randn(b * T, 2 * M, device=dev)
+        B = torch.randn(2 * M, K * R, device=dev)
+        t_mm = _best_time(lambda: A @ B, args.repeat, dev)
         mm_rate = 2.0 * b * T * 2 * M * K * R / t_mm / 1e9
         row = (box, K, R, T, 2 * M, b, f"{poses / t_exh:.3g}", f"{flops / t_exh / 1e9:.1f}", f"{mm_rate:.1f}",
                f"{(flops / t_exh / 1e9) / mm_rate:.2f}", f"{poses / t_c2f:.3g}", f"{t_exh / t_c2f:.1f}x")
@@ -98,6 +121,8 @@ def main() -> None:
         print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB")
+    if dev.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**20:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def tile_stack(base_star: Path, n_total: int, out_dir: Path, seed: int, noise: f
             copy, j = rows // n_base, rows % n_base
             block = images[j]
             fresh = copy > 0
-            block[fresh] += rng.normal(scale=sigma, size=(int(fresh.sum()), box, box)).astype(np.float32)
+            block[fresh] += sigma * rng.standard_normal((int(fresh.sum()), box, box), dtype=np.float32)
             f.write(block.astype("<f4" if header.mode.dtype.byteorder in "<=|" else ">f4").tobytes())
     assert os.path.getsize(stack_path) == HEADER_BYTES + n_total * box * box * 4
     for copy in range((n_total + n_base - 1) // n_base):
@@ -111,7 +111,7 @@ def run_child(cmd: list[str], log: Path) -> tuple[float, float]:
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return "\n".join(lines + ["| " + " | ".join(r + [""] * (len(headers) - len(r))) + " |" for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             size_gb = HEADER_BYTES / 1e9 + n * box * box * 4 / 1e9
             rows.append([f"{n:,}", str(box), str(K), f"{size_gb:.2f} (of {stack_gb:.1f})", f"{wall:.0f}",
                          f"{full:.0f}", f"{rss:.0f}"])
-            print(f"  wall {wall:.0f} s, full pass {full:.0f} s, peak RSS {rss:.0f} MB", flush=True)
+            gpu = [r["device_peak_mb"] for r in records if "device_peak_mb" in r]  # --device cuda
+            if gpu:
+                if "peak GPU MB" not in headers:
+                    headers.append("peak GPU MB")
+                rows[-1].append(f"{max(gpu):.0f}")
+            print(f"  wall {wall:.0f} s, full pass {full:.0f} s, peak RSS {rss:.0f} MB"
+                  + (f", peak GPU memory {max(gpu):.0f} MB" if gpu else ""), flush=True)
             loads.append(os.getloadavg()[0])
     finally:
         if not args.keep and stack.exists():

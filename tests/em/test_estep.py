@@ -243,6 +243,28 @@ def test_coarse_to_fine_scores_each_candidate_pose_once():
         torch.testing.assert_close(torch.log(w) - torch.log(w[0]), lp - lp[0], atol=2e-3, rtol=0)
 
 
+def test_fine_stage_chunk_groups_particles_without_changing_scores():
+    """The fine stage's particles per product (8 on a CPU, 256 on a GPU) change no score:
+    one particle at a time, 8 and all 7 at once give the same soft posterior."""
+    from cryo2d.em.estep import FINE_CHUNK, GPU_FINE_CHUNK, coarse_subgrid, e_step_coarse_to_fine, fine_chunk_for
+
+    assert (fine_chunk_for("cpu"), fine_chunk_for("cuda:0")) == (FINE_CHUNK, GPU_FINE_CHUNK)
+    g, pts, psi, shifts, refs, phases = _search_problem(3, seed=7)
+    n = 7
+    X = refs[torch.arange(n) % 3, (torch.arange(n) * 5) % len(psi)] / phases[(torch.arange(n) * 3) % len(shifts)]
+    sd = 6.0 * float(X.abs().mean())
+    X = X + sd * torch.complex(torch.randn(n, len(pts), generator=g), torch.randn(n, len(pts), generator=g))
+    args = (X, torch.ones(n, len(pts)), pts.weight / (2 * sd**2), refs, phases, torch.zeros(3), torch.ones(n))
+    grid = coarse_subgrid(shifts, 1.0, len(psi), pts.xy.norm(dim=1), 12.0)
+    runs = [e_step_coarse_to_fine(*args, grid, mode="soft", fine_chunk=c) for c in (1, 3, 8, GPU_FINE_CHUNK)]
+    for other in runs[1:]:
+        for name in ("entry_i", "entry_t", "entry_r"):
+            assert torch.equal(getattr(other, name), getattr(runs[0], name))
+        torch.testing.assert_close(other.entry_w, runs[0].entry_w)
+        torch.testing.assert_close(other.class_post, runs[0].class_post)
+    assert len(runs[0].entry_w) > 2 * n  # soft: more than one pose kept per particle
+
+
 def _with_empty_class(args: dict) -> dict:
     """The problem's classes plus an empty-box class (index K, zero references)."""
     refs = args["refs"]

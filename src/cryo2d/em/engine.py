@@ -33,6 +33,7 @@ from cryo2d.em.estep import (
     deshift_phases,
     e_step,
     e_step_coarse_to_fine,
+    fine_chunk_for,
 )
 from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, make_geometry, soft_mask
 from cryo2d.em.mstep import PoseSums, class_resolution_shell, estimate_tau2, resolution_shell, solve_classes, ssnr
@@ -107,6 +108,9 @@ _PSI_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0, 9.0, 10.0, 12.0,
 # "Memory": sampling all of them, 3,000 particles, K = 300: 261 -> 334 s,
 # peak RSS 2.6 -> 1.8 GB, the same classes).
 REFS_BUDGET_BYTES = 1 << 30
+# On a GPU: E-step intermediates per chunk, and the most particles in one.
+_GPU_CHUNK_BYTES = 4e9
+_GPU_CHUNK_MAX = 4096
 
 
 def refs_budget(device) -> int:
@@ -337,8 +341,10 @@ class Engine:
             per_particle = Tc * (8 * KRc + 16 * Mc) + n_cand * n_poses * 64 + 8 * KR  # measured, with the allocator
             if self._dense_references(plan) is not None:
                 per_particle += n_cand * 3 * 12 * M
-        # 256 MB of intermediates: no slower than 512 MB, lower peak RSS (benchmarks/README.md, Memory)
-        return int(max(1, min(512, 256e6 // per_particle)))
+        # CPU: 256 MB of intermediates, no slower than 512 MB, lower peak RSS (benchmarks/README.md,
+        # Memory). GPU: larger chunks keep its many cores busy (benchmarks/README.md, On a GPU).
+        budget, most = (256e6, 512) if self.device.type == "cpu" else (_GPU_CHUNK_BYTES, _GPU_CHUNK_MAX)
+        return int(max(1, min(most, budget // per_particle)))
 
     def _dense_references(self, plan: IterationPlan) -> int | None:
         """None when a pass's rotated references fit :func:`refs_budget`; else how many classes'
@@ -1083,7 +1089,7 @@ class Engine:
                 else:
                     res = e_step_coarse_to_fine(
                         *args, grid, temperature=plan.temperature, mode=mode, refs_power=power, coarse_refs=coarse,
-                        null_class=s.null_class,
+                        null_class=s.null_class, fine_chunk=fine_chunk_for(dev),
                     )
                 Xm, Cm = X[:, m_img], C[:, m_pos]
                 sums.add(Xm, Cm, scale, phases_m, res if classes is None else res.only_classes(classes))
@@ -1198,6 +1204,8 @@ class Engine:
             "sampled_reference_classes": 0 if n_dense is None else self.K - n_dense,
             "time_s": round(time.perf_counter() - t0, 3),
         }
+        if self.device.type == "cuda":  # peak GPU memory so far
+            record["device_peak_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
         s.history.append(record)
         return record
 

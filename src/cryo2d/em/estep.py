@@ -294,8 +294,16 @@ def e_step(
 #: Coarse (class, rotation) candidates refined per particle, besides each class's best.
 N_CANDIDATES = 48
 
-#: Particles whose candidates the fine stage scores at a time (their rows stay in the cache).
+#: Particles whose candidates the fine stage scores at a time on a CPU (their rows stay in
+#: the cache), and on a GPU (which wants thousands of rows per product).
 FINE_CHUNK = 8
+GPU_FINE_CHUNK = 256
+
+
+def fine_chunk_for(device) -> int:
+    """Particles the fine stage of :func:`e_step_coarse_to_fine` scores at a time on ``device``."""
+    return FINE_CHUNK if torch.device(device).type == "cpu" else GPU_FINE_CHUNK
+
 
 #: The fine stage scores each candidate's shifts within this many fine steps in x and y.
 SHIFT_REACH = 1
@@ -453,6 +461,7 @@ def e_step_coarse_to_fine(
     refs_power: Tensor | None = None,
     coarse_refs: tuple[Tensor, Tensor] | None = None,
     null_class: int = -1,
+    fine_chunk: int = FINE_CHUNK,
 ) -> EStepResult:
     """Like :func:`e_step`, but searching a coarse grid first, then refining.
 
@@ -474,6 +483,7 @@ def e_step_coarse_to_fine(
     that of :func:`e_step`, on one entry. With a
     :class:`~cryo2d.em.rotation.RotationTable` for ``refs``, the fine stage
     takes only the candidates' rows from it and sums their norms from them.
+    The fine stage runs ``fine_chunk`` particles at a time (:func:`fine_chunk_for`).
 
     In bfloat16 (8-bit mantissa, float32 sums) the coarse log-likelihoods
     of a 64 px particle differ from float32 by 0.03 nats (SD; 1.1 at most)
@@ -540,8 +550,8 @@ def e_step_coarse_to_fine(
     # A few particles at a time: the candidates' rows (nc·3·M values a particle) then stay in
     # the cache for the products (3,000 particles, 54 candidates, M = 830: 2.0 s in chunks of
     # 64 particles, 0.45 s in chunks of 8; benchmarks/README.md, session 19).
-    for i0 in range(0, b, FINE_CHUNK):
-        i1 = min(b, i0 + FINE_CHUNK)
+    for i0 in range(0, b, fine_chunk):
+        i1 = min(b, i0 + fine_chunk)
         n = i1 - i0
         Q = P[i0:i1].unsqueeze(1) * phases.index_select(0, t_first[i0:i1].reshape(-1)).view(n, n_c, m)
         Q = Q.conj_physical_()  # conj(P·e(t_c))
