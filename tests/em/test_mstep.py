@@ -187,3 +187,28 @@ def test_resolution_of_a_class_with_a_strong_low_frequency_stops_where_its_signa
     snr = ssnr(den, sigma2, tau2, pts.shell, n_shells, 2.0)
     assert 4 <= int(resolution_shell(snr)[0]) <= 5
     assert float(snr[0, 6 : BOX // 2].max()) < 1.0  # every noise-only shell (10⁻⁶ of τ²(0) would give SSNR 5000)
+
+
+def test_sparse_product_sums_repeated_pairs_without_warning(monkeypatch):
+    """W[row, col] += weight times a dense matrix equals the dense product (repeated pairs add),
+    and PyTorch 2.11's warning that invariant checks are off (they are, on purpose) is not shown."""
+    import warnings
+
+    from cryo2d.em import mstep
+
+    real = torch.sparse_coo_tensor
+
+    def warning_coo(*args, **kwargs):  # what PyTorch 2.11 does
+        warnings.warn("Sparse invariant checks are implicitly disabled. Memory errors (e.g. SEGFAULT) will occur")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "sparse_coo_tensor", warning_coo)
+    row, col = torch.tensor([0, 2, 2, 1, 2]), torch.tensor([1, 0, 0, 3, 2])
+    weight = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0])
+    dense = torch.arange(12.0).reshape(4, 3)
+    W = torch.zeros(3, 4, dtype=torch.float64)
+    W.index_put_((row, col), weight.double(), accumulate=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = mstep._sparse_times(row, col, weight, 3, dense)
+    torch.testing.assert_close(out.double(), W @ dense.double())

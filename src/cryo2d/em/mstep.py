@@ -15,6 +15,8 @@ with τ²_k the class's signal power per shell (DESIGN §2).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -160,10 +162,12 @@ class PoseSums:
 
 def _sparse_times(row: Tensor, col: Tensor, weight: Tensor, n_rows: int, dense: Tensor) -> Tensor:
     """(n_rows, d) product of the sparse matrix W[row, col] += weight with ``dense`` (n, d); repeated pairs add."""
-    W = torch.sparse_coo_tensor(
-        torch.stack([row, col]), weight.to(dense.dtype), (n_rows, dense.shape[0]), check_invariants=False
-    )
-    return torch.sparse.mm(W, dense)
+    with warnings.catch_warnings():  # PyTorch 2.11 warns that the checks are off, which they are on purpose
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        W = torch.sparse_coo_tensor(
+            torch.stack([row, col]), weight.to(dense.dtype), (n_rows, dense.shape[0]), check_invariants=False
+        )
+        return torch.sparse.mm(W, dense)
 
 
 def shell_mean(values: Tensor, shell: Tensor, n_shells: int) -> Tensor:
