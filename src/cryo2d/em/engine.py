@@ -108,9 +108,12 @@ _PSI_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0, 9.0, 10.0, 12.0,
 # "Memory": sampling all of them, 3,000 particles, K = 300: 261 -> 334 s,
 # peak RSS 2.6 -> 1.8 GB, the same classes).
 REFS_BUDGET_BYTES = 1 << 30
-# On a GPU: E-step intermediates per chunk, and the most particles in one.
-_GPU_CHUNK_BYTES = 4e9
-_GPU_CHUNK_MAX = 4096
+# E-step chunks: bytes of intermediates and the most particles in one. CPU: 256 MB is no
+# slower than 512 MB and peaks lower (benchmarks/README.md, Memory). GPU: a 16th of its
+# memory, at most 4 GB and 4,096 particles (larger products keep its cores busy; one H200
+# peaked at 10.3 GB for 128 px, K = 100: benchmarks/README.md, On a GPU).
+CPU_CHUNK = (256e6, 512)
+GPU_CHUNK = (4e9, 4096)
 
 
 def refs_budget(device) -> int:
@@ -124,6 +127,15 @@ def refs_budget(device) -> int:
     if device.type == "cuda":
         return max(REFS_BUDGET_BYTES, torch.cuda.get_device_properties(device).total_memory // 4)
     return REFS_BUDGET_BYTES
+
+
+def chunk_budget(device) -> tuple[float, int]:
+    """(bytes of E-step intermediates, most particles) per chunk on ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return min(GPU_CHUNK[0], total / 16), GPU_CHUNK[1]
+    return CPU_CHUNK
 
 
 @dataclass
@@ -327,7 +339,7 @@ class Engine:
         return hermitian_grid(A, self.mpts, self.geom.work_box)
 
     def _chunk_size(self, plan: IterationPlan, grid: CoarseGrid | None = None) -> int:
-        """Particles per E-step chunk: about 256 MB of the E-step's intermediates."""
+        """Particles per E-step chunk: about :func:`chunk_budget` bytes of the E-step's intermediates."""
         if self.config.chunk_size:
             return int(self.config.chunk_size)
         T, KR, M = len(plan.shifts_px), self.K * len(plan.psi_rad), len(plan.points)
@@ -341,9 +353,7 @@ class Engine:
             per_particle = Tc * (8 * KRc + 16 * Mc) + n_cand * n_poses * 64 + 8 * KR  # measured, with the allocator
             if self._dense_references(plan) is not None:
                 per_particle += n_cand * 3 * 12 * M
-        # CPU: 256 MB of intermediates, no slower than 512 MB, lower peak RSS (benchmarks/README.md,
-        # Memory). GPU: larger chunks keep its many cores busy (benchmarks/README.md, On a GPU).
-        budget, most = (256e6, 512) if self.device.type == "cpu" else (_GPU_CHUNK_BYTES, _GPU_CHUNK_MAX)
+        budget, most = chunk_budget(self.device)
         return int(max(1, min(most, budget // per_particle)))
 
     def _dense_references(self, plan: IterationPlan) -> int | None:
