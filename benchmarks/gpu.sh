@@ -12,8 +12,8 @@
 # sets: the second held-out-style set (4,000 x 96 px, K = 30) and the 20,000-particle sets
 #       (64 and 128 px, K = 50) of benchmarks/README.md, simulated side by side, then
 #       classified one at a time.
-# paths: the other entry points on the GPU: the demo, a job killed mid-run then resumed
-#       (its checkpoint loaded onto the GPU), and a stream over the demo's particles.
+# paths: the other entry points on the GPU: the demo, a job killed after 12 s then run again
+#       with --resume (its checkpoint loaded onto the GPU), and a stream over the demo's particles.
 set -u -o pipefail
 out=${1:-benchmarks/_cache/gpu}
 stage=${2:-main}

@@ -245,7 +245,7 @@ def test_coarse_to_fine_scores_each_candidate_pose_once():
 
 def test_fine_stage_chunk_groups_particles_without_changing_scores():
     """The fine stage's particles per product (8 on a CPU, 256 on a GPU) change no score:
-    one particle at a time, 8 and all 7 at once give the same soft posterior."""
+    7 particles 1, 3, 8 or 256 at a time give the same soft posterior."""
     from cryo2d.em.estep import FINE_CHUNK, GPU_FINE_CHUNK, coarse_subgrid, e_step_coarse_to_fine, fine_chunk_for
 
     assert (fine_chunk_for("cpu"), fine_chunk_for("cuda:0")) == (FINE_CHUNK, GPU_FINE_CHUNK)
