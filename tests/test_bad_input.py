@@ -194,3 +194,34 @@ def test_config_values_that_make_no_sense(field, value, message):
 
     with pytest.raises(Cryo2DError, match=message):
         EMConfig(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("error, message", [
+    ("gpu", "cryo2d: error: the GPU ran out of memory (--device cuda:0). Fewer --classes or a lower --max-align-res"),
+    ("ram", "cryo2d: error: out of memory (RAM). Fewer --classes or a lower --max-align-res"),
+])
+def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch, error, message):
+    """Running out of GPU memory or RAM ends with one line that says what to lower, and exit 1;
+    any other RuntimeError still raises (a bug keeps its traceback)."""
+    import torch
+
+    import cryo2d.cli.classify as classify_cli
+    from cryo2d.cli.main import main
+
+    def boom(args):
+        if error == "gpu":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise MemoryError()
+
+    monkeypatch.setattr(classify_cli, "run", boom)
+    monkeypatch.setattr(classify_cli, "device_arg", lambda value: value)  # no GPU needed to parse cuda:0
+    assert main(["classify", str(tmp_path / "p.star"), "-o", str(tmp_path / "job"), "--device", "cuda:0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
+
+    def bug(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(classify_cli, "run", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["classify", str(tmp_path / "p.star"), "-o", str(tmp_path / "job")])

@@ -50,6 +50,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cryo2d: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"cryo2d: error: out of memory (RAM). {_LESS_MEMORY}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if not _gpu_out_of_memory(err):
+            raise
+        device = getattr(args, "device", "cuda")
+        print(f"cryo2d: error: the GPU ran out of memory (--device {device}). {_LESS_MEMORY}, "
+              "or run on the CPU (--device cpu)", file=sys.stderr)
+        return 1
+
+
+# What an out-of-memory error suggests: the E-step's references grow with classes x rotations x
+# Fourier points (README, Known limits), and a checkpoint is written after every iteration.
+_LESS_MEMORY = ("Fewer --classes or a lower --max-align-res need less; --resume continues a classify "
+                "or stream job from its last finished iteration")
+
+
+def _gpu_out_of_memory(err: RuntimeError) -> bool:
+    """Whether ``err`` is PyTorch's CUDA out-of-memory error."""
+    import torch
+
+    return isinstance(err, torch.cuda.OutOfMemoryError) or str(err).startswith("CUDA out of memory")
 
 
 if __name__ == "__main__":
