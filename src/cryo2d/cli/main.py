@@ -72,7 +72,7 @@ def _gpu_out_of_memory(err: RuntimeError) -> bool:
     """Whether ``err`` is PyTorch's CUDA out-of-memory error."""
     import torch
 
-    return isinstance(err, torch.cuda.OutOfMemoryError) or str(err).startswith("CUDA out of memory")
+    return isinstance(err, torch.cuda.OutOfMemoryError)
 
 
 if __name__ == "__main__":

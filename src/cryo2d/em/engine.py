@@ -1077,6 +1077,7 @@ class Engine:
         sums = PoseSums(self.K, plan.psi_rad, mp, g.work_box, cfg.zeropad, dev, max_rows=max_rows)
         shell_resid = []  # per particle: residual power per shell
         chunk = self._chunk_size(plan, grid)
+        fine_chunk = fine_chunk_for(dev)
         read = max(chunk, 256)
         out = {k: [] for k in ("k", "psi", "shift", "max_prob", "post", "ess", "cross", "norm", "chi2")}
         # The CTF only where the E- and M-steps look (64 px: 37 % of the grid).
@@ -1099,7 +1100,7 @@ class Engine:
                 else:
                     res = e_step_coarse_to_fine(
                         *args, grid, temperature=plan.temperature, mode=mode, refs_power=power, coarse_refs=coarse,
-                        null_class=s.null_class, fine_chunk=fine_chunk_for(dev),
+                        null_class=s.null_class, fine_chunk=fine_chunk,
                     )
                 Xm, Cm = X[:, m_img], C[:, m_pos]
                 sums.add(Xm, Cm, scale, phases_m, res if classes is None else res.only_classes(classes))
