@@ -243,6 +243,54 @@ def test_coarse_to_fine_scores_each_candidate_pose_once():
         torch.testing.assert_close(torch.log(w) - torch.log(w[0]), lp - lp[0], atol=2e-3, rtol=0)
 
 
+def test_close_candidates_are_those_one_coarse_rotation_apart_in_one_class():
+    """Only candidates of one class one coarse rotation apart (cyclically) can share a fine pose;
+    with fewer than 3 coarse rotations any two can."""
+    from cryo2d.em.estep import _close_candidates
+
+    k = torch.tensor([[0, 1, 0, 1], [0, 1, 0, 1], [2, 2, 0, 0], [0, 0, 1, 1]])
+    r = torch.tensor([[0, 0, 2, 4], [0, 0, 5, 1], [3, 3, 1, 1], [0, 3, 2, 2]])
+    assert _close_candidates(k, r, 6).tolist() == [False, True, False, False]
+    assert _close_candidates(k, r, 2).all()
+
+
+@pytest.mark.parametrize("psi_deg", [90.0, 10.0])
+def test_coarse_to_fine_each_pose_once_when_neighbourhoods_overlap(psi_deg):
+    """4 rotations: two coarse rotations, whose ±1 fine neighbourhoods wrap onto each other; and
+    a 10° grid whose coarse scores tie (a symmetric class): every kept pose is distinct and the
+    weights are those of the exhaustive search over the same poses."""
+    from cryo2d.em.estep import coarse_subgrid, e_step_coarse_to_fine
+
+    g = torch.Generator().manual_seed(11)
+    pts = disc_points(BOX, 1, 12, half=True)
+    psi, shifts = psi_grid(psi_deg), _shift_disc(2)
+    A = _smooth_classes(2, g)
+    A[1] = A[1] + torch.rot90(A[1], 2, dims=(-2, -1))  # 180°-symmetric: tied rotations
+    refs = rotate_classes(A, pts.xy, psi, 2)
+    phases = deshift_phases(pts.xy / BOX, shifts)
+    n = 5
+    X = refs[torch.arange(n) % 2, 0]
+    sd = 8.0 * float(X.abs().mean())
+    X = X + sd * torch.complex(torch.randn(n, len(pts), generator=g), torch.randn(n, len(pts), generator=g))
+    args = (X, torch.ones(n, len(pts)), pts.weight / (2 * sd**2), refs, phases, torch.zeros(2), torch.ones(n))
+    grid = coarse_subgrid(shifts, 1.0, len(psi), pts.xy.norm(dim=1), 12.0)
+    res = e_step_coarse_to_fine(*args, grid, mode="soft", max_entries=500, min_weight=1e-7)
+    exh = e_step(*args, mode="soft", max_entries=500, min_weight=1e-7)
+    KR = 2 * len(psi)
+    for i in range(n):
+        on = res.entry_i == i
+        key = res.entry_t[on] * KR + res.entry_k[on] * len(psi) + res.entry_r[on]
+        assert len(torch.unique(key)) == len(key)
+        ex = exh.entry_i == i
+        ex_key = exh.entry_t[ex] * KR + exh.entry_k[ex] * len(psi) + exh.entry_r[ex]
+        ex_w = dict(zip(ex_key.tolist(), exh.entry_w[ex].tolist()))
+        shared = [j for j, kk in enumerate(key.tolist()) if kk in ex_w]
+        assert len(shared) >= 2
+        w = res.entry_w[on][shared].double()
+        w_ex = torch.tensor([ex_w[key[j].item()] for j in shared], dtype=torch.float64)
+        torch.testing.assert_close(w / w.sum(), w_ex / w_ex.sum(), rtol=2e-3, atol=1e-6)
+
+
 def test_fine_stage_chunk_groups_particles_without_changing_scores():
     """The fine stage's particles per product (8 on a CPU, 256 on a GPU) change no score:
     7 particles 1, 3, 8 or 256 at a time give the same soft posterior."""

@@ -47,7 +47,10 @@ def oversample(F: Tensor, zeropad: int) -> Tensor:
     -------
     (n, 2, p, p//2 + 1) float tensor, p = zeropad · b
         Real and imaginary parts of the oversampled transform: element
-        [j, i] holds frequency (x, y) = (i, j − p//2) / zeropad.
+        [j, i] holds frequency (x, y) = (i, j − p//2) / zeropad. A view of
+        the complex transform (channels-last strides): ``grid_sample`` reads
+        it as it is, and copying it to planes took longer than the FFT (the
+        M-step's back-rotation of a 96 px pass, K = 30: 443 -> 292 ms).
     """
     n, b, _ = F.shape
     p, c = zeropad * b, b // 2
@@ -72,7 +75,7 @@ def oversample(F: Tensor, zeropad: int) -> Tensor:
     G = torch.fft.rfft2(img)
     if p % 2:
         G = torch.fft.fftshift(G, dim=-2)
-    return torch.view_as_real(G).permute(0, 3, 1, 2).contiguous()  # (n, 2, p, p//2 + 1)
+    return torch.view_as_real(G).permute(0, 3, 1, 2)  # (n, 2, p, p//2 + 1), channels-last strides
 
 
 def rotated_points(xy: Tensor, angles_rad: Tensor) -> Tensor:
