@@ -546,21 +546,31 @@ def e_step_coarse_to_fine(
     else:  # sampled once for the chunk (a table samples class by class)
         Z_all = refs.rows(kr_flat)  # (b, nc*3, M)
         norm = torch.bmm(Z_all.abs().square(), ((ctf * ctf) * inv_sigma2).unsqueeze(2)).squeeze(2)
-    cross = torch.empty((b, n_c, 3, n_off), device=X.device)
+    # A copy of another candidate (a class's best that is also a top pair: about a quarter of
+    # them at 96 px, K = 30) is not scored: each particle's distinct candidates come first,
+    # and particles with as many go together, so a group's products are as long as its
+    # longest list. The copies' scores stay 0; their poses are masked below.
+    copy = _repeated(cols)  # (b, nc)
+    n_own = n_c - copy.sum(dim=1)
+    own_first = torch.argsort(copy.to(torch.int8), dim=1, stable=True)  # (b, nc) distinct slots first
+    by_count = torch.argsort(n_own, stable=True)
+    cross = torch.zeros((b, n_c, 3, n_off), device=X.device)
     # A few particles at a time: the candidates' rows (nc·3·M values a particle) then stay in
     # the cache for the products (3,000 particles, 54 candidates, M = 830: 2.0 s in chunks of
     # 64 particles, 0.45 s in chunks of 8; benchmarks/README.md, session 19).
     for i0 in range(0, b, fine_chunk):
-        i1 = min(b, i0 + fine_chunk)
-        n = i1 - i0
-        Q = P[i0:i1].unsqueeze(1) * phases.index_select(0, t_first[i0:i1].reshape(-1)).view(n, n_c, m)
+        rows = by_count[i0 : i0 + fine_chunk]
+        n, nu = len(rows), int(n_own[rows].max())
+        slots = own_first[rows, :nu]  # (n, nu)
+        Q = P[rows].unsqueeze(1) * phases.index_select(0, t_first[rows].gather(1, slots).reshape(-1)).view(n, nu, m)
         Q = Q.conj_physical_()  # conj(P·e(t_c))
+        kr = kr_c[rows].gather(1, slots.unsqueeze(2).expand(n, nu, 3))
         if dense:
-            Zf = flat_refs.index_select(0, kr_flat[i0:i1].reshape(-1)).view(n, n_c, 3, m)
+            Zf = flat_refs.index_select(0, kr.reshape(-1)).view(n, nu, 3, m)
         else:
-            Zf = Z_all[i0:i1].view(n, n_c, 3, m)
-        V = Zf.mul_(Q.unsqueeze(2))  # the conjugate of P·e(t_c)·conj(Z), (n, nc, 3, M)
-        cross[i0:i1] = (torch.view_as_real(V).reshape(-1, 2 * m) @ E.T).view(n, n_c, 3, n_off)
+            Zf = Z_all.view(b, n_c, 3, m)[rows.unsqueeze(1), slots]
+        V = Zf.mul_(Q.unsqueeze(2))  # the conjugate of P·e(t_c)·conj(Z), (n, nu, 3, M)
+        cross[rows.unsqueeze(1), slots] = (torch.view_as_real(V).reshape(-1, 2 * m) @ E.T).view(n, nu, 3, n_off)
     pose_t = t_c.unsqueeze(2).expand(b, n_c, 3, n_off).reshape(b, -1)
     pose_kr = kr_c.unsqueeze(3).expand(b, n_c, 3, n_off).reshape(b, -1)
     norm = norm.view(b, n_c, 3, 1).expand(b, n_c, 3, n_off).reshape(b, -1)
@@ -570,7 +580,7 @@ def e_step_coarse_to_fine(
     # copy's poses are all repeats. Distinct candidates share a pose only within one coarse
     # rotation of each other in one class (ties, few rotations): those particles' poses are
     # compared one by one (sorting every particle's poses took 4 % of a 96 px pass).
-    repeat = (pose_t < 0) | _repeated(cols).view(b, n_c, 1).expand(b, n_c, 3 * n_off).reshape(b, -1)
+    repeat = (pose_t < 0) | copy.view(b, n_c, 1).expand(b, n_c, 3 * n_off).reshape(b, -1)
     close = _close_candidates(cand_k, cand_r, Rc)
     if bool(close.any()):
         rows = torch.nonzero(close).squeeze(1)
