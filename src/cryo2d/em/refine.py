@@ -98,3 +98,32 @@ def refine_poses(
     best_a, best_t = best // len(dt), best % len(dt)
     rows = torch.arange(len(X), device=dev)
     return angles[rows, best_a], shifts_px + dt[best_t]
+
+
+def pose_gain(
+    X: Tensor,
+    ctf: Tensor,
+    scale: Tensor,
+    inv_sigma2: Tensor,
+    xy: Tensor,
+    box: int,
+    classes: Tensor,
+    labels: Tensor,
+    psi_rad: Tensor,
+    shifts_px: Tensor,
+    zeropad: int,
+) -> Tensor:
+    """The E-step's gain (module docstring) of each particle at one pose: its class, angle and shift.
+
+    Parameters are those of :func:`refine_poses` (``psi_rad`` and ``shifts_px`` are the pose).
+
+    Returns
+    -------
+    (b,) float tensor
+        s·C − s²·N / 2 at the pose, before the temperature.
+    """
+    Y = X * deshift_phases(xy / box, shifts_px.float())  # (b, m): one row per particle
+    pts = rotated_points(xy, -psi_rad).unsqueeze(1)  # (b, 1, m, 2)
+    Z = sample_half(classes[labels], pts, zeropad)[:, :, 0]  # (b, 2, m)
+    model = (scale[:, None] * ctf) * torch.complex(Z[:, 0], Z[:, 1])
+    return (Y * model.conj() * inv_sigma2).sum(dim=1).real - 0.5 * (model.abs().square() * inv_sigma2).sum(dim=1)
