@@ -1,6 +1,8 @@
 """The run's cache of particle transforms at the M-step points."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -45,23 +47,50 @@ def test_no_budget_keeps_nothing(helpers):
 
 
 def test_a_run_gives_the_same_classes_without_the_cache(helpers, monkeypatch):
-    """The cache only saves work: a run with it is bit-identical to a run reading every image each time."""
+    """The cache only saves work: a run with it is bit-identical to a run reading every image
+    (and computing every CTF) each time."""
     from cryo2d.em.engine import run_em
 
     particles, _, _ = _setup(helpers, n=60, box=24, seed=1)
-    config = helpers.tiny_config(use_ctf=False)
+    defocus = np.linspace(10000.0, 25000.0, 60)
+    particles = dataclasses.replace(
+        particles, ctf=dataclasses.replace(helpers.constant_ctf(60), defocus_u_angst=defocus, defocus_v_angst=defocus)
+    )
+    config = helpers.tiny_config()
     original = PointCache.__init__
     capacities = []
 
-    def init(self, *args, budget_bytes=None):
-        original(self, *args, **({} if budget_bytes is None else {"budget_bytes": budget_bytes}))
+    def init(self, *args, budget_bytes=None, **kwargs):
+        original(self, *args, **kwargs, **({} if budget_bytes is None else {"budget_bytes": budget_bytes}))
         capacities.append(self.capacity)
 
     monkeypatch.setattr(PointCache, "__init__", init)
     with_cache = run_em(particles, config)
-    monkeypatch.setattr(PointCache, "__init__", lambda self, *args: init(self, *args, budget_bytes=0))
+    monkeypatch.setattr(PointCache, "__init__", lambda self, *args, **kwargs: init(self, *args, **kwargs, budget_bytes=0))
     without = run_em(particles, config)
     assert capacities == [60, 0]
     assert np.array_equal(with_cache.class_index, without.class_index)
     assert np.array_equal(with_cache.psi_deg, without.psi_deg)
     assert np.array_equal(with_cache.classes, without.classes)
+
+
+def test_kept_ctfs_equal_a_fresh_computation(helpers):
+    """With CTFs, hits and misses give exactly batch_ctf's values at the points; a particle takes
+    12 bytes a point, so the same budget keeps fewer of them."""
+    from cryo2d.em.data import batch_ctf
+
+    _, geom, flat = _setup(helpers)
+    rng = np.random.default_rng(3)
+    defocus = np.linspace(8000.0, 30000.0, 12)  # a CTF of its own for each particle
+    ctf = dataclasses.replace(helpers.constant_ctf(12), defocus_u_angst=defocus, defocus_v_angst=defocus * 1.05)
+    particles = helpers.memory_particles(rng.standard_normal((12, 24, 24)), pixel_size_angst=4.0, ctf=ctf)
+    cache = PointCache(particles, geom, flat, "cpu", budget_bytes=60 * len(flat), use_ctf=True)
+    assert cache.capacity == 5
+    for idx in ([3, 7, 1], [1, 3, 9, 10, 11], [7, 7, 2]):
+        X, C = cache.read_with_ctf(np.array(idx))
+        assert torch.equal(X, _direct(particles, geom, flat, idx))
+        assert torch.equal(C, batch_ctf(particles, np.array(idx), geom, True, "cpu", flat=flat))
+        assert float(C.std()) > 0.1  # a real CTF, not ones
+    without = PointCache(particles, geom, flat, "cpu", budget_bytes=60 * len(flat))
+    assert without.capacity == 7
+    assert torch.equal(without.read_with_ctf(np.array([2, 5]))[1], torch.ones(2, len(flat)))

@@ -121,20 +121,21 @@ def load_batch(particles: ParticleSet, idx: np.ndarray, geom: Geometry, device) 
     return crop_fourier(fft2c(images), geom.work_box)
 
 
-#: Memory for :class:`PointCache` (bytes): 64 px, 20,000 particles fit.
-POINT_CACHE_BYTES = 256 * 2**20
+#: Memory for :class:`PointCache` (bytes): 64 px, 20,000 particles fit, with their CTFs.
+POINT_CACHE_BYTES = 384 * 2**20
 
 
 class PointCache:
-    """Particles' transforms at fixed Fourier points, kept for the run up to a memory budget.
+    """Particles' transforms (and CTFs) at fixed Fourier points, kept for the run up to a memory budget.
 
     A run reads each particle many times (every online batch that draws it,
     every full pass). Reading, normalising, transforming and cropping it
-    again each time took 2 s of the 35 s `peer` job (3,000 x 64 px, K = 20).
-    The first ``capacity`` distinct particles read (``budget_bytes`` / 8
-    bytes per point) are kept; the others are read from the stack each
-    time. The values are those :func:`load_batch` gives, so a run gives the
-    same classes with or without the cache.
+    again each time took 2 s of the 35 s `peer` job (3,000 x 64 px, K = 20),
+    and its CTF 3 % of a 96 px pass. The first ``capacity`` distinct
+    particles read (``budget_bytes`` / 12 bytes per point with a CTF, 8
+    without) are kept; the others are read from the stack each time. The
+    values are those :func:`load_batch` and :func:`batch_ctf` give, so a
+    run gives the same classes with or without the cache.
 
     Parameters
     ----------
@@ -144,42 +145,67 @@ class PointCache:
         Flat indices into the ``work_box`` x ``work_box`` centred grid.
     device : torch device
     budget_bytes : int
+    use_ctf : bool
+        Whether :meth:`read_with_ctf` gives the particles' CTFs (else ones).
     """
 
-    def __init__(self, particles: ParticleSet, geom: Geometry, flat: Tensor, device, budget_bytes: int = POINT_CACHE_BYTES):
-        self.particles, self.geom, self.flat, self.device = particles, geom, flat, device
-        self.capacity = int(min(len(particles), budget_bytes // (8 * max(1, len(flat)))))
+    def __init__(self, particles: ParticleSet, geom: Geometry, flat: Tensor, device, budget_bytes: int = POINT_CACHE_BYTES,
+                 use_ctf: bool = False) -> None:
+        self.particles, self.geom, self.flat, self.device, self.use_ctf = particles, geom, flat, device, use_ctf
+        per_point = 12 if use_ctf else 8
+        self.capacity = int(min(len(particles), budget_bytes // (per_point * max(1, len(flat)))))
         self.slot = np.full(len(particles), -1, dtype=np.int64)  # row in ``values``, -1 = not kept
         self.used = 0
         self.values: Tensor | None = None
+        self.ctf_values: Tensor | None = None
 
     def read(self, idx: np.ndarray) -> Tensor:
         """(b, m) complex64 transforms of particles ``idx`` at the points."""
+        return self.read_with_ctf(idx)[0]
+
+    def read_with_ctf(self, idx: np.ndarray) -> tuple[Tensor, Tensor]:
+        """(b, m) complex64 transforms and (b, m) float32 CTFs of particles ``idx`` at the points."""
         idx = np.asarray(idx)
         slots = self.slot[idx]
         miss = slots < 0
         if not miss.any():
-            return self.values[torch.from_numpy(slots).to(self.device)]
+            at = torch.from_numpy(slots).to(self.device)
+            return self.values[at], self._ctf_rows(at, idx)
         fresh = load_batch(self.particles, idx[miss], self.geom, self.device).flatten(1)[:, self.flat]
+        fresh_ctf = batch_ctf(self.particles, idx[miss], self.geom, self.use_ctf, self.device, flat=self.flat)
         if miss.all():
-            out = fresh
+            out, out_ctf = fresh, fresh_ctf
         else:
             out = torch.empty((len(idx), len(self.flat)), dtype=fresh.dtype, device=self.device)
-            out[torch.from_numpy(np.nonzero(miss)[0]).to(self.device)] = fresh
+            out_ctf = torch.empty((len(idx), len(self.flat)), dtype=fresh_ctf.dtype, device=self.device)
+            new_rows = torch.from_numpy(np.nonzero(miss)[0]).to(self.device)
+            out[new_rows], out_ctf[new_rows] = fresh, fresh_ctf
             hit = np.nonzero(~miss)[0]
-            out[torch.from_numpy(hit).to(self.device)] = self.values[torch.from_numpy(slots[hit]).to(self.device)]
+            at = torch.from_numpy(slots[hit]).to(self.device)
+            hit_rows = torch.from_numpy(hit).to(self.device)
+            out[hit_rows], out_ctf[hit_rows] = self.values[at], self._ctf_rows(at, idx[hit])
         room = self.capacity - self.used
         if room > 0:
             if self.values is None:
                 self.values = torch.empty((self.capacity, len(self.flat)), dtype=fresh.dtype, device=self.device)
+                if self.use_ctf:
+                    self.ctf_values = torch.empty((self.capacity, len(self.flat)), dtype=fresh_ctf.dtype, device=self.device)
             new = idx[miss]
             _, first = np.unique(new, return_index=True)  # each particle once
-            take = np.sort(first)[:room]
-            rows = np.arange(self.used, self.used + len(take))
-            self.values[torch.from_numpy(rows).to(self.device)] = fresh[torch.from_numpy(take).to(self.device)]
-            self.slot[new[take]] = rows
+            take = torch.from_numpy(np.sort(first)[:room]).to(self.device)
+            rows = torch.arange(self.used, self.used + len(take), device=self.device)
+            self.values[rows] = fresh[take]
+            if self.use_ctf:
+                self.ctf_values[rows] = fresh_ctf[take]
+            self.slot[new[take.cpu().numpy()]] = rows.cpu().numpy()
             self.used += len(take)
-        return out
+        return out, out_ctf
+
+    def _ctf_rows(self, at: Tensor, idx: np.ndarray) -> Tensor:
+        """The kept CTFs in rows ``at`` (ones without CTF) for particles ``idx``."""
+        if self.use_ctf:
+            return self.ctf_values[at]
+        return torch.ones((len(idx), len(self.flat)), device=self.device)
 
 
 def batch_ctf(particles: ParticleSet, idx: np.ndarray, geom: Geometry, use_ctf: bool, device, flat: Tensor | None = None) -> Tensor:

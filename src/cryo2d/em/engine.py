@@ -330,7 +330,8 @@ class Engine:
         g = self.geom
         self.n_shells = g.work_box // 2 + 1
         self.mpts = disc_points(g.work_box, 0.0, g.r_max, half=True, device=self.device)
-        self.images = PointCache(particles, g, self.mpts.flat, self.device)  # the particles at the M-step points
+        # The particles (and their CTFs) at the M-step points.
+        self.images = PointCache(particles, g, self.mpts.flat, self.device, use_ctf=config.use_ctf)
         self.mask = soft_mask(g.work_box, g.mask_inner_px, g.mask_outer_px, device=self.device)
         self.K = config.n_classes
         self.rng = np.random.default_rng(config.seed)
@@ -519,8 +520,7 @@ class Engine:
         at_points = torch.searchsorted(self.mpts.flat, points.flat)
         for start in range(0, len(rows), _REFINE_CHUNK):
             ids = rows[start : start + _REFINE_CHUNK]
-            X = self.images.read(ids)[:, at_points]
-            ctf = batch_ctf(self.particles, ids, g, cfg.use_ctf, dev, flat=points.flat)
+            X, ctf = (v[:, at_points] for v in self.images.read_with_ctf(ids))
             psi, shifts = refine_poses(
                 X, ctf, torch.from_numpy(s.scale[ids]).float().to(dev), inv_sig, points.xy, g.work_box, classes,
                 torch.from_numpy(s.class_index[ids]).to(dev), torch.from_numpy(s.psi_rad[ids]).float().to(dev),
@@ -934,8 +934,7 @@ class Engine:
         out = torch.empty(len(ids), device=dev)
         for start in range(0, len(ids), _REFINE_CHUNK):
             part = slice(start, start + _REFINE_CHUNK)
-            X = self.images.read(ids[part])[:, at_points]
-            ctf = batch_ctf(self.particles, ids[part], g, cfg.use_ctf, dev, flat=points.flat)
+            X, ctf = (v[:, at_points] for v in self.images.read_with_ctf(ids[part]))
             out[part] = pose_gain(
                 X, ctf, torch.from_numpy(s.scale[ids[part]]).float().to(dev), inv_sig, points.xy, g.work_box, classes,
                 labels[part], torch.from_numpy(per["psi"][rows[part]]).float().to(dev),
@@ -1134,21 +1133,17 @@ class Engine:
         fine_chunk = fine_chunk_for(dev)
         read = max(chunk, 256)
         out = {k: [] for k in ("k", "psi", "shift", "max_prob", "post", "ess", "cross", "norm", "chi2")}
-        # The CTF only where the E- and M-steps look (64 px: 37 % of the grid).
-        ctf_flat = torch.unique(torch.cat([plan.points.flat, mp.flat]))
-        e_pos, m_pos = torch.searchsorted(ctf_flat, plan.points.flat), torch.searchsorted(ctf_flat, mp.flat)
-        # The images are read at the M-step points (sorted flat indices; the E-step's are among them).
+        # The images and CTFs are read at the M-step points (sorted flat indices; the E-step's are among them).
         e_img = torch.searchsorted(self.mpts.flat, plan.points.flat)
         m_img = torch.searchsorted(self.mpts.flat, mp.flat)
         for start in range(0, len(idx), read):
             ridx = idx[start : start + read]
-            X_all = self.images.read(ridx)
-            C_all = batch_ctf(self.particles, ridx, g, cfg.use_ctf, dev, flat=ctf_flat)
+            X_all, C_all = self.images.read_with_ctf(ridx)
             for c0 in range(0, len(ridx), chunk):
                 cidx = ridx[c0 : c0 + chunk]
                 X, C = X_all[c0 : c0 + chunk], C_all[c0 : c0 + chunk]
                 scale = torch.from_numpy(s.scale[cidx]).float().to(dev)
-                args = (X[:, e_img], C[:, e_pos], inv_sig, refs, phases, log_prior, scale)
+                args = (X[:, e_img], C[:, e_img], inv_sig, refs, phases, log_prior, scale)
                 if grid is None:
                     res = e_step(*args, temperature=plan.temperature, mode=mode, refs_power=power, null_class=null_class)
                 else:
@@ -1159,7 +1154,7 @@ class Engine:
                 if search is not None:
                     mine = rival[start + c0 : start + c0 + len(cidx)]
                     res = _against_rival(res, search, self.K, scale, log_prior, plan.temperature, mine)
-                Xm, Cm = X[:, m_img], C[:, m_pos]
+                Xm, Cm = X[:, m_img], C[:, m_img]
                 sums.add(Xm, Cm, scale, phases_m, res if classes is None else res.only_classes(classes))
                 # Noise: residual at the best pose, per shell.
                 pts = rotated_points(mp.xy, -plan.psi_rad[res.best_r]).unsqueeze(1)
