@@ -420,7 +420,7 @@ class Engine:
 
     def _read_fixed(self, idx: np.ndarray, labels: Tensor, psi: Tensor, *, n_classes: int | None = None,
                     shifts_px: Tensor | None = None, scale: Tensor | None = None, with_noise: bool = False,
-                    group: int | None = None, by_angle: bool = False):
+                    group: int | None = None, by_angle: bool = False, cached: bool = False):
         """Sums for particles with a given class and angle each: starting and re-seeded classes.
 
         The images are read ``_INIT_READ`` at a time: they are read at the full
@@ -452,6 +452,10 @@ class Engine:
             float summation order).
         with_noise : bool
             Also return the images' mean noise spectrum (:func:`noise_spectrum`), else None.
+        cached : bool
+            Read the particles through the run's :class:`PointCache` (classes
+            re-seeded from a batch: the same values, without reading them at
+            the full box again); not with ``with_noise``.
 
         Returns
         -------
@@ -463,27 +467,33 @@ class Engine:
         for start in range(0, len(idx), _INIT_READ):
             sl = slice(start, start + _INIT_READ)
             ids, lab, ang = idx[sl], labels[sl], psi[sl]
-            X = load_batch(self.particles, ids, self.geom, self.device)
-            if with_noise:
-                sig = noise_spectrum(X, self.geom, self.n_shells) * X.shape[0]
-                sig_sum = sig if sig_sum is None else sig_sum + sig
-            if shifts_px is not None:
-                X = X * self._deshift_grid(shifts_px[sl])
+            if cached and not with_noise:
+                Xm, cm = self.images.read_with_ctf(ids)
+                if shifts_px is not None:  # the phases of _deshift_grid at the points
+                    Xm = Xm * deshift_phases(freq_grid(self.geom.work_box, device=self.device).reshape(-1, 2)[self.mpts.flat],
+                                             shifts_px[sl])
+            else:
+                X = load_batch(self.particles, ids, self.geom, self.device)
+                if with_noise:
+                    sig = noise_spectrum(X, self.geom, self.n_shells) * X.shape[0]
+                    sig_sum = sig if sig_sum is None else sig_sum + sig
+                if shifts_px is not None:
+                    X = X * self._deshift_grid(shifts_px[sl])
+                Xm = X.flatten(1)[:, self.mpts.flat]
+                cm = batch_ctf(self.particles, ids, self.geom, self.config.use_ctf, self.device).flatten(1)[:, self.mpts.flat]
+                del X
             part = None
             for g in range(0, len(ids), rows):
                 gs = slice(g, g + rows)
                 sc = None if scale is None else scale[sl][gs]
-                part = _add_sums(part, self._accumulate_group(ids[gs], X[gs], lab[gs], ang[gs], K, sc, by_angle))
+                part = _add_sums(part, self._accumulate_group(Xm[gs], cm[gs], lab[gs], ang[gs], K, sc, by_angle))
             sums = _add_sums(sums, part)
-            del X
         return sums, (sig_sum / len(idx) if with_noise else None)
 
-    def _accumulate_group(self, idx: np.ndarray, X: Tensor, labels: Tensor, psi: Tensor, K: int,
+    def _accumulate_group(self, Xm: Tensor, cm: Tensor, labels: Tensor, psi: Tensor, K: int,
                           scale: Tensor | None = None, by_angle: bool = False):
-        ctf = batch_ctf(self.particles, idx, self.geom, self.config.use_ctf, self.device)
-        flat = self.mpts.flat
-        Xm, cm = X.flatten(1)[:, flat], ctf.flatten(1)[:, flat]
-        b = len(idx)
+        """Sums of particles ``Xm`` (b, m) with CTFs ``cm`` (b, m) at the M-step points, each at its class and angle."""
+        b = len(Xm)
         ar = torch.arange(b, device=self.device)
         rot = ar  # each particle's rotation: its own angle, or its row in the distinct angles
         if by_angle:
@@ -1024,7 +1034,7 @@ class Engine:
         labels = torch.zeros(len(chosen), dtype=torch.long, device=self.device)
         psi = torch.from_numpy(per["psi"][rows]).float().to(self.device)
         shifts = torch.from_numpy(per["shift"][rows]).to(self.device)
-        (num, den, _), _ = self._read_fixed(chosen, labels, psi, n_classes=1, shifts_px=shifts)
+        (num, den, _), _ = self._read_fixed(chosen, labels, psi, n_classes=1, shifts_px=shifts, cached=True)
         s.num[k], s.den[k] = num[0], den[0]
         s.counts[k] = float(len(chosen))
 

@@ -129,12 +129,16 @@ _BILINEAR = dict(mode="bilinear", padding_mode="zeros", align_corners=True)
 
 def _half_grid(points: Tensor, p: int, zeropad: int) -> tuple[Tensor, Tensor]:
     """``grid_sample`` coordinates on a (p, p//2 + 1) half-plane grid of frequency ``points`` (..., 2),
-    and where a point was mirrored to x ≥ 0 (its sample is then conjugated)."""
+    and where a point was mirrored to x ≥ 0 (its sample is then conjugated).
+
+    In-place steps on one tensor (the same values as mirroring, scaling and shifting each
+    coordinate apart; half the time)."""
     w = p // 2 + 1
     flip = points[..., 0] < 0
-    pts = torch.where(flip.unsqueeze(-1), -points, points) * zeropad
-    grid = torch.stack([pts[..., 0] * (2.0 / (w - 1)) - 1.0, (pts[..., 1] + p // 2) * (2.0 / (p - 1)) - 1.0], dim=-1)
-    return grid, flip
+    factor = torch.where(flip, -float(zeropad), float(zeropad)).to(points.dtype)
+    shift = torch.tensor([0.0, float(p // 2)], dtype=points.dtype, device=points.device)
+    scale = torch.tensor([2.0 / (w - 1), 2.0 / (p - 1)], dtype=points.dtype, device=points.device)
+    return (points * factor.unsqueeze(-1)).add_(shift).mul_(scale).sub_(1.0), flip
 
 
 def sample_half(G: Tensor, points: Tensor, zeropad: int) -> Tensor:
