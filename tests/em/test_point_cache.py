@@ -29,7 +29,7 @@ def test_reads_equal_a_fresh_read_bit_for_bit(helpers):
     cache = PointCache(particles, geom, flat, "cpu", budget_bytes=5 * per_particle)
     assert cache.capacity == 5
     for idx in ([3, 7, 1], [1, 3, 9, 10, 11], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [7, 7, 2], [11, 3]):
-        got = cache.read(np.array(idx))
+        got = cache.read_with_ctf(np.array(idx))[0]
         assert got.dtype == torch.complex64 and got.shape == (len(idx), len(flat))
         assert torch.equal(got, _direct(particles, geom, flat, idx)), idx
     assert cache.used == 5
@@ -42,7 +42,7 @@ def test_no_budget_keeps_nothing(helpers):
     particles, geom, flat = _setup(helpers)
     cache = PointCache(particles, geom, flat, "cpu", budget_bytes=0)
     assert cache.capacity == 0
-    assert torch.equal(cache.read(np.array([2, 5])), _direct(particles, geom, flat, [2, 5]))
+    assert torch.equal(cache.read_with_ctf(np.array([2, 5]))[0], _direct(particles, geom, flat, [2, 5]))
     assert cache.values is None and (cache.slot < 0).all()
 
 

@@ -159,10 +159,6 @@ class PointCache:
         self.values: Tensor | None = None
         self.ctf_values: Tensor | None = None
 
-    def read(self, idx: np.ndarray) -> Tensor:
-        """(b, m) complex64 transforms of particles ``idx`` at the points."""
-        return self.read_with_ctf(idx)[0]
-
     def read_with_ctf(self, idx: np.ndarray) -> tuple[Tensor, Tensor]:
         """(b, m) complex64 transforms and (b, m) float32 CTFs of particles ``idx`` at the points."""
         idx = np.asarray(idx)

@@ -464,14 +464,15 @@ class Engine:
         K = n_classes or self.K
         rows = group or max(1, int(64e6 // (12 * len(self.mpts) * K)))  # particles per group of sums (the summation order)
         sums, sig_sum = None, None
+        if cached and not with_noise and shifts_px is not None:  # the frequencies of _deshift_grid at the points
+            freqs = freq_grid(self.geom.work_box, device=self.device).reshape(-1, 2)[self.mpts.flat]
         for start in range(0, len(idx), _INIT_READ):
             sl = slice(start, start + _INIT_READ)
             ids, lab, ang = idx[sl], labels[sl], psi[sl]
             if cached and not with_noise:
                 Xm, cm = self.images.read_with_ctf(ids)
-                if shifts_px is not None:  # the phases of _deshift_grid at the points
-                    Xm = Xm * deshift_phases(freq_grid(self.geom.work_box, device=self.device).reshape(-1, 2)[self.mpts.flat],
-                                             shifts_px[sl])
+                if shifts_px is not None:
+                    Xm = Xm * deshift_phases(freqs, shifts_px[sl])
             else:
                 X = load_batch(self.particles, ids, self.geom, self.device)
                 if with_noise:
@@ -525,9 +526,7 @@ class Engine:
         last = s.history[-1]
         r_cur = float(last["align_radius"])
         points = disc_points(g.work_box, g.r_min_align, r_cur, half=True, device=dev)
-        classes = oversample(self._grid(self._search_classes()), cfg.zeropad)
-        inv_sig = points.weight / s.sigma2_shell[points.shell]
-        at_points = torch.searchsorted(self.mpts.flat, points.flat)
+        classes, inv_sig, at_points = self._scoring_inputs(points)
         for start in range(0, len(rows), _REFINE_CHUNK):
             ids = rows[start : start + _REFINE_CHUNK]
             X, ctf = (v[:, at_points] for v in self.images.read_with_ctf(ids))
@@ -932,15 +931,21 @@ class Engine:
                 self._class_restore(k, saved[k])
         return placed
 
+    def _scoring_inputs(self, points: PointSet) -> tuple[Tensor, Tensor, Tensor]:
+        """What scoring particles at given poses on ``points`` needs: the search's classes oversampled,
+        w / σ² at the points, and the points' columns among the M-step points (the cache's)."""
+        s = self.state
+        classes = oversample(self._grid(self._search_classes()), self.config.zeropad)
+        inv_sig = points.weight / s.sigma2_shell[points.shell]
+        return classes, inv_sig, torch.searchsorted(self.mpts.flat, points.flat)
+
     def _own_pose_logp(self, ids: np.ndarray, per: dict, rows: np.ndarray, plan: IterationPlan) -> Tensor:
         """(n,) log-probability of particles ``ids`` (batch rows ``rows`` of ``per``) at their best pose of
         the pass, scored as the E-step of ``plan`` scores it with the current noise model and scales."""
         s, cfg, g, dev = self.state, self.config, self.geom, self.device
         points = plan.points
         labels = torch.from_numpy(per["k"][rows]).to(dev)
-        classes = oversample(self._grid(self._search_classes()), cfg.zeropad)
-        inv_sig = points.weight / s.sigma2_shell[points.shell]
-        at_points = torch.searchsorted(self.mpts.flat, points.flat)
+        classes, inv_sig, at_points = self._scoring_inputs(points)
         out = torch.empty(len(ids), device=dev)
         for start in range(0, len(ids), _REFINE_CHUNK):
             part = slice(start, start + _REFINE_CHUNK)

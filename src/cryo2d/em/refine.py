@@ -81,11 +81,8 @@ def refine_poses(
     dev = X.device
     steps = torch.tensor(STEPS, device=dev)
     freq = xy / box
-    Y = X * deshift_phases(freq, shifts_px.float())  # (b, m) at the current shifts; one row per particle
     angles = psi_rad[:, None] + dpsi_rad * steps[None, :]  # (b, a)
-    pts = rotated_points(xy, -angles.flatten()).view(*angles.shape, -1, 2)  # (b, a, m, 2)
-    Z = sample_half(classes[labels], pts, zeropad)  # (b, 2, a, m)
-    model = (scale[:, None] * ctf)[:, None, :] * torch.complex(Z[:, 0], Z[:, 1])  # (b, a, m)
+    Y, model = _at_poses(X, ctf, scale, xy, box, classes, labels, angles, shifts_px, zeropad)
     dt = torch.cartesian_prod(steps, steps) * dshift_px  # (T, 2) shift offsets (x, y)
     # Every (angle, shift offset) pair: an angle's best shift moves with it for off-centre density.
     cross = ((Y[:, None, :] * model.conj() * inv_sigma2) @ deshift_phases(freq, dt).T).real  # (b, a, T)
@@ -122,8 +119,15 @@ def pose_gain(
     (b,) float tensor
         s·C − s²·N / 2 at the pose, before the temperature.
     """
-    Y = X * deshift_phases(xy / box, shifts_px.float())  # (b, m): one row per particle
-    pts = rotated_points(xy, -psi_rad).unsqueeze(1)  # (b, 1, m, 2)
-    Z = sample_half(classes[labels], pts, zeropad)[:, :, 0]  # (b, 2, m)
-    model = (scale[:, None] * ctf) * torch.complex(Z[:, 0], Z[:, 1])
+    Y, model = _at_poses(X, ctf, scale, xy, box, classes, labels, psi_rad[:, None], shifts_px, zeropad)
+    model = model[:, 0]
     return (Y * model.conj() * inv_sigma2).sum(dim=1).real - 0.5 * (model.abs().square() * inv_sigma2).sum(dim=1)
+
+
+def _at_poses(X: Tensor, ctf: Tensor, scale: Tensor, xy: Tensor, box: int, classes: Tensor, labels: Tensor,
+              angles: Tensor, shifts_px: Tensor, zeropad: int) -> tuple[Tensor, Tensor]:
+    """The particles de-shifted by ``shifts_px`` (b, m), and their models s·c·A_ψ at ``angles`` (b, a), (b, a, m)."""
+    Y = X * deshift_phases(xy / box, shifts_px.float())  # one row per particle
+    pts = rotated_points(xy, -angles.flatten()).view(*angles.shape, -1, 2)  # (b, a, m, 2)
+    Z = sample_half(classes[labels], pts, zeropad)  # (b, 2, a, m)
+    return Y, (scale[:, None] * ctf)[:, None, :] * torch.complex(Z[:, 0], Z[:, 1])
