@@ -291,19 +291,27 @@ def test_coarse_to_fine_each_pose_once_when_neighbourhoods_overlap(psi_deg):
         torch.testing.assert_close(w / w.sum(), w_ex / w_ex.sum(), rtol=2e-3, atol=1e-6)
 
 
+def _noisy_search(n_classes: int, seed: int, n: int, noise: float):
+    """``n`` particles of classes 0, 1, …, K-1, 0, … at varied poses, complex noise of ``noise`` times
+    their mean modulus: the E-step's positional arguments and the coarse grid."""
+    from cryo2d.em.estep import coarse_subgrid
+
+    g, pts, psi, shifts, refs, phases = _search_problem(n_classes, seed=seed)
+    X = refs[torch.arange(n) % n_classes, (torch.arange(n) * 5) % len(psi)] / phases[(torch.arange(n) * 3) % len(shifts)]
+    sd = noise * float(X.abs().mean())
+    X = X + sd * torch.complex(torch.randn(n, len(pts), generator=g), torch.randn(n, len(pts), generator=g))
+    args = (X, torch.ones(n, len(pts)), pts.weight / (2 * sd**2), refs, phases, torch.zeros(n_classes), torch.ones(n))
+    return args, coarse_subgrid(shifts, 1.0, len(psi), pts.xy.norm(dim=1), 12.0)
+
+
 def test_fine_stage_chunk_groups_particles_without_changing_scores():
     """The fine stage's particles per product (8 on a CPU, 256 on a GPU) change no score:
     7 particles 1, 3, 8 or 256 at a time give the same soft posterior."""
-    from cryo2d.em.estep import FINE_CHUNK, GPU_FINE_CHUNK, coarse_subgrid, e_step_coarse_to_fine, fine_chunk_for
+    from cryo2d.em.estep import FINE_CHUNK, GPU_FINE_CHUNK, e_step_coarse_to_fine, fine_chunk_for
 
     assert (fine_chunk_for("cpu"), fine_chunk_for("cuda:0")) == (FINE_CHUNK, GPU_FINE_CHUNK)
-    g, pts, psi, shifts, refs, phases = _search_problem(3, seed=7)
     n = 7
-    X = refs[torch.arange(n) % 3, (torch.arange(n) * 5) % len(psi)] / phases[(torch.arange(n) * 3) % len(shifts)]
-    sd = 6.0 * float(X.abs().mean())
-    X = X + sd * torch.complex(torch.randn(n, len(pts), generator=g), torch.randn(n, len(pts), generator=g))
-    args = (X, torch.ones(n, len(pts)), pts.weight / (2 * sd**2), refs, phases, torch.zeros(3), torch.ones(n))
-    grid = coarse_subgrid(shifts, 1.0, len(psi), pts.xy.norm(dim=1), 12.0)
+    args, grid = _noisy_search(3, seed=7, n=n, noise=6.0)
     runs = [e_step_coarse_to_fine(*args, grid, mode="soft", fine_chunk=c) for c in (1, 3, 8, GPU_FINE_CHUNK)]
     for other in runs[1:]:
         for name in ("entry_i", "entry_t", "entry_r"):
@@ -412,3 +420,27 @@ def test_rotation_table_scores_like_the_dense_references(search, mode, monkeypat
         assert torch.equal(getattr(lazy, name), getattr(dense, name)), name
     for name in ("best_cross", "best_norm", "class_post", "entry_w", "log_evidence", "max_prob"):
         torch.testing.assert_close(getattr(lazy, name), getattr(dense, name), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_pruned_fine_stage_drops_only_far_candidates():
+    """Candidates far below a particle's best coarse pose are not refined: a bound of 0 keeps
+    one class per particle (posteriors 0 or 1), a huge bound changes nothing, and the
+    engine's bound (20 nats + a quarter of the perfect-fit gain) leaves the class posteriors
+    of a noisy problem as they were."""
+    from cryo2d.em.estep import e_step_coarse_to_fine
+
+    n = 16
+    args, grid = _noisy_search(4, seed=9, n=n, noise=3.0)
+    full = e_step_coarse_to_fine(*args, grid, mode="soft")
+    assert int((full.class_post > 0).sum()) > 2 * n  # other classes refined too: posteriors 1e-37 to 1e-20
+    same = e_step_coarse_to_fine(*args, grid, mode="soft", prune=(1e9, 0.0))
+    for name in ("entry_i", "entry_t", "entry_k", "entry_r", "entry_w", "class_post"):
+        assert torch.equal(getattr(same, name), getattr(full, name))
+    one = e_step_coarse_to_fine(*args, grid, mode="soft", prune=(0.0, 0.0))
+    assert torch.equal((one.class_post > 0).sum(dim=1), torch.ones(n, dtype=torch.long))
+    for i in range(n):
+        assert len(torch.unique(one.entry_k[one.entry_i == i])) == 1
+    near = e_step_coarse_to_fine(*args, grid, mode="soft", prune=(20.0, 0.25))
+    assert (near.class_post > 0).sum() < (full.class_post > 0).sum()  # far classes: 0
+    torch.testing.assert_close(near.class_post, full.class_post, atol=1e-12, rtol=1e-5)
+    assert torch.equal(near.best_k, full.best_k) and torch.equal(near.best_r, full.best_r)

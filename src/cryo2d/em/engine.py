@@ -260,6 +260,21 @@ def temperature_at(config: EMConfig, iteration: int) -> float:
     return f + (1.0 - f) * frac
 
 
+#: The full search's fine stage skips a candidate whose tempered coarse log-probability lies
+#: more than PRUNE_NATS + PRUNE_SIGNAL × (perfect-fit gain s²·N/2) below the particle's best
+#: (:func:`e_step_coarse_to_fine`'s ``prune``; RELION's adaptive oversampling keeps the
+#: coarse poses that hold 99.9 % of the mass, about 7 nats). Over every E-step of whole jobs
+#: against the unpruned stage, a skipped candidate came within 3 nats of the refined best
+#: for 0 of 69,188 particle searches (96 px, K = 30), 0 of 36,192 (SNR 0.3) and 1 of
+#: 44,854 (SNR 0.05: a class of zero reference led the coarse stage). A fixed margin fails
+#: at high SNR, where the coarse grid loses hundreds of nats of a good fit (40 nats: 34 of
+#: the 36,192). Candidates refined a particle: 62 -> 32 (96 px), 52 -> 16 (SNR 0.3), 51 -> 51
+#: (SNR 0.05, spread posteriors). Searches of a few classes (growing classes against a
+#: rival) are not pruned: their particles often fit none of the classes.
+PRUNE_NATS = 20.0
+PRUNE_SIGNAL = 0.25
+
+
 def auto_psi_step(r_cur: float, geom: Geometry) -> float:
     """In-plane step (degrees) so the particle edge moves ≤ half a resolution element.
 
@@ -1165,6 +1180,7 @@ class Engine:
                     res = e_step_coarse_to_fine(
                         *args, grid, temperature=plan.temperature, mode=mode, refs_power=power, coarse_refs=coarse,
                         null_class=null_class, fine_chunk=fine_chunk,
+                        prune=(PRUNE_NATS, PRUNE_SIGNAL) if search is None else None,
                     )
                 if search is not None:
                     mine = rival[start + c0 : start + c0 + len(cidx)]

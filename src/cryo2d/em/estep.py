@@ -462,6 +462,7 @@ def e_step_coarse_to_fine(
     coarse_refs: tuple[Tensor, Tensor] | None = None,
     null_class: int = -1,
     fine_chunk: int = FINE_CHUNK,
+    prune: tuple[float, float] | None = None,
 ) -> EStepResult:
     """Like :func:`e_step`, but searching a coarse grid first, then refining.
 
@@ -484,6 +485,12 @@ def e_step_coarse_to_fine(
     :class:`~cryo2d.em.rotation.RotationTable` for ``refs``, the fine stage
     takes only the candidates' rows from it and sums their norms from them.
     The fine stage runs ``fine_chunk`` particles at a time (:func:`fine_chunk_for`).
+    With ``prune = (d, f)``, a candidate whose coarse log-probability (tempered, with the
+    class prior) lies more than ``d + f·g`` nats below the particle's best candidate is not
+    refined, where g is the larger of the two candidates' perfect-fit gains s²·N/2 (tempered;
+    N at the candidate's rotation over all E-step points): the coarse grid's misalignment
+    costs a share of the signal, so the margin grows with it. A class none of whose
+    candidates is refined gets posterior 0.
 
     In bfloat16 (8-bit mantissa, float32 sums) the coarse log-likelihoods
     of a 64 px particle differ from float32 by 0.03 nats (SD; 1.1 at most)
@@ -551,6 +558,14 @@ def e_step_coarse_to_fine(
     # and particles with as many go together, so a group's products are as long as its
     # longest list. The copies' scores stay 0; their poses are masked below.
     copy = _repeated(cols)  # (b, nc)
+    if prune is not None:  # candidates far below the particle's best coarse pose are not refined
+        cand_lp = best_lp.view(b, K * Rc).gather(1, cols) / temperature + log_prior[cand_k]
+        if null_class >= 0:
+            cand_lp.masked_fill_(cand_k == null_class, float("-inf"))
+        top_lp, top_c = cand_lp.max(dim=1, keepdim=True)
+        # s²·N/2: the gain of a perfect fit at the candidate's rotation (all E-step points)
+        fit = (s[:, 0] ** 2 * norm.view(b, n_c, 3)[:, :, 1]) / (2 * temperature)
+        copy |= cand_lp < top_lp - prune[0] - prune[1] * torch.maximum(fit, fit.gather(1, top_c))
     n_own = n_c - copy.sum(dim=1)
     own_first = torch.argsort(copy.to(torch.int8), dim=1, stable=True)  # (b, nc) distinct slots first
     by_count = torch.argsort(n_own, stable=True)
