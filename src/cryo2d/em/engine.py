@@ -263,15 +263,17 @@ def temperature_at(config: EMConfig, iteration: int) -> float:
 #: The full search's fine stage skips a candidate whose tempered coarse log-probability lies
 #: more than PRUNE_NATS + PRUNE_SIGNAL × (perfect-fit gain s²·N/2) below the particle's best
 #: (:func:`e_step_coarse_to_fine`'s ``prune``; RELION's adaptive oversampling keeps the
-#: coarse poses that hold 99.9 % of the mass, about 7 nats). Over every E-step of whole jobs
-#: against the unpruned stage, a skipped candidate came within 3 nats of the refined best
-#: for 0 of 69,188 particle searches (96 px, K = 30), 0 of 36,192 (SNR 0.3) and 1 of
-#: 44,854 (SNR 0.05: a class of zero reference led the coarse stage). A fixed margin fails
-#: at high SNR, where the coarse grid loses hundreds of nats of a good fit (40 nats: 34 of
-#: the 36,192). Candidates refined a particle: 62 -> 32 (96 px), 52 -> 16 (SNR 0.3), 51 -> 51
-#: (SNR 0.05, spread posteriors). Searches of a few classes (growing classes against a
-#: rival) are not pruned: their particles often fit none of the classes.
-PRUNE_NATS = 20.0
+#: coarse poses that hold 99.9 % of the mass, about 7 nats). Over every E-step of whole jobs,
+#: against the unpruned stage, a skipped candidate came within 3 nats of the refined best for
+#: none of 69,188 particle searches (bundled map 96 px, K = 30), 55,634 (ribosome 80 px),
+#: 36,192 and 35,202 (bundled map and haemoglobin at SNR 0.3), and for 1 of 44,854 (SNR 0.05:
+#: a class of zero reference led the coarse stage). A fixed margin fails at high SNR, where the
+#: coarse grid loses hundreds of nats of a good fit (40 nats: 34 of the 36,192; 20 nats + a
+#: quarter: 1 of the 35,202). Candidates refined a particle: 62 -> 41 (96 px), 60 -> 47
+#: (80 px), 52 -> 22 and 52 -> 34 (SNR 0.3), 51 -> 51 (SNR 0.05: spread posteriors). Searches
+#: of a few classes (growing classes against a rival) are not pruned: their particles often
+#: fit none of the classes.
+PRUNE_NATS = 30.0
 PRUNE_SIGNAL = 0.25
 
 
