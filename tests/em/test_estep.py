@@ -425,8 +425,9 @@ def test_rotation_table_scores_like_the_dense_references(search, mode, monkeypat
 def test_pruned_fine_stage_drops_only_far_candidates():
     """Candidates far below a particle's best coarse pose are not refined: a bound of 0 keeps
     one class per particle (posteriors 0 or 1), a huge bound changes nothing, and the
-    engine's bound (20 nats + a quarter of the perfect-fit gain) leaves the class posteriors
+    engine's bound (30 nats + a quarter of the perfect-fit gain) leaves the class posteriors
     of a noisy problem as they were."""
+    from cryo2d.em.engine import PRUNE_NATS, PRUNE_SIGNAL
     from cryo2d.em.estep import e_step_coarse_to_fine
 
     n = 16
@@ -440,7 +441,7 @@ def test_pruned_fine_stage_drops_only_far_candidates():
     assert torch.equal((one.class_post > 0).sum(dim=1), torch.ones(n, dtype=torch.long))
     for i in range(n):
         assert len(torch.unique(one.entry_k[one.entry_i == i])) == 1
-    near = e_step_coarse_to_fine(*args, grid, mode="soft", prune=(20.0, 0.25))
+    near = e_step_coarse_to_fine(*args, grid, mode="soft", prune=(PRUNE_NATS, PRUNE_SIGNAL))
     assert (near.class_post > 0).sum() < (full.class_post > 0).sum()  # far classes: 0
     torch.testing.assert_close(near.class_post, full.class_post, atol=1e-12, rtol=1e-5)
     assert torch.equal(near.best_k, full.best_k) and torch.equal(near.best_r, full.best_r)
