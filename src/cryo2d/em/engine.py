@@ -272,7 +272,9 @@ def temperature_at(config: EMConfig, iteration: int) -> float:
 #: quarter: 1 of the 35,202). Candidates refined a particle: 62 -> 41 (96 px), 60 -> 47
 #: (80 px), 52 -> 22 and 52 -> 34 (SNR 0.3), 51 -> 51 (SNR 0.05: spread posteriors). Searches
 #: of a few classes (growing classes against a rival) are not pruned: their particles often
-#: fit none of the classes.
+#: fit none of the classes. Nor are soft passes (K <= 20 by default): their posteriors spread
+#: over classes, little is skipped at low SNR, and the demo's run (48 px, K = 12) moved from
+#: junk F1 0.810 / purity 0.926 to 0.768 / 0.909 with the skip.
 PRUNE_NATS = 30.0
 PRUNE_SIGNAL = 0.25
 
@@ -1182,7 +1184,7 @@ class Engine:
                     res = e_step_coarse_to_fine(
                         *args, grid, temperature=plan.temperature, mode=mode, refs_power=power, coarse_refs=coarse,
                         null_class=null_class, fine_chunk=fine_chunk,
-                        prune=(PRUNE_NATS, PRUNE_SIGNAL) if search is None else None,
+                        prune=(PRUNE_NATS, PRUNE_SIGNAL) if search is None and mode == "hard" else None,
                     )
                 if search is not None:
                     mine = rival[start + c0 : start + c0 + len(cidx)]
