@@ -260,7 +260,7 @@ def temperature_at(config: EMConfig, iteration: int) -> float:
     return f + (1.0 - f) * frac
 
 
-#: The full search's fine stage skips a candidate whose tempered coarse log-probability lies
+#: A hard pass's full search skips, in its fine stage, a candidate whose tempered coarse log-probability lies
 #: more than PRUNE_NATS + PRUNE_SIGNAL × (perfect-fit gain s²·N/2) below the particle's best
 #: (:func:`e_step_coarse_to_fine`'s ``prune``; RELION's adaptive oversampling keeps the
 #: coarse poses that hold 99.9 % of the mass, about 7 nats). Over every E-step of whole jobs,
@@ -270,7 +270,7 @@ def temperature_at(config: EMConfig, iteration: int) -> float:
 #: a class of zero reference led the coarse stage). A fixed margin fails at high SNR, where the
 #: coarse grid loses hundreds of nats of a good fit (40 nats: 34 of the 36,192; 20 nats + a
 #: quarter: 1 of the 35,202). Candidates refined a particle: 62 -> 41 (96 px), 60 -> 47
-#: (80 px), 52 -> 22 and 52 -> 34 (SNR 0.3), 51 -> 51 (SNR 0.05: spread posteriors). Searches
+#: (80 px), 52 -> 22 and 34 of 64 slots (SNR 0.3), 51 -> 51 (SNR 0.05: spread posteriors). Searches
 #: of a few classes (growing classes against a rival) are not pruned: their particles often
 #: fit none of the classes. Nor are soft passes (K <= 20 by default): their posteriors spread
 #: over classes, little is skipped at low SNR, and the demo's run (48 px, K = 12) moved from
