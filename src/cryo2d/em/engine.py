@@ -260,21 +260,22 @@ def temperature_at(config: EMConfig, iteration: int) -> float:
     return f + (1.0 - f) * frac
 
 
-#: A hard pass's full search skips, in its fine stage, a candidate whose tempered coarse log-probability lies
-#: more than PRUNE_NATS + PRUNE_SIGNAL × (perfect-fit gain s²·N/2) below the particle's best
-#: (:func:`e_step_coarse_to_fine`'s ``prune``; RELION's adaptive oversampling keeps the
-#: coarse poses that hold 99.9 % of the mass, about 7 nats). Over every E-step of whole jobs,
-#: against the unpruned stage, a skipped candidate came within 3 nats of the refined best for
-#: none of 69,188 particle searches (bundled map 96 px, K = 30), 55,634 (ribosome 80 px),
-#: 36,192 and 35,202 (bundled map and haemoglobin at SNR 0.3), and for 1 of 44,854 (SNR 0.05:
-#: a class of zero reference led the coarse stage). A fixed margin fails at high SNR, where the
-#: coarse grid loses hundreds of nats of a good fit (40 nats: 34 of the 36,192; 20 nats + a
-#: quarter: 1 of the 35,202). Candidates refined a particle: 62 -> 41 (96 px), 60 -> 47
-#: (80 px), 52 -> 22 and 34 of 64 slots (SNR 0.3), 51 -> 51 (SNR 0.05: spread posteriors). Searches
-#: of a few classes (growing classes against a rival) are not pruned: their particles often
-#: fit none of the classes. Nor are soft passes (K <= 20 by default): their posteriors spread
-#: over classes, little is skipped at low SNR, and the demo's run (48 px, K = 12) moved from
-#: junk F1 0.810 / purity 0.926 to 0.768 / 0.909 with the skip.
+#: A hard pass's full search skips, in its fine stage, a candidate whose tempered coarse
+#: log-probability lies more than PRUNE_NATS + PRUNE_SIGNAL × (perfect-fit gain s²·N/2) below
+#: the particle's best (:func:`e_step_coarse_to_fine`'s ``prune``; RELION's adaptive
+#: oversampling keeps the coarse poses that hold 99.9 % of the mass, about 7 nats). Over every
+#: E-step of whole jobs, against the unpruned stage, a skipped candidate came within 3 nats of
+#: the refined best for none of 69,188 particle searches (bundled map 96 px, K = 30), 55,634
+#: (ribosome 80 px), 36,192 and 35,202 (bundled map and haemoglobin at SNR 0.3), and for 1 of
+#: 44,854 (SNR 0.05: a class of zero reference led the coarse stage). A fixed margin fails at
+#: high SNR, where the coarse grid loses hundreds of nats of a good fit (40 nats: 34 of the
+#: 36,192; 20 nats + a quarter: 1 of the 35,202). Candidates refined a particle: 62 -> 41
+#: (96 px), 60 -> 47 (80 px), 52 -> 22 and 34 of 64 slots (SNR 0.3), 51 -> 51 (SNR 0.05:
+#: spread posteriors). Searches of a few classes (growing classes against a rival) are not
+#: pruned: their particles often fit none of the classes. Nor are soft passes (K <= 20 by
+#: default): their posteriors spread over classes, little is skipped at low SNR, and the
+#: demo's run (48 px, K = 12) moved from junk F1 0.810 / purity 0.926 to 0.768 / 0.909 with
+#: the skip.
 PRUNE_NATS = 30.0
 PRUNE_SIGNAL = 0.25
 
@@ -483,12 +484,13 @@ class Engine:
         K = n_classes or self.K
         rows = group or max(1, int(64e6 // (12 * len(self.mpts) * K)))  # particles per group of sums (the summation order)
         sums, sig_sum = None, None
-        if cached and not with_noise and shifts_px is not None:  # the frequencies of _deshift_grid at the points
+        from_cache = cached and not with_noise
+        if from_cache and shifts_px is not None:  # the frequencies of _deshift_grid at the points
             freqs = freq_grid(self.geom.work_box, device=self.device).reshape(-1, 2)[self.mpts.flat]
         for start in range(0, len(idx), _INIT_READ):
             sl = slice(start, start + _INIT_READ)
             ids, lab, ang = idx[sl], labels[sl], psi[sl]
-            if cached and not with_noise:
+            if from_cache:
                 Xm, cm = self.images.read_with_ctf(ids)
                 if shifts_px is not None:
                     Xm = Xm * deshift_phases(freqs, shifts_px[sl])
