@@ -25,13 +25,16 @@ Presets:
     $ python benchmarks/quality.py --preset peer
     $ python benchmarks/quality.py                      # ~35 min of RELION the first time
     $ python benchmarks/quality.py --relion-background  # start RELION, score what is ready
+    $ python benchmarks/quality.py --preset peer --relion-force  # RELION rerun now, beside cryo2d
     $ python benchmarks/quality.py --small --map ../shared/data/maps/emd_3488.mrc --sim-args '--pixel-size 2.5'
 
 ``--map`` simulates from another molecule (its own cache entries and README
 subsection): the held-out check of the engine issue.
 
 RELION's results are cached by input and command, so only the first run of a
-preset waits for it.
+preset waits for it. A speed ratio needs both programs run on the host as it
+is at the time (the 2-core host's speed drifts within a day, and not alike for
+both): ``--relion-force`` reruns RELION, and the notes say when each ran.
 """
 from __future__ import annotations
 
@@ -234,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-cryo2d", action="store_true")
     p.add_argument("--relion-background", action="store_true",
                    help="start RELION in the background when not cached; score it only once done")
+    p.add_argument("--relion-force", action="store_true",
+                   help="rerun RELION even when cached, after cryo2d: the host's speed drifts within a day, so a "
+                        "ratio needs both runs on the host as it is now (benchmarks/README.md, session 23)")
     p.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     return p
 
@@ -241,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from cryo2d.evaluate import score_job
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.relion_force and args.relion_background:
+        parser.error("--relion-force runs RELION in the foreground; drop --relion-background")
     name = args.preset or ("small" if args.small else "hard")
     p = dict(PRESETS[name])
     for key, value in (("n", args.n), ("box", args.box), ("snr", args.snr),
@@ -262,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_cryo2d:
         if classify_available():
+            notes.append(f"cryo2d ran from {time.strftime('%Y-%m-%d %H:%M:%S')}.")
             if relion.running_runs():
                 notes.append("a RELION run was going on while cryo2d ran: cryo2d's wall time is contended.")
             job = CACHE / "cryo2d" / f"{tag}-K{p['classes']}"
@@ -301,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                 relion.main(cli)
             notes.append(f"RELION is running in the background ({cache_dir}); rerun this script when it is done.")
         else:
-            meta = relion.run_relion(star, **kwargs)
+            meta = relion.run_relion(star, force=args.relion_force, **kwargs)
         if relion.is_done(meta):
+            if meta.get("started"):
+                notes.append(f"RELION ran from {meta['started']} ({'in this run' if args.relion_force else 'cached'}).")
             if "loadavg_start" in meta:
                 notes.append(f"load average (1 min) at RELION's start / end: {meta['loadavg_start'][0]:.1f} / "
                              f"{meta['loadavg_end'][0]:.1f} on {os.cpu_count()} cores (wall times are contended "
