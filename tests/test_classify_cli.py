@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 
 import mrcfile
 import numpy as np
@@ -332,3 +334,19 @@ def test_every_engine_option_is_in_the_table():
     defaults_on = {"--auto-mask", "--flatten-solvent", "--recenter", "--hard-last", "--empty-class",
                    "--remove-duplicates"}
     assert options - defaults_on == covered
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [({}, "10000"), ({"GOMP_SPINCOUNT": "5"}, "5"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "unset")],
+)
+def test_cli_limits_openmp_spinning(preset, expected):
+    """The CLI caps OpenMP's spin-wait before torch loads OpenMP, unless the user chose a wait policy."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(preset)
+    code = (
+        "import os, sys; import cryo2d.cli.main; "
+        "print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT', 'unset'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", expected]
