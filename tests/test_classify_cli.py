@@ -350,3 +350,11 @@ def test_cli_limits_openmp_spinning(preset, expected):
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", expected]
+
+
+def test_abbreviated_option_is_an_error(sim3, tmp_path, capsys):
+    """`--force` is not taken for `--force-max`: an unknown option ends with one error line."""
+    with pytest.raises(SystemExit) as exc:
+        main(["classify", str(sim3.star), "-o", str(tmp_path / "job"), "--force", *FAST])
+    assert exc.value.code != 0
+    assert "unrecognized arguments: --force" in capsys.readouterr().err

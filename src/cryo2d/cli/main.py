@@ -32,8 +32,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # No abbreviated options: `--force` would silently mean `--force-max`.
     parser = argparse.ArgumentParser(
-        prog="cryo2d", description="Cryo-EM 2D classification (RELION STAR / CryoSPARC .cs in and out)."
+        prog="cryo2d", description="Cryo-EM 2D classification (RELION STAR / CryoSPARC .cs in and out).",
+        allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=doc.splitlines()[0] if doc else None,
             description=doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
         )
         module.add_args(p)
         p.set_defaults(run=module.run)
