@@ -304,11 +304,13 @@ def _noisy_search(n_classes: int, seed: int, n: int, noise: float):
     return args, coarse_subgrid(shifts, 1.0, len(psi), pts.xy.norm(dim=1), 12.0)
 
 
-def test_fine_stage_chunk_groups_particles_without_changing_scores():
-    """The fine stage's particles per product (8 on a CPU, 256 on a GPU) change no score:
-    7 particles 1, 3, 8 or 256 at a time give the same soft posterior."""
+def test_fine_stage_chunk_groups_particles_without_changing_scores(monkeypatch):
+    """The torch fine stage's particles per product (8 on a CPU without Numba, 256 on a GPU) change
+    no score: 7 particles 1, 3, 8 or 256 at a time give the same soft posterior."""
+    from cryo2d.em import kernels
     from cryo2d.em.estep import FINE_CHUNK, GPU_FINE_CHUNK, e_step_coarse_to_fine, fine_chunk_for
 
+    monkeypatch.setattr(kernels, "available", lambda device: False)
     assert (fine_chunk_for("cpu"), fine_chunk_for("cuda:0")) == (FINE_CHUNK, GPU_FINE_CHUNK)
     n = 7
     args, grid = _noisy_search(3, seed=7, n=n, noise=6.0)
@@ -445,3 +447,88 @@ def test_pruned_fine_stage_drops_only_far_candidates():
     assert (near.class_post > 0).sum() < (full.class_post > 0).sum()  # far classes: 0
     torch.testing.assert_close(near.class_post, full.class_post, atol=1e-12, rtol=1e-5)
     assert torch.equal(near.best_k, full.best_k) and torch.equal(near.best_r, full.best_r)
+
+
+def test_fused_fine_kernel_sums_by_hand():
+    """kernels.fine_cross = Re Σ P·e(t_c)·e(d)·conj(Z_row), in float64 by hand; skipped candidates 0."""
+    pytest.importorskip("numba")
+    from cryo2d.em import kernels
+
+    g = torch.Generator().manual_seed(2)
+    b, nc, m, n_rows, T, n_off = 5, 7, 37, 20, 11, 9
+
+    def cplx(*shape):
+        return torch.complex(torch.randn(*shape, generator=g), torch.randn(*shape, generator=g))
+
+    P, phases, table, offsets = cplx(b, m), cplx(T, m), cplx(n_rows, m), cplx(n_off, m)
+    rows = torch.randint(0, n_rows, (b, nc, 3), generator=g)
+    t_first = torch.randint(0, T, (b, nc), generator=g)
+    skip = torch.rand(b, nc, generator=g) < 0.3
+    out = kernels.fine_cross(P, phases, table, rows, t_first, skip, offsets)
+    c128 = torch.complex128
+    Y = P.to(c128)[:, None, :] * phases.to(c128)[t_first]  # (b, nc, m)
+    Z = table.to(c128)[rows]  # (b, nc, 3, m)
+    expected = torch.einsum("icm,icjm,dm->icjd", Y, Z.conj(), offsets.to(c128)).real
+    expected[skip] = 0.0
+    assert out.dtype == torch.float32 and out.shape == (b, nc, 3, n_off)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-3)
+    assert (out[skip] == 0).all() and (out[~skip] != 0).all()
+
+
+@pytest.mark.parametrize("refs_kind", ["dense", "table"])
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_fine_stage_kernel_and_torch_give_the_same_search(refs_kind, mode, monkeypatch):
+    """The fused CPU kernel and the torch fine stage (GPU) keep the same poses with the same weights."""
+    pytest.importorskip("numba")
+    from cryo2d.em import kernels
+    from cryo2d.em.estep import e_step_coarse_to_fine
+    from cryo2d.em.rotation import RotationTable
+
+    args, grid = _noisy_search(4, seed=9, n=11, noise=4.0)
+    if refs_kind == "table":
+        g = torch.Generator().manual_seed(9)
+        A = _smooth_classes(4, g)
+        refs = RotationTable(A, disc_points(BOX, 1, 12, half=True).xy, psi_grid(10.0), 2)
+        args = (*args[:3], refs, *args[4:])
+    fused = e_step_coarse_to_fine(*args, grid, mode=mode)
+    monkeypatch.setattr(kernels, "available", lambda device: False)
+    plain = e_step_coarse_to_fine(*args, grid, mode=mode)
+    for name in ("best_k", "best_r", "best_t", "entry_i", "entry_t", "entry_k", "entry_r"):
+        assert torch.equal(getattr(fused, name), getattr(plain, name)), name
+    for name in ("best_cross", "best_norm", "class_post", "entry_w", "log_evidence"):
+        torch.testing.assert_close(getattr(fused, name), getattr(plain, name), rtol=1e-4, atol=1e-4, msg=name)
+    assert len(fused.entry_w) > (11 if mode == "soft" else 10)
+
+
+def test_best_pose_residual_kernel_matches_bilinear_sampling():
+    """kernels.best_pose_residual = the residual X·e(t) − s·C·(class at −ψ, sample_half) per shell and whitened,
+    in float64 from rotation.sample_half; angles on both sides of the x = 0 mirror."""
+    pytest.importorskip("numba")
+    from cryo2d.em import kernels
+    from cryo2d.em.rotation import oversample, rotated_points, sample_half
+
+    g = torch.Generator().manual_seed(4)
+    K, b, zeropad = 3, 6, 2
+    pts = disc_points(BOX, 1, BOX // 2 - 1, half=True)
+    m = len(pts)
+    A = _smooth_classes(K, g)
+    G = oversample(A, zeropad)
+    shifts = _shift_disc(2)
+    phases = deshift_phases(pts.xy / BOX, shifts)
+    k_idx = torch.tensor([0, 1, 2, 0, 1, 2])
+    t_idx = torch.randint(0, len(shifts), (b,), generator=g)
+    psi = torch.tensor([0.0, 0.7, 2.0, 3.5, 5.1, 6.2])
+    scale = torch.rand(b, generator=g) + 0.5
+    X = torch.complex(torch.randn(b, m, generator=g), torch.randn(b, m, generator=g))
+    C = torch.rand(b, m, generator=g) * 2 - 1
+    shell = pts.xy.norm(dim=1).round().long()
+    n_shells = int(shell.max()) + 1
+    w_sig = pts.weight / (torch.rand(n_shells, generator=g) + 0.5)[shell]
+    chi2, per_shell = kernels.best_pose_residual(torch.view_as_complex(G.permute(0, 2, 3, 1)), k_idx, psi, t_idx, scale,
+                                                 X, C, phases, pts.xy, zeropad, w_sig, shell, n_shells)
+    Zb = sample_half(G[k_idx], rotated_points(pts.xy, -psi).unsqueeze(1), zeropad)[:, :, 0].double()
+    resid = (X.to(torch.complex128) * phases[t_idx] - scale[:, None].double() * C.double() * torch.complex(Zb[:, 0], Zb[:, 1])).abs() ** 2
+    expected_shell = torch.zeros(b, n_shells, dtype=torch.float64).index_add_(1, shell, resid)
+    torch.testing.assert_close(per_shell, expected_shell, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chi2.double(), (resid * w_sig.double()).sum(dim=1), rtol=1e-4, atol=1e-3)
+    assert float(Zb.abs().max()) > 0.1 * float(X.abs().mean())  # the classes are sampled, not zero

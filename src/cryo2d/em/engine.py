@@ -18,6 +18,7 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from cryo2d.em import kernels
 from cryo2d.em import state as st
 from cryo2d.em.config import EMConfig, check_device
 from cryo2d.em.data import PointCache, batch_ctf, load_batch, noise_spectrum, tune_allocator
@@ -1161,6 +1162,7 @@ class Engine:
             grid = coarse_subgrid(plan.shifts_px, plan.shift_step, R, plan.points.xy.norm(dim=1), r_coarse)
         coarse = coarse_references(refs, grid, power, self.coarse_dtype) if grid is not None else None
         G_full = oversample(self._grid(s.A), cfg.zeropad)
+        G_cplx = torch.view_as_complex(G_full.permute(0, 2, 3, 1))  # (K, p, p//2 + 1), no copy
         # Hard mode: one entry, so at most one (class, rotation) row, per particle.
         max_rows = len(idx) * (1 if mode == "hard" else MAX_ENTRIES)
         sums = PoseSums(self.K, plan.psi_rad, mp, g.work_box, cfg.zeropad, dev, max_rows=max_rows)
@@ -1194,13 +1196,21 @@ class Engine:
                 Xm, Cm = X[:, m_img], C[:, m_img]
                 sums.add(Xm, Cm, scale, phases_m, res if classes is None else res.only_classes(classes))
                 # Noise: residual at the best pose, per shell.
-                pts = rotated_points(mp.xy, -plan.psi_rad[res.best_r]).unsqueeze(1)
-                Zb = sample_half(G_full[res.best_k], pts, cfg.zeropad)[:, :, 0]
-                Zb = torch.complex(Zb[:, 0], Zb[:, 1])
-                resid = (Xm * phases_m[res.best_t] - scale[:, None] * Cm * Zb).abs() ** 2
-                out["chi2"].append((resid * (mp.weight / s.sigma2_shell[mp.shell])).sum(dim=1))
-                per_shell = torch.zeros((len(cidx), self.n_shells), device=dev, dtype=torch.float64)
-                shell_resid.append(per_shell.index_add_(1, mp.shell, resid.double()))
+                w_sig = mp.weight / s.sigma2_shell[mp.shell]
+                if kernels.available(dev):
+                    chi2, per_shell = kernels.best_pose_residual(
+                        G_cplx, res.best_k, plan.psi_rad[res.best_r], res.best_t, scale, Xm, Cm, phases_m, mp.xy,
+                        cfg.zeropad, w_sig, mp.shell, self.n_shells)
+                else:
+                    pts = rotated_points(mp.xy, -plan.psi_rad[res.best_r]).unsqueeze(1)
+                    Zb = sample_half(G_full[res.best_k], pts, cfg.zeropad)[:, :, 0]
+                    Zb = torch.complex(Zb[:, 0], Zb[:, 1])
+                    resid = (Xm * phases_m[res.best_t] - scale[:, None] * Cm * Zb).abs() ** 2
+                    chi2 = (resid * w_sig).sum(dim=1)
+                    per_shell = torch.zeros((len(cidx), self.n_shells), device=dev, dtype=torch.float64)
+                    per_shell.index_add_(1, mp.shell, resid.double())
+                out["chi2"].append(chi2)
+                shell_resid.append(per_shell)
                 p = res.class_post
                 out["k"].append(res.best_k if mode == "hard" else p.argmax(dim=1))
                 out["psi"].append(plan.psi_rad[res.best_r])

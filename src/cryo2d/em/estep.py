@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from cryo2d.em import kernels
 from cryo2d.em.rotation import TABLE_GROUP_VALUES, RotationTable
 
 
@@ -566,26 +567,16 @@ def e_step_coarse_to_fine(
         # s²·N/2: the gain of a perfect fit at the candidate's rotation (all E-step points)
         fit = (s[:, 0] ** 2 * norm.view(b, n_c, 3)[:, :, 1]) / (2 * temperature)
         copy |= cand_lp < top_lp - prune[0] - prune[1] * torch.maximum(fit, fit.gather(1, top_c))
-    n_own = n_c - copy.sum(dim=1)
-    own_first = torch.argsort(copy.to(torch.int8), dim=1, stable=True)  # (b, nc) distinct slots first
-    by_count = torch.argsort(n_own, stable=True)
-    cross = torch.zeros((b, n_c, 3, n_off), device=X.device)
-    # A few particles at a time: the candidates' rows (nc·3·M values a particle) then stay in
-    # the cache for the products (3,000 particles, 54 candidates, M = 830: 2.0 s in chunks of
-    # 64 particles, 0.45 s in chunks of 8; benchmarks/README.md, session 19).
-    for i0 in range(0, b, fine_chunk):
-        rows = by_count[i0 : i0 + fine_chunk]
-        n, nu = len(rows), int(n_own[rows].max())
-        slots = own_first[rows, :nu]  # (n, nu)
-        Q = P[rows].unsqueeze(1) * phases.index_select(0, t_first[rows].gather(1, slots).reshape(-1)).view(n, nu, m)
-        Q = Q.conj_physical_()  # conj(P·e(t_c))
-        kr = kr_c[rows].gather(1, slots.unsqueeze(2).expand(n, nu, 3))
+    if kernels.available(X.device):  # one fused pass over each candidate's rows (kernels.fine_cross)
         if dense:
-            Zf = flat_refs.index_select(0, kr.reshape(-1)).view(n, nu, 3, m)
+            table, rows3 = flat_refs, kr_c
         else:
-            Zf = Z_all.view(b, n_c, 3, m)[rows.unsqueeze(1), slots]
-        V = Zf.mul_(Q.unsqueeze(2))  # the conjugate of P·e(t_c)·conj(Z), (n, nu, 3, M)
-        cross[rows.unsqueeze(1), slots] = (torch.view_as_real(V).reshape(-1, 2 * m) @ E.T).view(n, nu, 3, n_off)
+            table = Z_all.reshape(-1, m)
+            rows3 = torch.arange(b * n_c * 3, device=X.device).view(b, n_c, 3)
+        cross = kernels.fine_cross(P, phases, table, rows3, t_first, copy, offsets)
+    else:
+        cross = _fine_cross_torch(P, phases, flat_refs if dense else Z_all.view(b, n_c, 3, m), kr_c, t_first, copy, E,
+                                  fine_chunk, dense)
     pose_t = t_c.unsqueeze(2).expand(b, n_c, 3, n_off).reshape(b, -1)
     pose_kr = kr_c.unsqueeze(3).expand(b, n_c, 3, n_off).reshape(b, -1)
     norm = norm.view(b, n_c, 3, 1).expand(b, n_c, 3, n_off).reshape(b, -1)
@@ -607,6 +598,38 @@ def e_step_coarse_to_fine(
         centre = n_off + n_off // 2  # middle rotation, zero offset
         logp.view(b, n_c, 3 * n_off)[:, null_class, centre] = float(log_prior[null_class]) + math.log(phases.shape[0] * R)
     return _summarise(logp, _Poses(cross, norm, pose_t, pose_kr, K, R), mode, max_entries, min_weight)
+
+
+def _fine_cross_torch(P: Tensor, phases: Tensor, refs: Tensor, kr_c: Tensor, t_first: Tensor, copy: Tensor, E: Tensor,
+                      fine_chunk: int, dense: bool) -> Tensor:
+    """The fine stage's correlations (b, nc, 3, n_off) in torch (GPU; CPU without Numba): see :func:`kernels.fine_cross`.
+
+    ``refs``: the (K·R, M) reference rows indexed by ``kr_c`` (``dense``), or each
+    candidate's own rows (b, nc, 3, M); ``E``: (n_off, 2M) the offsets' phases as real pairs.
+    """
+    b, m = P.shape
+    n_c, n_off = kr_c.shape[1], E.shape[0]
+    n_own = n_c - copy.sum(dim=1)
+    own_first = torch.argsort(copy.to(torch.int8), dim=1, stable=True)  # (b, nc) distinct slots first
+    by_count = torch.argsort(n_own, stable=True)
+    cross = torch.zeros((b, n_c, 3, n_off), device=P.device)
+    # A few particles at a time: the candidates' rows (nc·3·M values a particle) then stay in
+    # the cache for the products (3,000 particles, 54 candidates, M = 830: 2.0 s in chunks of
+    # 64 particles, 0.45 s in chunks of 8; benchmarks/README.md, session 19).
+    for i0 in range(0, b, fine_chunk):
+        rows = by_count[i0 : i0 + fine_chunk]
+        n, nu = len(rows), int(n_own[rows].max())
+        slots = own_first[rows, :nu]  # (n, nu)
+        Q = P[rows].unsqueeze(1) * phases.index_select(0, t_first[rows].gather(1, slots).reshape(-1)).view(n, nu, m)
+        Q = Q.conj_physical_()  # conj(P·e(t_c))
+        kr = kr_c[rows].gather(1, slots.unsqueeze(2).expand(n, nu, 3))
+        if dense:
+            Zf = refs.index_select(0, kr.reshape(-1)).view(n, nu, 3, m)
+        else:
+            Zf = refs[rows.unsqueeze(1), slots]
+        V = Zf.mul_(Q.unsqueeze(2))  # the conjugate of P·e(t_c)·conj(Z), (n, nu, 3, M)
+        cross[rows.unsqueeze(1), slots] = (torch.view_as_real(V).reshape(-1, 2 * m) @ E.T).view(n, nu, 3, n_off)
+    return cross
 
 
 def _close_candidates(cand_k: Tensor, cand_r: Tensor, n_coarse_rot: int) -> Tensor:
