@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from test_rotation import analytic_blobs
 
@@ -103,13 +104,21 @@ def test_class_resolution_skips_the_low_ctf_dip_and_smooths():
     assert resolution_shell(snr).tolist() == [1, 4, 1, 4]  # the search's first drop, for comparison
 
 
-def test_pose_sums_match_the_defining_sum_over_entries():
+@pytest.mark.parametrize("fused", [True, False])
+def test_pose_sums_match_the_defining_sum_over_entries(fused, monkeypatch):
     """S[k, r] = Σ w · s · c · exp(2πi f·t) · X and Q[k, r] = Σ w · s² · c², entry by entry, in float64.
 
     Random soft entries: several per particle, repeated (particle, shift)
     pairs across rotations and repeated (particle, class, rotation) across
-    shifts, as the E-step's significant poses are.
+    shifts, as the E-step's significant poses are. Both ways of adding them:
+    the fused CPU kernel (``kernels.scatter_sums``) and the torch sparse product (GPU).
     """
+    from cryo2d.em import kernels
+
+    if fused:
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(kernels, "available", lambda device: False)
     g = torch.Generator().manual_seed(5)
     pts = disc_points(12, 0, 3.5, half=True)
     b, m, K, R, T, e = 7, len(pts), 3, 4, 5, 60

@@ -121,6 +121,20 @@ if numba is not None:
                 per_shell[i, shell[j]] += q
             chi2[i] = acc
 
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _scatter_sums(order, starts, room, e_i, e_t, e_w, X, C, scale, phases, S, Q):  # pragma: no cover - compiled
+        m = X.shape[1]
+        for u in prange(starts.shape[0] - 1):  # one room per task: no two threads write one row
+            for j in range(starts[u], starts[u + 1]):
+                e = order[j]
+                i, t, ro = e_i[e], e_t[e], room[e]
+                ws = e_w[e] * scale[i]
+                ws2 = ws * scale[i]
+                for f in range(m):
+                    c = C[i, f]
+                    S[ro, f] += (ws * c) * (X[i, f] * phases[t, f])
+                    Q[ro, f] += ws2 * c * c
+
 
 def _np(x: Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().numpy())
@@ -215,3 +229,30 @@ def best_pose_residual(G: Tensor, k_idx: Tensor, psi_rad: Tensor, t_idx: Tensor,
             per_shell)
     _run(_best_pose_residual, args)
     return torch.from_numpy(chi2).float(), torch.from_numpy(per_shell)
+
+
+def scatter_sums(S: Tensor, Q: Tensor, room: Tensor, e_i: Tensor, e_t: Tensor, e_w: Tensor, X: Tensor, C: Tensor,
+                 scale: Tensor, phases: Tensor) -> None:
+    """Add entries to per-(class, rotation) sums in place: the M-step's scatter-add in one pass.
+
+    For each entry e: ``S[room_e] += w_e · s_i · C_i · X_i · e(t_e)`` and
+    ``Q[room_e] += w_e · s_i² · C_i²`` (i = ``e_i[e]``; :class:`cryo2d.em.mstep.PoseSums`).
+    The entries of one room are added in their order.
+
+    Parameters
+    ----------
+    S : (rooms, M) complex64 tensor, Q : (rooms, M) float32 tensor
+        The sums (contiguous; changed in place).
+    room, e_i, e_t : (n_e,) int64 tensors
+        Each entry's room, particle (row of ``X``) and shift (row of ``phases``).
+    e_w : (n_e,) float32 tensor
+        Weights.
+    X : (b, M) complex64, C : (b, M) float32, scale : (b,) float32, phases : (T, M) complex64 tensors
+    """
+    order = torch.argsort(room, stable=True)
+    _, counts = torch.unique_consecutive(room[order], return_counts=True)
+    starts = torch.zeros(len(counts) + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=starts[1:])
+    args = (_np(order), _np(starts), _np(room.long()), _np(e_i.long()), _np(e_t.long()), _np(e_w.float()), _np(X),
+            _np(C.float()), _np(scale.float()), _np(phases), S.numpy(), Q.numpy())
+    _run(_scatter_sums, args)

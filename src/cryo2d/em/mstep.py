@@ -20,6 +20,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from cryo2d.em import kernels
 from cryo2d.em.estep import EStepResult
 from cryo2d.em.geometry import PointSet, hermitian_grid
 from cryo2d.em.rotation import unrotate_sums
@@ -91,19 +92,23 @@ class PoseSums:
         res : EStepResult
             Its significant combinations and weights.
         """
-        # Sparse (rows × distinct (particle, shift)) weights times the de-shifted
-        # images: each image is made once, not once per entry (64 px, K = 20:
-        # ~39 entries but ~20 distinct (particle, shift) per particle).
         kr = res.entry_k * self.R + res.entry_r
         rows, row = torch.unique(kr, return_inverse=True)
         rooms = self._rooms(rows)
+        # Occupancy from the same weights as the sums (hard modes: whole particles).
+        self.counts.index_add_(0, res.entry_k, res.entry_w.double())
+        if kernels.available(X.device):  # each entry added where it goes, in one pass (kernels.scatter_sums)
+            kernels.scatter_sums(torch.view_as_complex(self.S), self.Q, rooms[row], res.entry_i, res.entry_t,
+                                 res.entry_w, X, ctf, scale, phases)
+            return
+        # Sparse (rows × distinct (particle, shift)) weights times the de-shifted
+        # images: each image is made once, not once per entry (64 px, K = 20:
+        # ~39 entries but ~20 distinct (particle, shift) per particle).
         n_t = phases.shape[0]
         pairs, col = torch.unique(res.entry_i * n_t + res.entry_t, return_inverse=True)
         Y = torch.view_as_real((X * ctf * scale[:, None])[pairs // n_t] * phases[pairs % n_t]).flatten(1)  # (u, 2m)
         self.S.index_add_(0, rooms, _sparse_times(row, col, res.entry_w, len(rows), Y).view(len(rows), X.shape[1], 2))
         self.Q.index_add_(0, rooms, _sparse_times(row, res.entry_i, res.entry_w, len(rows), ctf * ctf * (scale * scale)[:, None]))
-        # Occupancy from the same weights as the sums (hard modes: whole particles).
-        self.counts.index_add_(0, res.entry_k, res.entry_w.double())
 
     def _rooms(self, rows: Tensor) -> Tensor:
         """Room of each (sorted, distinct) row, given room first (back-rotating the rows held if they would not fit)."""
