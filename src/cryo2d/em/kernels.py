@@ -40,10 +40,18 @@ def available(device) -> bool:
     return numba is not None and torch.device(device).type == "cpu"
 
 
+def _jit(fn):
+    """``fn`` compiled for parallel loops, cached on disk where a cache folder can be written."""
+    try:
+        return njit(parallel=True, fastmath=True, cache=True)(fn)
+    except RuntimeError:  # no writable cache location (Numba raises when caching is asked for)
+        return njit(parallel=True, fastmath=True)(fn)
+
+
 if numba is not None:
     numba.config.THREADING_LAYER = "workqueue"
 
-    @njit(parallel=True, fastmath=True, cache=True)
+    @_jit
     def _fine_cross(P, phases, table, rows, t_first, skip, e_re, e_im, out):  # pragma: no cover - compiled
         b, nc = t_first.shape
         m = P.shape[1]
@@ -80,7 +88,7 @@ if numba is not None:
                     out[i, c, 1, d] = s1
                     out[i, c, 2, d] = s2
 
-    @njit(parallel=True, fastmath=True, cache=True)
+    @_jit
     def _best_pose_residual(G, k_idx, psi, t_idx, scale, X, C, phases, xy, zeropad, w_sig, shell, chi2, per_shell):  # pragma: no cover - compiled
         b, m = X.shape
         p, w = G.shape[1], G.shape[2]
@@ -121,7 +129,7 @@ if numba is not None:
                 per_shell[i, shell[j]] += q
             chi2[i] = acc
 
-    @njit(parallel=True, fastmath=True, cache=True)
+    @_jit
     def _scatter_sums(order, starts, room, e_i, e_t, e_w, X, C, scale, phases, S, Q):  # pragma: no cover - compiled
         m = X.shape[1]
         for u in prange(starts.shape[0] - 1):  # one room per task: no two threads write one row
