@@ -1,26 +1,37 @@
-"""Fused CPU kernels (Numba) for the E-step's memory-bound inner loops.
+"""Fused CPU kernels (Numba) for the memory-bound steps of a pass.
 
-The fine stage of :func:`cryo2d.em.estep.e_step_coarse_to_fine` scores each
-candidate (class, rotation) of a particle at its 3 fine rotations × the
-offsets around its coarse shift. As torch operations that is a gather of the
-candidates' reference rows, a product with the de-shifted particle, then a
-GEMM against the offsets' phases: three trips through memory of the
-(candidates · 3 · M) complex values. On a 2-core CPU those trips, not the
-arithmetic, took the time (80 px, K = 24: 0.57 s of a 1.6 s pass). The
-kernel here does the same sums in one pass over each reference row, with
-the particle's values in the cache. Its sums run in a different order than
-the GEMM's, so results agree to float32 rounding, not bit for bit.
+On a 2-core CPU three steps of a pass took their time in trips through
+memory, not in arithmetic, as torch operations (ribosome 80 px, K = 24:
+0.81 of a 1.65 s online pass; benchmarks/README.md, session 24):
 
-The kernels compile on first use (about 2 s, cached on disk afterwards) and
-run on Numba's own thread pool, sized to torch's thread count at each call.
-Calls are serialised by a lock: the ``workqueue`` threading layer (chosen
-because it is fork-safe and needs no OpenMP or TBB library) must not be
-entered from two threads at once. Where Numba cannot be imported,
-:func:`available` is False and the callers use their torch code.
+- :func:`fine_cross`, the fine stage of
+  :func:`cryo2d.em.estep.e_step_coarse_to_fine`: each candidate (class,
+  rotation) scored at its 3 fine rotations × the offsets around its coarse
+  shift. In torch: a gather of the candidates' reference rows, a product with
+  the de-shifted particle, a GEMM against the offsets' phases. Here each
+  product is made once per point and summed for every offset from the cache.
+- :func:`best_pose_residual`, the noise model's input: each particle's
+  residual at its best pose, whitened and per shell, with the class sampled
+  as :func:`cryo2d.em.rotation.sample_half` samples it.
+- :func:`scatter_sums`, the M-step's sums per (class, rotation)
+  (:class:`cryo2d.em.mstep.PoseSums`): each entry added where it goes,
+  rather than two sparse products of the de-shifted images.
+
+Their sums run in another order than torch's, so results agree with the
+torch code (kept for ``--device cuda``) to float32 rounding, not bit for bit.
+
+The kernels compile on first use (a few seconds; cached on disk where the
+package folder or a user cache folder can be written). They are serial code
+that releases the GIL, run on as many threads as torch uses (:func:`_split`:
+each thread takes a contiguous share of the particles, or of the rows), so
+a result does not depend on the number of threads, nor on whether the code
+was compiled in this process or loaded from the cache. Where Numba cannot be
+imported, :func:`available` is False and the callers use their torch code.
 """
 from __future__ import annotations
 
-import threading
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -28,11 +39,11 @@ from torch import Tensor
 
 try:
     import numba
-    from numba import njit, prange
+    from numba import njit
 except ImportError:  # pragma: no cover - numba is a dependency; torch code stands in without it
     numba = None
 
-_LOCK = threading.Lock()
+_POOL = None  # (threads, pid, ThreadPoolExecutor)
 
 
 def available(device) -> bool:
@@ -41,25 +52,30 @@ def available(device) -> bool:
 
 
 def _jit(fn):
-    """``fn`` compiled for parallel loops, cached on disk where a cache folder can be written."""
+    """``fn`` compiled without the GIL, cached on disk where a cache folder can be written.
+
+    Serial code on threads of :func:`_split`, not Numba's ``parallel=True``: parallel
+    code loaded from the disk cache is optimised differently from freshly compiled
+    code (numba/numba#10617), and with ``fastmath`` its sums then round differently,
+    so a job's first run after installing gave other numbers than its later runs
+    (`peer`: junk F1 0.663 against 0.668). Serial code gives the same bits either way.
+    """
     try:
-        return njit(parallel=True, fastmath=True, cache=True)(fn)
+        return njit(fastmath=True, nogil=True, cache=True)(fn)
     except RuntimeError:  # no writable cache location (Numba raises when caching is asked for)
-        return njit(parallel=True, fastmath=True)(fn)
+        return njit(fastmath=True, nogil=True)(fn)
 
 
 if numba is not None:
-    numba.config.THREADING_LAYER = "workqueue"
-
     @_jit
-    def _fine_cross(P, phases, table, rows, t_first, skip, e_re, e_im, out):  # pragma: no cover - compiled
-        b, nc = t_first.shape
+    def _fine_cross(lo, hi, P, phases, table, rows, t_first, skip, e_re, e_im, out):  # pragma: no cover - compiled
+        nc = t_first.shape[1]
         m = P.shape[1]
         n_off = e_re.shape[0]
-        for i in prange(b):
-            q_re = np.empty(m, dtype=np.float32)
-            q_im = np.empty(m, dtype=np.float32)
-            v = np.empty((6, m), dtype=np.float32)
+        q_re = np.empty(m, dtype=np.float32)
+        q_im = np.empty(m, dtype=np.float32)
+        v = np.empty((6, m), dtype=np.float32)
+        for i in range(lo, hi):
             for c in range(nc):
                 if skip[i, c]:
                     continue
@@ -89,11 +105,12 @@ if numba is not None:
                     out[i, c, 2, d] = s2
 
     @_jit
-    def _best_pose_residual(G, k_idx, psi, t_idx, scale, X, C, phases, xy, zeropad, w_sig, shell, chi2, per_shell):  # pragma: no cover - compiled
-        b, m = X.shape
+    def _best_pose_residual(lo, hi, G, k_idx, psi, t_idx, scale, X, C, phases, xy, zeropad, w_sig, shell, chi2,
+                            per_shell):  # pragma: no cover - compiled
+        m = X.shape[1]
         p, w = G.shape[1], G.shape[2]
         half = p // 2
-        for i in prange(b):
+        for i in range(lo, hi):
             k, t, sc = k_idx[i], t_idx[i], scale[i]
             cs, sn = np.cos(-psi[i]), np.sin(-psi[i])
             acc = 0.0
@@ -130,9 +147,9 @@ if numba is not None:
             chi2[i] = acc
 
     @_jit
-    def _scatter_sums(order, starts, room, e_i, e_t, e_w, X, C, scale, phases, S, Q):  # pragma: no cover - compiled
+    def _scatter_sums(lo, hi, order, starts, room, e_i, e_t, e_w, X, C, scale, phases, S, Q):  # pragma: no cover - compiled
         m = X.shape[1]
-        for u in prange(starts.shape[0] - 1):  # one room per task: no two threads write one row
+        for u in range(lo, hi):  # rooms lo..hi-1: no two threads write one row
             for j in range(starts[u], starts[u + 1]):
                 e = order[j]
                 i, t, ro = e_i[e], e_t[e], room[e]
@@ -148,11 +165,32 @@ def _np(x: Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().numpy())
 
 
-def _run(kernel, args: tuple) -> None:
-    """Run ``kernel(*args)`` on as many Numba threads as torch uses, one call at a time."""
-    with _LOCK:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        kernel(*args)
+def _pool(n: int) -> ThreadPoolExecutor:
+    """A pool of ``n`` threads, made once (again after a fork, whose child has no threads)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != n or _POOL[1] != os.getpid():
+        _POOL = (n, os.getpid(), ThreadPoolExecutor(max_workers=n, thread_name_prefix="cryo2d-kernel"))
+    return _POOL[2]
+
+
+def _split(kernel, work: np.ndarray, args: tuple) -> None:
+    """Run ``kernel(lo, hi, *args)`` over items 0 … len(work)-1 in as many parts as torch has threads.
+
+    ``work`` (n,) is each item's cost: the parts hold about equal shares of
+    it. Each item is computed whole by one thread, so the results do not
+    depend on the number of threads.
+    """
+    n = len(work)
+    threads = max(1, min(torch.get_num_threads(), n))
+    if threads == 1:
+        kernel(0, n, *args)
+        return
+    total = np.cumsum(work, dtype=np.float64)
+    cuts = np.searchsorted(total, total[-1] * np.arange(1, threads) / threads)
+    bounds = np.concatenate([[0], np.clip(cuts, 0, n), [n]]).astype(np.int64)
+    jobs = [_pool(threads).submit(kernel, int(lo), int(hi), *args) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    for job in jobs:
+        job.result()
 
 
 def fine_cross(P: Tensor, phases: Tensor, table: Tensor, rows: Tensor, t_first: Tensor, skip: Tensor,
@@ -187,9 +225,10 @@ def fine_cross(P: Tensor, phases: Tensor, table: Tensor, rows: Tensor, t_first: 
     """
     b, nc = t_first.shape
     out = np.zeros((b, nc, 3, offsets.shape[0]), dtype=np.float32)
-    args = (_np(P), _np(phases), _np(table), _np(rows.long()), _np(t_first.long()), _np(skip.bool()),
+    skip_np = _np(skip.bool())
+    args = (_np(P), _np(phases), _np(table), _np(rows.long()), _np(t_first.long()), skip_np,
             _np(offsets.real), _np(offsets.imag), out)
-    _run(_fine_cross, args)
+    _split(_fine_cross, 1 + nc - skip_np.sum(axis=1), args)
     return torch.from_numpy(out)
 
 
@@ -235,7 +274,7 @@ def best_pose_residual(G: Tensor, k_idx: Tensor, psi_rad: Tensor, t_idx: Tensor,
     args = (_np(G), _np(k_idx.long()), _np(psi_rad.float()), _np(t_idx.long()), _np(scale.float()), _np(X),
             _np(C.float()), _np(phases), _np(xy.float()), int(zeropad), _np(w_sig.float()), _np(shell.long()), chi2,
             per_shell)
-    _run(_best_pose_residual, args)
+    _split(_best_pose_residual, np.ones(b), args)
     return torch.from_numpy(chi2).float(), torch.from_numpy(per_shell)
 
 
@@ -263,4 +302,4 @@ def scatter_sums(S: Tensor, Q: Tensor, room: Tensor, e_i: Tensor, e_t: Tensor, e
     torch.cumsum(counts, 0, out=starts[1:])
     args = (_np(order), _np(starts), _np(room.long()), _np(e_i.long()), _np(e_t.long()), _np(e_w.float()), _np(X),
             _np(C.float()), _np(scale.float()), _np(phases), S.numpy(), Q.numpy())
-    _run(_scatter_sums, args)
+    _split(_scatter_sums, counts.numpy(), args)
