@@ -485,7 +485,9 @@ def e_step_coarse_to_fine(
     that of :func:`e_step`, on one entry. With a
     :class:`~cryo2d.em.rotation.RotationTable` for ``refs``, the fine stage
     takes only the candidates' rows from it and sums their norms from them.
-    The fine stage runs ``fine_chunk`` particles at a time (:func:`fine_chunk_for`).
+    On a CPU with Numba the fine stage's sums run in one compiled loop per particle
+    (:func:`cryo2d.em.kernels.fine_cross`); otherwise (a GPU) as torch products over
+    ``fine_chunk`` particles at a time (:func:`fine_chunk_for`).
     With ``prune = (d, f)``, a candidate whose coarse log-probability (tempered, with the
     class prior) lies more than ``d + f·g`` nats below the particle's best candidate is not
     refined, where g is the larger of the two candidates' perfect-fit gains s²·N/2 (tempered;
