@@ -547,7 +547,6 @@ def e_step_coarse_to_fine(
     n_off = neighbours.shape[1]
     t_c = neighbours[cand_t]  # (b, nc, n_off) fine shift indices, -1 = outside the disc
     offsets = phases[offset_pairs[:, 0]] * phases[offset_pairs[:, 1]].conj()  # (n_off, M): e(d)
-    E = torch.stack([offsets.real, offsets.imag], dim=2).reshape(n_off, 2 * m)  # Re(conj(v)·e) = v_re·e_re + v_im·e_im
     kr_flat = kr_c.reshape(b, -1)
     t_first = coarse_t[cand_t]  # (b, nc) the candidates' own shifts
     if dense:
@@ -577,8 +576,8 @@ def e_step_coarse_to_fine(
             rows3 = torch.arange(b * n_c * 3, device=X.device).view(b, n_c, 3)
         cross = kernels.fine_cross(P, phases, table, rows3, t_first, copy, offsets)
     else:
-        cross = _fine_cross_torch(P, phases, flat_refs if dense else Z_all.view(b, n_c, 3, m), kr_c, t_first, copy, E,
-                                  fine_chunk, dense)
+        cross = _fine_cross_torch(P, phases, flat_refs if dense else Z_all.view(b, n_c, 3, m), kr_c, t_first, copy,
+                                  offsets, fine_chunk)
     pose_t = t_c.unsqueeze(2).expand(b, n_c, 3, n_off).reshape(b, -1)
     pose_kr = kr_c.unsqueeze(3).expand(b, n_c, 3, n_off).reshape(b, -1)
     norm = norm.view(b, n_c, 3, 1).expand(b, n_c, 3, n_off).reshape(b, -1)
@@ -602,15 +601,17 @@ def e_step_coarse_to_fine(
     return _summarise(logp, _Poses(cross, norm, pose_t, pose_kr, K, R), mode, max_entries, min_weight)
 
 
-def _fine_cross_torch(P: Tensor, phases: Tensor, refs: Tensor, kr_c: Tensor, t_first: Tensor, copy: Tensor, E: Tensor,
-                      fine_chunk: int, dense: bool) -> Tensor:
+def _fine_cross_torch(P: Tensor, phases: Tensor, refs: Tensor, kr_c: Tensor, t_first: Tensor, copy: Tensor,
+                      offsets: Tensor, fine_chunk: int) -> Tensor:
     """The fine stage's correlations (b, nc, 3, n_off) in torch (GPU; CPU without Numba): see :func:`kernels.fine_cross`.
 
-    ``refs``: the (K·R, M) reference rows indexed by ``kr_c`` (``dense``), or each
-    candidate's own rows (b, nc, 3, M); ``E``: (n_off, 2M) the offsets' phases as real pairs.
+    ``refs``: the (K·R, M) reference rows indexed by ``kr_c``, or each candidate's
+    own rows (b, nc, 3, M); ``offsets``: (n_off, M) the offsets' phases e(d).
     """
     b, m = P.shape
-    n_c, n_off = kr_c.shape[1], E.shape[0]
+    n_c, n_off = kr_c.shape[1], offsets.shape[0]
+    dense = refs.ndim == 2
+    E = torch.stack([offsets.real, offsets.imag], dim=2).reshape(n_off, 2 * m)  # Re(conj(v)·e) = v_re·e_re + v_im·e_im
     n_own = n_c - copy.sum(dim=1)
     own_first = torch.argsort(copy.to(torch.int8), dim=1, stable=True)  # (b, nc) distinct slots first
     by_count = torch.argsort(n_own, stable=True)
