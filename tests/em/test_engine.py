@@ -293,3 +293,33 @@ def test_growing_a_class_against_the_own_pose_matches_the_full_search(particles3
     assert float(cnt_b[0]) == float(cnt_b[2]) == 0.0  # only the grown class is summed
     assert float((num_b[1] - num_a[1]).abs().norm() / num_a[1].abs().norm()) < 0.1
     assert float((den_b[1] - den_a[1]).norm() / den_a[1].norm()) < 0.1
+
+
+def test_seeding_classes_together_gives_each_its_own_sums_and_a_pass_without_noise_the_same_sums(particles3):
+    """Engine._seed_classes (one read for a growing pass's targets) gives each class exactly the
+    sums Engine._seed_class gives it alone; a pass with noise=False (the growing passes) sums the
+    same classes bit for bit, with its residuals and noise sums zero."""
+    import torch
+
+    from cryo2d.em.engine import Engine
+
+    eng = Engine(particles3, EMConfig(n_classes=3, seed=0))
+    eng.initialise()
+    eng.iterate(0)
+    plan = eng.plan(1, online=True)
+    idx = np.arange(len(particles3))
+    (num, den, counts, nsum, _), per = eng.pass_over(idx, plan, "hard", 1)
+    (num_q, den_q, counts_q, nsum_q, ncnt_q), per_q = eng.pass_over(idx, plan, "hard", 1, noise=False)
+    assert torch.equal(num, num_q) and torch.equal(den, den_q) and torch.equal(counts, counts_q)
+    np.testing.assert_array_equal(per["k"], per_q["k"])
+    assert float(nsum.sum()) > 0 and float(nsum_q.abs().sum()) == 0.0 and float(np.abs(per_q["chi2"]).sum()) == 0.0
+
+    parts = [np.arange(0, 300, 7), np.arange(3, 300, 11), np.arange(5, 40)]
+    alone = []
+    for k, rows in enumerate(parts):
+        eng._seed_class(k, idx, per, rows)
+        alone.append((eng.state.num[k].clone(), eng.state.den[k].clone(), float(eng.state.counts[k])))
+    eng._seed_classes([2, 0, 1], idx, per, [parts[2], parts[0], parts[1]])
+    for k, (n_k, d_k, c_k) in enumerate(alone):
+        assert torch.equal(eng.state.num[k], n_k) and torch.equal(eng.state.den[k], d_k)
+        assert float(eng.state.counts[k]) == c_k == len(parts[k])

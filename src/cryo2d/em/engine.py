@@ -94,7 +94,8 @@ _MSTEP_RADIUS = 1.5
 # 64 px, K = 20: the peer job 32.8 -> 25.5 s; 6 seeds of the 48 px set and 3
 # of the hard set: scores within their seed-to-seed spread (benchmarks/README.md).
 _SHIFT_STEP_DIV = 4.0
-_INIT_READ = 256  # images read at a time at the full box (starting and re-seeded classes)
+_INIT_READ = 256  # images read at a time at the full box (starting classes)
+_SEED_READ = 2048  # images read (from the image cache) and summed at a time for re-seeded classes
 # The default --average-res (Nyquist) runs the pass only when it widens the classes' Fourier
 # radius by this factor: 128 px at 2.85 Å, 6 -> 5.7 Å, would add the pass and its pose
 # refinement (20,000 particles, K = 50: 28 s) to a 7-minute job for 5 % more radius.
@@ -360,6 +361,7 @@ class Engine:
         # The coarse search only ranks poses: bfloat16 where the hardware has it
         # (64 px, K = 20: 44 -> 41 s a job; benchmarks/README.md, Session 5).
         self.coarse_dtype = torch.bfloat16 if bf16_matmul_is_fast(self.device) else torch.float32
+        self._setup_for, self._setup = None, None  # the last plan's pass set-up (_plan_setup)
 
     # ---------------------------------------------------------------- helpers
     def _to_real(self, A: Tensor) -> Tensor:
@@ -441,10 +443,10 @@ class Engine:
 
     def _read_fixed(self, idx: np.ndarray, labels: Tensor, psi: Tensor, *, n_classes: int | None = None,
                     shifts_px: Tensor | None = None, scale: Tensor | None = None, with_noise: bool = False,
-                    group: int | None = None, by_angle: bool = False, cached: bool = False):
+                    group: int | None = None, by_angle: bool = False, cached: bool = False, read: int = _INIT_READ):
         """Sums for particles with a given class and angle each: starting and re-seeded classes.
 
-        The images are read ``_INIT_READ`` at a time: they are read at the full
+        The images are read ``read`` (``_INIT_READ``) at a time: they are read at the full
         box here, so one read of them all set the peak RSS (256 px, K = 20:
         3,449 MB with the starting classes' 1,000 images and a re-seeded class
         read in one go each, 1,635 MB read 256 at a time; benchmarks/README.md,
@@ -488,8 +490,8 @@ class Engine:
         from_cache = cached and not with_noise
         if from_cache and shifts_px is not None:  # the frequencies of _deshift_grid at the points
             freqs = freq_grid(self.geom.work_box, device=self.device).reshape(-1, 2)[self.mpts.flat]
-        for start in range(0, len(idx), _INIT_READ):
-            sl = slice(start, start + _INIT_READ)
+        for start in range(0, len(idx), read):
+            sl = slice(start, start + read)
             ids, lab, ang = idx[sl], labels[sl], psi[sl]
             if from_cache:
                 Xm, cm = self.images.read_with_ctf(ids)
@@ -925,17 +927,17 @@ class Engine:
             return set()
         saved = {k: self._class_copy(k) for k in targets}
         parts = np.array_split(self.rng.permutation(pool), len(targets))
-        for k, rows in zip(targets, parts):
-            if len(rows):
-                self._seed_class(k, idx, per, np.sort(rows))
-                self._solve_one(k)
+        seeded = [(k, np.sort(rows)) for k, rows in zip(targets, parts) if len(rows)]
+        self._seed_classes([k for k, _ in seeded], idx, per, [rows for _, rows in seeded])
+        for k, _ in seeded:
+            self._solve_one(k)
         mode = "hard" if self.config.force_max_effective else "soft"
         tk = torch.tensor(targets, dtype=torch.long, device=self.device)
         # Hard assignment: a pool particle's best class outside the targets is the one it has
         # (the other classes stay fixed), so only the targets are searched, against its own pose.
         rival = self._own_pose_logp(idx[pool], per, pool, plan) if mode == "hard" else None
         for _ in range(_GROW_ROUNDS):
-            (num, den, counts, _, _), _ = self.pass_over(idx[pool], plan, mode, 0, classes=tk, rival=rival)
+            (num, den, counts, _, _), _ = self.pass_over(idx[pool], plan, mode, 0, classes=tk, rival=rival, noise=False)
             s.num[tk], s.den[tk], s.counts[tk] = num[tk], den[tk], counts[tk]
             for k in targets:
                 self._solve_one(k)
@@ -1056,14 +1058,29 @@ class Engine:
 
     def _seed_class(self, k: int, idx: np.ndarray, per: dict, rows: np.ndarray) -> None:
         """Class ``k`` := the average of batch rows ``rows`` aligned at their best poses."""
+        self._seed_classes([k], idx, per, [rows])
+
+    def _seed_classes(self, ks: list[int], idx: np.ndarray, per: dict, parts: list[np.ndarray]) -> None:
+        """Each class ``ks[j]`` := the average of batch rows ``parts[j]`` aligned at their best poses.
+
+        The particles come from the run's image cache at the M-step points,
+        ``_SEED_READ`` at a time, each read summed as one group: a class's sums
+        are those :meth:`_seed_class` makes for it alone (its particles added in
+        the same order) unless a read boundary splits them. One call for all a
+        growing pass's targets saves a fixed cost per class (ribosome 80 px,
+        K = 24: 11 ms a call).
+        """
         s = self.state
-        chosen = idx[rows]
-        labels = torch.zeros(len(chosen), dtype=torch.long, device=self.device)
+        rows = np.concatenate(parts)
+        labels = torch.from_numpy(np.repeat(np.arange(len(ks)), [len(r) for r in parts])).to(self.device)
         psi = torch.from_numpy(per["psi"][rows]).float().to(self.device)
         shifts = torch.from_numpy(per["shift"][rows]).to(self.device)
-        (num, den, _), _ = self._read_fixed(chosen, labels, psi, n_classes=1, shifts_px=shifts, cached=True)
-        s.num[k], s.den[k] = num[0], den[0]
-        s.counts[k] = float(len(chosen))
+        n = min(max(1, len(rows)), _SEED_READ)
+        (num, den, _), _ = self._read_fixed(idx[rows], labels, psi, n_classes=len(ks), shifts_px=shifts, cached=True,
+                                            group=n, read=n)
+        for j, k in enumerate(ks):
+            s.num[k], s.den[k] = num[j], den[j]
+            s.counts[k] = float(len(parts[j]))
 
     def _copy_class(self, big: int, k: int) -> None:
         """Class ``k`` := half of class ``big``'s sums plus a small perturbation (and ``big`` keeps half)."""
@@ -1082,16 +1099,49 @@ class Engine:
         return deshift_phases(freq_grid(B, device=self.device).reshape(-1, 2), shifts_px).view(-1, B, B)
 
     # ---------------------------------------------------------------- E/M pass
+    def _plan_setup(self, plan: IterationPlan) -> tuple:
+        """What a pass needs from ``plan`` alone, made once per plan (an iteration's main and growing passes share it).
+
+        Returns (phases, sub, mp, phases_m, grid, e_img, m_img): the de-shift
+        phases at the E-step points; the M-step points this pass sums (``sub``,
+        their indices, None for all; ``mp``, the points) and their phases; the
+        coarse grid (None: exhaustive search); and the columns of the E-step
+        and summed points among the cached M-step points.
+        """
+        if self._setup_for is plan:
+            return self._setup
+        g, cfg = self.geom, self.config
+        R = len(plan.psi_rad)
+        phases = deshift_phases(plan.points.xy / g.work_box, plan.shifts_px)
+        within = self.mpts.xy.norm(dim=1) <= plan.r_mstep
+        sub = None if bool(within.all()) else torch.nonzero(within).squeeze(1)
+        mp = self.mpts if sub is None else self.mpts.subset(sub)  # the points this pass sums
+        phases_m = deshift_phases(mp.xy / g.work_box, plan.shifts_px)
+        grid = None
+        # The coarse stage needs enough resolution to rank poses (≥ 12 Fourier
+        # px): below twice that it searches the coarse poses at the full
+        # radius (64 px, K = 20: 136 -> 54 s a job; benchmarks/README.md).
+        r_coarse = max(g.r_min_align + 2.0, 12.0, 0.5 * plan.r_cur)
+        if r_coarse > 0.6 * plan.r_cur:
+            r_coarse = plan.r_cur
+        if cfg.coarse_to_fine and R % 2 == 0 and len(plan.shifts_px) >= 9:
+            grid = coarse_subgrid(plan.shifts_px, plan.shift_step, R, plan.points.xy.norm(dim=1), r_coarse)
+        # The images and CTFs are read at the M-step points (sorted flat indices; the E-step's are among them).
+        e_img = torch.searchsorted(self.mpts.flat, plan.points.flat)
+        m_img = torch.searchsorted(self.mpts.flat, mp.flat)
+        self._setup_for, self._setup = plan, (phases, sub, mp, phases_m, grid, e_img, m_img)
+        return self._setup
+
     def pass_over(self, idx: np.ndarray, plan: IterationPlan, mode: str, iteration: int, classes: Tensor | None = None,
-                  rival: Tensor | None = None):
+                  rival: Tensor | None = None, noise: bool = True):
         """E-step over particles ``idx`` (in chunks) and M-step sums.
 
         Returns the new sums (num, den, counts, noise) and per-particle results.
         One shard (:meth:`pass_shard`) and its reduction (:meth:`reduce_pass`):
         a distributed pass (``cryo2d.em.distributed``) runs the same two steps
-        with several shards. ``classes``, ``rival``: see :meth:`pass_shard`.
+        with several shards. ``classes``, ``rival``, ``noise``: see :meth:`pass_shard`.
         """
-        return self.reduce_pass([self.pass_shard(idx, plan, mode, classes, rival)])
+        return self.reduce_pass([self.pass_shard(idx, plan, mode, classes, rival, noise)])
 
     def reduce_pass(self, shards: list[ShardSums]):
         """Add the shards' sums in list order and make the robust noise sums over all of them.
@@ -1114,7 +1164,7 @@ class Engine:
         return (num, den, counts, noise_sum, noise_cnt), per
 
     def pass_shard(self, idx: np.ndarray, plan: IterationPlan, mode: str, classes: Tensor | None = None,
-                   rival: Tensor | None = None) -> ShardSums:
+                   rival: Tensor | None = None, noise: bool = True) -> ShardSums:
         """E-step and linear M-step sums of particles ``idx``; reads only their images.
 
         Uses ``state.A``, ``sigma2_shell``, ``log_prior`` and ``scale[idx]``.
@@ -1126,11 +1176,12 @@ class Engine:
         particle's best pose in the other classes), the E-step searches only
         ``classes``, and a particle joins its best of them only where that
         pose scores above its rival (the passes that grow classes in a 96 px,
-        K = 30 job: 10.5 -> 6.2 s).
+        K = 30 job: 10.5 -> 6.2 s). ``noise=False`` skips the residual at each
+        particle's best pose: ``chi2`` and the noise sums come back zero (for
+        passes that do not update the noise model).
         """
         s, g, cfg = self.state, self.geom, self.config
         dev = self.device
-        R = len(plan.psi_rad)
         search = classes if rival is not None else None  # the E-step's classes (None: all)
         masked = self._search_classes(search)
         log_prior, null_class = s.log_prior, s.null_class
@@ -1146,23 +1197,11 @@ class Engine:
             refs = RotationTable(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad, n_dense)
             power = None
         inv_sig = plan.points.weight / s.sigma2_shell[plan.points.shell]
-        phases = deshift_phases(plan.points.xy / g.work_box, plan.shifts_px)
-        within = self.mpts.xy.norm(dim=1) <= plan.r_mstep
-        sub = None if bool(within.all()) else torch.nonzero(within).squeeze(1)
-        mp = self.mpts if sub is None else self.mpts.subset(sub)  # the points this pass sums
-        phases_m = deshift_phases(mp.xy / g.work_box, plan.shifts_px)
-        grid = None
-        # The coarse stage needs enough resolution to rank poses (≥ 12 Fourier
-        # px): below twice that it searches the coarse poses at the full
-        # radius (64 px, K = 20: 136 -> 54 s a job; benchmarks/README.md).
-        r_coarse = max(g.r_min_align + 2.0, 12.0, 0.5 * plan.r_cur)
-        if r_coarse > 0.6 * plan.r_cur:
-            r_coarse = plan.r_cur
-        if cfg.coarse_to_fine and R % 2 == 0 and len(plan.shifts_px) >= 9:
-            grid = coarse_subgrid(plan.shifts_px, plan.shift_step, R, plan.points.xy.norm(dim=1), r_coarse)
+        phases, sub, mp, phases_m, grid, e_img, m_img = self._plan_setup(plan)
         coarse = coarse_references(refs, grid, power, self.coarse_dtype) if grid is not None else None
-        G_full = oversample(self._grid(s.A), cfg.zeropad)
-        G_cplx = torch.view_as_complex(G_full.permute(0, 2, 3, 1))  # (K, p, p//2 + 1), no copy
+        if noise:
+            G_full = oversample(self._grid(s.A), cfg.zeropad)
+            G_cplx = torch.view_as_complex(G_full.permute(0, 2, 3, 1))  # (K, p, p//2 + 1), no copy
         # Hard mode: one entry, so at most one (class, rotation) row, per particle.
         max_rows = len(idx) * (1 if mode == "hard" else MAX_ENTRIES)
         sums = PoseSums(self.K, plan.psi_rad, mp, g.work_box, cfg.zeropad, dev, max_rows=max_rows)
@@ -1171,9 +1210,6 @@ class Engine:
         fine_chunk = fine_chunk_for(dev)
         read = max(chunk, 256)
         out = {k: [] for k in ("k", "psi", "shift", "max_prob", "post", "ess", "cross", "norm", "chi2")}
-        # The images and CTFs are read at the M-step points (sorted flat indices; the E-step's are among them).
-        e_img = torch.searchsorted(self.mpts.flat, plan.points.flat)
-        m_img = torch.searchsorted(self.mpts.flat, mp.flat)
         for start in range(0, len(idx), read):
             ridx = idx[start : start + read]
             X_all, C_all = self.images.read_with_ctf(ridx)
@@ -1197,7 +1233,10 @@ class Engine:
                 sums.add(Xm, Cm, scale, phases_m, res if classes is None else res.only_classes(classes))
                 # Noise: residual at the best pose, per shell.
                 w_sig = mp.weight / s.sigma2_shell[mp.shell]
-                if kernels.available(dev):
+                if not noise:
+                    chi2 = torch.zeros(len(cidx), device=dev)
+                    per_shell = torch.zeros((len(cidx), self.n_shells), device=dev, dtype=torch.float64)
+                elif kernels.available(dev):
                     chi2, per_shell = kernels.best_pose_residual(
                         G_cplx, res.best_k, plan.psi_rad[res.best_r], res.best_t, scale, Xm, Cm, phases_m, mp.xy,
                         cfg.zeropad, w_sig, mp.shell, self.n_shells)
