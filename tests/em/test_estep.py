@@ -500,6 +500,47 @@ def test_fine_stage_kernel_and_torch_give_the_same_search(refs_kind, mode, monke
     assert len(fused.entry_w) > (11 if mode == "soft" else 10)
 
 
+@pytest.mark.parametrize("null_class", [-1, 3])
+def test_hard_pose_kernel_picks_torchs_best_pose(null_class):
+    """kernels.hard_poses (hard mode's summary of the fine poses) against scoring every pose in torch
+    (estep._summarise_poses): the same best pose, probabilities to float32 rounding. Poses outside
+    the disc, skipped candidates, poses two candidates share (counted once) and the empty-box class's
+    single pose are all in the set; log-probabilities spread over hundreds of nats, so most weights
+    fall below the exp floor."""
+    pytest.importorskip("numba")
+    from cryo2d.em.estep import _hard_summary, _summarise_poses
+
+    g = torch.Generator().manual_seed(5)
+    b, nc, n_off, K, R = 40, 8, 9, 5, 12
+    cand_k = torch.randint(0, K, (b, nc), generator=g)
+    cand_r = torch.randint(0, R, (b, nc), generator=g)
+    cand_k[:, 0], cand_r[:, 0] = 3, 2  # candidate 3 (the empty-box class when null_class = 3) ...
+    cand_k[:, 3] = 3
+    t_c = torch.randint(-1, 30, (b, nc, n_off), generator=g)
+    # Rows 0-9: candidate 2 is candidate 1 one rotation on, at the same shifts: 2 of its 3 rotations repeat.
+    cand_k[:10, 2], cand_r[:10, 2], t_c[:10, 2] = cand_k[:10, 1], (cand_r[:10, 1] + 1) % R, t_c[:10, 1]
+    kr_c = torch.stack([cand_k * R + (cand_r + d) % R for d in (-1, 0, 1)], dim=2)
+    cross = torch.randn(b, nc, 3, n_off, generator=g) * 60
+    norm3 = torch.rand(b, nc, 3, generator=g) * 200
+    copy = torch.rand(b, nc, generator=g) < 0.2
+    copy[:, 1] = False
+    close = torch.zeros(b, dtype=torch.bool)
+    close[:14] = True
+    scale = torch.rand(b, generator=g) + 0.5
+    log_prior = torch.randn(K, generator=g) * 0.1
+    null_logp = float(log_prior[null_class]) + math.log(30 * R) if null_class >= 0 else 0.0
+    args = (cross, norm3, t_c, kr_c, copy, close, scale, log_prior, 1.7, K, R, null_class, null_logp)
+    fused = _hard_summary(*args)
+    plain = _summarise_poses(*args, "hard", 48, 5e-3)
+    for name in ("best_k", "best_r", "best_t", "entry_i", "entry_t", "entry_k", "entry_r", "best_cross", "best_norm"):
+        assert torch.equal(getattr(fused, name), getattr(plain, name)), name
+    for name in ("class_post", "max_prob", "entry_w", "log_evidence"):
+        torch.testing.assert_close(getattr(fused, name), getattr(plain, name), rtol=2e-6, atol=2e-6, msg=name)
+    assert 0.2 < float(plain.max_prob.min()) and float(plain.max_prob.min()) < 0.99  # some particles' weight is spread
+    if null_class >= 0:
+        assert bool((plain.best_k == null_class).any()) and bool((plain.best_k != null_class).any())
+
+
 def test_best_pose_residual_kernel_matches_bilinear_sampling():
     """kernels.best_pose_residual = the residual X·e(t) − s·C·(class at −ψ, sample_half) per shell and whitened,
     in float64 from rotation.sample_half; angles on both sides of the x = 0 mirror."""

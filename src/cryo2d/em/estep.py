@@ -544,7 +544,6 @@ def e_step_coarse_to_fine(
     # rotations against the n_off offsets' phases (conjugated terms: no lazy-conjugate copies).
     n_c = cand_k.shape[1]
     kr_c = torch.stack([cand_k * R + (coarse_r[cand_r] + d) % R for d in (-1, 0, 1)], dim=2)  # (b, nc, 3)
-    n_off = neighbours.shape[1]
     t_c = neighbours[cand_t]  # (b, nc, n_off) fine shift indices, -1 = outside the disc
     offsets = phases[offset_pairs[:, 0]] * phases[offset_pairs[:, 1]].conj()  # (n_off, M): e(d)
     kr_flat = kr_c.reshape(b, -1)
@@ -578,17 +577,39 @@ def e_step_coarse_to_fine(
     else:
         cross = _fine_cross_torch(P, phases, flat_refs if dense else Z_all.view(b, n_c, 3, m), kr_c, t_first, copy,
                                   offsets, fine_chunk)
+    close = _close_candidates(cand_k, cand_r, Rc)
+    null_logp = float(log_prior[null_class]) + math.log(phases.shape[0] * R) if null_class >= 0 else 0.0
+    poses = (cross, norm.view(b, n_c, 3), t_c, kr_c, copy, close, scale, log_prior, temperature, K, R, null_class,
+             null_logp)
+    if mode == "hard" and kernels.available(X.device):  # best pose and posteriors in one pass (kernels.hard_poses)
+        return _hard_summary(*poses)
+    return _summarise_poses(*poses, mode, max_entries, min_weight)
+
+
+def _summarise_poses(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, copy: Tensor, close: Tensor,
+                     scale: Tensor, log_prior: Tensor, temperature: float, K: int, R: int, null_class: int,
+                     null_logp: float, mode: str, max_entries: int, min_weight: float) -> EStepResult:
+    """The result over the fine stage's poses (b, nc, 3, n_off) in torch: every pose scored, then :func:`_summarise`.
+
+    ``cross`` (b, nc, 3, n_off) and ``norm3`` (b, nc, 3) as the fine stage
+    makes them; ``t_c`` (b, nc, n_off) each pose's fine shift (−1: outside
+    the disc); ``kr_c`` (b, nc, 3) each candidate rotation's class · R +
+    rotation; ``copy`` (b, nc) candidates not scored; ``close`` (b,)
+    particles whose candidates may share poses (:func:`_close_candidates`);
+    the empty-box class ``null_class`` has one pose, at ``null_logp``.
+    """
+    b, n_c, _, n_off = cross.shape
     pose_t = t_c.unsqueeze(2).expand(b, n_c, 3, n_off).reshape(b, -1)
     pose_kr = kr_c.unsqueeze(3).expand(b, n_c, 3, n_off).reshape(b, -1)
-    norm = norm.view(b, n_c, 3, 1).expand(b, n_c, 3, n_off).reshape(b, -1)
+    norm = norm3.view(b, n_c, 3, 1).expand(b, n_c, 3, n_off).reshape(b, -1)
     cross = cross.reshape(b, -1)
-    logp = (s[:, 0] * cross - 0.5 * s[:, 0] ** 2 * norm) / temperature + log_prior[pose_kr // R]
+    s = scale.view(b, 1)
+    logp = (s * cross - 0.5 * s ** 2 * norm) / temperature + log_prior[pose_kr // R]
     # Each pose once (keys < 0: outside the disc). A class's best is often also a top pair: the
     # copy's poses are all repeats. Distinct candidates share a pose only within one coarse
     # rotation of each other in one class (ties, few rotations): those particles' poses are
     # compared one by one (sorting every particle's poses took 4 % of a 96 px pass).
     repeat = (pose_t < 0) | copy.view(b, n_c, 1).expand(b, n_c, 3 * n_off).reshape(b, -1)
-    close = _close_candidates(cand_k, cand_r, Rc)
     if bool(close.any()):
         rows = torch.nonzero(close).squeeze(1)
         repeat[rows] |= _repeated(pose_t[rows] * (K * R) + pose_kr[rows])
@@ -597,8 +618,48 @@ def e_step_coarse_to_fine(
     if null_class >= 0:  # one entry: the centre pose of its class's candidate (candidate k = class k)
         logp.view(b, n_c, 3 * n_off)[:, null_class] = float("-inf")
         centre = n_off + n_off // 2  # middle rotation, zero offset
-        logp.view(b, n_c, 3 * n_off)[:, null_class, centre] = float(log_prior[null_class]) + math.log(phases.shape[0] * R)
+        logp.view(b, n_c, 3 * n_off)[:, null_class, centre] = null_logp
     return _summarise(logp, _Poses(cross, norm, pose_t, pose_kr, K, R), mode, max_entries, min_weight)
+
+
+def _hard_summary(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, copy: Tensor, close: Tensor,
+                  scale: Tensor, log_prior: Tensor, temperature: float, K: int, R: int, null_class: int,
+                  null_logp: float) -> EStepResult:
+    """:func:`_summarise_poses` in hard mode, from :func:`kernels.hard_poses` (same arguments, no pose tables).
+
+    The same best pose; probabilities to float32 rounding (other summation
+    order). The poses of particles with close candidates are compared one by
+    one here, as there.
+    """
+    b, n_c, _, n_off = cross.shape
+    repeat_rows = torch.full((b,), -1, dtype=torch.long, device=cross.device)
+    repeat = torch.zeros((0, n_c * 3 * n_off), dtype=torch.bool, device=cross.device)
+    if bool(close.any()):
+        rows = torch.nonzero(close).squeeze(1)
+        keys = t_c[rows].unsqueeze(2) * (K * R) + kr_c[rows].unsqueeze(3)  # (n, nc, 3, n_off)
+        repeat = _repeated(keys.reshape(len(rows), -1))
+        repeat_rows[rows] = torch.arange(len(rows), device=cross.device)
+    best, max_prob, log_evidence, class_post = kernels.hard_poses(
+        cross, norm3, t_c, kr_c, copy, repeat_rows, repeat, scale, log_prior, temperature, R, K, null_class,
+        null_logp, _EXP_FLOOR)
+    c, j, d = best // (3 * n_off), (best // n_off) % 3, best % n_off
+    rows = torch.arange(b, device=cross.device)
+    best_t, best_kr = t_c[rows, c, d].clamp(min=0), kr_c[rows, c, j]
+    return EStepResult(
+        class_post=class_post,
+        best_t=best_t,
+        best_k=best_kr // R,
+        best_r=best_kr % R,
+        max_prob=max_prob,
+        best_cross=cross[rows, c, j, d],
+        best_norm=norm3[rows, c, j],
+        entry_i=rows,
+        entry_t=best_t,
+        entry_k=best_kr // R,
+        entry_r=best_kr % R,
+        entry_w=torch.ones(b, dtype=max_prob.dtype, device=cross.device),
+        log_evidence=log_evidence,
+    )
 
 
 def _fine_cross_torch(P: Tensor, phases: Tensor, refs: Tensor, kr_c: Tensor, t_first: Tensor, copy: Tensor,

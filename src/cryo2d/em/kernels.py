@@ -16,9 +16,13 @@ memory, not in arithmetic, as torch operations (ribosome 80 px, K = 24:
 - :func:`scatter_sums`, the M-step's sums per (class, rotation)
   (:class:`cryo2d.em.mstep.PoseSums`): each entry added where it goes,
   rather than two sparse products of the de-shifted images.
+- :func:`hard_poses`, hard mode's summary of the fine stage's poses: each
+  pose's log-probability, the best pose, the class posteriors, without the
+  (b, poses) tables torch makes for them (session 25).
 
 Their sums run in another order than torch's, so results agree with the
-torch code (kept for ``--device cuda``) to float32 rounding, not bit for bit.
+torch code (kept for ``--device cuda``) to float32 rounding, not bit for bit
+(:func:`hard_poses` scores the poses as torch does and picks torch's best).
 
 The kernels compile on first use (a few seconds; cached on disk where the
 package folder or a user cache folder can be written). They are serial code
@@ -51,7 +55,7 @@ def available(device) -> bool:
     return numba is not None and torch.device(device).type == "cpu"
 
 
-def _jit(fn):
+def _jit(fn=None, *, fastmath: bool = True):
     """``fn`` compiled without the GIL, cached on disk where a cache folder can be written.
 
     Serial code on threads of :func:`_split`, not Numba's ``parallel=True``: parallel
@@ -60,10 +64,12 @@ def _jit(fn):
     so a job's first run after installing gave other numbers than its later runs
     (`peer`: junk F1 0.663 against 0.668). Serial code gives the same bits either way.
     """
+    if fn is None:  # @_jit(fastmath=False)
+        return lambda f: _jit(f, fastmath=fastmath)
     try:
-        return njit(fastmath=True, nogil=True, cache=True)(fn)
+        return njit(fastmath=fastmath, nogil=True, cache=True)(fn)
     except RuntimeError:  # no writable cache location (Numba raises when caching is asked for)
-        return njit(fastmath=True, nogil=True)(fn)
+        return njit(fastmath=fastmath, nogil=True)(fn)
 
 
 if numba is not None:
@@ -159,6 +165,53 @@ if numba is not None:
                     c = C[i, f]
                     S[ro, f] += (ws * c) * (X[i, f] * phases[t, f])
                     Q[ro, f] += ws2 * c * c
+
+
+    @_jit(fastmath=False)
+    def _hard_poses(lo, hi, cross, norm3, t_c, kr_c, skip, rep_row, rep, scale, log_prior, temperature, R, null_c,
+                    null_logp, floor, best, max_prob, log_ev, class_post):  # pragma: no cover - compiled
+        nc, n_off = t_c.shape[1], t_c.shape[2]
+        n_p = nc * 3 * n_off
+        logp = np.empty(n_p, dtype=np.float32)
+        cls = np.empty(class_post.shape[1], dtype=np.float64)
+        inf = np.float32(np.inf)
+        half = np.float32(0.5)
+        for i in range(lo, hi):
+            s = scale[i]
+            h = half * (s * s)
+            peak = -inf
+            arg = 0
+            for c in range(nc):
+                for r in range(3):
+                    kr = kr_c[i, c, r]
+                    lp = log_prior[kr // R]
+                    hn = h * norm3[i, c, r]
+                    for o in range(n_off):
+                        p = (c * 3 + r) * n_off + o
+                        if skip[i, c] or t_c[i, c, o] < 0 or (rep_row[i] >= 0 and rep[rep_row[i], p]):
+                            v = -inf
+                        else:
+                            v = (s * cross[i, c, r, o] - hn) / temperature + lp
+                        if c == null_c:
+                            v = null_logp if (r == 1 and o == n_off // 2) else -inf
+                        logp[p] = v
+                        if v > peak:
+                            peak = v
+                            arg = p
+            total = 0.0
+            cls[:] = 0.0
+            for p in range(n_p):
+                d = logp[p] - peak
+                if d >= floor:
+                    w = np.exp(d)
+                    total += w
+                    c = p // (3 * n_off)
+                    cls[kr_c[i, c, (p // n_off) % 3] // R] += w
+            for k in range(cls.shape[0]):
+                class_post[i, k] = cls[k] / total
+            best[i] = arg
+            max_prob[i] = np.float32(1.0) / np.float32(total)
+            log_ev[i] = peak + np.float32(np.log(total))
 
 
 def _np(x: Tensor) -> np.ndarray:
@@ -303,3 +356,52 @@ def scatter_sums(S: Tensor, Q: Tensor, room: Tensor, e_i: Tensor, e_t: Tensor, e
     args = (_np(order), _np(starts), _np(room.long()), _np(e_i.long()), _np(e_t.long()), _np(e_w.float()), _np(X),
             _np(C.float()), _np(scale.float()), _np(phases), S.numpy(), Q.numpy())
     _split(_scatter_sums, counts.numpy(), args)
+
+
+def hard_poses(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, skip: Tensor, repeat_rows: Tensor,
+               repeat: Tensor, scale: Tensor, log_prior: Tensor, temperature: float, R: int, n_classes: int,
+               null_class: int, null_logp: float, floor: float) -> tuple[Tensor, ...]:
+    """The hard-mode summary of the fine stage's poses in one pass: each particle's best pose and posteriors.
+
+    Pose (c, j, d) of particle i (candidate c, fine rotation j of 3, offset
+    d) has log-probability ``(s·cross − s²·norm3/2) / temperature +
+    log_prior[class]``, as :func:`cryo2d.em.estep.e_step_coarse_to_fine`
+    scores it, or −∞ where its candidate is skipped, its shift lies outside
+    the disc (``t_c < 0``) or it repeats another pose of the particle (row
+    ``repeat_rows[i]`` of ``repeat``, −1: none). Candidate ``null_class``
+    (the empty-box class; −1: none) has one pose, its centre, at ``null_logp``.
+    Posteriors are ``exp(logp − max)`` normalised, 0 below ``floor`` nats.
+    Computed without fast-math, in float32 as torch computes them, so the
+    best pose is torch's.
+
+    Parameters
+    ----------
+    cross : (b, nc, 3, n_off) float32 tensor
+    norm3 : (b, nc, 3) float32 tensor
+    t_c : (b, nc, n_off) int64 tensor
+        Each pose's fine shift (−1: outside the disc).
+    kr_c : (b, nc, 3) int64 tensor
+        Each candidate rotation's class · R + rotation.
+    skip : (b, nc) bool tensor
+    repeat_rows : (b,) int64 tensor; repeat : (n, nc · 3 · n_off) bool tensor
+    scale : (b,) float32 tensor; log_prior : (K,) float32 tensor
+
+    Returns
+    -------
+    best : (b,) int64 tensor
+        Flat index of the best pose in (nc, 3, n_off).
+    max_prob, log_evidence : (b,) float32 tensors
+    class_post : (b, K) float32 tensor
+    """
+    b = t_c.shape[0]
+    best = np.zeros(b, dtype=np.int64)
+    max_prob = np.zeros(b, dtype=np.float32)
+    log_ev = np.zeros(b, dtype=np.float32)
+    class_post = np.zeros((b, n_classes), dtype=np.float32)
+    args = (_np(cross.float()), _np(norm3.float()), _np(t_c.long()), _np(kr_c.long()), _np(skip.bool()),
+            _np(repeat_rows.long()), _np(repeat.bool()), _np(scale.float()), _np(log_prior.float()),
+            np.float32(temperature), int(R), int(null_class), np.float32(null_logp), np.float32(floor), best, max_prob,
+            log_ev, class_post)
+    _split(_hard_poses, np.ones(b), args)
+    return (torch.from_numpy(best), torch.from_numpy(max_prob), torch.from_numpy(log_ev),
+            torch.from_numpy(class_post))
