@@ -171,11 +171,8 @@ def _summarise(logp: Tensor, table, mode: str, max_entries: int, min_weight: flo
     best_t, best_kr = best_t[:, 0], best_kr[:, 0]
     class_post = table.class_marginal(post)
     best_cross, best_norm = (v[:, 0] for v in table.cross_norm_at(best[:, None]))
-    rows = torch.arange(b, device=logp.device)
-    if mode == "hard":
-        e_i, e_t, e_kr = rows, best_t, best_kr
-        e_w = torch.ones(b, dtype=post.dtype, device=logp.device)
-    else:
+    entries = None  # hard: the best poses
+    if mode != "hard":
         if mode == "hard_class":
             post = torch.where(table.in_class(class_post.argmax(dim=1)), post, 0.0)
             post = post / post.sum(dim=1, keepdim=True)
@@ -185,8 +182,18 @@ def _summarise(logp: Tensor, table, mode: str, max_entries: int, min_weight: flo
         w = torch.where(keep, w, 0.0)
         w = w / w.sum(dim=1, keepdim=True)
         t_all, kr_all = table.decode(idx)
-        e_i = rows[:, None].expand(b, n_keep)[keep]
-        e_t, e_kr, e_w = t_all[keep], kr_all[keep], w[keep]
+        e_i = torch.arange(b, device=logp.device)[:, None].expand(b, n_keep)[keep]
+        entries = (e_i, t_all[keep], kr_all[keep], w[keep])
+    return _result(class_post, best_t, best_kr, R, max_prob, best_cross, best_norm, log_evidence, entries)
+
+
+def _result(class_post: Tensor, best_t: Tensor, best_kr: Tensor, R: int, max_prob: Tensor, best_cross: Tensor,
+            best_norm: Tensor, log_evidence: Tensor, entries: tuple | None = None) -> EStepResult:
+    """An :class:`EStepResult` from poses as (shift, class · R + rotation); ``entries`` (i, t, kr, w), None: the best poses."""
+    if entries is None:
+        rows = torch.arange(len(best_t), device=best_t.device)
+        entries = (rows, best_t, best_kr, torch.ones(len(best_t), dtype=max_prob.dtype, device=best_t.device))
+    e_i, e_t, e_kr, e_w = entries
     return EStepResult(
         class_post=class_post,
         best_t=best_t,
@@ -644,22 +651,8 @@ def _hard_summary(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, copy:
         null_logp, _EXP_FLOOR)
     c, j, d = best // (3 * n_off), (best // n_off) % 3, best % n_off
     rows = torch.arange(b, device=cross.device)
-    best_t, best_kr = t_c[rows, c, d].clamp(min=0), kr_c[rows, c, j]
-    return EStepResult(
-        class_post=class_post,
-        best_t=best_t,
-        best_k=best_kr // R,
-        best_r=best_kr % R,
-        max_prob=max_prob,
-        best_cross=cross[rows, c, j, d],
-        best_norm=norm3[rows, c, j],
-        entry_i=rows,
-        entry_t=best_t,
-        entry_k=best_kr // R,
-        entry_r=best_kr % R,
-        entry_w=torch.ones(b, dtype=max_prob.dtype, device=cross.device),
-        log_evidence=log_evidence,
-    )
+    return _result(class_post, t_c[rows, c, d].clamp(min=0), kr_c[rows, c, j], R, max_prob, cross[rows, c, j, d],
+                   norm3[rows, c, j], log_evidence)
 
 
 def _fine_cross_torch(P: Tensor, phases: Tensor, refs: Tensor, kr_c: Tensor, t_first: Tensor, copy: Tensor,
