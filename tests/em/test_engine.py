@@ -296,8 +296,9 @@ def test_growing_a_class_against_the_own_pose_matches_the_full_search(particles3
 
 
 def test_seeding_classes_together_gives_each_its_own_sums_and_a_pass_without_noise_the_same_sums(particles3):
-    """Engine._seed_classes (one read for a growing pass's targets) gives each class exactly the
-    sums Engine._seed_class gives it alone; a pass with noise=False (the growing passes) sums the
+    """Engine._seed_classes (a growing pass's targets read together) gives each class the sums
+    Engine._seed_class gives it alone (to float rounding: the de-shift phases of another batch),
+    also a class read in two parts; a pass with noise=False (the growing passes) sums the
     same classes bit for bit, with its residuals and noise sums zero."""
     import torch
 
@@ -314,12 +315,13 @@ def test_seeding_classes_together_gives_each_its_own_sums_and_a_pass_without_noi
     np.testing.assert_array_equal(per["k"], per_q["k"])
     assert float(nsum.sum()) > 0 and float(nsum_q.abs().sum()) == 0.0 and float(np.abs(per_q["chi2"]).sum()) == 0.0
 
-    parts = [np.arange(0, 300, 7), np.arange(3, 300, 11), np.arange(5, 40)]
+    parts = [np.arange(300)[::-1].copy(), np.arange(3, 300, 11), np.arange(5, 40)]  # 300 rows: two reads of 256
     alone = []
     for k, rows in enumerate(parts):
         eng._seed_class(k, idx, per, rows)
         alone.append((eng.state.num[k].clone(), eng.state.den[k].clone(), float(eng.state.counts[k])))
     eng._seed_classes([2, 0, 1], idx, per, [parts[2], parts[0], parts[1]])
     for k, (n_k, d_k, c_k) in enumerate(alone):
-        assert torch.equal(eng.state.num[k], n_k) and torch.equal(eng.state.den[k], d_k)
+        torch.testing.assert_close(eng.state.num[k], n_k, rtol=1e-5, atol=1e-6 * float(n_k.abs().max()))
+        torch.testing.assert_close(eng.state.den[k], d_k, rtol=1e-5, atol=1e-6 * float(d_k.abs().max()))
         assert float(eng.state.counts[k]) == c_k == len(parts[k])

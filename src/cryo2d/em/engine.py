@@ -94,8 +94,7 @@ _MSTEP_RADIUS = 1.5
 # 64 px, K = 20: the peer job 32.8 -> 25.5 s; 6 seeds of the 48 px set and 3
 # of the hard set: scores within their seed-to-seed spread (benchmarks/README.md).
 _SHIFT_STEP_DIV = 4.0
-_INIT_READ = 256  # images read at a time at the full box (starting classes)
-_SEED_READ = 2048  # images read (from the image cache) and summed at a time for re-seeded classes
+_INIT_READ = 256  # images read at a time at the full box (starting and re-seeded classes)
 # The default --average-res (Nyquist) runs the pass only when it widens the classes' Fourier
 # radius by this factor: 128 px at 2.85 Å, 6 -> 5.7 Å, would add the pass and its pose
 # refinement (20,000 particles, K = 50: 28 s) to a 7-minute job for 5 % more radius.
@@ -443,10 +442,10 @@ class Engine:
 
     def _read_fixed(self, idx: np.ndarray, labels: Tensor, psi: Tensor, *, n_classes: int | None = None,
                     shifts_px: Tensor | None = None, scale: Tensor | None = None, with_noise: bool = False,
-                    group: int | None = None, by_angle: bool = False, cached: bool = False, read: int = _INIT_READ):
+                    group: int | None = None, by_angle: bool = False, cached: bool = False):
         """Sums for particles with a given class and angle each: starting and re-seeded classes.
 
-        The images are read ``read`` (``_INIT_READ``) at a time: they are read at the full
+        The images are read ``_INIT_READ`` at a time: they are read at the full
         box here, so one read of them all set the peak RSS (256 px, K = 20:
         3,449 MB with the starting classes' 1,000 images and a re-seeded class
         read in one go each, 1,635 MB read 256 at a time; benchmarks/README.md,
@@ -490,8 +489,8 @@ class Engine:
         from_cache = cached and not with_noise
         if from_cache and shifts_px is not None:  # the frequencies of _deshift_grid at the points
             freqs = freq_grid(self.geom.work_box, device=self.device).reshape(-1, 2)[self.mpts.flat]
-        for start in range(0, len(idx), read):
-            sl = slice(start, start + read)
+        for start in range(0, len(idx), _INIT_READ):
+            sl = slice(start, start + _INIT_READ)
             ids, lab, ang = idx[sl], labels[sl], psi[sl]
             if from_cache:
                 Xm, cm = self.images.read_with_ctf(ids)
@@ -1064,20 +1063,19 @@ class Engine:
         """Each class ``ks[j]`` := the average of batch rows ``parts[j]`` aligned at their best poses.
 
         The particles come from the run's image cache at the M-step points,
-        ``_SEED_READ`` at a time, each read summed as one group: a class's sums
-        are those :meth:`_seed_class` makes for it alone (its particles added in
-        the same order) unless a read boundary splits them. One call for all a
-        growing pass's targets saves a fixed cost per class (ribosome 80 px,
-        K = 24: 11 ms a call).
+        ``_INIT_READ`` at a time, one group of sums per read. Each class gets
+        the sums :meth:`_seed_class` makes for it alone to float rounding (the
+        de-shift phases and products of another batch round differently in
+        their last bit). One call for a growing pass's targets saves a fixed
+        cost per class (ribosome 80 px, K = 24: 11 ms a call).
         """
         s = self.state
         rows = np.concatenate(parts)
         labels = torch.from_numpy(np.repeat(np.arange(len(ks)), [len(r) for r in parts])).to(self.device)
         psi = torch.from_numpy(per["psi"][rows]).float().to(self.device)
         shifts = torch.from_numpy(per["shift"][rows]).to(self.device)
-        n = min(max(1, len(rows)), _SEED_READ)
         (num, den, _), _ = self._read_fixed(idx[rows], labels, psi, n_classes=len(ks), shifts_px=shifts, cached=True,
-                                            group=n, read=n)
+                                            group=_INIT_READ)
         for j, k in enumerate(ks):
             s.num[k], s.den[k] = num[j], den[j]
             s.counts[k] = float(len(parts[j]))
