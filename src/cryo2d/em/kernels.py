@@ -166,7 +166,6 @@ if numba is not None:
                     S[ro, f] += (ws * c) * (X[i, f] * phases[t, f])
                     Q[ro, f] += ws2 * c * c
 
-
     @_jit(fastmath=False)
     def _hard_poses(lo, hi, cross, norm3, t_c, kr_c, skip, rep_row, rep, scale, log_prior, temperature, R, null_c,
                     null_logp, floor, best, max_prob, log_ev, class_post):  # pragma: no cover - compiled
@@ -193,7 +192,7 @@ if numba is not None:
                         continue
                     lp = log_prior[kr_c[i, c, r] // R]
                     hn = h * norm3[i, c, r]
-                    for o in range(n_off):  # no branches: vectorised
+                    for o in range(n_off):
                         v = (s * cross[i, c, r, o] - hn) / temperature + lp
                         logp[c, r, o] = v if t_c[i, c, o] >= 0 else -inf
                     if rr >= 0:
