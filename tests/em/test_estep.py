@@ -514,8 +514,8 @@ def test_hard_pose_kernel_picks_torchs_best_pose(null_class):
     b, nc, n_off, K, R = 40, 8, 9, 5, 12
     cand_k = torch.randint(0, K, (b, nc), generator=g)
     cand_r = torch.randint(0, R, (b, nc), generator=g)
-    cand_k[:, 0], cand_r[:, 0] = 3, 2  # candidate 3 (the empty-box class when null_class = 3) ...
-    cand_k[:, 3] = 3
+    cand_k[:, 0], cand_r[:, 0] = 3, 2  # class 3 also outside its own slot
+    cand_k[:, 3] = 3  # candidate k < K is class k in the search: slot 3 is the empty-box class when null_class = 3
     t_c = torch.randint(-1, 30, (b, nc, n_off), generator=g)
     # Rows 0-9: candidate 2 is candidate 1 one rotation on, at the same shifts: 2 of its 3 rotations repeat.
     cand_k[:10, 2], cand_r[:10, 2], t_c[:10, 2] = cand_k[:10, 1], (cand_r[:10, 1] + 1) % R, t_c[:10, 1]
