@@ -1200,6 +1200,7 @@ class Engine:
         if noise:
             G_full = oversample(self._grid(s.A), cfg.zeropad)
             G_cplx = torch.view_as_complex(G_full.permute(0, 2, 3, 1))  # (K, p, p//2 + 1), no copy
+            w_sig = mp.weight / s.sigma2_shell[mp.shell]
         # Hard mode: one entry, so at most one (class, rotation) row, per particle.
         max_rows = len(idx) * (1 if mode == "hard" else MAX_ENTRIES)
         sums = PoseSums(self.K, plan.psi_rad, mp, g.work_box, cfg.zeropad, dev, max_rows=max_rows)
@@ -1230,7 +1231,6 @@ class Engine:
                 Xm, Cm = X[:, m_img], C[:, m_img]
                 sums.add(Xm, Cm, scale, phases_m, res if classes is None else res.only_classes(classes))
                 # Noise: residual at the best pose, per shell.
-                w_sig = mp.weight / s.sigma2_shell[mp.shell]
                 if not noise:
                     chi2 = torch.zeros(len(cidx), device=dev)
                     per_shell = torch.zeros((len(cidx), self.n_shells), device=dev, dtype=torch.float64)

@@ -619,7 +619,7 @@ def _summarise_poses(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, co
     repeat = (pose_t < 0) | copy.view(b, n_c, 1).expand(b, n_c, 3 * n_off).reshape(b, -1)
     if bool(close.any()):
         rows = torch.nonzero(close).squeeze(1)
-        repeat[rows] |= _repeated(pose_t[rows] * (K * R) + pose_kr[rows])
+        repeat[rows] |= _shared_poses(t_c[rows], kr_c[rows], K * R)
     logp.masked_fill_(repeat, float("-inf"))
     pose_t = pose_t.clamp(min=0)
     if null_class >= 0:  # one entry: the centre pose of its class's candidate (candidate k = class k)
@@ -643,8 +643,7 @@ def _hard_summary(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, copy:
     repeat = torch.zeros((0, n_c * 3 * n_off), dtype=torch.bool, device=cross.device)
     if bool(close.any()):
         rows = torch.nonzero(close).squeeze(1)
-        keys = t_c[rows].unsqueeze(2) * (K * R) + kr_c[rows].unsqueeze(3)  # (n, nc, 3, n_off)
-        repeat = _repeated(keys.reshape(len(rows), -1))
+        repeat = _shared_poses(t_c[rows], kr_c[rows], K * R)
         repeat_rows[rows] = torch.arange(len(rows), device=cross.device)
     best, max_prob, log_evidence, class_post = kernels.hard_poses(
         cross, norm3, t_c, kr_c, copy, repeat_rows, repeat, scale, log_prior, temperature, R, K, null_class,
@@ -653,6 +652,13 @@ def _hard_summary(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, copy:
     rows = torch.arange(b, device=cross.device)
     return _result(class_post, t_c[rows, c, d].clamp(min=0), kr_c[rows, c, j], R, max_prob, cross[rows, c, j, d],
                    norm3[rows, c, j], log_evidence)
+
+
+def _shared_poses(t_c: Tensor, kr_c: Tensor, KR: int) -> Tensor:
+    """(n, nc · 3 · n_off) bool: the fine poses (shift ``t_c`` (n, nc, n_off), class · R + rotation
+    ``kr_c`` (n, nc, 3)) that an earlier candidate of the same particle already has."""
+    keys = t_c.unsqueeze(2) * KR + kr_c.unsqueeze(3)  # (n, nc, 3, n_off)
+    return _repeated(keys.reshape(len(keys), -1))
 
 
 def _fine_cross_torch(P: Tensor, phases: Tensor, refs: Tensor, kr_c: Tensor, t_first: Tensor, copy: Tensor,
