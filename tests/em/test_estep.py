@@ -177,24 +177,26 @@ def _smooth_classes(k: int, g: torch.Generator) -> torch.Tensor:
     return fft2c(torch.fft.ifft2(torch.fft.fft2(torch.randn(k, BOX, BOX, generator=g)) * lowpass).real)
 
 
-def _search_problem(n_classes: int, seed: int):
-    """Smooth classes on a 10° / 1 px grid of radius 3 px: (generator, points, psi, shifts, refs, phases)."""
+def _search_problem(n_classes: int, seed: int, psi_deg: float = 10.0):
+    """Smooth classes on a ``psi_deg`` / 1 px grid of radius 3 px: (generator, points, psi, shifts, refs, phases)."""
     g = torch.Generator().manual_seed(seed)
     pts = disc_points(BOX, 1, 12, half=True)
-    psi, shifts = psi_grid(10.0), _shift_disc(3)
+    psi, shifts = psi_grid(psi_deg), _shift_disc(3)
     refs = rotate_classes(_smooth_classes(n_classes, g), pts.xy, psi, 2)
     return g, pts, psi, shifts, refs, deshift_phases(pts.xy / BOX, shifts)
 
 
-def test_coarse_to_fine_finds_the_exhaustive_best_pose():
-    """Low noise, 10° rotations, 1 px shifts: both searches agree; precomputed references change nothing.
+@pytest.mark.parametrize("psi_deg", [10.0, 8.0])
+def test_coarse_to_fine_finds_the_exhaustive_best_pose(psi_deg):
+    """Low noise, 10° rotations (or 45 of 8°: an odd number, the last coarse rotation one fine
+    step from the first), 1 px shifts: both searches agree; precomputed references change nothing.
 
     A bfloat16 coarse stage (ranking only) finds the same poses with the same
     float32 scores.
     """
     from cryo2d.em.estep import coarse_references, coarse_subgrid, e_step_coarse_to_fine
 
-    g, pts, psi, shifts, refs, phases = _search_problem(3, seed=3)
+    g, pts, psi, shifts, refs, phases = _search_problem(3, seed=3, psi_deg=psi_deg)
     n = 12
     k_true, r_true, t_true = torch.arange(n) % 3, (torch.arange(n) * 7) % len(psi), (torch.arange(n) * 5) % len(shifts)
     # particle = reference shifted by the shift that the de-shift phases undo
@@ -254,11 +256,12 @@ def test_close_candidates_are_those_one_coarse_rotation_apart_in_one_class():
     assert _close_candidates(k, r, 2).all()
 
 
-@pytest.mark.parametrize("psi_deg", [90.0, 10.0])
+@pytest.mark.parametrize("psi_deg", [90.0, 10.0, 24.0])
 def test_coarse_to_fine_each_pose_once_when_neighbourhoods_overlap(psi_deg):
-    """4 rotations: two coarse rotations, whose ±1 fine neighbourhoods wrap onto each other; and
-    a 10° grid whose coarse scores tie (a symmetric class): every kept pose is distinct and the
-    weights are those of the exhaustive search over the same poses."""
+    """4 rotations: two coarse rotations, whose ±1 fine neighbourhoods wrap onto each other; a
+    10° grid whose coarse scores tie (a symmetric class); and 15 rotations, whose last coarse
+    rotation is one fine step from the first: every kept pose is distinct and the weights are
+    those of the exhaustive search over the same poses."""
     from cryo2d.em.estep import coarse_subgrid, e_step_coarse_to_fine
 
     g = torch.Generator().manual_seed(11)

@@ -1122,7 +1122,7 @@ class Engine:
         r_coarse = max(g.r_min_align + 2.0, 12.0, 0.5 * plan.r_cur)
         if r_coarse > 0.6 * plan.r_cur:
             r_coarse = plan.r_cur
-        if cfg.coarse_to_fine and R % 2 == 0 and len(plan.shifts_px) >= 9:
+        if cfg.coarse_to_fine and R >= 4 and len(plan.shifts_px) >= 9:
             grid = coarse_subgrid(plan.shifts_px, plan.shift_step, R, plan.points.xy.norm(dim=1), r_coarse)
         # The images and CTFs are read at the M-step points (sorted flat indices; the E-step's are among them).
         e_img = torch.searchsorted(self.mpts.flat, plan.points.flat)

@@ -333,7 +333,9 @@ def coarse_subgrid(
     """The coarse search grid of a fine (shift, rotation, frequency) grid, and fine neighbours.
 
     Coarse shifts are the fine shifts on a lattice of twice the step; coarse
-    rotations every second fine rotation (``n_rot`` must be even); coarse
+    rotations every second fine rotation (for an odd ``n_rot`` the last and
+    the first are one fine step apart; the fine stage's ±1 neighbours of the
+    coarse rotations still cover every rotation); coarse
     frequencies those within ``r_coarse`` (about half the fine radius, so a
     one-step error in shift or angle costs little correlation there).
 
@@ -360,7 +362,7 @@ def coarse_subgrid(
         For each coarse shift, the fine shifts within ``SHIFT_REACH`` fine steps in
         x and y (-1 where outside the disc), x fastest: n_off = (2·SHIFT_REACH + 1)²
         offsets (-r, -r), (-r + 1, -r), …, (r, r) for r = SHIFT_REACH.
-    coarse_r : (R/2,) int64
+    coarse_r : (⌈R/2⌉,) int64
         Indices of the coarse rotations among the fine ones.
     coarse_m : (Mc,) int64
         Indices of the coarse frequencies among the E-step points.
