@@ -231,13 +231,18 @@ def _add_sums(total: tuple | None, part: tuple) -> tuple:
 def _keep_strong_regions(support: Tensor, density: Tensor, level: Tensor) -> Tensor:
     """``support`` (K, B, B) bool without its 8-connected regions whose maximum ``density`` is below ``level`` (K, 1, 1)."""
     sup, den, lev = support.cpu().numpy(), density.cpu().numpy(), level.flatten().cpu().numpy()
-    out = np.zeros(sup.shape, dtype=np.float32)
-    for k in range(len(sup)):
-        labels, n = ndimage.label(sup[k], structure=np.ones((3, 3)))
-        if n:
-            peaks = ndimage.maximum(den[k], labels, index=np.arange(1, n + 1))
-            out[k] = np.isin(labels, np.nonzero(peaks >= lev[k])[0] + 1)
-    return torch.from_numpy(out).to(support.device)
+    # All classes in one labelling: the structure connects neighbours within an image, never across.
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True
+    labels, n = ndimage.label(sup, structure=structure)
+    if n == 0:
+        return torch.zeros(support.shape, device=support.device)
+    index = np.arange(1, n + 1)
+    peaks = ndimage.maximum(den, labels, index=index)
+    owner = ndimage.minimum(np.broadcast_to(np.arange(len(sup))[:, None, None], sup.shape), labels, index=index)
+    keep = np.zeros(n + 1, dtype=np.float32)
+    keep[1:] = peaks >= lev[owner.astype(np.int64)]
+    return torch.from_numpy(keep[labels]).to(support.device)
 
 
 def _single_pixel_size(particles: ParticleSet) -> float:
@@ -702,7 +707,9 @@ class Engine:
         peak = density.amax(dim=(1, 2), keepdim=True)
         support = _keep_strong_regions((density > _AUTO_MASK * peak) & (peak > 0), density, _AUTO_KEEP * peak)
         d = max(1, round(B / _AUTO_DILATE))
-        support = torch.nn.functional.max_pool2d(support[:, None], 2 * d + 1, stride=1, padding=d)[:, 0]
+        # A (2d + 1)² maximum as two 1-D ones (the same values, a fifth of the work at 64 px).
+        support = torch.nn.functional.max_pool2d(support[:, None], (1, 2 * d + 1), stride=1, padding=(0, d))
+        support = torch.nn.functional.max_pool2d(support, (2 * d + 1, 1), stride=1, padding=(d, 0))[:, 0]
         return blur(support, _AUTO_SOFT).clamp(0, 1) * circle
 
     def class_ssnr(self, distinct: bool = True) -> Tensor:
