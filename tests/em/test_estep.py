@@ -503,16 +503,10 @@ def test_fine_stage_kernel_and_torch_give_the_same_search(refs_kind, mode, monke
     assert len(fused.entry_w) > (11 if mode == "soft" else 10)
 
 
-@pytest.mark.parametrize("null_class", [-1, 3])
-def test_hard_pose_kernel_picks_torchs_best_pose(null_class):
-    """kernels.hard_poses (hard mode's summary of the fine poses) against scoring every pose in torch
-    (estep._summarise_poses): the same best pose, probabilities to float32 rounding. Poses outside
-    the disc, skipped candidates, poses two candidates share (counted once) and the empty-box class's
-    single pose are all in the set; log-probabilities spread over hundreds of nats, so most weights
-    fall below the exp floor."""
-    pytest.importorskip("numba")
-    from cryo2d.em.estep import _hard_summary, _summarise_poses
-
+def _fine_poses(null_class: int, spread: float = 60.0) -> tuple:
+    """The fine stage's poses as :func:`_summarise_poses` takes them (40 particles, 8 candidates, 9 offsets, K = 5,
+    R = 12): poses outside the disc, skipped candidates, poses two candidates share and, with
+    ``null_class`` ≥ 0, the empty-box class's single pose; correlations of SD ``spread``."""
     g = torch.Generator().manual_seed(5)
     b, nc, n_off, K, R = 40, 8, 9, 5, 12
     cand_k = torch.randint(0, K, (b, nc), generator=g)
@@ -523,8 +517,8 @@ def test_hard_pose_kernel_picks_torchs_best_pose(null_class):
     # Rows 0-9: candidate 2 is candidate 1 one rotation on, at the same shifts: 2 of its 3 rotations repeat.
     cand_k[:10, 2], cand_r[:10, 2], t_c[:10, 2] = cand_k[:10, 1], (cand_r[:10, 1] + 1) % R, t_c[:10, 1]
     kr_c = torch.stack([cand_k * R + (cand_r + d) % R for d in (-1, 0, 1)], dim=2)
-    cross = torch.randn(b, nc, 3, n_off, generator=g) * 60
-    norm3 = torch.rand(b, nc, 3, generator=g) * 200
+    cross = torch.randn(b, nc, 3, n_off, generator=g) * spread
+    norm3 = torch.rand(b, nc, 3, generator=g) * spread * 10 / 3
     copy = torch.rand(b, nc, generator=g) < 0.2
     copy[:, 1] = False
     close = torch.zeros(b, dtype=torch.bool)
@@ -532,7 +526,20 @@ def test_hard_pose_kernel_picks_torchs_best_pose(null_class):
     scale = torch.rand(b, generator=g) + 0.5
     log_prior = torch.randn(K, generator=g) * 0.1
     null_logp = float(log_prior[null_class]) + math.log(30 * R) if null_class >= 0 else 0.0
-    args = (cross, norm3, t_c, kr_c, copy, close, scale, log_prior, 1.7, K, R, null_class, null_logp)
+    return cross, norm3, t_c, kr_c, copy, close, scale, log_prior, 1.7, K, R, null_class, null_logp
+
+
+@pytest.mark.parametrize("null_class", [-1, 3])
+def test_hard_pose_kernel_picks_torchs_best_pose(null_class):
+    """kernels.hard_poses (hard mode's summary of the fine poses) against scoring every pose in torch
+    (estep._summarise_poses): the same best pose, probabilities to float32 rounding. Poses outside
+    the disc, skipped candidates, poses two candidates share (counted once) and the empty-box class's
+    single pose are all in the set; log-probabilities spread over hundreds of nats, so most weights
+    fall below the exp floor."""
+    pytest.importorskip("numba")
+    from cryo2d.em.estep import _hard_summary, _summarise_poses
+
+    args = _fine_poses(null_class)
     fused = _hard_summary(*args)
     plain = _summarise_poses(*args, "hard", 48, 5e-3)
     for name in ("best_k", "best_r", "best_t", "entry_i", "entry_t", "entry_k", "entry_r", "best_cross", "best_norm"):
@@ -542,6 +549,24 @@ def test_hard_pose_kernel_picks_torchs_best_pose(null_class):
     assert 0.2 < float(plain.max_prob.min()) and float(plain.max_prob.min()) < 0.99  # some particles' weight is spread
     if null_class >= 0:
         assert bool((plain.best_k == null_class).any()) and bool((plain.best_k != null_class).any())
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard_class"])
+@pytest.mark.parametrize("null_class", [-1, 3])
+def test_pose_logp_kernel_gives_torchs_summary_bit_for_bit(mode, null_class):
+    """kernels.pose_logp and kernels.class_sums (estep._kernel_summary) against estep._summarise_poses:
+    every output the same bits, posteriors spread over many poses (the set of the test above)."""
+    pytest.importorskip("numba")
+    from cryo2d.em.estep import _kernel_summary, _summarise_poses
+
+    args = _fine_poses(null_class, spread=3.0)
+    fused = _kernel_summary(*args, mode, 48, 1e-3)
+    plain = _summarise_poses(*args, mode, 48, 1e-3)
+    for name in ("class_post", "best_t", "best_k", "best_r", "max_prob", "best_cross", "best_norm", "entry_i",
+                 "entry_t", "entry_k", "entry_r", "entry_w", "log_evidence"):
+        assert torch.equal(getattr(fused, name), getattr(plain, name)), name
+    assert len(plain.entry_w) > 10 * 40  # many poses a particle
+    assert float(plain.class_post.max(dim=1).values.min()) < 0.9  # classes share some particles
 
 
 def test_best_pose_residual_kernel_matches_bilinear_sampling():

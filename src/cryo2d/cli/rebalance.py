@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 
-from cryo2d.rebalance import rebalance
-
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", help="classification job folder (classes.mrcs, classes.star, particles.star/.cs), or a cryo2d select output folder")
@@ -29,6 +27,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cryo2d.rebalance import rebalance  # here, not at the top: scipy.cluster would load for every command
+
     result = rebalance(args.job, args.out, max_share=args.max_share, n_superclasses=args.n_superclasses, seed=args.seed)
     print("superclass distribution, before -> after:")
     for line in result.distribution():

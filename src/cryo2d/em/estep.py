@@ -145,6 +145,32 @@ class _Poses:
         return self.cross.gather(1, idx), self.norm.gather(1, idx)
 
 
+class _Candidates:
+    """The fine stage's poses as :class:`_Poses`, read from the candidates: pose (c, j, d), flat index
+    (c · 3 + j) · n_off + d, has shift ``t_c[c, d]`` (clamped at 0) and class · R + rotation ``kr_c[c, j]``."""
+
+    def __init__(self, cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, K: int, R: int) -> None:
+        # (b, nc, 3, n_off), (b, nc, 3), (b, nc, n_off), (b, nc, 3)
+        self.cross, self.norm3, self.t_c, self.kr_c, self.K, self.R = cross, norm3, t_c, kr_c, K, R
+
+    def decode(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        b, n_c, n_off = self.t_c.shape
+        cj = idx // n_off
+        t = self.t_c.reshape(b, -1).gather(1, (cj // 3) * n_off + idx % n_off).clamp(min=0)
+        return t, self.kr_c.reshape(b, -1).gather(1, cj)
+
+    def class_marginal(self, post: Tensor) -> Tensor:
+        return kernels.class_sums(post, self.kr_c, self.R, self.K)
+
+    def in_class(self, keep: Tensor) -> Tensor:
+        b, n_c, n_off = self.t_c.shape
+        return ((self.kr_c[:, :, :1] // self.R) == keep[:, None, None]).expand(b, n_c, 3 * n_off).reshape(b, -1)
+
+    def cross_norm_at(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        b, n_off = idx.shape[0], self.t_c.shape[2]
+        return self.cross.reshape(b, -1).gather(1, idx), self.norm3.reshape(b, -1).gather(1, idx // n_off)
+
+
 #: Log-weights (relative to the best) below this get weight 0: exp(-87) = 1.6e-38 is the
 #: smallest normal float32 scale (a 48 px chunk's exp: 21 ms -> 1.5 ms; benchmarks/README.md).
 _EXP_FLOOR = -87.0
@@ -592,6 +618,8 @@ def e_step_coarse_to_fine(
              null_logp)
     if mode == "hard" and kernels.available(X.device):  # best pose and posteriors in one pass (kernels.hard_poses)
         return _hard_summary(*poses)
+    if kernels.available(X.device):  # the poses scored by kernels.pose_logp, summarised as in torch
+        return _kernel_summary(*poses, mode, max_entries, min_weight)
     return _summarise_poses(*poses, mode, max_entries, min_weight)
 
 
@@ -641,12 +669,7 @@ def _hard_summary(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, copy:
     one here, as there.
     """
     b, n_c, _, n_off = cross.shape
-    repeat_rows = torch.full((b,), -1, dtype=torch.long, device=cross.device)
-    repeat = torch.zeros((0, n_c * 3 * n_off), dtype=torch.bool, device=cross.device)
-    if bool(close.any()):
-        rows = torch.nonzero(close).squeeze(1)
-        repeat = _shared_poses(t_c[rows], kr_c[rows], K * R)
-        repeat_rows[rows] = torch.arange(len(rows), device=cross.device)
+    repeat_rows, repeat = _close_repeats(close, t_c, kr_c, K * R)
     best, max_prob, log_evidence, class_post = kernels.hard_poses(
         cross, norm3, t_c, kr_c, copy, repeat_rows, repeat, scale, log_prior, temperature, R, K, null_class,
         null_logp, _EXP_FLOOR)
@@ -654,6 +677,33 @@ def _hard_summary(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, copy:
     rows = torch.arange(b, device=cross.device)
     return _result(class_post, t_c[rows, c, d].clamp(min=0), kr_c[rows, c, j], R, max_prob, cross[rows, c, j, d],
                    norm3[rows, c, j], log_evidence)
+
+
+def _kernel_summary(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, copy: Tensor, close: Tensor,
+                    scale: Tensor, log_prior: Tensor, temperature: float, K: int, R: int, null_class: int,
+                    null_logp: float, mode: str, max_entries: int, min_weight: float) -> EStepResult:
+    """:func:`_summarise_poses` with the poses scored by :func:`kernels.pose_logp` (same arguments, same result).
+
+    The log-probabilities and class posteriors are the torch code's bits
+    (:func:`kernels.class_sums`); no (b, poses) tables of shifts, rotations
+    and norms are made: :class:`_Candidates` reads them from the candidates.
+    """
+    repeat_rows, repeat = _close_repeats(close, t_c, kr_c, K * R)
+    logp = kernels.pose_logp(cross, norm3, t_c, kr_c, copy, repeat_rows, repeat, scale, log_prior, temperature, R,
+                             null_class, null_logp)
+    return _summarise(logp, _Candidates(cross, norm3, t_c, kr_c, K, R), mode, max_entries, min_weight)
+
+
+def _close_repeats(close: Tensor, t_c: Tensor, kr_c: Tensor, KR: int) -> tuple[Tensor, Tensor]:
+    """For the kernels: each particle's row of :func:`_shared_poses` (−1: none) and those rows, for the ``close`` particles."""
+    b, n_c, n_off = t_c.shape
+    repeat_rows = torch.full((b,), -1, dtype=torch.long, device=t_c.device)
+    repeat = torch.zeros((0, n_c * 3 * n_off), dtype=torch.bool, device=t_c.device)
+    if bool(close.any()):
+        rows = torch.nonzero(close).squeeze(1)
+        repeat = _shared_poses(t_c[rows], kr_c[rows], KR)
+        repeat_rows[rows] = torch.arange(len(rows), device=t_c.device)
+    return repeat_rows, repeat
 
 
 def _shared_poses(t_c: Tensor, kr_c: Tensor, KR: int) -> Tensor:

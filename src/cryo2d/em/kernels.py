@@ -19,10 +19,14 @@ memory, not in arithmetic, as torch operations (ribosome 80 px, K = 24:
 - :func:`hard_poses`, hard mode's summary of the fine stage's poses: each
   pose's log-probability, the best pose, the class posteriors, without the
   (b, poses) tables torch makes for them (session 25).
+- :func:`pose_logp` and :func:`class_sums`, the same poses' log-probabilities
+  and their class sums for the soft summary, which torch finishes
+  (session 26).
 
 Their sums run in another order than torch's, so results agree with the
 torch code (kept for ``--device cuda``) to float32 rounding, not bit for bit
-(:func:`hard_poses` scores the poses as torch does and picks torch's best).
+(:func:`hard_poses` scores the poses as torch does and picks torch's best;
+:func:`pose_logp` and :func:`class_sums` give torch's bits).
 
 The kernels compile on first use (a few seconds; cached on disk where the
 package folder or a user cache folder can be written). They are serial code
@@ -167,51 +171,60 @@ if numba is not None:
                     Q[ro, f] += ws2 * c * c
 
     @_jit(fastmath=False)
+    def _score_poses(i, cross, norm3, t_c, kr_c, skip, rep_row, rep, scale, log_prior, temperature, R, null_c,
+                     null_logp, out):  # pragma: no cover - compiled
+        """Particle i's pose log-probabilities into ``out`` (nc · 3 · n_off), as torch scores them."""
+        nc, n_off = t_c.shape[1], t_c.shape[2]
+        inf = np.float32(np.inf)
+        s = scale[i]
+        h = np.float32(0.5) * (s * s)
+        rr = rep_row[i]
+        for c in range(nc):
+            for r in range(3):
+                base = (c * 3 + r) * n_off
+                if c == null_c:  # one pose: the centre
+                    for o in range(n_off):
+                        out[base + o] = -inf
+                    if r == 1:
+                        out[base + n_off // 2] = null_logp
+                    continue
+                if skip[i, c]:
+                    for o in range(n_off):
+                        out[base + o] = -inf
+                    continue
+                lp = log_prior[kr_c[i, c, r] // R]
+                hn = h * norm3[i, c, r]
+                for o in range(n_off):
+                    v = (s * cross[i, c, r, o] - hn) / temperature + lp
+                    out[base + o] = v if t_c[i, c, o] >= 0 else -inf
+                if rr >= 0:
+                    for o in range(n_off):
+                        if rep[rr, base + o]:
+                            out[base + o] = -inf
+
+    @_jit(fastmath=False)
     def _hard_poses(lo, hi, cross, norm3, t_c, kr_c, skip, rep_row, rep, scale, log_prior, temperature, R, null_c,
                     null_logp, floor, best, max_prob, log_ev, class_post):  # pragma: no cover - compiled
         nc, n_off = t_c.shape[1], t_c.shape[2]
-        logp = np.empty((nc, 3, n_off), dtype=np.float32)
+        logp = np.empty(nc * 3 * n_off, dtype=np.float32)
         cls = np.empty(class_post.shape[1], dtype=np.float64)
-        inf = np.float32(np.inf)
-        half = np.float32(0.5)
         for i in range(lo, hi):
-            s = scale[i]
-            h = half * (s * s)
-            rr = rep_row[i]
-            peak = -inf
+            _score_poses(i, cross, norm3, t_c, kr_c, skip, rep_row, rep, scale, log_prior, temperature, R, null_c,
+                         null_logp, logp)
+            peak = -np.float32(np.inf)
             arg = 0
-            for c in range(nc):
-                for r in range(3):
-                    if c == null_c:  # one pose: the centre
-                        logp[c, r, :] = -inf
-                        if r == 1:
-                            logp[c, r, n_off // 2] = null_logp
-                        continue
-                    if skip[i, c]:
-                        logp[c, r, :] = -inf
-                        continue
-                    lp = log_prior[kr_c[i, c, r] // R]
-                    hn = h * norm3[i, c, r]
-                    for o in range(n_off):
-                        v = (s * cross[i, c, r, o] - hn) / temperature + lp
-                        logp[c, r, o] = v if t_c[i, c, o] >= 0 else -inf
-                    if rr >= 0:
-                        for o in range(n_off):
-                            if rep[rr, (c * 3 + r) * n_off + o]:
-                                logp[c, r, o] = -inf
-            for c in range(nc):
-                for r in range(3):
-                    for o in range(n_off):
-                        if logp[c, r, o] > peak:
-                            peak = logp[c, r, o]
-                            arg = (c * 3 + r) * n_off + o
+            for j in range(logp.shape[0]):
+                if logp[j] > peak:
+                    peak = logp[j]
+                    arg = j
             total = 0.0
             cls[:] = 0.0
             for c in range(nc):
                 for r in range(3):
                     k = kr_c[i, c, r] // R
+                    base = (c * 3 + r) * n_off
                     for o in range(n_off):
-                        d = logp[c, r, o] - peak
+                        d = logp[base + o] - peak
                         if d >= floor:
                             w = np.exp(d)
                             total += w
@@ -221,6 +234,26 @@ if numba is not None:
             best[i] = arg
             max_prob[i] = np.float32(1.0) / np.float32(total)
             log_ev[i] = peak + np.float32(np.log(total))
+
+    @_jit(fastmath=False)
+    def _pose_logp(lo, hi, cross, norm3, t_c, kr_c, skip, rep_row, rep, scale, log_prior, temperature, R, null_c,
+                   null_logp, logp):  # pragma: no cover - compiled
+        for i in range(lo, hi):
+            _score_poses(i, cross, norm3, t_c, kr_c, skip, rep_row, rep, scale, log_prior, temperature, R, null_c,
+                         null_logp, logp[i])
+
+    @_jit(fastmath=False)
+    def _class_sums(lo, hi, post, kr_c, R, n_off, out):  # pragma: no cover - compiled
+        nc = kr_c.shape[1]
+        for i in range(lo, hi):
+            for c in range(nc):
+                for r in range(3):
+                    k = kr_c[i, c, r] // R
+                    base = (c * 3 + r) * n_off
+                    acc = out[i, k]
+                    for o in range(n_off):
+                        acc += post[i, base + o]
+                    out[i, k] = acc
 
 
 def _np(x: Tensor) -> np.ndarray:
@@ -414,3 +447,36 @@ def hard_poses(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, skip: Te
     _split(_hard_poses, np.ones(b), args)
     return (torch.from_numpy(best), torch.from_numpy(max_prob), torch.from_numpy(log_ev),
             torch.from_numpy(class_post))
+
+
+def pose_logp(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, skip: Tensor, repeat_rows: Tensor,
+              repeat: Tensor, scale: Tensor, log_prior: Tensor, temperature: float, R: int, null_class: int,
+              null_logp: float) -> Tensor:
+    """Log-probabilities (b, nc · 3 · n_off) of the fine stage's poses, as :func:`hard_poses` scores them.
+
+    The same float32 operations, in the same order, as the torch code of
+    :func:`cryo2d.em.estep._summarise_poses`, so the values are the same bits:
+    −∞ where the candidate is skipped, the shift lies outside the disc or the
+    pose repeats an earlier one (row ``repeat_rows[i]`` of ``repeat``); the
+    empty-box candidate ``null_class`` has its centre only, at ``null_logp``.
+    Arguments as :func:`hard_poses`.
+    """
+    b, nc, _, n_off = cross.shape
+    logp = np.empty((b, nc * 3 * n_off), dtype=np.float32)
+    args = (_np(cross.float()), _np(norm3.float()), _np(t_c.long()), _np(kr_c.long()), _np(skip.bool()),
+            _np(repeat_rows.long()), _np(repeat.bool()), _np(scale.float()), _np(log_prior.float()),
+            np.float32(temperature), int(R), int(null_class), np.float32(null_logp), logp)
+    _split(_pose_logp, np.ones(b), args)
+    return torch.from_numpy(logp)
+
+
+def class_sums(post: Tensor, kr_c: Tensor, R: int, n_classes: int) -> Tensor:
+    """(b, K) sums of the poses' posteriors ``post`` (b, nc · 3 · n_off) per class (``kr_c`` (b, nc, 3) // R).
+
+    Added one by one in pose order into float32, as ``scatter_add_`` over the
+    poses' classes adds them: the same bits, without the (b, poses) class table.
+    """
+    b, nc = kr_c.shape[:2]
+    out = np.zeros((b, n_classes), dtype=np.float32)
+    _split(_class_sums, np.ones(b), (_np(post.float()), _np(kr_c.long()), int(R), post.shape[1] // (3 * nc), out))
+    return torch.from_numpy(out)
