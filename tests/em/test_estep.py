@@ -601,3 +601,22 @@ def test_best_pose_residual_kernel_matches_bilinear_sampling():
     torch.testing.assert_close(per_shell, expected_shell, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(chi2.double(), (resid * w_sig.double()).sum(dim=1), rtol=1e-4, atol=1e-3)
     assert float(Zb.abs().max()) > 0.1 * float(X.abs().mean())  # the classes are sampled, not zero
+
+
+def test_coarse_argmax_kernel_is_torchs_gather_and_argmax():
+    """kernels.coarse_argmax on bfloat16 scores: torch's row for every candidate column, ties (the first row)
+    and signed zeros included."""
+    pytest.importorskip("numba")
+    from cryo2d.em import kernels
+
+    g = torch.Generator().manual_seed(2)
+    for Tc in (1, 7, 33):
+        scores = (torch.randn(50, Tc, 90, generator=g) * 40).to(torch.bfloat16)
+        tied = torch.round(scores[:25].float() / 40)
+        tied[tied == 0] = -0.0
+        scores[:25] = tied.to(torch.bfloat16)  # few distinct values: ties and -0 against +0
+        cols = torch.randint(0, 90, (50, 12), generator=g)
+        want = scores.gather(2, cols.unsqueeze(1).expand(50, Tc, 12)).argmax(dim=1)
+        assert torch.equal(kernels.coarse_argmax(scores, cols), want)
+        if Tc > 1:
+            assert bool((want[:25] > 0).any()) and bool((want[:25] == 0).any())

@@ -572,7 +572,10 @@ def e_step_coarse_to_fine(
     cand_k = torch.cat([torch.arange(K, device=X.device).expand(b, K), top_k], dim=1)
     cand_r = torch.cat([cls_r, top_r], dim=1)
     cols = cand_k * Rc + cand_r  # (b, nc) columns of the coarse scores
-    cand_t = coarse_scores.gather(2, cols.unsqueeze(1).expand(b, Tc, cols.shape[1])).argmax(dim=1)  # coarse shift rows
+    if coarse_scores.dtype == torch.bfloat16 and kernels.available(X.device):  # the same rows, read in place
+        cand_t = kernels.coarse_argmax(coarse_scores, cols)
+    else:
+        cand_t = coarse_scores.gather(2, cols.unsqueeze(1).expand(b, Tc, cols.shape[1])).argmax(dim=1)  # coarse shift rows
     # Fine neighbourhoods: each candidate's 3 fine rotations × n_off fine shifts (within
     # SHIFT_REACH fine steps of its own). cross[c, r, d] = Re Σ_f P·e(t_c)·conj(Z_cr)·e(d), with
     # e(t) the de-shift phases and e(t_c + d) = e(t_c)·e(d): one product of all candidate

@@ -20,13 +20,13 @@ memory, not in arithmetic, as torch operations (ribosome 80 px, K = 24:
   pose's log-probability, the best pose, the class posteriors, without the
   (b, poses) tables torch makes for them (session 25).
 - :func:`pose_logp` and :func:`class_sums`, the same poses' log-probabilities
-  and their class sums for the soft summary, which torch finishes
-  (session 26).
+  and their class sums for the soft summary, which torch finishes, and
+  :func:`coarse_argmax`, each candidate's best coarse shift (session 26).
 
 Their sums run in another order than torch's, so results agree with the
 torch code (kept for ``--device cuda``) to float32 rounding, not bit for bit
 (:func:`hard_poses` scores the poses as torch does and picks torch's best;
-:func:`pose_logp` and :func:`class_sums` give torch's bits).
+:func:`pose_logp`, :func:`class_sums` and :func:`coarse_argmax` give torch's bits).
 
 The kernels compile on first use (a few seconds; cached on disk where the
 package folder or a user cache folder can be written). They are serial code
@@ -241,6 +241,22 @@ if numba is not None:
         for i in range(lo, hi):
             _score_poses(i, cross, norm3, t_c, kr_c, skip, rep_row, rep, scale, log_prior, temperature, R, null_c,
                          null_logp, logp[i])
+
+    @_jit
+    def _coarse_argmax16(lo, hi, scores, cols, out):  # pragma: no cover - compiled
+        Tc = scores.shape[1]
+        for i in range(lo, hi):
+            for c in range(cols.shape[1]):
+                col = cols[i, c]
+                best = np.int32(-65536)
+                arg = 0
+                for t in range(Tc):
+                    u = np.int32(scores[i, t, col])
+                    key = u if u >= 0 else -(u & 0x7FFF)  # bfloat16 bits -> an integer in the values' order
+                    if key > best:
+                        best = key
+                        arg = t
+                out[i, c] = arg
 
     @_jit(fastmath=False)
     def _class_sums(lo, hi, post, kr_c, R, n_off, out):  # pragma: no cover - compiled
@@ -479,4 +495,18 @@ def class_sums(post: Tensor, kr_c: Tensor, R: int, n_classes: int) -> Tensor:
     b, nc = kr_c.shape[:2]
     out = np.zeros((b, n_classes), dtype=np.float32)
     _split(_class_sums, np.ones(b), (_np(post.float()), _np(kr_c.long()), int(R), post.shape[1] // (3 * nc), out))
+    return torch.from_numpy(out)
+
+
+def coarse_argmax(scores: Tensor, cols: Tensor) -> Tensor:
+    """``scores.gather(2, cols[:, None].expand(b, Tc, nc)).argmax(dim=1)`` for bfloat16 ``scores`` (b, Tc, KRc).
+
+    Each candidate column's best row (the first of equal ones, as torch's
+    ``argmax``), read in place: bfloat16 bits compared as integers in the
+    order of their values, without the (b, Tc, nc) index and value tables.
+    ``cols`` (b, nc) int64; returns (b, nc) int64.
+    """
+    b, nc = cols.shape
+    out = np.zeros((b, nc), dtype=np.int64)
+    _split(_coarse_argmax16, np.ones(b), (_np(scores.view(torch.int16)), _np(cols.long()), out))
     return torch.from_numpy(out)
