@@ -671,15 +671,14 @@ def _hard_summary(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, copy:
     order). The poses of particles with close candidates are compared one by
     one here, as there.
     """
-    b, n_c, _, n_off = cross.shape
     repeat_rows, repeat = _close_repeats(close, t_c, kr_c, K * R)
     best, max_prob, log_evidence, class_post = kernels.hard_poses(
         cross, norm3, t_c, kr_c, copy, repeat_rows, repeat, scale, log_prior, temperature, R, K, null_class,
         null_logp, _EXP_FLOOR)
-    c, j, d = best // (3 * n_off), (best // n_off) % 3, best % n_off
-    rows = torch.arange(b, device=cross.device)
-    return _result(class_post, t_c[rows, c, d].clamp(min=0), kr_c[rows, c, j], R, max_prob, cross[rows, c, j, d],
-                   norm3[rows, c, j], log_evidence)
+    table, best = _Candidates(cross, norm3, t_c, kr_c, K, R), best[:, None]
+    (best_t, best_kr), (best_cross, best_norm) = table.decode(best), table.cross_norm_at(best)
+    return _result(class_post, best_t[:, 0], best_kr[:, 0], R, max_prob, best_cross[:, 0], best_norm[:, 0],
+                   log_evidence)
 
 
 def _kernel_summary(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, copy: Tensor, close: Tensor,

@@ -416,6 +416,15 @@ def scatter_sums(S: Tensor, Q: Tensor, room: Tensor, e_i: Tensor, e_t: Tensor, e
     _split(_scatter_sums, counts.numpy(), args)
 
 
+def _scoring_inputs(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, skip: Tensor, repeat_rows: Tensor,
+                    repeat: Tensor, scale: Tensor, log_prior: Tensor, temperature: float, R: int, null_class: int,
+                    null_logp: float) -> tuple:
+    """The arguments of ``_score_poses`` after the particle, as the kernels take them (:func:`hard_poses`)."""
+    return (_np(cross.float()), _np(norm3.float()), _np(t_c.long()), _np(kr_c.long()), _np(skip.bool()),
+            _np(repeat_rows.long()), _np(repeat.bool()), _np(scale.float()), _np(log_prior.float()),
+            np.float32(temperature), int(R), int(null_class), np.float32(null_logp))
+
+
 def hard_poses(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, skip: Tensor, repeat_rows: Tensor,
                repeat: Tensor, scale: Tensor, log_prior: Tensor, temperature: float, R: int, n_classes: int,
                null_class: int, null_logp: float, floor: float) -> tuple[Tensor, ...]:
@@ -456,11 +465,9 @@ def hard_poses(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, skip: Te
     max_prob = np.zeros(b, dtype=np.float32)
     log_ev = np.zeros(b, dtype=np.float32)
     class_post = np.zeros((b, n_classes), dtype=np.float32)
-    args = (_np(cross.float()), _np(norm3.float()), _np(t_c.long()), _np(kr_c.long()), _np(skip.bool()),
-            _np(repeat_rows.long()), _np(repeat.bool()), _np(scale.float()), _np(log_prior.float()),
-            np.float32(temperature), int(R), int(null_class), np.float32(null_logp), np.float32(floor), best, max_prob,
-            log_ev, class_post)
-    _split(_hard_poses, np.ones(b), args)
+    args = _scoring_inputs(cross, norm3, t_c, kr_c, skip, repeat_rows, repeat, scale, log_prior, temperature, R,
+                           null_class, null_logp)
+    _split(_hard_poses, np.ones(b), (*args, np.float32(floor), best, max_prob, log_ev, class_post))
     return (torch.from_numpy(best), torch.from_numpy(max_prob), torch.from_numpy(log_ev),
             torch.from_numpy(class_post))
 
@@ -479,10 +486,9 @@ def pose_logp(cross: Tensor, norm3: Tensor, t_c: Tensor, kr_c: Tensor, skip: Ten
     """
     b, nc, _, n_off = cross.shape
     logp = np.empty((b, nc * 3 * n_off), dtype=np.float32)
-    args = (_np(cross.float()), _np(norm3.float()), _np(t_c.long()), _np(kr_c.long()), _np(skip.bool()),
-            _np(repeat_rows.long()), _np(repeat.bool()), _np(scale.float()), _np(log_prior.float()),
-            np.float32(temperature), int(R), int(null_class), np.float32(null_logp), logp)
-    _split(_pose_logp, np.ones(b), args)
+    args = _scoring_inputs(cross, norm3, t_c, kr_c, skip, repeat_rows, repeat, scale, log_prior, temperature, R,
+                           null_class, null_logp)
+    _split(_pose_logp, np.ones(b), (*args, logp))
     return torch.from_numpy(logp)
 
 
