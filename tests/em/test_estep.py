@@ -463,7 +463,10 @@ def test_fused_fine_kernel_sums_by_hand():
     def cplx(*shape):
         return torch.complex(torch.randn(*shape, generator=g), torch.randn(*shape, generator=g))
 
-    P, phases, table, offsets = cplx(b, m), cplx(T, m), cplx(n_rows, m), cplx(n_off, m)
+    P, phases, table = cplx(b, m), cplx(T, m), cplx(n_rows, m)
+    # The offsets' phases: a 3 × 3 lattice (x fastest) of two unit steps u, w, as the shift grid makes them.
+    u, w = (torch.polar(torch.ones(m), 2 * torch.pi * torch.rand(m, generator=g)) for _ in range(2))
+    offsets = torch.stack([u**dx * w**dy for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
     rows = torch.randint(0, n_rows, (b, nc, 3), generator=g)
     t_first = torch.randint(0, T, (b, nc), generator=g)
     skip = torch.rand(b, nc, generator=g) < 0.3
@@ -476,6 +479,8 @@ def test_fused_fine_kernel_sums_by_hand():
     assert out.dtype == torch.float32 and out.shape == (b, nc, 3, n_off)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-3)
     assert (out[skip] == 0).all() and (out[~skip] != 0).all()
+    with pytest.raises(ValueError, match="3 x 3"):
+        kernels.fine_cross(P, phases, table, rows, t_first, skip, offsets[:8])
 
 
 @pytest.mark.parametrize("refs_kind", ["dense", "table"])
@@ -603,9 +608,9 @@ def test_best_pose_residual_kernel_matches_bilinear_sampling():
     assert float(Zb.abs().max()) > 0.1 * float(X.abs().mean())  # the classes are sampled, not zero
 
 
-def test_coarse_argmax_kernel_is_torchs_gather_and_argmax():
-    """kernels.coarse_argmax on bfloat16 scores: torch's row for every candidate column, ties (the first row)
-    and signed zeros included."""
+def test_coarse_max_kernel_is_torchs_amax_and_argmax():
+    """kernels.coarse_max on bfloat16 scores: torch's best value and first best row for every column, ties and
+    signed zeros included."""
     pytest.importorskip("numba")
     from cryo2d.em import kernels
 
@@ -615,8 +620,9 @@ def test_coarse_argmax_kernel_is_torchs_gather_and_argmax():
         tied = torch.round(scores[:25].float() / 40)
         tied[tied == 0] = -0.0
         scores[:25] = tied.to(torch.bfloat16)  # few distinct values: ties and -0 against +0
-        cols = torch.randint(0, 90, (50, 12), generator=g)
-        want = scores.gather(2, cols.unsqueeze(1).expand(50, Tc, 12)).argmax(dim=1)
-        assert torch.equal(kernels.coarse_argmax(scores, cols), want)
+        best, arg = kernels.coarse_max(scores)
+        assert best.dtype == torch.float32 and arg.dtype == torch.int64
+        assert torch.equal(best, scores.amax(dim=1).float())
+        assert torch.equal(arg, scores.argmax(dim=1))
         if Tc > 1:
-            assert bool((want[:25] > 0).any()) and bool((want[:25] == 0).any())
+            assert bool((arg[:25] > 0).any()) and bool((arg[:25] == 0).any())

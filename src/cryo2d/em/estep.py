@@ -553,11 +553,14 @@ def e_step_coarse_to_fine(
     norm_c = ctf2 @ power_c.T
     # The norm term does not depend on the shift and s > 0: the best coarse
     # shift of each (class, rotation) is that of the largest correlation.
-    # (The maximum alone, then the best shift of the candidates only: max with indices over
-    # all (class, rotation) columns took 6x longer than amax.)
+    # (torch: the maximum alone, then the best shift of the candidates only, as max with indices
+    # over all (class, rotation) columns took 6x longer than amax; kernels.coarse_max finds both at once.)
     coarse_scores = (Yc.to(Zc.dtype) @ Zc.T).view(b, Tc, K * Rc)
-    best_c = coarse_scores.amax(dim=1)
-    best_lp = (s[:, 0] * best_c.float() - 0.5 * s[:, 0] ** 2 * norm_c).view(b, K, Rc)
+    if coarse_scores.dtype == torch.bfloat16 and kernels.available(X.device):  # with each column's best row
+        best_c, best_t = kernels.coarse_max(coarse_scores)
+    else:
+        best_c, best_t = coarse_scores.amax(dim=1).float(), None
+    best_lp = (s[:, 0] * best_c - 0.5 * s[:, 0] ** 2 * norm_c).view(b, K, Rc)
     # Candidates: best coarse pose of each class + the n_candidates best (class,
     # rotation) pairs that are local maxima over rotation, each at its best
     # coarse shift. Ranking whole poses filled the list with shift and angle
@@ -572,8 +575,8 @@ def e_step_coarse_to_fine(
     cand_k = torch.cat([torch.arange(K, device=X.device).expand(b, K), top_k], dim=1)
     cand_r = torch.cat([cls_r, top_r], dim=1)
     cols = cand_k * Rc + cand_r  # (b, nc) columns of the coarse scores
-    if coarse_scores.dtype == torch.bfloat16 and kernels.available(X.device):  # the same rows, read in place
-        cand_t = kernels.coarse_argmax(coarse_scores, cols)
+    if best_t is not None:
+        cand_t = best_t.gather(1, cols)
     else:
         cand_t = coarse_scores.gather(2, cols.unsqueeze(1).expand(b, Tc, cols.shape[1])).argmax(dim=1)  # coarse shift rows
     # Fine neighbourhoods: each candidate's 3 fine rotations × n_off fine shifts (within
