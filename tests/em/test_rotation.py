@@ -8,8 +8,17 @@ import pytest
 import torch
 from scipy.ndimage import map_coordinates
 
-from cryo2d.em.geometry import disc_points
-from cryo2d.em.rotation import RotationTable, oversample, psi_grid, rotate_classes, rotated_points, sample_half
+from cryo2d.em.geometry import disc_points, hermitian_grid
+from cryo2d.em.rotation import (
+    RotationTable,
+    half_plane,
+    oversample,
+    oversample_half,
+    psi_grid,
+    rotate_classes,
+    rotated_points,
+    sample_half,
+)
 from cryo2d.fourier import fft2c, rotate_images
 
 BOX = 32
@@ -102,6 +111,20 @@ def test_half_plane_oversampling_matches_full_grid_interpolation(box, zeropad):
     got = torch.complex(got[0], got[1]).numpy().astype(np.complex128)
     assert oversample(torch.zeros((1, box, box), dtype=torch.complex64), zeropad).shape == (1, 2, p, p // 2 + 1)
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("box,r_lo", [(32, 0), (33, 0), (30, 2)])
+def test_half_plane_of_point_values_is_oversamples_input(box, r_lo):
+    """oversample_half(half_plane(v)) gives oversample(hermitian_grid(v))'s bits: the M-step's sums need not
+    be spread on the full grid first (the origin and the x = 0 axis, whose mirrors lie in the half, included)."""
+    g = torch.Generator().manual_seed(box)
+    pts = disc_points(box, r_lo, box / 2 - 1, half=True)
+    values = torch.complex(torch.randn(4, len(pts), generator=g), torch.randn(4, len(pts), generator=g))
+    values[:, (pts.xy == 0).all(dim=1)] = values[:, (pts.xy == 0).all(dim=1)].real.to(values.dtype)  # a real origin
+    H = half_plane(values, pts, box)
+    assert H.shape == (4, box, box // 2 + 1)
+    for zeropad in (1, 2):
+        assert torch.equal(oversample_half(H, zeropad), oversample(hermitian_grid(values, pts, box), zeropad))
 
 
 @pytest.mark.parametrize("zeropad", [1, 2, 3])

@@ -23,7 +23,7 @@ from torch import Tensor
 from cryo2d.em import kernels
 from cryo2d.em.estep import EStepResult
 from cryo2d.em.geometry import PointSet, hermitian_grid
-from cryo2d.em.rotation import unrotate_sums
+from cryo2d.em.rotation import half_plane, unrotate_sums
 
 
 # Most bytes the per-(class, rotation) sums of one pass may hold (12 B per row and
@@ -134,7 +134,7 @@ class PoseSums:
         for start in range(0, rooms.numel(), chunk):
             rm = rooms[start : start + chunk]
             rows = self.rows[rm]
-            Sg = hermitian_grid(torch.view_as_complex(self.S[rm].contiguous()), self.points, self.work_box)
+            Sg = half_plane(torch.view_as_complex(self.S[rm].contiguous()), self.points, self.work_box)
             Qg = hermitian_grid(self.Q[rm], self.points, self.work_box)
             s_cls, q_cls = unrotate_sums(Sg, Qg, self.psi_rad[rows % self.R], self.points.xy, self.zeropad)
             self.num.index_add_(0, rows // self.R, s_cls)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
+from cryo2d.em.geometry import PointSet
 
 
 def _gridding_correction(box: int, padded: int, device) -> Tensor:
@@ -52,16 +53,54 @@ def oversample(F: Tensor, zeropad: int) -> Tensor:
         it as it is, and copying it to planes took longer than the FFT (the
         M-step's back-rotation of a 96 px pass, K = 30: 443 -> 292 ms).
     """
-    n, b, _ = F.shape
-    p, c = zeropad * b, b // 2
+    b, c = F.shape[-1], F.shape[-1] // 2
     # Columns x = 0 … b//2 (for even b the Nyquist column x = −b/2 stands for
     # +b/2), rows moved to origin 0; the image comes out with its origin at
     # index 0 and stays so (no shift back to the centre).
     half = F[..., c:] if b % 2 else torch.cat([F[..., c:], F[..., :1]], dim=-1)
-    img = torch.fft.irfft2(torch.fft.ifftshift(half, dim=-2), s=(b, b))
-    weight = 1.0 / torch.fft.ifftshift(_gridding_correction(b, p, F.device), dim=(-2, -1))
+    return oversample_half(torch.fft.ifftshift(half, dim=-2), zeropad)
+
+
+def half_plane(values: Tensor, points: PointSet, work_box: int) -> Tensor:
+    """The x ≥ 0 half of the transforms whose values at half-plane ``points`` are given, as
+    :func:`oversample_half` takes it (the rows that :func:`oversample` passes it, without the full grid).
+
+    Parameters
+    ----------
+    values : (n, m) complex tensor
+        Values at ``points`` (a half-plane set inside the Nyquist circle);
+        −f holds the conjugate of f.
+    points : PointSet
+    work_box : int
+
+    Returns
+    -------
+    (n, b, b//2 + 1) complex tensor, b = ``work_box``: element [j, i] holds
+    frequency (x, y) = (i, j) with y taken modulo b; zero elsewhere. The same
+    values as ``hermitian_grid`` followed by :func:`oversample`'s reordering.
+    """
+    b, w = work_box, work_box // 2 + 1
+    x, y = points.xy[:, 0].long(), points.xy[:, 1].long()
+    out = torch.zeros((values.shape[0], b * w), dtype=values.dtype, device=values.device)
+    axis = torch.nonzero(x == 0).squeeze(1)  # their mirrors (0, −y) lie in the half too
+    out.index_copy_(1, ((-y[axis]) % b) * w, values[:, axis].conj())  # first: a point's own value wins
+    out.index_copy_(1, (y % b) * w + x, values)
+    return out.view(-1, b, w)
+
+
+def oversample_half(H: Tensor, zeropad: int) -> Tensor:
+    """:func:`oversample` from the x ≥ 0 half of the transforms, rows from origin 0 (:func:`half_plane`).
+
+    ``H`` is (n, b, b//2 + 1) complex, element [j, i] frequency (i, j mod b)
+    (for even b column b//2 is the Nyquist column); returns what
+    :func:`oversample` returns.
+    """
+    n, b = H.shape[0], H.shape[1]
+    p, c = zeropad * b, b // 2
+    img = torch.fft.irfft2(H, s=(b, b))
+    weight = 1.0 / torch.fft.ifftshift(_gridding_correction(b, p, H.device), dim=(-2, -1))
     if p % 2 == 0:  # (−1)^y on the rows centres the rows of the transform
-        k = torch.arange(b, device=F.device)
+        k = torch.arange(b, device=H.device)
         weight = weight * (1 - 2 * ((k - b * (k >= b - c).long()) % 2)).float()[:, None]
     img = img * weight
     if p != b:  # zero-pad around the origin: offsets −c … b−1−c keep their place mod p
@@ -195,9 +234,10 @@ def unrotate_sums(S: Tensor, Q: Tensor, psi_rad: Tensor, xy: Tensor, zeropad: in
 
     Parameters
     ----------
-    S : (c, b, b) complex tensor
-        Centred sums of CTF-weighted, de-shifted images, one per (class,
-        angle) combination, in the frame of particles at angle ``psi_rad[c]``.
+    S : (c, b, b//2 + 1) complex tensor
+        Sums of CTF-weighted, de-shifted images, one per (class, angle)
+        combination, in the frame of particles at angle ``psi_rad[c]``: the
+        x ≥ 0 half of their transforms (:func:`half_plane`).
     Q : (c, b, b) float tensor
         Matching sums of CTF² (real, symmetric): interpolated directly.
     psi_rad : (c,) float tensor
@@ -212,7 +252,7 @@ def unrotate_sums(S: Tensor, Q: Tensor, psi_rad: Tensor, xy: Tensor, zeropad: in
         S(R(ψ) g) and Q(R(ψ) g) for each class-frame frequency g.
     """
     pts = rotated_points(xy, psi_rad).unsqueeze(1)  # (c, 1, m, 2)
-    G = oversample(S, zeropad)
+    G = oversample_half(S, zeropad)
     s_out = sample_half(G, pts, zeropad)[:, :, 0]
     q_out = sample_grid(Q.unsqueeze(1), pts, 1)[:, 0, 0]
     return torch.complex(s_out[:, 0], s_out[:, 1]), q_out
