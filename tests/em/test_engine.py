@@ -245,7 +245,7 @@ def test_refs_budget_is_larger_on_a_gpu(monkeypatch):
 
 
 def test_chunk_budget_scales_with_gpu_memory(monkeypatch):
-    """CPU: 256 MB and 512 particles a chunk; CUDA: a 16th of the device's memory, at most 4 GB,
+    """CPU: 512 MB and 512 particles a chunk; CUDA: a 16th of the device's memory, at most 4 GB,
     and up to 4,096 particles."""
     import types
 
@@ -253,7 +253,7 @@ def test_chunk_budget_scales_with_gpu_memory(monkeypatch):
 
     import cryo2d.em.engine as engine_mod
 
-    assert engine_mod.chunk_budget("cpu") == (256e6, 512)
+    assert engine_mod.chunk_budget("cpu") == (512e6, 512)
     for total, budget in ((141 << 30, 4e9), (16 << 30, 1 << 30), (8 << 30, 512 << 20)):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, t=total: types.SimpleNamespace(total_memory=t))
         assert engine_mod.chunk_budget("cuda:0") == (budget, 4096)

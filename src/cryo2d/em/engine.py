@@ -109,11 +109,13 @@ _PSI_STEPS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.5, 8.0, 9.0, 10.0, 12.0,
 # "Memory": sampling all of them, 3,000 particles, K = 300: 261 -> 334 s,
 # peak RSS 2.6 -> 1.8 GB, the same classes).
 REFS_BUDGET_BYTES = 1 << 30
-# E-step chunks: bytes of intermediates and the most particles in one. CPU: 256 MB is no
-# slower than 512 MB and peaks lower (benchmarks/README.md, Memory). GPU: a 16th of its
+# E-step chunks: bytes of intermediates and the most particles in one. CPU: 512 MB; with the
+# compiled kernels a chunk's fixed costs weigh more than they did, and 256 MB chunks (126
+# particles at 80 px, K = 24) made the ribosome 80 px job 8-16 % slower, peak RSS 1.11 against
+# 1.27-1.32 GB, the same files (benchmarks/README.md, session 27). GPU: a 16th of its
 # memory, at most 4 GB and 4,096 particles (larger products keep its cores busy; one H200
 # peaked at 10.3 GB for 128 px, K = 100: benchmarks/README.md, On a GPU).
-CPU_CHUNK = (256e6, 512)
+CPU_CHUNK = (512e6, 512)
 GPU_CHUNK = (4e9, 4096)
 
 
