@@ -855,6 +855,10 @@ class Engine:
         class with no seed left gets the worst-fitting half of the largest
         class's members (or, with too few, a perturbed copy of the largest
         class).
+
+        Returns the number of classes given a new start (the log's
+        ``reseeded``): a freed class that found no distinct seed keeps what it
+        held and is not counted.
         """
         s = self.state
         expected = float(s.counts.sum()) / self.K
@@ -871,6 +875,7 @@ class Engine:
             redundant = [k for k in self._redundant_classes(plan) if k not in empty]
             redundant += [k for k in self._junk_like(per["k"], z)[1:] if k not in empty and k not in redundant]
         targets = empty + redundant
+        placed = 0  # classes given a new start
         if null_ok and s.null_class == -1 and targets and plan is not None:
             # Particles no class explains better than noise: best-pose gain below log(T · R).
             gain = (per["cross"] - 0.5 * per["norm"]) / plan.temperature
@@ -878,15 +883,19 @@ class Engine:
             if len(rows) >= _MIN_SEED:
                 s.null_class = targets.pop(0)
                 self._seed_class(s.null_class, idx, per, rows)
+                placed += 1
         grown = self._grow_seeds(targets, idx, per, z, plan) if plan is not None else set()
+        placed += len(grown)
         split = set()
         for k in targets:
             if k in grown:
                 continue
             if seeds and self._place_seed(k, idx, per, seeds, plan):
+                placed += 1
                 continue
             if k in redundant:
                 continue  # no distinct seed: the pair stays as it is
+            placed += 1
             if seeds:
                 rows = seeds.pop(0)
             else:
@@ -899,7 +908,7 @@ class Engine:
                     continue
                 rows = members[np.argsort(z[members], kind="stable")[: len(members) // 2]]
             self._seed_class(k, idx, per, np.sort(rows))
-        return len(targets)
+        return placed
 
     def _wiener(self, num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
         """Signal priors τ² (rows, n_shells) and Wiener averages (rows, m) of class sums ``num``, ``den``."""
