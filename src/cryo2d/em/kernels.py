@@ -269,14 +269,12 @@ if numba is not None:
         key = np.empty(n, dtype=np.int32)
         at = np.empty(n, dtype=np.int32)
         for i in range(lo, hi):
-            for j in range(n):  # bfloat16 bits -> an integer in the values' order
-                u = np.int32(scores[i, 0, j])
-                key[j] = u if u >= 0 else -(u & 0x7FFF)
-                at[j] = 0
-            for t in range(1, Tc):  # row by row: the columns are contiguous
+            key[:] = -65536  # below every value's key: the first row is always taken
+            at[:] = 0
+            for t in range(Tc):  # row by row: the columns are contiguous
                 for j in range(n):
                     u = np.int32(scores[i, t, j])
-                    kk = u if u >= 0 else -(u & 0x7FFF)
+                    kk = u if u >= 0 else -(u & 0x7FFF)  # bfloat16 bits -> an integer in the values' order
                     if kk > key[j]:
                         key[j] = kk
                         at[j] = t
