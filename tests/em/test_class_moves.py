@@ -148,3 +148,30 @@ def test_a_class_grows_from_the_misfits_no_class_models(helpers):
     assert _is_new_view(eng, 2)
     for k, saved in zip((0, 1), before):  # the other classes are left as they were
         assert all(torch.equal(x, y) for x, y in zip(eng._class_copy(k), saved))
+
+
+def test_growing_backs_off_after_attempts_that_place_nothing(helpers, monkeypatch):
+    """``_reseed_empty`` tries to grow classes every iteration until two attempts in a row place
+    nothing, then waits 1, then 2 iterations between attempts; a placed class resets the wait."""
+    eng, idx, per = _noisy_engine(helpers, 40, 20, 20, seed=4)
+    per.update(k=np.repeat([0, 1, 1], [40, 20, 20]), cross=np.full(80, 110.0), norm=np.full(80, 100.0))
+    plan = eng.plan(eng.config.n_online_iterations - 1, online=True)
+    outcomes = iter([set()] * 5 + [{2}] + [set()] * 3)
+    tried = []
+
+    def fake_grow(targets, idx_, per_, z, plan_):
+        tried.append(True)
+        return next(outcomes)
+
+    monkeypatch.setattr(eng, "_grow_seeds", fake_grow)
+    monkeypatch.setattr(eng, "_place_seed", lambda *a: False)
+    monkeypatch.setattr(eng, "_seed_class", lambda *a: None)
+    attempts = []
+    for _ in range(16):
+        eng.state.counts[2] = 0.0  # class 2 stays empty: a target every iteration
+        n = len(tried)
+        eng._reseed_empty(idx, per, plan)
+        attempts.append(len(tried) - n)
+    # fail, fail, wait 1, fail, wait 2, fail, wait 2, fail, wait 2, placed, fail, fail, wait 1
+    assert attempts == [1, 1, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0]
+    assert eng.state.grow_failures == 2 and eng.state.grow_wait == 0

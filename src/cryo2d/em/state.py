@@ -42,6 +42,8 @@ class RunState:
     scale: np.ndarray
     r_res_sums: float = 1.0  # r_res of the running sums as they are (online: particles counted repeatedly)
     null_class: int = -1  # the empty-box class (reference fixed at 0); -1 = not yet, -2 = released
+    grow_failures: int = 0  # consecutive growing attempts that placed no class (Engine._reseed_empty)
+    grow_wait: int = 0  # online iterations left before the next growing attempt
     history: list = field(default_factory=list)
 
 
