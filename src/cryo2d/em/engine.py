@@ -67,7 +67,7 @@ _GROW_ROUNDS = 2  # E/M rounds over the pool that grow new classes
 # (K = 24) no attempt placed a class after the first, for 12 % of the job.
 # Measured in session 28 (benchmarks/README.md): the same scores within the
 # seeds' spread (`peer` seeds 0-23, rare view kept 13 against 11 of 24, median NCC
-# 0.893 both), the ribosome job 6 % faster.
+# 0.893 both), the ribosome job 4-5 % faster.
 _GROW_BACKOFF = 2
 # Search radius: the resolution shell of the running sums + _RES_MARGIN, but
 # at most _DISTINCT_MARGIN beyond that of the distinct particles (see
