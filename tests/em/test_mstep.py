@@ -12,7 +12,7 @@ from cryo2d.ctf import ctf_2d
 from cryo2d.em.estep import EStepResult, deshift_phases
 from cryo2d.em.geometry import disc_points, hermitian_grid
 from cryo2d.em.mstep import PoseSums, class_resolution_shell, estimate_tau2, resolution_shell, shell_mean, solve_classes, ssnr
-from cryo2d.em.rotation import psi_grid
+from cryo2d.em.rotation import half_plane, psi_grid, unrotate_sums
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, shift_images
 from cryo2d.particles import CTFParams
 
@@ -221,3 +221,44 @@ def test_sparse_product_sums_repeated_pairs_without_warning(monkeypatch):
         warnings.simplefilter("error")
         out = mstep._sparse_times(row, col, weight, 3, dense)
     torch.testing.assert_close(out.double(), W @ dense.double())
+
+
+@pytest.mark.parametrize("step,folded_rows", [(30.0, 3), (60.0, 3), (72.0, 5), (45.0, 2)])
+def test_pose_sums_turn_rows_a_quarter_or_half_turn_apart_onto_one_back_rotation(monkeypatch, step, folded_rows):
+    """Rows whose angles differ by quarter (or half) turns share one back-rotation, and the class sums are unchanged.
+
+    Reference: each (class, rotation) row back-rotated on its own by
+    ``unrotate_sums`` and added per class. 12 and 8 rotations fold four rows
+    into one, 6 rotations two, 5 none (the count of rows back-rotated per class).
+    """
+    import cryo2d.em.mstep as mstep
+
+    g = torch.Generator().manual_seed(5)
+    psi = psi_grid(step)
+    pts = disc_points(BOX, 0, BOX / 2 - 1, half=True)
+    K, R, m = 2, len(psi), len(pts)
+    n = K * R * 3
+    X = torch.complex(torch.randn(n, m, generator=g), torch.randn(n, m, generator=g))
+    X[:, (pts.xy == 0).all(dim=1)] = X[:, (pts.xy == 0).all(dim=1)].real.to(X.dtype)  # real origins
+    ctf = 0.2 + torch.rand(n, m, generator=g)
+    k, r = torch.arange(n) % K, torch.arange(n) // K % R  # every row three times
+    sums = PoseSums(K, psi, pts, BOX, 2, "cpu")
+    ar, one = torch.arange(n), torch.ones(n)
+    sums.add(X, ctf, one, torch.ones((1, m), dtype=torch.complex64),
+             EStepResult(torch.ones(n, K), ar * 0, k, r, one, one, one, ar, ar * 0, k, r, one, one))
+    S, Q = sums.dense()
+    want_num = torch.zeros((K, m), dtype=torch.complex128)
+    want_den = torch.zeros((K, m), dtype=torch.float64)
+    for row in range(K * R):
+        Sg = half_plane(torch.view_as_complex(S[row : row + 1].contiguous()), pts, BOX)
+        s_cls, q_cls = unrotate_sums(Sg, hermitian_grid(Q[row : row + 1], pts, BOX), psi[row % R : row % R + 1], pts.xy, 2)
+        want_num[row // R] += s_cls[0].to(torch.complex128)
+        want_den[row // R] += q_cls[0].double()
+    seen = []
+    real_unrotate = mstep.unrotate_sums
+    monkeypatch.setattr(mstep, "unrotate_sums", lambda S, Q, psi, xy, zp: seen.append(len(psi)) or real_unrotate(S, Q, psi, xy, zp))
+    num, den = sums.class_frame()
+    assert sum(seen) == K * folded_rows
+    scale = float(want_num.abs().max())
+    torch.testing.assert_close(num.to(torch.complex128), want_num, atol=1e-5 * scale, rtol=0)
+    torch.testing.assert_close(den.double(), want_den, atol=1e-5 * float(want_den.abs().max()), rtol=0)

@@ -15,6 +15,7 @@ from cryo2d.em.rotation import (
     oversample,
     oversample_half,
     psi_grid,
+    quarter_turns,
     rotate_classes,
     rotated_points,
     sample_half,
@@ -89,7 +90,8 @@ def test_half_plane_oversampling_matches_full_grid_interpolation(box, zeropad):
     """sample_half(oversample(F)) = bilinear interpolation of the full oversampled transform.
 
     Reference in float64 with numpy: the image divided by the sinc² gridding
-    correction, zero-padded about its centre, full centred FFT, then
+    correction, zero-padded about its centre (an even box's row and column at
+    offset −box/2 split between −box/2 and +box/2), full centred FFT, then
     scipy's linear interpolation at the rotated points of a disc.
     """
     rng = np.random.default_rng(box + zeropad)
@@ -102,6 +104,11 @@ def test_half_plane_oversampling_matches_full_grid_interpolation(box, zeropad):
     padded = np.zeros((p, p))
     lo = p // 2 - c
     padded[lo : lo + box, lo : lo + box] = img / (corr[:, None] ** 2 * corr[None, :] ** 2)
+    if box % 2 == 0 and p > box:  # the even box's edge row and column, at offset −box/2, split with +box/2
+        padded[lo] *= 0.5
+        padded[lo + box] = padded[lo]
+        padded[:, lo] *= 0.5
+        padded[:, lo + box] = padded[:, lo]
     G = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(padded)))
     xy = np.argwhere(disc)[:, ::-1] - c  # (x, y) of the disc's points
     pts = rotated_points(torch.from_numpy(xy).float(), torch.tensor([0.4, 2.9, 4.6]))
@@ -144,3 +151,34 @@ def test_rotation_table_rows_are_the_rotated_classes(zeropad):
         got = table.rows(kr)
         assert got.shape == (3, 50, len(pts))
         assert torch.equal(got, want[kr]), n_dense
+
+
+@pytest.mark.parametrize("box", [32, 33])
+def test_quarter_turns_move_point_values_exactly_and_commute_with_oversampling(box):
+    """``quarter_turns``: T_q(f) = S(R(q·π/2) f) is the transform of the image turned by q quarter turns (exact),
+    and the oversampled grid turns with it: T_q's interpolated at g equals S's at R(q·π/2) g, for even and odd boxes
+    (an even box's edge row and column are split between ±box/2, so the padding has no favoured side)."""
+    rng = np.random.default_rng(box)
+    pts = disc_points(box, 0, box / 2 - 1, half=True)
+    x, y = pts.xy[:, 0].long().numpy(), pts.xy[:, 1].long().numpy()
+    img0 = rng.standard_normal((box, box))  # origin at index [0, 0]
+    values = lambda a: np.fft.fft2(a)[y % box, x % box]  # noqa: E731  (transform at the points)
+    v = values(img0)
+    src, conj = quarter_turns(pts, box)
+    assert torch.equal(src[0], torch.arange(len(pts))) and not bool(conj[0].any())
+    k = np.arange(box)
+    turned = img0
+    for q in range(1, 4):
+        turned = turned[np.ix_(k, (-k) % box)].T  # img(R(π/2) u): [row y, col x] = img[row x, col −y]
+        got = v[src[q].numpy()]
+        got = np.where(conj[q].numpy(), got.conj(), got)
+        np.testing.assert_allclose(got, values(turned), atol=1e-9 * np.abs(v).max())
+    S = torch.from_numpy(v).to(torch.complex64)[None]
+    G = oversample(hermitian_grid(S, pts, box), 2)
+    at = rotated_points(pts.xy, torch.tensor([0.3, 1.1, 2.0]))  # (3, m, 2)
+    for q in range(1, 4):
+        T = torch.where(conj[q], S[:, src[q]].conj(), S[:, src[q]])
+        GT = oversample(hermitian_grid(T, pts, box), 2)
+        turned_at = rotated_points(at.reshape(-1, 2), torch.tensor([q * math.pi / 2]))[0].reshape(at.shape)
+        np.testing.assert_allclose(sample_half(GT, at, 2).numpy(), sample_half(G, turned_at, 2).numpy(),
+                                   atol=1e-5 * float(G.abs().max()))

@@ -15,6 +15,7 @@ with τ²_k the class's signal power per shell (DESIGN §2).
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor
 from cryo2d.em import kernels
 from cryo2d.em.estep import EStepResult
 from cryo2d.em.geometry import PointSet, hermitian_grid
-from cryo2d.em.rotation import half_plane, unrotate_sums
+from cryo2d.em.rotation import half_plane, quarter_turns, unrotate_sums
 
 
 # Most bytes the per-(class, rotation) sums of one pass may hold (12 B per row and
@@ -76,6 +77,7 @@ class PoseSums:
         self.num = torch.zeros((n_classes, m), dtype=torch.complex64, device=device)
         self.den = torch.zeros((n_classes, m), device=device)
         self.flushes = 0
+        self._turns = self._quarter_turns()
 
     def add(self, X: Tensor, ctf: Tensor, scale: Tensor, phases: Tensor, res: EStepResult) -> None:
         """Add one chunk.
@@ -127,23 +129,83 @@ class PoseSums:
         return self.slot[rows]
 
     def _flush(self, chunk: int = 256) -> None:
-        """Back-rotate the rows held into ``num`` / ``den`` (in row order) and free their rooms."""
+        """Back-rotate the rows held into ``num`` / ``den`` (in row order) and free their rooms.
+
+        Where the angles come in quarter turns (R divisible by 4, ψ[r + R/4] =
+        ψ[r] + π/2), the rows of angles r, r + R/4, r + R/2 and r + 3R/4 of a
+        class are first turned onto angle r, exactly (:func:`quarter_turns`:
+        S(R(ψ_r + q·π/2) g) = T_q(R(ψ_r) g) with T_q(f) = S(R(q·π/2) f)), and
+        summed, so that one back-rotation serves four rows; where they come in
+        half turns (R even), rows r and r + R/2, two rows.
+        """
         n = len(self.rows)
         order = torch.argsort(self.rows)
         rooms = order[(self.Q[:n].sum(dim=1) > 0)[order]]  # rows with weight, in (class, rotation) order
-        for start in range(0, rooms.numel(), chunk):
-            rm = rooms[start : start + chunk]
-            rows = self.rows[rm]
-            Sg = half_plane(torch.view_as_complex(self.S[rm].contiguous()), self.points, self.work_box)
-            Qg = hermitian_grid(self.Q[rm], self.points, self.work_box)
-            s_cls, q_cls = unrotate_sums(Sg, Qg, self.psi_rad[rows % self.R], self.points.xy, self.zeropad)
-            self.num.index_add_(0, rows // self.R, s_cls)
-            self.den.index_add_(0, rows // self.R, q_cls)
+        rows = self.rows[rooms]
+        turns = self._turns
+        if turns is None:
+            for start in range(0, rooms.numel(), chunk):
+                rm = rooms[start : start + chunk]
+                self._back_rotate(torch.view_as_complex(self.S[rm].contiguous()), self.Q[rm], rows[start : start + chunk])
+        else:
+            n_fold, src, conj = turns
+            sign = 1.0 - 2.0 * conj.float()
+            step = self.R // n_fold  # rows step rotations apart are turned onto one
+            k, r = rows // self.R, rows % self.R
+            q, folded = r // step, k * self.R + r % step  # the row each is turned onto
+            by_fold = torch.argsort(folded * n_fold + q)
+            rooms, q, folded = rooms[by_fold], q[by_fold], folded[by_fold]
+            targets, inverse = torch.unique_consecutive(folded, return_inverse=True)
+            ends = torch.searchsorted(inverse, torch.arange(chunk, len(targets) + chunk, chunk, device=inverse.device))
+            lo = 0
+            for start, hi in zip(range(0, len(targets), chunk), ends.tolist()):
+                rm, qq, slot = rooms[lo:hi], q[lo:hi], inverse[lo:hi] - start
+                tgt = targets[start : start + chunk]
+                S = self.S.new_zeros((len(tgt), *self.S.shape[1:]))
+                Q = self.Q.new_zeros((len(tgt), self.Q.shape[1]))
+                for t in range(n_fold):
+                    sel = torch.nonzero(qq == t).squeeze(1)
+                    if not len(sel):
+                        continue
+                    at = rm[sel]
+                    if t:  # turned: the values moved, the imaginary parts of the mirrored ones negated
+                        St = self.S[at[:, None], src[t][None, :]]
+                        St[..., 1] *= sign[t]
+                        S.index_add_(0, slot[sel], St)
+                        Q.index_add_(0, slot[sel], self.Q[at[:, None], src[t][None, :]])
+                    else:
+                        S.index_add_(0, slot[sel], self.S[at])
+                        Q.index_add_(0, slot[sel], self.Q[at])
+                self._back_rotate(torch.view_as_complex(S), Q, tgt)
+                lo = hi
         self.S[:n] = 0.0
         self.Q[:n] = 0.0
         self.slot[self.rows] = -1
         self.rows = self.rows[:0]
         self.flushes += 1
+
+    def _back_rotate(self, S: Tensor, Q: Tensor, rows: Tensor) -> None:
+        """Add rows (class · R + rotation) of sums S (n, m) complex and Q (n, m) to the class frame."""
+        Sg = half_plane(S, self.points, self.work_box)
+        Qg = hermitian_grid(Q, self.points, self.work_box)
+        s_cls, q_cls = unrotate_sums(Sg, Qg, self.psi_rad[rows % self.R], self.points.xy, self.zeropad)
+        self.num.index_add_(0, rows // self.R, s_cls)
+        self.den.index_add_(0, rows // self.R, q_cls)
+
+    def _quarter_turns(self) -> tuple[int, Tensor, Tensor] | None:
+        """(n, src, conj): the rows of ``src`` / ``conj`` (:func:`quarter_turns`) for 0 … n − 1 turns of
+        4/n quarter turns each (n = 4 or 2), as the angles allow; None for neither."""
+        R, psi = self.R, self.psi_rad.double()
+        for n_fold in (4, 2):
+            if R % n_fold or R < n_fold:
+                continue
+            turn = 2 * math.pi / n_fold
+            gap = torch.remainder(psi[R // n_fold :] - psi[: R - R // n_fold] - turn + math.pi, 2 * math.pi) - math.pi
+            tables = quarter_turns(self.points, self.work_box) if bool((gap.abs() < 1e-5).all()) else None
+            if tables is not None:
+                every = 4 // n_fold
+                return n_fold, tables[0][::every], tables[1][::every]
+        return None
 
     def class_frame(self) -> tuple[Tensor, Tensor]:
         """Back-rotate the sums and add them per class.

@@ -94,6 +94,14 @@ def oversample_half(H: Tensor, zeropad: int) -> Tensor:
     ``H`` is (n, b, b//2 + 1) complex, element [j, i] frequency (i, j mod b)
     (for even b column b//2 is the Nyquist column); returns what
     :func:`oversample` returns.
+
+    For even b the image's row and column at offset −b/2 are split in halves
+    between −b/2 and +b/2 when padded, so that the padded image, and the
+    oversampled transform, turn exactly with the input under quarter turns
+    (:func:`quarter_turns`; the M-step back-rotates four rows a quarter turn
+    apart at once). Placed at −b/2 alone, that row adds its full value, not
+    zero, at the half-integer frequencies: back-rotated averages of noisy
+    images (40 px) had a 2-4 % larger squared error in shells 6-18.
     """
     n, b = H.shape[0], H.shape[1]
     p, c = zeropad * b, b // 2
@@ -110,6 +118,11 @@ def oversample_half(H: Tensor, zeropad: int) -> Tensor:
         padded[:, :hi, p - c :] = img[:, :hi, hi:]
         padded[:, p - c :, :hi] = img[:, hi:, :hi]
         padded[:, p - c :, p - c :] = img[:, hi:, hi:]
+        if b % 2 == 0:  # the row and column at offset −b/2 stand for +b/2 as much: split them between the two
+            padded[:, p - c] *= 0.5
+            padded[:, c] = padded[:, p - c]
+            padded[:, :, p - c] *= 0.5
+            padded[:, :, c] = padded[:, :, p - c]
         img = padded
     G = torch.fft.rfft2(img)
     if p % 2:
@@ -256,6 +269,51 @@ def unrotate_sums(S: Tensor, Q: Tensor, psi_rad: Tensor, xy: Tensor, zeropad: in
     s_out = sample_half(G, pts, zeropad)[:, :, 0]
     q_out = sample_grid(Q.unsqueeze(1), pts, 1)[:, 0, 0]
     return torch.complex(s_out[:, 0], s_out[:, 1]), q_out
+
+
+def quarter_turns(points: PointSet, work_box: int) -> tuple[Tensor, Tensor] | None:
+    """Where the values of half-plane transforms go under quarter turns of the frequency plane.
+
+    For a transform S given at half-plane ``points`` (a set closed under
+    quarter turns up to the Hermitian mirror, e.g. a disc), the transform
+    turned by q quarter turns, T_q(f) = S(R(q·π/2) f), has at point i the
+    value ``S[..., src[q, i]]``, conjugated where ``conj[q, i]`` (when
+    R(q·π/2) f falls in the other half plane). Exact: it moves values between
+    grid points, with no interpolation.
+
+    Parameters
+    ----------
+    points : PointSet
+        Half-plane points (``disc_points(..., half=True)``).
+    work_box : int
+
+    Returns
+    -------
+    src : (4, m) int64 tensor, conj : (4, m) bool tensor
+        Row q for q quarter turns (row 0: the identity); None if some turned
+        point is not in the set.
+    """
+    c = work_box // 2
+    x, y = points.xy[:, 0].long(), points.xy[:, 1].long()
+    m, dev = len(points), points.xy.device
+    at = torch.full((work_box * work_box,), -1, dtype=torch.long, device=dev)
+    mirrored = torch.zeros(work_box * work_box, dtype=torch.bool, device=dev)
+    i = torch.arange(m, device=dev)
+    at[(c - y) * work_box + (c - x)] = i  # the mirrors first: a point that is its own mirror (the origin) keeps itself
+    mirrored[(c - y) * work_box + (c - x)] = True
+    at[(y + c) * work_box + (x + c)] = i
+    mirrored[(y + c) * work_box + (x + c)] = False
+    src, conj = [], []
+    for tx, ty in ((x, y), (-y, x), (-x, -y), (y, -x)):  # R(q·π/2) f, q = 0 … 3
+        inside = (tx + c >= 0) & (tx + c < work_box) & (ty + c >= 0) & (ty + c < work_box)
+        if not bool(inside.all()):
+            return None
+        flat = (ty + c) * work_box + (tx + c)
+        if bool((at[flat] < 0).any()):
+            return None
+        src.append(at[flat])
+        conj.append(mirrored[flat])
+    return torch.stack(src), torch.stack(conj)
 
 
 def psi_grid(step_deg: float, device=None) -> Tensor:
