@@ -148,8 +148,7 @@ class PoseSums:
                 rm = rooms[start : start + chunk]
                 self._back_rotate(torch.view_as_complex(self.S[rm].contiguous()), self.Q[rm], rows[start : start + chunk])
         else:
-            n_fold, src, conj = turns
-            sign = 1.0 - 2.0 * conj.float()
+            n_fold, src, sign = turns
             step = self.R // n_fold  # rows step rotations apart are turned onto one
             k, r = rows // self.R, rows % self.R
             q, folded = r // step, k * self.R + r % step  # the row each is turned onto
@@ -193,8 +192,8 @@ class PoseSums:
         self.den.index_add_(0, rows // self.R, q_cls)
 
     def _quarter_turns(self) -> tuple[int, Tensor, Tensor] | None:
-        """(n, src, conj): the rows of ``src`` / ``conj`` (:func:`quarter_turns`) for 0 … n − 1 turns of
-        4/n quarter turns each (n = 4 or 2), as the angles allow; None for neither."""
+        """(n, src, sign): the rows of ``src`` (:func:`quarter_turns`), and ±1 for its ``conj``, for
+        0 … n − 1 turns of 4/n quarter turns each (n = 4 or 2), as the angles allow; None for neither."""
         R, psi = self.R, self.psi_rad.double()
         for n_fold in (4, 2):
             if R % n_fold or R < n_fold:
@@ -204,7 +203,7 @@ class PoseSums:
             tables = quarter_turns(self.points, self.work_box) if bool((gap.abs() < 1e-5).all()) else None
             if tables is not None:
                 every = 4 // n_fold
-                return n_fold, tables[0][::every], tables[1][::every]
+                return n_fold, tables[0][::every], 1.0 - 2.0 * tables[1][::every].float()
         return None
 
     def class_frame(self) -> tuple[Tensor, Tensor]:

@@ -298,11 +298,11 @@ def quarter_turns(points: PointSet, work_box: int) -> tuple[Tensor, Tensor] | No
     m, dev = len(points), points.xy.device
     at = torch.full((work_box * work_box,), -1, dtype=torch.long, device=dev)
     mirrored = torch.zeros(work_box * work_box, dtype=torch.bool, device=dev)
-    i = torch.arange(m, device=dev)
-    at[(c - y) * work_box + (c - x)] = i  # the mirrors first: a point that is its own mirror (the origin) keeps itself
-    mirrored[(c - y) * work_box + (c - x)] = True
-    at[(y + c) * work_box + (x + c)] = i
-    mirrored[(y + c) * work_box + (x + c)] = False
+    i, mirror = torch.arange(m, device=dev), (c - y) * work_box + (c - x)
+    at[mirror] = i  # the mirrors first: a point that is its own mirror (the origin) keeps itself
+    mirrored[mirror] = True
+    at[points.flat] = i
+    mirrored[points.flat] = False
     src, conj = [], []
     for tx, ty in ((x, y), (-y, x), (-x, -y), (y, -x)):  # R(q·π/2) f, q = 0 … 3
         inside = (tx + c >= 0) & (tx + c < work_box) & (ty + c >= 0) & (ty + c < work_box)
