@@ -215,6 +215,14 @@ def test_coarse_to_fine_finds_the_exhaustive_best_pose(psi_deg):
     assert torch.equal(bf.best_k, k_true) and torch.equal(bf.best_r, r_true) and torch.equal(bf.best_t, t_true)
     torch.testing.assert_close(bf.best_cross, c2f.best_cross)
     torch.testing.assert_close(e_step(*args, mode="hard", refs_power=power).best_cross, exh.best_cross)
+    if psi_deg == 10.0:  # 36 rotations in half-turn pairs: the first half's power stands for all
+        half = power[:, : len(psi) // 2]
+        for out, full in ((e_step_coarse_to_fine(*args, grid, mode="hard", refs_power=half,
+                                                 coarse_refs=coarse_references(refs, grid, half)), c2f),
+                          (e_step(*args, mode="hard", refs_power=half), exh)):
+            assert torch.equal(out.best_k, k_true) and torch.equal(out.best_r, r_true)
+            torch.testing.assert_close(out.best_norm, full.best_norm)
+            torch.testing.assert_close(out.class_post, full.class_post)
 
 
 def test_coarse_to_fine_scores_each_candidate_pose_once():

@@ -12,6 +12,7 @@ from cryo2d.em.geometry import disc_points, hermitian_grid
 from cryo2d.em.rotation import (
     RotationTable,
     half_plane,
+    half_turn_pairs,
     oversample,
     oversample_half,
     psi_grid,
@@ -151,6 +152,29 @@ def test_rotation_table_rows_are_the_rotated_classes(zeropad):
         got = table.rows(kr)
         assert got.shape == (3, 50, len(pts))
         assert torch.equal(got, want[kr]), n_dense
+
+
+def test_half_turn_rows_are_the_conjugates_of_the_first_half_and_match_sampling_them():
+    """On a grid of half-turn pairs rows r + R/2 are conj(rows r) exactly (table and dense alike), and equal to
+    sampling those angles directly to float rounding; odd, partial or uneven grids are sampled row by row."""
+    g = torch.Generator().manual_seed(1)
+    A = fft2c(torch.randn(4, BOX, BOX, generator=g))
+    A[:, 0, :] = 0
+    A[:, :, 0] = 0
+    pts = disc_points(BOX, 0, BOX / 2 - 1, half=True)
+    psi = psi_grid(10.0)  # 36 angles
+    assert half_turn_pairs(psi) and half_turn_pairs(psi_grid(2.5))
+    assert not half_turn_pairs(psi_grid(8.0))  # 45 angles
+    assert not half_turn_pairs(psi[18:]) and not half_turn_pairs(psi[:1])  # 180° … 350°; one angle
+    assert not half_turn_pairs(torch.tensor([0.0, 0.1, math.pi, math.pi + 0.2]))
+    Z = rotate_classes(A, pts.xy, psi, 2)
+    assert torch.equal(Z[:, 18:], Z[:, :18].conj())
+    direct = rotate_classes(A, pts.xy, psi[18:], 2)  # not pairs: sampled at 180° … 350°
+    torch.testing.assert_close(Z[:, 18:], direct, rtol=0, atol=2e-5 * float(direct.abs().max()))
+    assert float((Z[:, 18:] - direct).abs().max()) > 0  # the rotated points do round differently
+    table = RotationTable(A, pts.xy, psi, 2, 2)  # classes 0-1 made once, 2-3 sampled on demand
+    assert table.sampled == 18
+    assert torch.equal(table.rows(torch.arange(4 * 36)), Z.reshape(4 * 36, -1))
 
 
 @pytest.mark.parametrize("box", [32, 33])

@@ -39,7 +39,9 @@ from cryo2d.em.estep import (
 from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, make_geometry, soft_mask
 from cryo2d.em.mstep import PoseSums, class_resolution_shell, estimate_tau2, resolution_shell, solve_classes, ssnr
 from cryo2d.em.refine import pose_gain, refine_poses
-from cryo2d.em.rotation import RotationTable, oversample, psi_grid, rotate_classes, rotated_points, sample_half
+from cryo2d.em.rotation import (
+    RotationTable, half_turn_pairs, oversample, psi_grid, rotate_classes, rotated_points, sample_half,
+)
 from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, pad_fourier
 from cryo2d.particles import ParticleSet
@@ -1229,7 +1231,8 @@ class Engine:
         n_dense = self._dense_references(plan)
         if n_dense is None:
             refs = rotate_classes(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad)
-            power = refs.abs().square()  # once per pass, not per chunk
+            # once per pass, not per chunk; on half-turn pairs rows r + R/2 have the power of rows r
+            power = refs[:, : len(plan.psi_rad) // 2 if half_turn_pairs(plan.psi_rad) else None].abs().square()
         else:  # the classes that fit made once, the others' rows sampled when a chunk needs them
             refs = RotationTable(self._grid(masked), plan.points.xy, plan.psi_rad, cfg.zeropad, n_dense)
             power = None

@@ -284,7 +284,9 @@ def e_step(
         Combinations below ``min_weight × best`` are dropped (soft modes).
     refs_power : (K, R, M) float tensor, optional
         ``|refs|²``; pass it when the same references serve many chunks
-        (computed here otherwise).
+        (computed here otherwise). On a grid of half-turn pairs
+        (:func:`~cryo2d.em.rotation.half_turn_pairs`) the first R/2 rows
+        suffice, (K, R/2, M): rows r + R/2 have the power of rows r.
     null_class : int
         Index of the empty-box class (see the module docstring), -1 for none;
         its references are ignored.
@@ -305,7 +307,8 @@ def e_step(
         Zr = torch.view_as_real(refs.reshape(KR, m).contiguous()).reshape(KR, 2 * m)
         cross = (Yr @ Zr.T).view(b, T, KR)
         power = refs.abs().square() if refs_power is None else refs_power
-        norm = ctf2 @ power.reshape(KR, m).T  # (b, KR)
+        Rp = power.shape[1]  # R, or R/2 on half-turn pairs
+        norm = (ctf2 @ power.reshape(K * Rp, m).T).view(b, K, 1, Rp).expand(b, K, R // Rp, Rp).reshape(b, KR)
     else:  # a RotationTable: the rows of a few classes at a time
         cross = torch.empty((b * T, KR), dtype=Yr.dtype, device=X.device)
         norm = torch.empty((b, KR), dtype=Yr.dtype, device=X.device)
@@ -449,7 +452,8 @@ def coarse_references(
     refs : (K, R, M) complex tensor, or :class:`~cryo2d.em.rotation.RotationTable`
         (sampled a few classes at a time)
     grid : CoarseGrid from :func:`coarse_subgrid`
-    refs_power : (K, R, M) float tensor, ``|refs|²`` (None with a table)
+    refs_power : (K, R, M) float tensor, ``|refs|²`` (None with a table; (K, R/2, M) on half-turn
+        pairs, as for :func:`e_step`)
     dtype : torch dtype
         Of the coarse correlation product (float32, or bfloat16 where
         :func:`bf16_matmul_is_fast`): the coarse stage only ranks poses.
@@ -466,7 +470,7 @@ def coarse_references(
     Rc, Mc = len(coarse_r), len(cm)
     if isinstance(refs, Tensor):
         Zc = torch.view_as_real(refs[:, coarse_r][:, :, cm].contiguous()).reshape(K * Rc, 2 * Mc).to(dtype)
-        return Zc, refs_power[:, coarse_r][:, :, cm].reshape(K * Rc, Mc)
+        return Zc, refs_power[:, coarse_r % refs_power.shape[1]][:, :, cm].reshape(K * Rc, Mc)
     Zc = torch.empty((K * Rc, 2 * Mc), dtype=dtype, device=cm.device)
     power_c = torch.empty((K * Rc, Mc), device=cm.device)
     per = max(1, TABLE_GROUP_VALUES // (Rc * M))
@@ -513,7 +517,7 @@ def e_step_coarse_to_fine(
     fine rotations within one fine step of its rotation (a pose two
     candidates share counts once). The posterior is over those fine poses;
     poses far from every candidate get probability 0. Returned shift and
-    rotation indices refer to the fine grid. ``refs_power`` (``|refs|²``) and ``coarse_refs`` (from
+    rotation indices refer to the fine grid. ``refs_power`` (``|refs|²``, as for :func:`e_step`) and ``coarse_refs`` (from
     :func:`coarse_references`) can be made once per pass and passed in; the
     coarse correlations are computed in the dtype of ``coarse_refs``. The
     empty-box class (``null_class``) takes no candidate slot; its evidence is
@@ -547,8 +551,9 @@ def e_step_coarse_to_fine(
     # Stage 1: coarse exhaustive search.
     Yc = torch.view_as_real(P[:, cm].unsqueeze(1) * phases[coarse_t][:, cm].unsqueeze(0)).reshape(b * Tc, 2 * Mc)
     s = scale.view(b, 1, 1)
-    if dense:
-        norm_all = ((ctf * ctf) * inv_sigma2) @ refs_power.reshape(K * R, m).T  # (b, KR)
+    if dense:  # the norms of every (class, rotation); on half-turn pairs of the first R/2 rotations (Rp)
+        Rp = refs_power.shape[1]
+        norm_all = ((ctf * ctf) * inv_sigma2) @ refs_power.reshape(K * Rp, m).T  # (b, K·Rp)
     ctf2 = (ctf[:, cm] ** 2) * inv_sigma2[cm]
     norm_c = ctf2 @ power_c.T
     # The norm term does not depend on the shift and s > 0: the best coarse
@@ -591,7 +596,7 @@ def e_step_coarse_to_fine(
     t_first = coarse_t[cand_t]  # (b, nc) the candidates' own shifts
     if dense:
         flat_refs = refs.reshape(K * R, m)
-        norm = norm_all.gather(1, kr_flat)
+        norm = norm_all.gather(1, (kr_flat // R) * Rp + kr_flat % R % Rp)
     else:  # sampled once for the chunk (a table samples class by class)
         Z_all = refs.rows(kr_flat)  # (b, nc*3, M)
         norm = torch.bmm(Z_all.abs().square(), ((ctf * ctf) * inv_sigma2).unsqueeze(2)).squeeze(2)

@@ -236,10 +236,34 @@ def rotate_classes(A: Tensor, xy: Tensor, psi_rad: Tensor, zeropad: int) -> Tens
     Returns
     -------
     (k, r, m) complex tensor
+
+    On a grid of half-turn pairs (:func:`half_turn_pairs`) rows r + R/2 are
+    the conjugates of rows r (A(−g) = conj A(g) for a real image; sampling
+    −g is mirroring g and conjugating, so only rounding in the rotated points
+    differs): only the first half is sampled.
     """
     G = oversample(A, zeropad)
-    out = sample_half(G, rotated_points(xy, -psi_rad), zeropad)
-    return torch.complex(out[:, 0], out[:, 1])
+    half = half_turn_pairs(psi_rad)
+    angles = psi_rad[: len(psi_rad) // 2] if half else psi_rad
+    out = sample_half(G, rotated_points(xy, -angles), zeropad)
+    Z = torch.complex(out[:, 0], out[:, 1])
+    return torch.cat([Z, Z.conj()], dim=1) if half else Z
+
+
+def half_turn_pairs(psi_rad: Tensor) -> bool:
+    """Whether the R angles come in half-turn pairs: R even and ψ[r + R/2] = ψ[r] + π (mod 2π, to 1e-5 rad).
+
+    Then the rows r + R/2 of rotated transforms of real images are the
+    conjugates of rows r, and have the same power: :func:`rotate_classes`
+    and :class:`RotationTable` sample the first half only, and the E-step
+    takes the norms of the first half (``refs_power`` of R/2 rows).
+    Every grid of :func:`psi_grid` with an even number of angles qualifies.
+    """
+    R = len(psi_rad)
+    if R < 2 or R % 2:
+        return False
+    d = psi_rad[R // 2 :].double() - psi_rad[: R // 2].double() - math.pi
+    return bool((torch.remainder(d + math.pi, 2 * math.pi) - math.pi).abs().max() < 1e-5)
 
 
 def unrotate_sums(S: Tensor, Q: Tensor, psi_rad: Tensor, xy: Tensor, zeropad: int) -> tuple[Tensor, Tensor]:
@@ -360,7 +384,10 @@ class RotationTable:
             k1 = min(self.n_dense, k0 + step)
             self.dense[k0 * R : k1 * R] = rotate_classes(A[k0:k1], xy, psi_rad, zeropad).reshape(-1, M)
         self.grids = oversample(A[self.n_dense :], zeropad) if self.n_dense < K else None  # (K - n_dense, 2, p, w)
-        self.points, self.flip = _half_grid(rotated_points(xy, -psi_rad), zeropad * A.shape[-1], zeropad)
+        # On half-turn pairs rows r + R/2 are the conjugates of rows r (as rotate_classes makes them).
+        self.sampled = R // 2 if half_turn_pairs(psi_rad) else R  # rotations sampled
+        angles = psi_rad[: self.sampled]
+        self.points, self.flip = _half_grid(rotated_points(xy, -angles), zeropad * A.shape[-1], zeropad)
 
     def rows(self, kr: Tensor) -> Tensor:
         """Rotated transforms of the (class, rotation) rows ``kr`` (flat index k · R + r).
@@ -386,9 +413,10 @@ class RotationTable:
             n = counts[c]
             if n:
                 sel = order[start : start + n]
-                rs = r[sel]
+                rs = r[sel] % self.sampled
+                flip = self.flip[rs] ^ (r[sel] >= self.sampled)[:, None]  # the second half: conjugates
                 grid = self.grids[c - self.n_dense : c - self.n_dense + 1]
                 v = nnf.grid_sample(grid, self.points[rs].unsqueeze(0), **_BILINEAR)[0]
-                out[sel] = torch.complex(v[0], torch.where(self.flip[rs], -v[1], v[1]))
+                out[sel] = torch.complex(v[0], torch.where(flip, -v[1], v[1]))
                 start += n
         return out.reshape(*kr.shape, M)
