@@ -106,6 +106,7 @@ _MSTEP_RADIUS = 1.5
 # of the hard set: scores within their seed-to-seed spread (benchmarks/README.md).
 _SHIFT_STEP_DIV = 4.0
 _INIT_READ = 256  # images read at a time at the full box (starting and re-seeded classes)
+_INIT_PSI_STEP = 5.0  # degrees: the starting classes' random angles lie on this grid
 # The default --average-res (Nyquist) runs the pass only when it widens the classes' Fourier
 # radius by this factor: 128 px at 2.85 Å, 6 -> 5.7 Å, would add the pass and its pose
 # refinement (20,000 particles, K = 50: 28 s) to a 7-minute job for 5 % more radius.
@@ -256,6 +257,17 @@ def _keep_strong_regions(support: Tensor, density: Tensor, level: Tensor) -> Ten
     keep = np.zeros(n + 1, dtype=np.float32)
     keep[1:] = peaks >= lev[owner.astype(np.int64)]
     return torch.from_numpy(keep[labels]).to(support.device)
+
+
+def _same_grid(a: IterationPlan, b: IterationPlan) -> bool:
+    """Whether two plans search the same grid (all but the temperature equal): successive iterations at one
+    resolution make new plans of the same values, and share :meth:`Engine._plan_setup`'s set-up."""
+    if a is b:
+        return True
+    return (a.r_cur == b.r_cur and a.r_mstep == b.r_mstep and a.shift_step == b.shift_step
+            and all(x.shape == y.shape and torch.equal(x, y) for x, y in (
+                (a.psi_rad, b.psi_rad), (a.shifts_px, b.shifts_px), (a.points.flat, b.points.flat),
+                (a.points.weight, b.points.weight))))
 
 
 def _single_pixel_size(particles: ParticleSet) -> float:
@@ -446,8 +458,11 @@ class Engine:
         m = min(n, max(self.K * min(self.config.batch_size_per_class, 20), min(n, 1000)))
         idx = np.sort(self.rng.choice(n, size=m, replace=False))
         labels = torch.from_numpy(np.arange(m) % self.K)[torch.from_numpy(self.rng.permutation(m))].to(self.device)
-        psi = torch.from_numpy(self.rng.uniform(0, 2 * np.pi, size=m)).float().to(self.device)
-        sums, sig = self._read_fixed(idx, labels, psi, with_noise=True)
+        # Random angles rounded to a grid of _INIT_PSI_STEP: rows a quarter turn apart share a back-rotation.
+        grid = psi_grid(_INIT_PSI_STEP, device=self.device)
+        turns = np.rint(self.rng.uniform(0, 2 * np.pi, size=m) / (2 * np.pi) * len(grid)).astype(np.int64) % len(grid)
+        psi = grid[torch.from_numpy(turns).to(self.device)]
+        sums, sig = self._read_fixed(idx, labels, psi, with_noise=True, grid=grid)
         s.sigma2_shell = self._noise_model(sig)
         num, den, counts = sums
         s.num, s.den, s.counts = num, den, counts
@@ -460,7 +475,7 @@ class Engine:
 
     def _read_fixed(self, idx: np.ndarray, labels: Tensor, psi: Tensor, *, n_classes: int | None = None,
                     shifts_px: Tensor | None = None, scale: Tensor | None = None, with_noise: bool = False,
-                    group: int | None = None, by_angle: bool = False, cached: bool = False):
+                    group: int | None = None, by_angle: bool = False, cached: bool = False, grid: Tensor | None = None):
         """Sums for particles with a given class and angle each: starting and re-seeded classes.
 
         The images are read ``_INIT_READ`` at a time: they are read at the full
@@ -490,6 +505,12 @@ class Engine:
             Sum a group's particles of the same class and angle before the
             back-rotation (one rotation per pair, not per particle; another
             float summation order).
+        grid : (R,) tensor, optional
+            A grid of angles (:func:`psi_grid`) that every angle of ``psi``
+            lies on: a group's particles of one class and angle are summed
+            before their back-rotation, and rows a quarter (or half) turn
+            apart are back-rotated at once (:class:`PoseSums`). Angles off
+            the grid go one by one, as without it.
         with_noise : bool
             Also return the images' mean noise spectrum (:func:`noise_spectrum`), else None.
         cached : bool
@@ -528,17 +549,24 @@ class Engine:
             for g in range(0, len(ids), rows):
                 gs = slice(g, g + rows)
                 sc = None if scale is None else scale[sl][gs]
-                part = _add_sums(part, self._accumulate_group(Xm[gs], cm[gs], lab[gs], ang[gs], K, sc, by_angle))
+                part = _add_sums(part, self._accumulate_group(Xm[gs], cm[gs], lab[gs], ang[gs], K, sc, by_angle, grid))
             sums = _add_sums(sums, part)
         return sums, (sig_sum / len(idx) if with_noise else None)
 
     def _accumulate_group(self, Xm: Tensor, cm: Tensor, labels: Tensor, psi: Tensor, K: int,
-                          scale: Tensor | None = None, by_angle: bool = False):
-        """Sums of particles ``Xm`` (b, m) with CTFs ``cm`` (b, m) at the M-step points, each at its class and angle."""
+                          scale: Tensor | None = None, by_angle: bool = False, grid: Tensor | None = None):
+        """Sums of particles ``Xm`` (b, m) with CTFs ``cm`` (b, m) at the M-step points, each at its class and angle.
+
+        ``by_angle`` and ``grid``: see :meth:`_read_fixed`."""
         b = len(Xm)
         ar = torch.arange(b, device=self.device)
-        rot = ar  # each particle's rotation: its own angle, or its row in the distinct angles
-        if by_angle:
+        rot = ar  # each particle's rotation: its own angle, or its row in the distinct angles or the grid
+        if grid is not None:
+            gap = torch.remainder(psi[:, None].double() - grid[None, :].double() + math.pi, 2 * math.pi) - math.pi
+            err, at = gap.abs().min(dim=1)
+            if b and float(err.max()) <= 1e-6:
+                psi, rot = grid, at
+        elif by_angle:
             psi, rot = torch.unique(psi, return_inverse=True)
         sums = PoseSums(K, psi, self.mpts, self.geom.work_box, self.config.zeropad, self.device, max_rows=b)
         one = torch.ones(b, device=self.device)
@@ -898,7 +926,7 @@ class Engine:
             rows = np.nonzero(gain < math.log(len(plan.shifts_px) * len(plan.psi_rad)))[0]
             if len(rows) >= _MIN_SEED:
                 s.null_class = targets.pop(0)
-                self._seed_class(s.null_class, idx, per, rows)
+                self._seed_class(s.null_class, idx, per, rows, plan)
                 placed += 1
         grown: set = set()
         if plan is not None and targets:
@@ -930,7 +958,7 @@ class Engine:
                     self._copy_class(big, k)
                     continue
                 rows = members[np.argsort(z[members], kind="stable")[: len(members) // 2]]
-            self._seed_class(k, idx, per, np.sort(rows))
+            self._seed_class(k, idx, per, np.sort(rows), plan)
         return placed
 
     def _wiener(self, num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
@@ -968,7 +996,7 @@ class Engine:
         saved = {k: self._class_copy(k) for k in targets}
         parts = np.array_split(self.rng.permutation(pool), len(targets))
         seeded = [(k, np.sort(rows)) for k, rows in zip(targets, parts) if len(rows)]
-        self._seed_classes([k for k, _ in seeded], idx, per, [rows for _, rows in seeded])
+        self._seed_classes([k for k, _ in seeded], idx, per, [rows for _, rows in seeded], plan)
         for k, _ in seeded:
             self._solve_one(k)
         mode = "hard" if self.config.force_max_effective else "soft"
@@ -1042,7 +1070,7 @@ class Engine:
         saved = self._class_copy(k)
         while seeds:
             rows = seeds.pop(0)
-            self._seed_class(k, idx, per, np.sort(rows))
+            self._seed_class(k, idx, per, np.sort(rows), plan)
             if plan is None:
                 return True
             self._solve_one(k)
@@ -1096,11 +1124,12 @@ class Engine:
                 out.append((len(members), c))
         return [c for _, c in sorted(out, reverse=True)]
 
-    def _seed_class(self, k: int, idx: np.ndarray, per: dict, rows: np.ndarray) -> None:
-        """Class ``k`` := the average of batch rows ``rows`` aligned at their best poses."""
-        self._seed_classes([k], idx, per, [rows])
+    def _seed_class(self, k: int, idx: np.ndarray, per: dict, rows: np.ndarray, plan: IterationPlan | None = None) -> None:
+        """Class ``k`` := the average of batch rows ``rows`` aligned at their best poses (see :meth:`_seed_classes`)."""
+        self._seed_classes([k], idx, per, [rows], plan)
 
-    def _seed_classes(self, ks: list[int], idx: np.ndarray, per: dict, parts: list[np.ndarray]) -> None:
+    def _seed_classes(self, ks: list[int], idx: np.ndarray, per: dict, parts: list[np.ndarray],
+                      plan: IterationPlan | None = None) -> None:
         """Each class ``ks[j]`` := the average of batch rows ``parts[j]`` aligned at their best poses.
 
         The particles come from the run's image cache at the M-step points,
@@ -1108,7 +1137,10 @@ class Engine:
         the sums :meth:`_seed_class` makes for it alone to float rounding (the
         de-shift phases and products of another batch round differently in
         their last bit). One call for a growing pass's targets saves a fixed
-        cost per class (ribosome 80 px, K = 24: 11 ms a call).
+        cost per class (ribosome 80 px, K = 24: 11 ms a call). The batch's
+        angles lie on the grid of its pass (``plan``), so the particles of
+        one class and angle are summed before their back-rotation, and rows
+        a quarter turn apart are back-rotated at once.
         """
         s = self.state
         rows = np.concatenate(parts)
@@ -1116,7 +1148,7 @@ class Engine:
         psi = torch.from_numpy(per["psi"][rows]).float().to(self.device)
         shifts = torch.from_numpy(per["shift"][rows]).to(self.device)
         (num, den, _), _ = self._read_fixed(idx[rows], labels, psi, n_classes=len(ks), shifts_px=shifts, cached=True,
-                                            group=_INIT_READ)
+                                            group=_INIT_READ, grid=None if plan is None else plan.psi_rad)
         for j, k in enumerate(ks):
             s.num[k], s.den[k] = num[j], den[j]
             s.counts[k] = float(len(parts[j]))
@@ -1147,7 +1179,7 @@ class Engine:
         coarse grid (None: exhaustive search); and the columns of the E-step
         and summed points among the cached M-step points.
         """
-        if self._setup_for is plan:
+        if self._setup_for is not None and _same_grid(self._setup_for, plan):
             return self._setup
         g, cfg = self.geom, self.config
         R = len(plan.psi_rad)
