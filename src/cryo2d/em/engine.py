@@ -391,6 +391,7 @@ class Engine:
         # (64 px, K = 20: 44 -> 41 s a job; benchmarks/README.md, Session 5).
         self.coarse_dtype = torch.bfloat16 if bf16_matmul_is_fast(self.device) else torch.float32
         self._setup_for, self._setup = None, None  # the last plan's pass set-up (_plan_setup)
+        self._views = None  # (angle, classes, grids, rotated) of _masked_views
 
     # ---------------------------------------------------------------- helpers
     def _to_real(self, A: Tensor) -> Tensor:
@@ -810,9 +811,9 @@ class Engine:
         c = m.weight[sel] * (den.sum(dim=0) / counts.sum()) / sig
         v = den * sig / (den + sig / s.tau2[:, m.shell[sel]]).square()
         e_noise = (c * v).sum(dim=1)
-        grids = self._grid(self._to_points(self._to_real(s.A) * self.mask))
         xy, psi, K, R = m.xy[sel], plan.psi_rad, self.K, len(plan.psi_rad)
-        A0 = rotate_classes(grids, xy, psi[:1], self.config.zeropad)[:, 0]  # (K, p)
+        grids, A0 = self._masked_views(psi[:1])
+        A0 = A0[:, sel]  # (K, p)
         n_pts = A0.shape[1]
         power = (c * A0.abs().square()).sum(dim=1)
         Yr = torch.view_as_real((A0 * c).contiguous()).reshape(K, 2 * n_pts)
@@ -829,6 +830,29 @@ class Engine:
         ratio[counts <= 0.5] = float("inf")
         ratio[:, counts[colt] <= 0.5] = float("inf")
         return ratio
+
+    def _masked_views(self, psi0: Tensor) -> tuple[Tensor, Tensor]:
+        """The classes within the circular mask: (K, B, B) centred grids, and (K, m) their transforms
+        rotated by ``psi0`` (a 1-element tensor) at the M-step points, for :meth:`_redundancy_ratio`.
+
+        A class move changes a class or two between calls (a seed tried, a class restored), so
+        only the classes whose average changed since the last call are made again.
+        """
+        s, old = self.state, self._views
+        if old is None or old[0] != float(psi0) or old[1].shape != s.A.shape:
+            todo = torch.arange(self.K, device=self.device)
+            B = self.geom.work_box
+            old = (float(psi0), s.A.clone(), torch.empty((self.K, B, B), dtype=torch.complex64, device=self.device),
+                   torch.empty_like(s.A))
+        else:
+            todo = torch.nonzero((old[1] != s.A).any(dim=1)).flatten()
+        if len(todo):
+            grids = self._grid(self._to_points(self._to_real(s.A[todo]) * self.mask))
+            old[1][todo] = s.A[todo]
+            old[2][todo] = grids
+            old[3][todo] = rotate_classes(grids, self.mpts.xy, psi0, self.config.zeropad)[:, 0]
+        self._views = old
+        return old[2], old[3]
 
     def _redundant_classes(self, plan: IterationPlan) -> list[int]:
         """Classes that a particle cannot tell apart from another class: the smaller of each such pair.
