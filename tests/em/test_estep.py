@@ -634,3 +634,28 @@ def test_coarse_max_kernel_is_torchs_amax_and_argmax():
         assert torch.equal(arg, scores.argmax(dim=1))
         if Tc > 1:
             assert bool((arg[:25] > 0).any()) and bool((arg[:25] == 0).any())
+
+
+def test_coarse_images_kernel_is_torchs_product_rounded_to_bfloat16():
+    """kernels.coarse_images: the bits of torch's complex product rounded to bfloat16, including halfway cases
+    (rounded to even), signed zeros and values that span many octaves."""
+    pytest.importorskip("numba")
+    from cryo2d.em import kernels
+
+    g = torch.Generator().manual_seed(3)
+    b, Tc, Mc = 9, 5, 37
+    P = torch.complex(torch.randn(b, Mc, generator=g), torch.randn(b, Mc, generator=g)) * torch.logspace(-3, 3, Mc)
+    angle = torch.rand(Tc, Mc, generator=g) * 2 * torch.pi
+    phases = torch.polar(torch.ones(Tc, Mc), angle)
+    phases[0] = 1.0  # the products are P itself: halfway values below round to even
+    top = torch.randint(0x3000, 0x5000, (b, 2 * Mc), generator=g) | (torch.randint(0, 2, (b, 2 * Mc), generator=g) << 15)
+    halfway = ((top << 16) | 0x8000).int().view(torch.float32)  # 1e-19 … 1e19, either sign, half a bfloat16 step
+    P[: b // 2] = torch.view_as_complex(halfway.view(b, Mc, 2))[: b // 2]
+    P[-1, :3] = torch.tensor([0.0, -0.0, complex(-0.0, 0.0)], dtype=torch.complex64)
+    want = torch.view_as_real(P.unsqueeze(1) * phases.unsqueeze(0)).reshape(b * Tc, 2 * Mc).to(torch.bfloat16)
+    got = kernels.coarse_images(P, phases)
+    assert got.dtype == torch.bfloat16 and got.shape == (b * Tc, 2 * Mc)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    # halfway cases went both ways (to even), so the rounding, not truncation, is what matched
+    low = halfway[: b // 2].view(torch.int32) >> 16 & 1
+    assert bool((low == 0).any()) and bool((low == 1).any())

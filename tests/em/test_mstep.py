@@ -1,6 +1,7 @@
 """M-step: pose sums, back-rotation and the Wiener solve on noiseless data."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -257,8 +258,13 @@ def test_pose_sums_turn_rows_a_quarter_or_half_turn_apart_onto_one_back_rotation
     seen = []
     real_unrotate = mstep.unrotate_sums
     monkeypatch.setattr(mstep, "unrotate_sums", lambda S, Q, psi, xy, zp: seen.append(len(psi)) or real_unrotate(S, Q, psi, xy, zp))
+    torch_sums = copy.deepcopy(sums)
     num, den = sums.class_frame()
     assert sum(seen) == K * folded_rows
     scale = float(want_num.abs().max())
     torch.testing.assert_close(num.to(torch.complex128), want_num, atol=1e-5 * scale, rtol=0)
     torch.testing.assert_close(den.double(), want_den, atol=1e-5 * float(want_den.abs().max()), rtol=0)
+    # The turns as the torch code makes them (a GPU's path), where the CPU kernel made them: the same bits.
+    monkeypatch.setattr(mstep.kernels, "available", lambda device: False)
+    num_t, den_t = torch_sums.class_frame()
+    assert torch.equal(num_t, num) and torch.equal(den_t, den)

@@ -549,7 +549,11 @@ def e_step_coarse_to_fine(
         refs_power = refs.abs().square()
     Zc, power_c = coarse_references(refs, grid, refs_power) if coarse_refs is None else coarse_refs
     # Stage 1: coarse exhaustive search.
-    Yc = torch.view_as_real(P[:, cm].unsqueeze(1) * phases[coarse_t][:, cm].unsqueeze(0)).reshape(b * Tc, 2 * Mc)
+    Pc, Ec = P[:, cm], phases[coarse_t][:, cm]
+    if Zc.dtype == torch.bfloat16 and kernels.available(X.device):  # made and rounded in one pass, torch's bits
+        Yc = kernels.coarse_images(Pc, Ec)
+    else:
+        Yc = torch.view_as_real(Pc.unsqueeze(1) * Ec.unsqueeze(0)).reshape(b * Tc, 2 * Mc).to(Zc.dtype)
     s = scale.view(b, 1, 1)
     if dense:  # the norms of every (class, rotation); on half-turn pairs of the first R/2 rotations (Rp)
         Rp = refs_power.shape[1]
@@ -560,7 +564,7 @@ def e_step_coarse_to_fine(
     # shift of each (class, rotation) is that of the largest correlation.
     # (torch: the maximum alone, then the best shift of the candidates only, as max with indices
     # over all (class, rotation) columns took 6x longer than amax; kernels.coarse_max finds both at once.)
-    coarse_scores = (Yc.to(Zc.dtype) @ Zc.T).view(b, Tc, K * Rc)
+    coarse_scores = (Yc @ Zc.T).view(b, Tc, K * Rc)
     if coarse_scores.dtype == torch.bfloat16 and kernels.available(X.device):  # with each column's best row
         best_c, best_t = kernels.coarse_max(coarse_scores)
     else:

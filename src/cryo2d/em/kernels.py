@@ -24,12 +24,13 @@ memory, not in arithmetic, as torch operations (ribosome 80 px, K = 24:
 - :func:`pose_logp` and :func:`class_sums`, the same poses' log-probabilities
   and their class sums for the soft summary, which torch finishes, and
   :func:`coarse_max`, each coarse (class, rotation)'s best coarse shift and
-  its score (sessions 26-27).
+  its score (sessions 26-27), and :func:`coarse_images`, the coarse stage's
+  de-shifted images made and rounded to bfloat16 in one pass (session 30).
 
 Their sums run in another order than torch's, so results agree with the
 torch code (kept for ``--device cuda``) to float32 rounding, not bit for bit
 (:func:`hard_poses` scores the poses as torch does and picks torch's best;
-:func:`pose_logp`, :func:`class_sums` and :func:`coarse_max` give torch's bits).
+:func:`pose_logp`, :func:`class_sums`, :func:`coarse_max` and :func:`coarse_images` give torch's bits).
 
 The kernels compile on first use (a few seconds; cached on disk where the
 package folder or a user cache folder can be written). They are serial code
@@ -262,6 +263,34 @@ if numba is not None:
         for i in range(lo, hi):
             _score_poses(i, cross, norm3, t_c, kr_c, skip, rep_row, rep, scale, log_prior, temperature, R, null_c,
                          null_logp, logp[i])
+
+    @_jit(fastmath=False)
+    def _turn_rows(lo, hi, starts, rooms, turn, S, Q, src, sign, out_S, out_Q):  # pragma: no cover - compiled
+        m = S.shape[1]
+        for u in range(lo, hi):  # targets lo..hi-1, their rows in order of turns
+            for e in range(starts[u], starts[u + 1]):
+                ro, t = rooms[e], turn[e]
+                for f in range(m):
+                    g = src[t, f]
+                    out_S[u, f, 0] += S[ro, g, 0]
+                    out_S[u, f, 1] += S[ro, g, 1] * sign[t, f]
+                    out_Q[u, f] += Q[ro, g]
+
+    @_jit(fastmath=False)
+    def _coarse_images16(lo, hi, P, phases, out):  # pragma: no cover - compiled
+        Tc, Mc = phases.shape
+        row = np.empty(2 * Mc, dtype=np.float32)
+        bits = row.view(np.uint32)
+        for i in range(lo, hi):
+            for t in range(Tc):
+                for j in range(Mc):  # the product as torch's complex multiply makes it (no fused multiply-add)
+                    p, e = P[i, j], phases[t, j]
+                    row[2 * j] = p.real * e.real - p.imag * e.imag
+                    row[2 * j + 1] = p.real * e.imag + p.imag * e.real
+                o = out[i * Tc + t]
+                for j in range(2 * Mc):  # to bfloat16, rounded to nearest even (finite values), as torch rounds
+                    u = bits[j]
+                    o[j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
     @_jit
     def _coarse_max16(lo, hi, scores, best, arg):  # pragma: no cover - compiled
@@ -539,6 +568,67 @@ def class_sums(post: Tensor, kr_c: Tensor, R: int, n_classes: int) -> Tensor:
     out = np.zeros((b, n_classes), dtype=np.float32)
     _split(_class_sums, np.ones(b), (_np(post.float()), _np(kr_c.long()), int(R), post.shape[1] // (3 * nc), out))
     return torch.from_numpy(out)
+
+
+def turn_rows(S: Tensor, Q: Tensor, rooms: Tensor, turn: Tensor, target: Tensor, n_targets: int, src: Tensor,
+              sign: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of per-(class, rotation) sums turned by quarter turns and added onto their targets, in one pass.
+
+    ``out_S[target[e]] += T(S[rooms[e]])`` with T the point permutation ``src[turn[e]]`` and the imaginary
+    parts times ``sign[turn[e]]`` (:meth:`cryo2d.em.mstep.PoseSums._flush`), and likewise for Q
+    without the sign. Each target's rows are added in the order given, which must be that of
+    their turns: the same additions, in the same order, as the gathers and ``index_add_`` of
+    the torch code, so the bits are torch's.
+
+    Parameters
+    ----------
+    S : (rows, m, 2) float32 tensor, Q : (rows, m) float32 tensor
+    rooms, turn, target : (e,) int64 tensors
+        Each row to add: its room in S and Q, its turn (row of ``src``), its target (sorted).
+    n_targets : int
+    src : (n, m) int64 tensor, sign : (n, m) float32 tensor
+
+    Returns
+    -------
+    (n_targets, m, 2) and (n_targets, m) float32 tensors
+    """
+    m = S.shape[1]
+    out_S = np.zeros((n_targets, m, 2), dtype=np.float32)
+    out_Q = np.zeros((n_targets, m), dtype=np.float32)
+    counts = torch.bincount(target, minlength=n_targets)
+    starts = torch.zeros(n_targets + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=starts[1:])
+    args = (_np(starts), _np(rooms.long()), _np(turn.long()), S.numpy(), Q.numpy(), _np(src.long()),
+            _np(sign.float()), out_S, out_Q)
+    _split(_turn_rows, counts.numpy(), args)
+    return torch.from_numpy(out_S), torch.from_numpy(out_Q)
+
+
+def coarse_images(P: Tensor, phases: Tensor) -> Tensor:
+    """The coarse stage's de-shifted images in bfloat16: ``view_as_real(P[:, None] * phases[None]).to(bfloat16)``
+    reshaped to (b · Tc, 2 · Mc), in one pass.
+
+    Torch makes the complex products in float32, then a second pass rounds
+    them; here each row is rounded as it is made, with torch's arithmetic
+    (products and sums rounded one by one) and rounding (to nearest even),
+    so the bits are torch's (ribosome 80 px, K = 24: the images of a
+    chunk of 512 particles × 49 coarse shifts, 220 points).
+
+    Parameters
+    ----------
+    P : (b, Mc) complex64 tensor
+        The particles' weighted data at the coarse points.
+    phases : (Tc, Mc) complex64 tensor
+        De-shift phases of the coarse shifts at those points.
+
+    Returns
+    -------
+    (b · Tc, 2 · Mc) bfloat16 tensor: real and imaginary parts interleaved.
+    """
+    b, (Tc, Mc) = P.shape[0], phases.shape
+    out = np.empty((b * Tc, 2 * Mc), dtype=np.uint16)
+    _split(_coarse_images16, np.ones(b), (_np(P), _np(phases), out))
+    return torch.from_numpy(out).view(torch.bfloat16)
 
 
 def coarse_max(scores: Tensor) -> tuple[Tensor, Tensor]:

@@ -160,6 +160,11 @@ class PoseSums:
             for start, hi in zip(range(0, len(targets), chunk), ends.tolist()):
                 rm, qq, slot = rooms[lo:hi], q[lo:hi], inverse[lo:hi] - start
                 tgt = targets[start : start + chunk]
+                if kernels.available(self.S.device):  # the turns below in one pass (the same additions)
+                    S, Q = kernels.turn_rows(self.S, self.Q, rm, qq, slot, len(tgt), src, sign)
+                    self._back_rotate(torch.view_as_complex(S), Q, tgt)
+                    lo = hi
+                    continue
                 S = self.S.new_zeros((len(tgt), *self.S.shape[1:]))
                 Q = self.Q.new_zeros((len(tgt), self.Q.shape[1]))
                 for t in range(n_fold):
