@@ -6,6 +6,7 @@ import pytest
 
 from cryo2d.em.config import EMConfig
 from cryo2d.em.engine import run_em
+from cryo2d.em.rotation import rotate_classes
 from cryo2d.evaluate import purity
 
 
@@ -327,3 +328,81 @@ def test_seeding_classes_together_gives_each_its_own_sums_and_a_pass_without_noi
         torch.testing.assert_close(eng.state.num[k], n_k, rtol=1e-5, atol=1e-6 * float(n_k.abs().max()))
         torch.testing.assert_close(eng.state.den[k], d_k, rtol=1e-5, atol=1e-6 * float(d_k.abs().max()))
         assert float(eng.state.counts[k]) == c_k == len(parts[k])
+
+
+def test_sums_at_grid_angles_share_back_rotations_with_the_same_result(particles3, monkeypatch):
+    """Particles whose angles lie on a grid (the starting classes', a re-seeded class's) are summed per
+    (class, angle) and folded by quarter turns before the back-rotation: the sums of one back-rotation
+    per particle to float32 rounding, with far fewer back-rotated rows. Angles off the grid go one by one."""
+    import torch
+
+    import cryo2d.em.mstep as mstep
+    from cryo2d.em.engine import Engine
+    from cryo2d.em.rotation import psi_grid
+
+    eng = Engine(particles3, EMConfig(n_classes=2, seed=0))
+    rng = np.random.default_rng(2)
+    idx = np.sort(rng.choice(len(particles3), size=240, replace=False))
+    labels = torch.from_numpy(rng.integers(0, 2, size=240))
+    grid = psi_grid(5.0)  # 72 angles: four a quarter turn apart fold into one row
+    psi = grid[torch.from_numpy(rng.integers(0, len(grid), size=240))]
+    shifts = torch.from_numpy(rng.uniform(-2, 2, size=(240, 2))).float()
+    rows = []
+    real = mstep.unrotate_sums
+    monkeypatch.setattr(mstep, "unrotate_sums", lambda S, Q, p, xy, zp: rows.append(len(p)) or real(S, Q, p, xy, zp))
+
+    def sums(**kw):
+        rows.clear()
+        (num, den, counts), _ = eng._read_fixed(idx, labels, psi, n_classes=2, shifts_px=shifts, **kw)
+        return num, den, counts, sum(rows)
+
+    num1, den1, c1, n1 = sums()
+    num2, den2, c2, n2 = sums(grid=grid)
+    assert n1 == 240 and n2 <= 2 * len(grid) // 4  # one row per particle; at most K · 18 folded rows
+    assert torch.equal(c1, c2)
+    torch.testing.assert_close(num2, num1, rtol=1e-4, atol=1e-4 * float(num1.abs().max()))
+    torch.testing.assert_close(den2, den1, rtol=1e-4, atol=1e-4 * float(den1.abs().max()))
+    psi = psi + 0.01  # off the grid: one by one, as without it
+    num3, den3, _, n3 = sums(grid=grid)
+    num4, den4, _, _ = sums()
+    assert n3 == 240 and torch.equal(num3, num4) and torch.equal(den3, den4)
+
+
+def test_plans_of_one_grid_share_their_set_up_and_masked_views_follow_the_classes(particles3):
+    """Two plans of the same grid (another temperature) share Engine._plan_setup's set-up, another radius
+    does not; Engine._masked_views makes again only the classes that changed, with the values a fresh
+    computation gives (to the rounding of a batch of another size)."""
+    import dataclasses
+
+    import torch
+
+    from cryo2d.em.engine import Engine
+
+    eng = Engine(particles3, EMConfig(n_classes=3, seed=0))
+    eng.initialise()
+    plan = eng.plan(0, online=True)
+    setup = eng._plan_setup(plan)
+    assert eng._plan_setup(eng.plan(5, online=True)) is setup  # a new plan object of the same grid
+    assert eng._plan_setup(dataclasses.replace(plan, temperature=plan.temperature + 1.0)) is setup
+    other = eng._plan_setup(dataclasses.replace(plan, r_mstep=3.0))
+    assert other is not setup and other[1] is not None  # the M-step's points within the smaller radius
+
+    psi0 = plan.psi_rad[:1]
+    s = eng.state
+
+    def fresh():
+        grids = eng._grid(eng._to_points(eng._to_real(s.A) * eng.mask))
+        return grids, rotate_classes(grids, eng.mpts.xy, psi0, eng.config.zeropad)[:, 0]
+
+    grids, A0 = (v.clone() for v in eng._masked_views(psi0))
+    want_g, want_a = fresh()
+    torch.testing.assert_close(grids, want_g, rtol=1e-5, atol=1e-5 * float(want_g.abs().max()))
+    torch.testing.assert_close(A0, want_a, rtol=1e-5, atol=1e-5 * float(want_a.abs().max()))
+    s.A[1] = s.A[1] * torch.polar(torch.ones(len(eng.mpts)), torch.linspace(0, 3, len(eng.mpts)))
+    grids2, A02 = eng._masked_views(psi0)
+    assert torch.equal(grids2[0], grids[0]) and torch.equal(grids2[2], grids[2])  # kept
+    assert torch.equal(A02[0], A0[0]) and torch.equal(A02[2], A0[2])
+    want_g, want_a = fresh()
+    assert float((grids2[1] - grids[1]).abs().max()) > 0.1 * float(grids[1].abs().max())  # made again
+    torch.testing.assert_close(grids2[1], want_g[1], rtol=1e-5, atol=1e-5 * float(want_g.abs().max()))
+    torch.testing.assert_close(A02[1], want_a[1], rtol=1e-5, atol=1e-5 * float(want_a.abs().max()))
