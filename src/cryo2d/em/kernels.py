@@ -24,13 +24,16 @@ memory, not in arithmetic, as torch operations (ribosome 80 px, K = 24:
 - :func:`pose_logp` and :func:`class_sums`, the same poses' log-probabilities
   and their class sums for the soft summary, which torch finishes, and
   :func:`coarse_max`, each coarse (class, rotation)'s best coarse shift and
-  its score (sessions 26-27), and :func:`coarse_images`, the coarse stage's
-  de-shifted images made and rounded to bfloat16 in one pass (session 30).
+  its score (sessions 26-27); :func:`coarse_images`, the coarse stage's
+  de-shifted images made and rounded to bfloat16 in one pass, and
+  :func:`turn_rows`, the M-step's rows a quarter turn apart turned and added
+  onto one (session 30).
 
 Their sums run in another order than torch's, so results agree with the
 torch code (kept for ``--device cuda``) to float32 rounding, not bit for bit
 (:func:`hard_poses` scores the poses as torch does and picks torch's best;
-:func:`pose_logp`, :func:`class_sums`, :func:`coarse_max` and :func:`coarse_images` give torch's bits).
+:func:`pose_logp`, :func:`class_sums`, :func:`coarse_max`, :func:`coarse_images` and :func:`turn_rows`
+give torch's bits).
 
 The kernels compile on first use (a few seconds; cached on disk where the
 package folder or a user cache folder can be written). They are serial code
