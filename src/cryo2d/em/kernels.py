@@ -328,6 +328,13 @@ if numba is not None:
                     out[i, k] = acc
 
 
+def _starts(counts: Tensor) -> Tensor:
+    """(n + 1,) int64 offsets of n consecutive groups of ``counts`` (n,) items: group j is items starts[j] … starts[j + 1] − 1."""
+    starts = torch.zeros(len(counts) + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=starts[1:])
+    return starts
+
+
 def _np(x: Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().numpy())
 
@@ -478,8 +485,7 @@ def scatter_sums(S: Tensor, Q: Tensor, room: Tensor, e_i: Tensor, e_t: Tensor, e
     """
     order = torch.argsort(room, stable=True)
     _, counts = torch.unique_consecutive(room[order], return_counts=True)
-    starts = torch.zeros(len(counts) + 1, dtype=torch.long)
-    torch.cumsum(counts, 0, out=starts[1:])
+    starts = _starts(counts)
     args = (_np(order), _np(starts), _np(room.long()), _np(e_i.long()), _np(e_t.long()), _np(e_w.float()), _np(X),
             _np(C.float()), _np(scale.float()), _np(phases), S.numpy(), Q.numpy())
     _split(_scatter_sums, counts.numpy(), args)
@@ -599,8 +605,7 @@ def turn_rows(S: Tensor, Q: Tensor, rooms: Tensor, turn: Tensor, target: Tensor,
     out_S = np.zeros((n_targets, m, 2), dtype=np.float32)
     out_Q = np.zeros((n_targets, m), dtype=np.float32)
     counts = torch.bincount(target, minlength=n_targets)
-    starts = torch.zeros(n_targets + 1, dtype=torch.long)
-    torch.cumsum(counts, 0, out=starts[1:])
+    starts = _starts(counts)
     args = (_np(starts), _np(rooms.long()), _np(turn.long()), S.numpy(), Q.numpy(), _np(src.long()),
             _np(sign.float()), out_S, out_Q)
     _split(_turn_rows, counts.numpy(), args)

@@ -15,7 +15,6 @@ with τ²_k the class's signal power per shell (DESIGN §2).
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -24,7 +23,7 @@ from torch import Tensor
 from cryo2d.em import kernels
 from cryo2d.em.estep import EStepResult
 from cryo2d.em.geometry import PointSet, hermitian_grid
-from cryo2d.em.rotation import half_plane, quarter_turns, unrotate_sums
+from cryo2d.em.rotation import half_plane, quarter_turns, turns_apart, unrotate_sums
 
 
 # Most bytes the per-(class, rotation) sums of one pass may hold (12 B per row and
@@ -160,26 +159,8 @@ class PoseSums:
             for start, hi in zip(range(0, len(targets), chunk), ends.tolist()):
                 rm, qq, slot = rooms[lo:hi], q[lo:hi], inverse[lo:hi] - start
                 tgt = targets[start : start + chunk]
-                if kernels.available(self.S.device):  # the turns below in one pass (the same additions)
-                    S, Q = kernels.turn_rows(self.S, self.Q, rm, qq, slot, len(tgt), src, sign)
-                    self._back_rotate(torch.view_as_complex(S), Q, tgt)
-                    lo = hi
-                    continue
-                S = self.S.new_zeros((len(tgt), *self.S.shape[1:]))
-                Q = self.Q.new_zeros((len(tgt), self.Q.shape[1]))
-                for t in range(n_fold):
-                    sel = torch.nonzero(qq == t).squeeze(1)
-                    if not len(sel):
-                        continue
-                    at = rm[sel]
-                    if t:  # turned: the values moved, the imaginary parts of the mirrored ones negated
-                        St = self.S[at[:, None], src[t][None, :]]
-                        St[..., 1] *= sign[t]
-                        S.index_add_(0, slot[sel], St)
-                        Q.index_add_(0, slot[sel], self.Q[at[:, None], src[t][None, :]])
-                    else:
-                        S.index_add_(0, slot[sel], self.S[at])
-                        Q.index_add_(0, slot[sel], self.Q[at])
+                turn_rows = kernels.turn_rows if kernels.available(self.S.device) else self._turn_rows
+                S, Q = turn_rows(self.S, self.Q, rm, qq, slot, len(tgt), src, sign)
                 self._back_rotate(torch.view_as_complex(S), Q, tgt)
                 lo = hi
         self.S[:n] = 0.0
@@ -187,6 +168,28 @@ class PoseSums:
         self.slot[self.rows] = -1
         self.rows = self.rows[:0]
         self.flushes += 1
+
+    @staticmethod
+    def _turn_rows(S: Tensor, Q: Tensor, rooms: Tensor, turn: Tensor, target: Tensor, n_targets: int, src: Tensor,
+                   sign: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`kernels.turn_rows` in torch (a GPU's path): the rows of each turn gathered at their
+        points, the imaginary parts of the mirrored ones negated, and added onto their targets."""
+        out_S = S.new_zeros((n_targets, *S.shape[1:]))
+        out_Q = Q.new_zeros((n_targets, Q.shape[1]))
+        for t in range(src.shape[0]):
+            sel = torch.nonzero(turn == t).squeeze(1)
+            if not len(sel):
+                continue
+            at = rooms[sel]
+            if t:  # turned: the values moved, the imaginary parts of the mirrored ones negated
+                St = S[at[:, None], src[t][None, :]]
+                St[..., 1] *= sign[t]
+                out_S.index_add_(0, target[sel], St)
+                out_Q.index_add_(0, target[sel], Q[at[:, None], src[t][None, :]])
+            else:
+                out_S.index_add_(0, target[sel], S[at])
+                out_Q.index_add_(0, target[sel], Q[at])
+        return out_S, out_Q
 
     def _back_rotate(self, S: Tensor, Q: Tensor, rows: Tensor) -> None:
         """Add rows (class · R + rotation) of sums S (n, m) complex and Q (n, m) to the class frame."""
@@ -199,13 +202,8 @@ class PoseSums:
     def _quarter_turns(self) -> tuple[int, Tensor, Tensor] | None:
         """(n, src, sign): the rows of ``src`` (:func:`quarter_turns`), and ±1 for its ``conj``, for
         0 … n − 1 turns of 4/n quarter turns each (n = 4 or 2), as the angles allow; None for neither."""
-        R, psi = self.R, self.psi_rad.double()
         for n_fold in (4, 2):
-            if R % n_fold or R < n_fold:
-                continue
-            turn = 2 * math.pi / n_fold
-            gap = torch.remainder(psi[R // n_fold :] - psi[: R - R // n_fold] - turn + math.pi, 2 * math.pi) - math.pi
-            tables = quarter_turns(self.points, self.work_box) if bool((gap.abs() < 1e-5).all()) else None
+            tables = quarter_turns(self.points, self.work_box) if turns_apart(self.psi_rad, n_fold) else None
             if tables is not None:
                 every = 4 // n_fold
                 return n_fold, tables[0][::every], 1.0 - 2.0 * tables[1][::every].float()

@@ -259,11 +259,18 @@ def half_turn_pairs(psi_rad: Tensor) -> bool:
     takes the norms of the first half (``refs_power`` of R/2 rows).
     Every grid of :func:`psi_grid` with an even number of angles qualifies.
     """
+    return turns_apart(psi_rad, 2)
+
+
+def turns_apart(psi_rad: Tensor, n: int) -> bool:
+    """Whether R is divisible by ``n`` and ψ[r + R/n] = ψ[r] + 2π/n for every r < R − R/n (mod 2π, to 1e-5 rad):
+    the angles come in groups of ``n`` a 1/n turn apart (n = 2: :func:`half_turn_pairs`; n = 4: quarter turns)."""
     R = len(psi_rad)
-    if R < 2 or R % 2:
+    if R < n or R % n:
         return False
-    d = psi_rad[R // 2 :].double() - psi_rad[: R // 2].double() - math.pi
-    return bool((torch.remainder(d + math.pi, 2 * math.pi) - math.pi).abs().max() < 1e-5)
+    psi = psi_rad.double()
+    gap = psi[R // n :] - psi[: R - R // n] - 2 * math.pi / n
+    return bool((torch.remainder(gap + math.pi, 2 * math.pi) - math.pi).abs().max() < 1e-5)
 
 
 def unrotate_sums(S: Tensor, Q: Tensor, psi_rad: Tensor, xy: Tensor, zeropad: int) -> tuple[Tensor, Tensor]:
