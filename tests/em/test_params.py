@@ -325,6 +325,38 @@ def test_auto_mask_follows_each_class_and_changes_the_search(particles3, helpers
     assert _differ(_run(particles3, helpers, auto_mask=False), baseline)
 
 
+def test_strong_regions_match_a_labelling_of_the_8_connected_regions():
+    """Regions kept by growing the strong pixels equal those whose labelled maximum reaches the level."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    eight = np.zeros((3, 3, 3), dtype=bool)
+    eight[1] = True  # 8-connected within an image, never across images
+    for trial in range(60):
+        k, b = int(rng.integers(1, 6)), int(rng.integers(5, 70))
+        raw = torch.as_tensor(rng.random((k, 1, b, b)), dtype=torch.float32)
+        density = torch.nn.functional.avg_pool2d(raw, 3, 1, 1)[:, 0] ** 3
+        peak = density.amax(dim=(1, 2), keepdim=True)
+        support = density > float(rng.uniform(0.05, 0.5)) * peak
+        if trial == 0:
+            support[:] = False
+        if trial == 1:  # a one-pixel-wide spiral: the growth must follow it to its end
+            support[:] = False
+            support[0, 1:-1:2, 1:-1] = True
+            support[0, 2:-1:4, -2] = True
+            support[0, 4:-1:4, 1] = True
+            density[0] = 0.0
+            density[0, 1, 1] = 1.0
+        level = 0.6 * peak if trial != 1 else torch.full((k, 1, 1), 0.5)
+        labels, n = ndimage.label(support.numpy(), structure=eight)
+        peaks = ndimage.maximum(density.numpy(), labels, index=np.arange(1, n + 1)) if n else np.zeros(0)
+        owner = ndimage.minimum(np.broadcast_to(np.arange(k)[:, None, None], labels.shape), labels, np.arange(1, n + 1))
+        strong = np.concatenate([[False], peaks >= level.flatten().numpy()[np.asarray(owner, dtype=np.int64)]])
+        kept = engine_mod._keep_strong_regions(support, density, level)
+        assert kept.dtype == torch.float32
+        np.testing.assert_array_equal(kept.numpy(), strong[labels].astype(np.float32))
+
+
 def test_clamp_solvent_zeroes_pixels_outside_the_mask(particles3, helpers):
     kw = dict(mask_diameter_angst=200.0, n_online_iterations=2)
     outside = (radius_grid(32) > 1.2 * 200.0 / 2 / 11.4 + 1).numpy()

@@ -16,7 +16,6 @@ import argparse
 import time
 
 from cryo2d.errors import Cryo2DError
-from cryo2d.simulate import read_map, simulate, write_simulation
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +37,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cryo2d.simulate import read_map, simulate, write_simulation
+
     start = time.perf_counter()
     volume, voxel = read_map(args.map)
     if args.map_pixel_size is not None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
 from cryo2d.fourier import rotate_images
 
@@ -78,6 +77,8 @@ def duplicate_mask(micrograph: np.ndarray, xy_angst: np.ndarray, score: np.ndarr
     -------
     (n,) bool: True = keep.
     """
+    from scipy.spatial import cKDTree  # here, not at the top: SciPy takes 0.1-0.2 s to import, and most sets have no picks
+
     n = len(score)
     keep = np.ones(n, dtype=bool)
     order = np.argsort(-np.asarray(score), kind="stable")
