@@ -325,9 +325,16 @@ def test_auto_mask_follows_each_class_and_changes_the_search(particles3, helpers
     assert _differ(_run(particles3, helpers, auto_mask=False), baseline)
 
 
-def test_strong_regions_match_a_labelling_of_the_8_connected_regions():
-    """Regions kept by growing the strong pixels equal those whose labelled maximum reaches the level."""
+@pytest.mark.parametrize("fill", ["kernel", "torch"])
+def test_strong_regions_match_a_labelling_of_the_8_connected_regions(fill, monkeypatch):
+    """Regions kept by growing the strong pixels equal those whose labelled maximum reaches the level:
+    the CPU's flood fill and the GPU's torch steps (run here on the CPU) alike."""
     from scipy import ndimage
+
+    if fill == "torch":
+        monkeypatch.setattr(engine_mod.kernels, "available", lambda device: False)
+    elif not engine_mod.kernels.available("cpu"):
+        pytest.skip("Numba not installed")
 
     rng = np.random.default_rng(0)
     eight = np.zeros((3, 3, 3), dtype=bool)

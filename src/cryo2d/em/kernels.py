@@ -27,7 +27,8 @@ memory, not in arithmetic, as torch operations (ribosome 80 px, K = 24:
   its score (sessions 26-27); :func:`coarse_images`, the coarse stage's
   de-shifted images made and rounded to bfloat16 in one pass, and
   :func:`turn_rows`, the M-step's rows a quarter turn apart turned and added
-  onto one (session 30).
+  onto one (session 30); :func:`grow_regions`, the auto mask's regions that
+  reach half their class's peak, by flood fill (session 31).
 
 Their sums run in another order than torch's, so results agree with the
 torch code (kept for ``--device cuda``) to float32 rounding, not bit for bit
@@ -328,6 +329,30 @@ if numba is not None:
                     out[i, k] = acc
 
 
+if numba is not None:
+    @_jit(fastmath=False)
+    def _grow_regions(lo, hi, support, seed, out):  # pragma: no cover - compiled
+        b, w = support.shape[1], support.shape[2]
+        stack = np.empty(b * w, dtype=np.int64)  # each pixel is pushed at most once
+        for k in range(lo, hi):
+            top = 0
+            for y in range(b):
+                for x in range(w):
+                    if seed[k, y, x] and support[k, y, x] and not out[k, y, x]:
+                        out[k, y, x] = True
+                        stack[top] = y * w + x
+                        top += 1
+            while top > 0:  # depth-first flood fill over the 8 neighbours within the support
+                top -= 1
+                y, x = stack[top] // w, stack[top] % w
+                for yy in range(max(y - 1, 0), min(y + 2, b)):
+                    for xx in range(max(x - 1, 0), min(x + 2, w)):
+                        if support[k, yy, xx] and not out[k, yy, xx]:
+                            out[k, yy, xx] = True
+                            stack[top] = yy * w + xx
+                            top += 1
+
+
 def _starts(counts: Tensor) -> Tensor:
     """(n + 1,) int64 offsets of n consecutive groups of ``counts`` (n,) items: group j is items starts[j] … starts[j + 1] − 1."""
     starts = torch.zeros(len(counts) + 1, dtype=torch.long)
@@ -610,6 +635,23 @@ def turn_rows(S: Tensor, Q: Tensor, rooms: Tensor, turn: Tensor, target: Tensor,
             _np(sign.float()), out_S, out_Q)
     _split(_turn_rows, counts.numpy(), args)
     return torch.from_numpy(out_S), torch.from_numpy(out_Q)
+
+
+def grow_regions(support: Tensor, seed: Tensor) -> Tensor:
+    """The pixels of ``support`` 8-connected to a pixel of ``seed`` within it (flood fill), per image.
+
+    Parameters
+    ----------
+    support, seed : (K, b, w) bool tensors
+
+    Returns
+    -------
+    (K, b, w) bool tensor: the support's regions that hold a seed pixel, whole.
+    """
+    sup = _np(support.bool())
+    out = np.zeros(sup.shape, dtype=np.bool_)
+    _split(_grow_regions, np.ones(len(sup)), (sup, _np(seed.bool()), out))
+    return torch.from_numpy(out)
 
 
 def coarse_images(P: Tensor, phases: Tensor) -> Tensor:
