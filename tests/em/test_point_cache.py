@@ -94,3 +94,21 @@ def test_kept_ctfs_equal_a_fresh_computation(helpers):
     without = PointCache(particles, geom, flat, "cpu", budget_bytes=60 * len(flat))
     assert without.capacity == 7
     assert torch.equal(without.read_with_ctf(np.array([2, 5]))[1], torch.ones(2, len(flat)))
+
+
+def test_particles_read_elsewhere_are_kept_once_and_read_back(helpers):
+    """``keep`` stores values read outside the cache (the starting classes' particles) up to its
+    capacity, skipping repeats and particles it holds; later reads give them back unchanged."""
+    particles, geom, flat = _setup(helpers)
+    cache = PointCache(particles, geom, flat, "cpu", budget_bytes=5 * 8 * len(flat))
+    cache.read_with_ctf(np.array([4]))  # one particle kept by a read
+    idx = np.array([6, 4, 6, 2, 0, 8, 11])
+    values = _direct(particles, geom, flat, idx)
+    cache.keep(idx, values, torch.ones(len(idx), len(flat)))
+    kept = np.nonzero(cache.slot >= 0)[0]
+    assert cache.used == 5 and set(kept) == {4, 6, 2, 0, 8}  # 4 already held, 6 once, 11 over capacity
+    assert sorted(cache.slot[kept]) == list(range(5))
+    assert torch.equal(cache.values[cache.slot[[6, 2, 0, 8]]], values[[0, 3, 4, 5]])
+    assert torch.equal(cache.read_with_ctf(np.array([8, 4, 11]))[0], _direct(particles, geom, flat, [8, 4, 11]))
+    cache.keep(np.array([1]), _direct(particles, geom, flat, [1]), torch.ones(1, len(flat)))  # full: nothing kept
+    assert cache.used == 5 and cache.slot[1] == -1

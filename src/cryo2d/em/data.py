@@ -180,22 +180,30 @@ class PointCache:
             at = torch.from_numpy(slots[hit]).to(self.device)
             hit_rows = torch.from_numpy(hit).to(self.device)
             out[hit_rows], out_ctf[hit_rows] = self.values[at], self._ctf_rows(at, idx[hit])
-        room = self.capacity - self.used
-        if room > 0:
-            if self.values is None:
-                self.values = torch.empty((self.capacity, len(self.flat)), dtype=fresh.dtype, device=self.device)
-                if self.use_ctf:
-                    self.ctf_values = torch.empty((self.capacity, len(self.flat)), dtype=fresh_ctf.dtype, device=self.device)
-            new = idx[miss]
-            _, first = np.unique(new, return_index=True)  # each particle once
-            take = torch.from_numpy(np.sort(first)[:room]).to(self.device)
-            rows = torch.arange(self.used, self.used + len(take), device=self.device)
-            self.values[rows] = fresh[take]
-            if self.use_ctf:
-                self.ctf_values[rows] = fresh_ctf[take]
-            self.slot[new[take.cpu().numpy()]] = rows.cpu().numpy()
-            self.used += len(take)
+        self.keep(idx[miss], fresh, fresh_ctf)
         return out, out_ctf
+
+    def keep(self, idx: np.ndarray, values: Tensor, ctf: Tensor) -> None:
+        """Keep particles ``idx`` read elsewhere, while there is room: (b, m) ``values`` and ``ctf``
+        at the cache's points, as :func:`load_batch` and :func:`batch_ctf` give them. Particles
+        already kept, and repeats after the first, are skipped."""
+        room = self.capacity - self.used
+        if room <= 0:
+            return
+        idx = np.asarray(idx)
+        if self.values is None:
+            self.values = torch.empty((self.capacity, len(self.flat)), dtype=values.dtype, device=self.device)
+            if self.use_ctf:
+                self.ctf_values = torch.empty((self.capacity, len(self.flat)), dtype=ctf.dtype, device=self.device)
+        _, first = np.unique(idx, return_index=True)  # each particle once
+        first = np.sort(first[self.slot[idx[first]] < 0])[:room]
+        take = torch.from_numpy(first).to(self.device)
+        rows = torch.arange(self.used, self.used + len(take), device=self.device)
+        self.values[rows] = values[take]
+        if self.use_ctf:
+            self.ctf_values[rows] = ctf[take]
+        self.slot[idx[first]] = rows.cpu().numpy()
+        self.used += len(take)
 
     def _ctf_rows(self, at: Tensor, idx: np.ndarray) -> Tensor:
         """The kept CTFs in rows ``at`` (ones without CTF) for particles ``idx``."""

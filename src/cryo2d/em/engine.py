@@ -551,8 +551,10 @@ class Engine:
                 if shifts_px is not None:
                     X = X * self._deshift_grid(shifts_px[sl])
                 Xm = X.flatten(1)[:, self.mpts.flat]
-                cm = batch_ctf(self.particles, ids, self.geom, self.config.use_ctf, self.device).flatten(1)[:, self.mpts.flat]
+                cm = batch_ctf(self.particles, ids, self.geom, self.config.use_ctf, self.device, flat=self.mpts.flat)
                 del X
+                if shifts_px is None:  # what the first pass would read again (the starting classes' particles)
+                    self.images.keep(ids, Xm, cm)
             part = None
             for g in range(0, len(ids), rows):
                 gs = slice(g, g + rows)
