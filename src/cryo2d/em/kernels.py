@@ -34,7 +34,7 @@ Their sums run in another order than torch's, so results agree with the
 torch code (kept for ``--device cuda``) to float32 rounding, not bit for bit
 (:func:`hard_poses` scores the poses as torch does and picks torch's best;
 :func:`pose_logp`, :func:`class_sums`, :func:`coarse_max`, :func:`coarse_images` and :func:`turn_rows`
-give torch's bits).
+give torch's bits; :func:`grow_regions` gives the masks of the torch steps exactly).
 
 The kernels compile on first use (a few seconds; cached on disk where the
 package folder or a user cache folder can be written). They are serial code
@@ -328,8 +328,6 @@ if numba is not None:
                         acc += post[i, base + o]
                     out[i, k] = acc
 
-
-if numba is not None:
     @_jit(fastmath=False)
     def _grow_regions(lo, hi, support, seed, out):  # pragma: no cover - compiled
         b, w = support.shape[1], support.shape[2]
