@@ -7,7 +7,8 @@ run: the matmul rate is this machine's limit for the formulation. The
 coarse-to-fine E-step gets its references' power and coarse references made
 beforehand, as the engine makes them once per pass: "c2f" with a float32
 coarse stage, "c2f bf16" with the bfloat16 one the engine uses where the
-hardware multiplies bfloat16 natively (n/a elsewhere).
+hardware multiplies bfloat16 natively (n/a elsewhere). The heap is tuned as
+the engine tunes it (``tune_allocator``), for both sides.
 
     python benchmarks/estep.py [--threads 2] [--repeat 3]
     python benchmarks/estep.py --device cuda --batch-scale 32   # a GPU: 32x the particles per chunk
@@ -21,6 +22,7 @@ import time
 
 import torch
 
+from cryo2d.em.data import tune_allocator
 from cryo2d.em.estep import (
     bf16_matmul_is_fast,
     coarse_references,
@@ -85,6 +87,7 @@ def main() -> None:
     ap.add_argument("--batch-scale", type=int, default=1, help="particles per chunk x this (a GPU wants more)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    tune_allocator()  # as the engine does: freed intermediates reused, not faulted in afresh (both sides)
     dev = torch.device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{args.threads} threads"
     print(f"torch {torch.__version__}, {name}")
