@@ -39,7 +39,7 @@ from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, 
 from cryo2d.em.mstep import PoseSums, class_resolution_shell, estimate_tau2, resolution_shell, solve_classes, ssnr
 from cryo2d.em.refine import pose_gain, refine_poses
 from cryo2d.em.rotation import (
-    RotationTable, half_turn_pairs, oversample, psi_grid, rotate_classes, rotated_points, sample_half,
+    RotationTable, half_turn_pairs, oversample, psi_grid, rotate_classes, rotated_points, sample_half, wrapped,
 )
 from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, pad_fourier
@@ -572,8 +572,7 @@ class Engine:
         ar = torch.arange(b, device=self.device)
         rot = ar  # each particle's rotation: its own angle, or its row in the distinct angles or the grid
         if grid is not None:
-            gap = torch.remainder(psi[:, None].double() - grid[None, :].double() + math.pi, 2 * math.pi) - math.pi
-            err, at = gap.abs().min(dim=1)
+            err, at = wrapped(psi[:, None].double() - grid[None, :].double()).abs().min(dim=1)
             if b and float(err.max()) <= 1e-6:
                 psi, rot = grid, at
         elif by_angle:

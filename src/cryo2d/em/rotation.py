@@ -262,6 +262,11 @@ def half_turn_pairs(psi_rad: Tensor) -> bool:
     return turns_apart(psi_rad, 2)
 
 
+def wrapped(angle_rad: Tensor) -> Tensor:
+    """Angles (radians) brought into [−π, π): differences of angles compared modulo a full turn."""
+    return torch.remainder(angle_rad + math.pi, 2 * math.pi) - math.pi
+
+
 def turns_apart(psi_rad: Tensor, n: int) -> bool:
     """Whether R is divisible by ``n`` and ψ[r + R/n] = ψ[r] + 2π/n for every r < R − R/n (mod 2π, to 1e-5 rad):
     the angles come in groups of ``n`` a 1/n turn apart (n = 2: :func:`half_turn_pairs`; n = 4: quarter turns)."""
@@ -269,8 +274,7 @@ def turns_apart(psi_rad: Tensor, n: int) -> bool:
     if R < n or R % n:
         return False
     psi = psi_rad.double()
-    gap = psi[R // n :] - psi[: R - R // n] - 2 * math.pi / n
-    return bool((torch.remainder(gap + math.pi, 2 * math.pi) - math.pi).abs().max() < 1e-5)
+    return bool(wrapped(psi[R // n :] - psi[: R - R // n] - 2 * math.pi / n).abs().max() < 1e-5)
 
 
 def unrotate_sums(S: Tensor, Q: Tensor, psi_rad: Tensor, xy: Tensor, zeropad: int) -> tuple[Tensor, Tensor]:
