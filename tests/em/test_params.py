@@ -139,6 +139,31 @@ def test_default_average_res_skips_a_pass_that_adds_little(particles3, helpers):
         assert (eng.average_pass() is not None) == runs, average_res
 
 
+def test_default_average_pass_widens_only_for_classes_that_reach_the_band(particles3, helpers):
+    """Classes whose SSNR falls to 1 well inside the run's band are summed again on the run's own box."""
+    eng = Engine(particles3, helpers.tiny_config(max_res_angst=60.0))
+    eng.initialise()
+    for it in range(4):
+        eng.iterate(it)
+    s, r_max = eng.state, eng.geom.r_max
+    grid_psi = s.psi_rad.copy()
+    s.r_res = 0.5 * r_max  # classes that stop halfway: nothing to add beyond the band
+    same = eng.average_pass()
+    assert same.geom.work_box == eng.geom.work_box == 18
+    torch.testing.assert_close(same.state.sigma2_shell, s.sigma2_shell)
+    assert float(same.state.counts.sum()) == pytest.approx(len(particles3))
+    turn = (s.psi_rad - grid_psi + np.pi) % (2 * np.pi) - np.pi
+    assert np.abs(turn).max() > 0  # the poses are refined all the same
+    s.r_res = r_max  # classes that reach the band's edge: written at Nyquist
+    assert eng.average_pass().geom.work_box == 32
+    # Asked for explicitly, the resolution is used whatever the classes reach.
+    eng2 = Engine(particles3, helpers.tiny_config(max_res_angst=60.0, average_res_angst=22.8))
+    eng2.initialise()
+    eng2.iterate(0)
+    eng2.state.r_res = 0.5 * eng2.geom.r_max
+    assert eng2.average_pass().geom.work_box == 32
+
+
 def test_average_pass_white_noise_keeps_one_sigma2(particles3, helpers):
     eng = Engine(particles3, helpers.tiny_config(max_res_angst=60.0, white_noise=True))
     eng.initialise()
