@@ -8,6 +8,7 @@ import torch
 from cryo2d.fourier import (
     crop_fourier,
     fft2c,
+    fft2c_cropped,
     freq_grid,
     ifft2c,
     pad_fourier,
@@ -175,3 +176,12 @@ def test_first_threaded_vector_math_of_a_process_is_accurate():
     worst = [float(p.communicate()[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert max(worst) <= 1.0
+
+
+@pytest.mark.parametrize("box, new_box", [(8, 8), (9, 9), (9, 6), (10, 7), (64, 48), (65, 33)])
+def test_fft2c_cropped_matches_the_centred_transform_cropped(box, new_box):
+    images = torch.randn(3, box, box, generator=torch.Generator().manual_seed(box), dtype=torch.float64)
+    want = crop_fourier(fft2c(images), new_box)
+    got = fft2c_cropped(images, new_box)
+    assert got.shape == (3, new_box, new_box)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9 * float(want.abs().max()))

@@ -227,3 +227,24 @@ def test_read_real_map():
     volume, voxel = read_map(shared_data("maps/emd_3488.mrc"))
     assert volume.shape == (100, 100, 100) and volume.dtype == np.float32
     assert voxel == pytest.approx(1.05, abs=1e-4)
+
+
+def test_read_into_a_given_buffer_matches_read(tmp_path):
+    rng = np.random.default_rng(5)
+    f32 = rng.normal(size=(7, 6, 6)).astype(np.float32)
+    i16 = rng.integers(-300, 300, size=(7, 6, 6)).astype(np.int16)
+    write_mrcs(tmp_path / "a.mrcs", f32)
+    write_mrcs(tmp_path / "b.mrcs", i16)
+    # In order from one float32 file (read straight into the buffer), out of order, repeated, two files.
+    for files, index, idx in [
+        (["a.mrcs"] * 7, np.arange(7), np.arange(2, 6)),
+        (["a.mrcs"] * 7, np.arange(7), np.array([5, 1, 1, 3])),
+        (["b.mrcs"] * 7, np.arange(7), np.arange(1, 5)),
+        (["a.mrcs"] * 3 + ["b.mrcs"] * 4, np.r_[0:3, 0:4], np.arange(1, 5)),
+    ]:
+        stack = MRCStack.from_paths([tmp_path / f for f in files], index)
+        buf = np.full((len(idx), 6, 6), np.nan, dtype=np.float32)
+        got = stack.read_unchecked(idx, out=buf)
+        assert got is buf
+        np.testing.assert_array_equal(buf, stack.read(idx))
+    np.testing.assert_array_equal(MRCStack.from_paths([tmp_path / "a.mrcs"] * 7, np.arange(7)).read(np.arange(2, 6)), f32[2:6])

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from cryo2d.ctf import ctf_2d
 from cryo2d.em.geometry import Geometry
-from cryo2d.fourier import crop_fourier, fft2c, freq_grid, radius_grid
+from cryo2d.fourier import fft2c, fft2c_cropped, freq_grid, radius_grid
 from cryo2d.particles import ParticleSet
 
 
@@ -118,7 +118,7 @@ def load_batch(particles: ParticleSet, idx: np.ndarray, geom: Geometry, device) 
     release_free_heap()
     images = torch.from_numpy(np.ascontiguousarray(particles.stack.read(np.asarray(idx)), dtype=np.float32))
     images = normalise_images(images.to(device), 0.45 * geom.box)
-    return crop_fourier(fft2c(images), geom.work_box)
+    return fft2c_cropped(images, geom.work_box)
 
 
 #: Memory for :class:`PointCache` (bytes): 64 px, 20,000 particles fit, with their CTFs.

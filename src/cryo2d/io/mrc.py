@@ -282,14 +282,16 @@ class MRCStack:
             self._handles.move_to_end(file_no)
         return handle
 
-    def _read_images(self, file_no: int, images: np.ndarray) -> np.ndarray:
+    def _read_images(self, file_no: int, images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Images ``images`` (sorted, distinct 0-based numbers) of file ``file_no`` in its dtype.
 
-        One positioned read per run of consecutive numbers.
+        One positioned read per run of consecutive numbers. ``out``, when
+        given, is a C-contiguous (len(images), box, box) array of the file's
+        dtype that the images are read into (and returned).
         """
         dtype, offset, _ = self._layout[file_no]
         image_bytes = self.box * self.box * dtype.itemsize
-        block = np.empty((len(images), self.box, self.box), dtype=dtype)
+        block = np.empty((len(images), self.box, self.box), dtype=dtype) if out is None else out
         raw = memoryview(block.reshape(-1).view(np.uint8))
         handle = self._file(file_no)
         starts = np.flatnonzero(np.diff(images, prepend=-2) != 1)
@@ -302,10 +304,11 @@ class MRCStack:
                 )
         return block
 
-    def read_unchecked(self, idx: np.ndarray) -> np.ndarray:
-        """Like ``read`` but without the NaN/Inf check."""
+    def read_unchecked(self, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Like ``read`` but without the NaN/Inf check; ``out``: a (len(idx), box, box) float32 array to fill."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        out = np.empty((len(idx), self.box, self.box), dtype=np.float32)
+        if out is None:
+            out = np.empty((len(idx), self.box, self.box), dtype=np.float32)
         file_of = self.file_index[idx]
         order = np.argsort(file_of, kind="stable")
         bounds = np.flatnonzero(np.diff(file_of[order])) + 1
@@ -313,11 +316,18 @@ class MRCStack:
             for group in np.split(order, bounds):
                 if len(group) == 0:
                     continue
+                file_no = int(file_of[group[0]])
                 images, inverse = np.unique(self.image_index[idx[group]], return_inverse=True)
-                block = self._read_images(int(file_of[group[0]]), images)
                 inverse = inverse.reshape(-1)
-                if len(images) == len(group) and (np.diff(group) == 1).all() and (np.diff(inverse) > 0).all():
-                    out[group[0]:group[-1] + 1] = block  # the common case: in order, one slice
+                in_order = len(images) == len(group) and (np.diff(group) == 1).all() and (np.diff(inverse) > 0).all()
+                if in_order and self._layout[file_no][0] == np.float32 and out.flags.c_contiguous:
+                    # The common case: float32 images in order, read straight into their slice (no
+                    # second array to fill and copy: 256 px, 1,024 images, 0.68 -> 0.07 s when fresh).
+                    self._read_images(file_no, images, out[group[0]:group[-1] + 1])
+                    continue
+                block = self._read_images(file_no, images)
+                if in_order:
+                    out[group[0]:group[-1] + 1] = block
                 else:
                     out[group] = block[inverse]
         return out
@@ -331,14 +341,17 @@ class MRCStack:
             If any image read has NaN or Inf pixels (names the first one).
         """
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        out = self.read_unchecked(idx)
-        bad = _first_nonfinite(out)
+        return self._checked(idx, self.read_unchecked(idx))
+
+    def _checked(self, idx: np.ndarray, images: np.ndarray) -> np.ndarray:
+        """``images`` (of particles ``idx``), or Cryo2DError naming the first with NaN/Inf pixels."""
+        bad = _first_nonfinite(images)
         if bad is not None:
             i = idx[bad]
             raise Cryo2DError(
                 f"{self.label}: {self._describe(self.file_index[i], self.image_index[i])} has NaN/Inf pixels"
             )
-        return out
+        return images
 
     def close(self) -> None:
         """Close every open file (they reopen on the next read)."""
@@ -483,10 +496,20 @@ def _first_nonfinite(images: np.ndarray) -> int | None:
 def check_finite(stack, chunk: int = 1024) -> None:
     """Read every image of ``stack`` in chunks; Cryo2DError at the first NaN/Inf.
 
-    Memory stays bounded by ``chunk`` images (chunk × box² × 4 bytes).
+    Memory stays bounded by ``chunk`` images (chunk × box² × 4 bytes). An
+    :class:`MRCStack` is read into one buffer that every chunk reuses: fresh
+    memory costs page faults, which took longer than the reads themselves
+    (2,000 images of 256 px: 1.0-1.5 -> 0.12 s, in 16 MB reads).
     """
+    if not isinstance(stack, MRCStack):
+        for start in range(0, len(stack), chunk):
+            stack.read(np.arange(start, min(start + chunk, len(stack))))
+        return
+    chunk = max(1, min(chunk, (16 << 20) // (4 * stack.box * stack.box)))  # a 16 MB buffer: few pages to fault
+    buf = np.empty((min(chunk, len(stack)), stack.box, stack.box), dtype=np.float32)
     for start in range(0, len(stack), chunk):
-        stack.read(np.arange(start, min(start + chunk, len(stack))))
+        idx = np.arange(start, min(start + chunk, len(stack)))
+        stack._checked(idx, stack.read_unchecked(idx, out=buf[: len(idx)]))
 
 
 def nonfinite_indices(stack, chunk: int = 1024) -> np.ndarray:
