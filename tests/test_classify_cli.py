@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -227,17 +228,24 @@ def test_fewer_particles_than_classes(sim3, tmp_path, capsys):
     assert len(errors) == 1 and "500" in errors[0] and "particles.star" in errors[0]
 
 
-def _star_with_nan(sim3, folder, bad: int):
+def _star_with_images(sim3, folder, change) -> Path:
+    """A copy of ``sim3`` whose images are ``change``d (a function of the (n, box, box) array, in place)."""
     with mrcfile.open(sim3.folder / "particles.mrcs") as mrc:
         images = np.array(mrc.data)
         voxel = float(mrc.voxel_size.x)
-    images[bad, 5, 7] = np.nan
+    change(images)
     with mrcfile.new(folder / "particles.mrcs") as mrc:
         mrc.set_data(images)
         mrc.set_image_stack()
         mrc.voxel_size = voxel
     shutil.copy(sim3.star, folder / "particles.star")
     return folder / "particles.star"
+
+
+def _star_with_nan(sim3, folder, bad: int):
+    def poison(images):
+        images[bad, 5, 7] = np.nan
+    return _star_with_images(sim3, folder, poison)
 
 
 @pytest.mark.filterwarnings("ignore:Data array contains NaN")
@@ -255,6 +263,29 @@ def test_nan_pixels_are_refused_or_skipped(sim3, tmp_path, capsys):
     bad_name = given.loc[[i for i, name in enumerate(given["rlnImageName"]) if name.startswith("000008@")][0], "rlnImageName"]
     assert bad_name not in set(kept["rlnImageName"])
     assert "skipped 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [0.0, 2.5])
+def test_a_stack_of_constant_images_is_refused(sim3, tmp_path, capsys, value):
+    """Nothing varies, so there is no noise to model: one error line, not classes of NaN."""
+    star = _star_with_images(sim3, tmp_path, lambda images: images.fill(value))
+    assert main(["classify", str(star), "-o", str(tmp_path / "job"), *FAST]) == 1
+    errors = _errors(capsys)
+    assert errors == ["cryo2d: error: particles.star: every image is constant (no pixel varies); nothing to classify"]
+    assert not (tmp_path / "job" / "classes.mrcs").exists()
+
+
+def test_blank_images_among_particles_are_classified(sim3, tmp_path):
+    """Blank boxes (zeros, or a constant) among real images: the job runs and writes finite classes."""
+    def blank(images):
+        images[:12] = 0.0
+        images[12:18] = 1.5
+    star = _star_with_images(sim3, tmp_path, blank)
+    assert main(["classify", str(star), "-o", str(tmp_path / "job"), *FAST]) == 0
+    classes = mrcfile.read(tmp_path / "job" / "classes.mrcs")
+    assert np.isfinite(classes).all() and float(np.abs(classes).max()) > 0
+    table = starfile.read(tmp_path / "job" / "particles.star", always_dict=True)["particles"]
+    assert len(table) == 300
 
 
 # Each engine option of the command line, a value other than its default, and

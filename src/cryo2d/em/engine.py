@@ -472,6 +472,9 @@ class Engine:
         turns = np.rint(self.rng.uniform(0, 2 * np.pi, size=m) / (2 * np.pi) * len(grid)).astype(np.int64) % len(grid)
         psi = grid[torch.from_numpy(turns).to(self.device)]
         sums, sig = self._read_fixed(idx, labels, psi, with_noise=True, grid=grid)
+        if not bool((sig[1:] > 0).any()):  # no noise to model: the classes would be 0 / 0
+            which = "every image is" if m == n else f"all {m} images read for the starting classes are"
+            raise Cryo2DError(f"{self.particles.source.name}: {which} constant (no pixel varies); nothing to classify")
         s.sigma2_shell = self._noise_model(sig)
         num, den, counts = sums
         s.num, s.den, s.counts = num, den, counts
