@@ -221,6 +221,13 @@ def test_impossible_resolution_is_one_line_without_a_progress_bar(sim3, tmp_path
     assert "--max-res 1000.0 Å leaves no frequencies" in err
 
 
+def test_an_output_path_that_is_a_file_is_one_error_line(sim3, tmp_path, capsys):
+    (tmp_path / "job").write_text("not a folder")
+    assert main(["classify", str(sim3.star), "-o", str(tmp_path / "job"), *FAST]) == 1
+    assert _errors(capsys) == [f"cryo2d: error: {tmp_path / 'job'}: exists and is not a folder"]
+    assert (tmp_path / "job").read_text() == "not a folder"
+
+
 def test_fewer_particles_than_classes(sim3, tmp_path, capsys):
     code = main(["classify", str(sim3.star), "-o", str(tmp_path / "job"), "--classes", "500"])
     assert code == 1

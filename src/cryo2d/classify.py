@@ -19,7 +19,7 @@ from cryo2d.em.finalize import align_vertical, duplicate_mask, sort_order
 from cryo2d.errors import Cryo2DError
 from cryo2d.gallery.render import render_gallery
 from cryo2d.io import check_finite, nonfinite_indices, read_particles, write_particles, write_stack
-from cryo2d.io.outputs import write_text_atomic
+from cryo2d.io.outputs import make_output_folder, write_text_atomic
 from cryo2d.io.star import write_blocks
 from cryo2d.particles import Assignments, ParticleSet
 from cryo2d.picks import pick_locations
@@ -125,8 +125,7 @@ def classify(
             particles = subset_particles(particles, rows)
     else:
         check_finite(particles.stack)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_folder(out_dir)
     log_path = out / "iterations.jsonl"
     lines: list[str] = []  # a resumed run replays the checkpoint's records first
 

@@ -46,6 +46,7 @@ import starfile
 
 from cryo2d.errors import Cryo2DError
 from cryo2d.io import read_particles, write_particles, write_stack
+from cryo2d.io.outputs import make_output_folder
 from cryo2d.io.star import write_blocks
 from cryo2d.junk import DEFAULT_MAX_JUNK_SCORE, junk_scores
 from cryo2d.particles import ParticleSet
@@ -471,11 +472,7 @@ def output_folder(job: Job, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     if out.resolve() == job.folder.resolve():
         raise Cryo2DError(f"{out}: the output folder must differ from the job folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise Cryo2DError(f"{out}: cannot create output folder ({err.strerror})") from err
-    return out
+    return make_output_folder(out)
 
 
 def write_selection(job: Job, classes: list[int] | np.ndarray, out_dir: str | os.PathLike) -> SelectionResult:

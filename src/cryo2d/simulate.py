@@ -49,7 +49,7 @@ from cryo2d.ctf import ctf_grid
 from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, radius_grid, rotate_images, shift_images, shift_phase
 from cryo2d.io.mrc import write_stack
-from cryo2d.io.outputs import atomic_path, write_json_atomic
+from cryo2d.io.outputs import atomic_path, make_output_folder, write_json_atomic
 from cryo2d.io.star import write_blocks
 from cryo2d.particles import CTFParams
 
@@ -807,11 +807,7 @@ def write_simulation(sim: SimulatedData, out_dir: str | os.PathLike) -> Path:
     Path
         ``out_dir``.
     """
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise Cryo2DError(f"{out}: cannot create output folder ({err.strerror})") from err
+    out = make_output_folder(out_dir)
     n, box = sim.images.shape[0], sim.images.shape[-1]
     pixel = float(sim.pixel_size_angst)
 

@@ -44,7 +44,9 @@ from cryo2d.em.config import EMConfig, check_device
 from cryo2d.em.engine import Engine, final_result
 from cryo2d.em.state import RunState
 from cryo2d.errors import Cryo2DError
-from cryo2d.io import atomic_path, check_finite, nonfinite_indices, write_json_atomic, write_text_atomic
+from cryo2d.io import (
+    atomic_path, check_finite, make_output_folder, nonfinite_indices, write_json_atomic, write_text_atomic,
+)
 from cryo2d.io.concat import concat_particles
 from cryo2d.io.watch import ParticleWatcher, row_keys, rows_digest
 from cryo2d.particles import ParticleSet
@@ -186,7 +188,7 @@ class _Stream:
         self._verified: dict[tuple[str, int], tuple] = {}
         self._images: set[str] | None = None
         self.client = None  # a distributed.Client: full passes on Dask workers
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_folder(out)
         if resume and (out / CHECKPOINT).exists():
             self._load(out / CHECKPOINT)
 

@@ -79,6 +79,13 @@ def test_mask_radii():
         make_geometry(BOX, PIX, EMConfig(mask_diameter_angst=80.0, mask_diameter_outer_angst=60.0))
 
 
+def test_a_mask_wider_than_the_box_leaves_the_particle_the_box():
+    """The mask covers the box; the particle diameter (duplicate distance, angular step) is the box's length."""
+    g = make_geometry(BOX, PIX, EMConfig(max_res_angst=4.0, mask_diameter_angst=1e9))
+    assert g.mask_inner_px == pytest.approx(1e9 / 2 / PIX)
+    assert g.particle_diameter_angst == pytest.approx(BOX * PIX)
+
+
 def test_soft_mask_profile():
     m = soft_mask(32, 8.0, 12.0)
     assert float(m[16, 16]) == 1.0 and float(m[16, 16 + 8]) == 1.0

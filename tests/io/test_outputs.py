@@ -4,7 +4,7 @@ import json
 import pytest
 
 from cryo2d.errors import Cryo2DError
-from cryo2d.io.outputs import atomic_path, write_json_atomic, write_text_atomic
+from cryo2d.io.outputs import atomic_path, make_output_folder, write_json_atomic, write_text_atomic
 
 
 def test_atomic_path_replaces_on_success(tmp_path):
@@ -64,3 +64,14 @@ def test_a_removed_job_folder_is_a_one_line_error(tmp_path):
             torch.save({"x": 1}, tmp)
     with pytest.raises(Cryo2DError, match="a.txt: cannot write"):
         write_text_atomic(job / "a.txt", "x")
+
+
+def test_output_folder_is_made_or_refused_in_one_line(tmp_path):
+    """Made with its parents (and kept when it exists); a file of that name or a folder under a file: Cryo2DError."""
+    made = make_output_folder(tmp_path / "a" / "b")
+    assert made.is_dir() and make_output_folder(made) == made
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(Cryo2DError, match=r"^.*file: exists and is not a folder$"):
+        make_output_folder(tmp_path / "file")
+    with pytest.raises(Cryo2DError, match=r"file/job: cannot create output folder \(Not a directory\)$"):
+        make_output_folder(tmp_path / "file" / "job")

@@ -40,7 +40,7 @@ class Geometry:
     mask_inner_px, mask_outer_px : float
         Soft circular mask radii in working pixels (cosine edge between them).
     particle_diameter_angst : float
-        Mask diameter, or 0.8 × box when no mask was given, Å.
+        Mask diameter (at most the box), or 0.8 × box when no mask was given, Å.
     """
 
     box: int
@@ -96,7 +96,9 @@ def make_geometry(box: int, pixel_size_angst: float, config: EMConfig) -> Geomet
     work_px = pixel_size_angst * box / work_box
     if config.mask_diameter_angst is not None:
         inner = config.mask_diameter_angst / 2 / work_px
-        diameter = config.mask_diameter_angst
+        # A mask wider than the box masks nothing; the particle is not wider than the box (the
+        # duplicate distance and the angular step follow it: 1e9 Å made every pick a duplicate).
+        diameter = min(config.mask_diameter_angst, length_angst)
     else:
         inner = work_box / 2
         diameter = 0.8 * length_angst

@@ -16,13 +16,13 @@ import numpy as np
 from cryo2d.errors import Cryo2DError
 from cryo2d.io.cs import read_cs, write_cs
 from cryo2d.io.mrc import ArrayStack, MRCStack, StackRefs, check_finite, nonfinite_indices, read_map, write_stack
-from cryo2d.io.outputs import atomic_path, write_json_atomic, write_text_atomic
+from cryo2d.io.outputs import atomic_path, make_output_folder, write_json_atomic, write_text_atomic
 from cryo2d.io.star import read_star, write_star
 from cryo2d.particles import Assignments, ParticleSet
 
 __all__ = [
     "ArrayStack", "MRCStack", "StackRefs", "atomic_path", "check_finite", "nonfinite_indices",
-    "open_stack", "read_cs", "read_map", "read_particles", "read_star", "write_cs",
+    "make_output_folder", "open_stack", "read_cs", "read_map", "read_particles", "read_star", "write_cs",
     "write_json_atomic", "write_particles", "write_stack", "write_star", "write_text_atomic",
 ]
 

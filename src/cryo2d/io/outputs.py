@@ -57,6 +57,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def make_output_folder(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` (and its parents) if needed; Cryo2DError if it cannot be made.
+
+    A file of that name, no permission or a full disk give one line naming the
+    folder, not a traceback.
+    """
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise Cryo2DError(f"{out}: exists and is not a folder") from None
+    except OSError as err:
+        raise Cryo2DError(f"{out}: cannot create output folder ({err.strerror or err})") from None
+    return out
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
