@@ -231,6 +231,37 @@ def test_references_over_budget_are_sampled_with_the_same_result(particles3, hel
         monkeypatch.setattr(engine_mod, "REFS_BUDGET_BYTES", default)
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_the_torch_path_of_a_gpu_classifies_as_the_cpu_kernels_do(bundled_volume, helpers, monkeypatch, soft):
+    """A whole job with every step in torch (what ``--device cuda`` runs; here on the CPU, with
+    ``kernels.available`` false) against the same job with the Numba kernels: the same labels, angles,
+    shifts and empty-box class, the classes to float rounding. 600 particles of 4 views with 20 %
+    junk, K = 6, 8 online iterations: the coarse-to-fine search, re-seeded and grown classes, the
+    empty-box class and (``soft``) fractional posteriors all run."""
+    from cryo2d.em import kernels
+    from cryo2d.simulate import simulate
+
+    if not kernels.available("cpu"):
+        pytest.skip("Numba not installed")
+    sim = simulate(*bundled_volume, n_particles=600, box=32, snr=0.5, junk_fraction=0.2, views="discrete", n_views=4,
+                   rare_view_fraction=0.1, seed=1)
+    particles = helpers.memory_particles(sim.images, sim.pixel_size_angst, ctf=sim.ctf)
+    config = EMConfig(n_classes=6, n_online_iterations=8, batch_size_per_class=40, n_full_iterations=1, seed=0,
+                      force_max=not soft)
+    compiled = run_em(particles, config)
+    monkeypatch.setattr(kernels, "available", lambda device: False)
+    plain = run_em(particles, config)
+    assert sum(h["reseeded"] for h in compiled.history) >= 2 and compiled.empty_class >= 0
+    assert np.array_equal(plain.class_index, compiled.class_index)
+    assert plain.empty_class == compiled.empty_class
+    d = np.angle(np.exp(1j * np.deg2rad(plain.psi_deg - compiled.psi_deg)))
+    assert np.abs(d).max() < 1e-3
+    np.testing.assert_array_equal(plain.shift_px, compiled.shift_px)
+    np.testing.assert_allclose(plain.classes, compiled.classes, rtol=0, atol=1e-4 * np.abs(compiled.classes).max())
+    if soft:
+        assert float(compiled.class_posterior.min()) < 0.99  # some particles' weight is spread
+
+
 def test_refs_budget_is_larger_on_a_gpu(monkeypatch):
     """CPU: REFS_BUDGET_BYTES; CUDA: a quarter of the device's memory when that is more."""
     import types
