@@ -183,7 +183,25 @@ def test_bad_thread_count(tmp_path, capsys, value, problem):
     assert f"argument --threads: {problem}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [
+    ["classify", "p.star", "-o", "job"], ["stream", "incoming", "-o", "job"], ["simulate", "bundled", "-o", "sim"],
+    ["demo", "-o", "demo"], ["rebalance", "job", "-o", "out"],
+])
+@pytest.mark.parametrize("value, problem", [("-1", "-1 is negative (seeds are whole numbers from 0)"),
+                                            ("x", "'x' is not a whole number")])
+def test_bad_seed(capsys, command, value, problem):
+    """A negative --seed raised numpy's traceback ("expected non-negative integer") once the run started."""
+    from cryo2d.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--seed", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --seed: {problem}" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("field, value, message", [
+    ("seed", -1, "--seed must be >= 0"),
     ("min_separation_angst", -5.0, "--min-separation must be positive"),
     ("min_separation_angst", 0.0, "--min-separation must be positive"),
     ("mask_diameter_angst", -10.0, "--mask-diameter must be positive"),

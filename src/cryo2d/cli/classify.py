@@ -39,13 +39,23 @@ def device_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from None
 
 
-def threads_arg(value: str) -> int:
-    """argparse type of ``--threads``: a whole number of at least 1."""
+def _whole_number(value: str) -> int:
     try:
-        n = int(value)
+        return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if n < 1:
+
+
+def seed_arg(value: str) -> int:
+    """argparse type of ``--seed``: a whole number of at least 0 (numpy's seeds)."""
+    if (n := _whole_number(value)) < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (seeds are whole numbers from 0)")
+    return n
+
+
+def threads_arg(value: str) -> int:
+    """argparse type of ``--threads``: a whole number of at least 1."""
+    if (n := _whole_number(value)) < 1:
         raise argparse.ArgumentTypeError(f"{value} is fewer than 1 thread")
     return n
 
@@ -99,7 +109,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-separation", type=float, default=None, help="duplicate distance, Å (default 0.5 x particle diameter)")
     p.add_argument("--no-sort", dest="sort_classes", action="store_false", help="keep classes in engine order")
     p.add_argument("--tau2-fudge", type=float, default=d.tau2_fudge, help="regularisation: signal power multiplier (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
+    p.add_argument("--seed", type=seed_arg, default=d.seed, help="random seed (default %(default)s)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--threads", type=threads_arg, default=None, help="CPU threads for torch (default: all cores)")
     p.add_argument("--project-dir", default=None, help="CryoSPARC project folder for .cs blob paths")

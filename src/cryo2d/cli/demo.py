@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from cryo2d.cli.classify import device_arg
+from cryo2d.cli.classify import device_arg, seed_arg
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--box", type=int, default=48, help="box size, px (default %(default)s)")
     p.add_argument("--snr", type=float, default=0.1, help="signal-to-noise ratio (default %(default)s)")
     p.add_argument("--classes", type=int, default=12, help="number of classes (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed (default %(default)s)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
 
 

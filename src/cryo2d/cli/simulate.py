@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from cryo2d.cli.classify import seed_arg
 from cryo2d.errors import Cryo2DError
 
 
@@ -33,7 +34,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--views", choices=["discrete", "uniform", "preferred"], default="discrete", help="view distribution (default discrete)")
     parser.add_argument("--n-views", type=int, default=8, metavar="V", help="discrete views / uniform bins (default 8)")
     parser.add_argument("--rare-fraction", type=float, default=0.03, metavar="F", help="fraction of particles in the rare view (default 0.03)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed_arg, default=0, metavar="S", help="random seed (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:

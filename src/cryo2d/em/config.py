@@ -141,6 +141,7 @@ class EMConfig:
             (self.tau2_fudge > 0, "--tau2-fudge must be positive"),
             (self.mask_diameter_angst is None or self.mask_diameter_angst > 0, "--mask-diameter must be positive"),
             (self.min_separation_angst is None or self.min_separation_angst > 0, "--min-separation must be positive"),
+            (self.seed >= 0, "--seed must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
