@@ -200,6 +200,19 @@ def test_bad_seed(capsys, command, value, problem):
     assert f"argument --seed: {problem}" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--settle-seconds", "-1", "--settle-seconds must be >= 0"), ("--stop-when-idle", "-5", "--stop-when-idle must be >= 0"),
+    ("--poll-seconds", "0", "--poll-seconds must be positive"), ("--until", "0", "--until must be at least 1"),
+])
+def test_bad_stream_timing(tmp_path, capsys, option, value, message):
+    """One error line before the stream starts watching (``--poll-seconds 0`` looked at the source in a busy loop)."""
+    from cryo2d.cli.main import main
+
+    assert main(["stream", str(tmp_path), "-o", str(tmp_path / "live"), option, value]) == 1
+    assert capsys.readouterr().err == f"cryo2d: error: {message}\n"
+    assert not (tmp_path / "live").exists()
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("seed", -1, "--seed must be >= 0"),
     ("min_separation_angst", -5.0, "--min-separation must be positive"),

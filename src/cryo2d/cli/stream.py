@@ -56,10 +56,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("settle_seconds", "poll_seconds", "stop_when_idle"):
+    for name in ("settle_seconds", "stop_when_idle"):
         value = getattr(args, name)
         if value is not None and not value >= 0:
             raise Cryo2DError(f"--{name.replace('_', '-')} must be >= 0")
+    if not args.poll_seconds > 0:  # 0 would look at SOURCE in a busy loop
+        raise Cryo2DError("--poll-seconds must be positive")
     if args.until is not None and args.until < 1:
         raise Cryo2DError("--until must be at least 1")
     config = config_from_args(args)
