@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from cryo2d._callable import make_callable
 from cryo2d.ctf import boost_note
 from cryo2d.em.config import EMConfig
 from cryo2d.em.engine import EMResult, run_em
@@ -226,3 +227,6 @@ def write_job(final: ClassifyResult, particles: ParticleSet, out: Path, pixel_si
     if (~keep).any():
         write_particles(particles, out / f"duplicates{suffix}", assignments=final.assignments, rows=np.nonzero(~keep)[0])
     render_gallery(final.classes, final.counts, final.resolution_angst, out / "gallery.png", empty_class=final.empty_class)
+
+
+make_callable(__name__)  # cryo2d.classify(...) calls classify above (cryo2d._callable)

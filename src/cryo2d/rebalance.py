@@ -27,6 +27,7 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
+from cryo2d._callable import make_callable
 from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import radius_grid, resize_images, rotate_images
 from cryo2d.io import write_particles
@@ -344,3 +345,6 @@ def rebalance(
     write_blocks({"superclasses": table}, paths["superclasses"])
     result.paths = paths
     return result
+
+
+make_callable(__name__)  # cryo2d.rebalance(...) calls rebalance above (cryo2d._callable)

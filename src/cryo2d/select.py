@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
+from cryo2d._callable import make_callable
 from cryo2d.errors import Cryo2DError
 from cryo2d.io import read_particles, write_particles, write_stack
 from cryo2d.io.outputs import make_output_folder
@@ -553,3 +554,6 @@ def select(
     job = read_job(job_dir)
     chosen = choose_classes(job, classes=classes, exclude=exclude, criteria=criteria)
     return write_selection(job, chosen, out_dir)
+
+
+make_callable(__name__)  # cryo2d.select(...) calls select above (cryo2d._callable)

@@ -45,6 +45,7 @@ import torch.nn.functional as nnf
 from scipy import ndimage
 from torch import Tensor
 
+from cryo2d._callable import make_callable
 from cryo2d.ctf import ctf_grid
 from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, radius_grid, rotate_images, shift_images, shift_phase
@@ -854,3 +855,6 @@ def write_simulation(sim: SimulatedData, out_dir: str | os.PathLike) -> Path:
         sim.truth.to_csv(tmp, index=False)
     write_json_atomic(out / "truth.json", info)
     return out
+
+
+make_callable(__name__)  # cryo2d.simulate(...) calls simulate above (cryo2d._callable)

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cryo2d._callable import make_callable
 from cryo2d.classify import ClassifyResult, finalize, subset_particles, write_job
 from cryo2d.em.config import EMConfig, check_device
 from cryo2d.em.engine import Engine, final_result
@@ -534,3 +535,6 @@ def _watch(run: "_Stream", source, config: EMConfig, *, poll_s: float, until: in
         updates=run.update, n_particles=run.n_particles, n_pending=n_pending, stopped=stopped,
         pieces=list(run.pieces), n_skipped=sum(len(p.skipped) for p in run.pieces), last=last,
     )
+
+
+make_callable(__name__)  # cryo2d.stream(...) calls stream above (cryo2d._callable)
