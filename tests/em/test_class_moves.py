@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cryo2d.em.engine import _MIN_SEED, Engine
+from cryo2d.em.engine import Engine
+from cryo2d.em.moves import _MIN_SEED
 from cryo2d.fourier import fft2c, rotate_images
 
 
