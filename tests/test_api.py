@@ -1,6 +1,7 @@
 """The package-level Python API (STYLE.md: ``__init__`` re-exports what users need; DESIGN §1)."""
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
@@ -40,6 +41,7 @@ def test_the_callable_modules_stay_modules():
     assert classify is module is cryo2d.classify and callable(module)
     assert function is module.classify and function is not module
     assert simulate.SimulatedData is cryo2d.simulate.SimulatedData
+    assert inspect.signature(classify) == inspect.signature(function)  # a notebook's call tip
     assert {"classify", "select", "simulate", "stream", "rebalance", "read_particles", "EMConfig"} <= set(dir(cryo2d))
 
 

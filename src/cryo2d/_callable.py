@@ -9,6 +9,7 @@ call, so a patched function is the one called).
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 
@@ -16,8 +17,16 @@ import types
 class CallableModule(types.ModuleType):
     """A module whose call is that of its function of the same name."""
 
+    def _callable_target(self):
+        return getattr(self, self.__name__.rpartition(".")[2])
+
     def __call__(self, *args, **kwargs):
-        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
+        return self._callable_target()(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The function's signature, for ``inspect.signature`` and a notebook's call tips."""
+        return inspect.signature(self._callable_target())
 
 
 def make_callable(module_name: str) -> None:
