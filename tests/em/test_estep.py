@@ -372,6 +372,34 @@ def test_empty_box_class_has_the_evidence_of_noise_alone():
     assert (res.entry_t[on] == 0).all() and (res.entry_r[on] == 0).all()
 
 
+def test_an_empty_box_is_one_the_empty_class_holds_half_of_or_more():
+    """choose_class by hand; hard_class sums each particle at the class choose_class gives it."""
+    from cryo2d.em.estep import choose_class
+
+    post = torch.tensor([[0.35, 0.25, 0.40], [0.30, 0.10, 0.60], [0.20, 0.70, 0.10], [0.26, 0.26, 0.48]])
+    assert choose_class(post, 2).tolist() == [0, 2, 1, 0]  # rows 0 and 3: the empty class leads but holds < 1/2
+    assert choose_class(post, -1).tolist() == [2, 2, 1, 2]  # no empty class: the most probable
+    assert choose_class(post, 0).tolist() == [2, 2, 1, 2]  # the empty class led nowhere
+
+    # Four copies of one view share each particle's mass: weak particles have the empty
+    # class ahead of each copy while the copies together hold more than it.
+    args = _problem(n_particles=1, n_classes=1)
+    refs, m = args["refs"], args["X"].shape[1]
+    n = 96
+    g = torch.Generator().manual_seed(3)
+    amp = torch.linspace(0.3, 0.6, n)[:, None]
+    X = amp * refs[0, 0] + torch.complex(torch.randn(n, m, generator=g), torch.randn(n, m, generator=g))
+    args.update(X=X, ctf=torch.ones(n, m), scale=torch.ones(n), refs=torch.cat([refs] * 4 + [torch.zeros_like(refs)]),
+                log_prior=torch.full((5,), -math.log(5)))
+    post = e_step(**args, mode="soft", null_class=4).class_post
+    leads = (post.argmax(dim=1) == 4) & (post[:, 4] < 0.5)
+    assert int(leads.sum()) >= 2 and int((post[:, 4] >= 0.5).sum()) >= 10
+    chosen = choose_class(post, 4)
+    assert (chosen[leads] != 4).all() and (chosen[post[:, 4] >= 0.5] == 4).all()
+    hard = e_step(**args, mode="hard_class", null_class=4)
+    assert torch.equal(hard.entry_k, chosen[hard.entry_i])
+
+
 def test_coarse_to_fine_empty_box_class_matches_the_exhaustive_search():
     """Same empty-box decisions from both searches; the empty class takes no candidate slot."""
     from cryo2d.em.estep import coarse_subgrid, e_step_coarse_to_fine

@@ -28,6 +28,7 @@ from cryo2d.em.estep import (
     CoarseGrid,
     EStepResult,
     bf16_matmul_is_fast,
+    choose_class,
     coarse_references,
     coarse_subgrid,
     deshift_phases,
@@ -973,11 +974,14 @@ class Engine(ClassMoves):
                 out["chi2"].append(chi2)
                 shell_resid.append(per_shell)
                 p = res.class_post
-                out["k"].append(res.best_k if mode == "hard" else p.argmax(dim=1))
+                if mode == "hard":
+                    chosen = res.best_k
+                else:  # the last pass labels empty boxes as its M-step summed them (choose_class)
+                    chosen = choose_class(p, s.null_class) if mode == "hard_class" else p.argmax(dim=1)
+                out["k"].append(chosen)
                 out["psi"].append(plan.psi_rad[res.best_r])
                 out["shift"].append(plan.shifts_px[res.best_t])
                 out["max_prob"].append(res.max_prob)
-                chosen = res.best_k if mode == "hard" else p.argmax(dim=1)
                 out["post"].append(p.gather(1, chosen[:, None])[:, 0])
                 out["ess"].append(1.0 / (p * p).sum(dim=1))
                 out["cross"].append(res.best_cross)
