@@ -79,8 +79,9 @@ def test_soft_gives_fractional_weights():
 def test_hard_class_keeps_one_class_per_particle():
     args = _problem(noise=8.0)
     res = e_step(**args, mode="hard_class")
-    for i in range(args["X"].shape[0]):
-        assert len(set(res.entry_k[res.entry_i == i].tolist())) == 1
+    for i in range(args["X"].shape[0]):  # one class, and the written pose in it
+        assert set(res.entry_k[res.entry_i == i].tolist()) == {int(res.best_k[i])}
+    assert torch.equal(res.best_k, res.class_post.argmax(dim=1))
 
 
 def test_huge_log_likelihoods_do_not_underflow():
@@ -398,6 +399,7 @@ def test_an_empty_box_is_one_the_empty_class_holds_half_of_or_more():
     assert (chosen[leads] != 4).all() and (chosen[post[:, 4] >= 0.5] == 4).all()
     hard = e_step(**args, mode="hard_class", null_class=4)
     assert torch.equal(hard.entry_k, chosen[hard.entry_i])
+    assert torch.equal(hard.best_k, chosen)  # the written pose: in that class, not the empty class's
 
 
 def test_coarse_to_fine_empty_box_class_matches_the_exhaustive_search():

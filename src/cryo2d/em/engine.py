@@ -624,19 +624,20 @@ class Engine(ClassMoves):
         widens the classes' Fourier radius by ``_AVERAGE_GAIN`` or more, and
         widens it only where the best class reaches ``_AVERAGE_REACH`` of the
         run's radius (its SSNR falls to 1 there): a class that stops well
-        inside the band has nothing beyond it, so its particles are summed
-        again at their refined poses on the run's own box, read through the
-        run's cache (2,000 x 256 px at 1.4 Å/px, classes at 20 Å: the pass
-        8.4-8.9 -> 0.8-0.9 s, the job 27-32 -> 19-20 s, the same scores;
-        haemoglobin at 64 px and 2 Å/px, classes at 13-18 Å: the same
-        scores to three decimals).
+        inside the band has nothing beyond it, and the last iteration's
+        classes are written as they are. Summing their particles again at
+        single refined poses on the run's own box lowered the median NCC
+        (haemoglobin at 64 px and 2 Å/px, classes at 13-18 Å: 0.902 -> 0.891
+        and 0.871 -> 0.856): where the poses are uncertain, the last pass
+        spreads each particle over its class's probable poses, which a
+        single pose does not (benchmarks/README.md, session 36).
 
         Returns
         -------
         Engine or None
-            An engine at the finer box (or the run's own, see above) holding
-            the sums, the noise model and the classes; None when there is no
-            pass (the poses are then unchanged).
+            An engine at the finer box holding the sums, the noise model and
+            the classes; None when there is no pass (the poses are then
+            unchanged).
         """
         cfg, s = self.config, self.state
         res = cfg.average_res_angst if cfg.average_res_angst is not None else 2.0 * self.geom.pixel_size_angst
@@ -647,7 +648,7 @@ class Engine(ClassMoves):
         if make_geometry(self.geom.box, self.geom.pixel_size_angst, fine_cfg).r_max < least:
             return None
         if cfg.average_res_angst is None and s.r_res < _AVERAGE_REACH * self.geom.r_max:
-            fine_cfg = cfg
+            return None
         fine = Engine(self.particles, fine_cfg, self.device)
         assigned = np.nonzero(s.class_index >= 0)[0]
         self.refine_final_poses(assigned[np.argsort(s.class_index[assigned], kind="stable")])
@@ -658,16 +659,12 @@ class Engine(ClassMoves):
         psi = torch.from_numpy(s.psi_rad[rows]).float().to(dev)
         shifts = torch.from_numpy(s.shift_work[rows] * (fine.geom.work_box / self.geom.work_box)).float().to(dev)
         scale = torch.from_numpy(s.scale[rows]).float().to(dev)
-        # On the run's own box the run's cache holds the particles at these points already.
-        same = fine_cfg is cfg
-        (num, den, counts), _ = (self if same else fine)._read_fixed(rows, labels, psi, shifts_px=shifts, scale=scale,
-                                                                     group=_INIT_READ, by_angle=True, cached=same)
+        (num, den, counts), _ = fine._read_fixed(rows, labels, psi, shifts_px=shifts, scale=scale, group=_INIT_READ,
+                                                 by_angle=True)
         sigma2 = s.sigma2_shell.float()
         refined = torch.nonzero(s.noise_cnt > 0).flatten()
         if cfg.white_noise:
             fine.state.sigma2_shell = torch.full((fine.n_shells,), float(sigma2[1]), device=dev)
-        elif same:  # the run's own box: the run's noise model
-            fine.state.sigma2_shell = sigma2.clone()
         else:
             some = assigned[np.linspace(0, len(assigned) - 1, min(len(assigned), _NOISE_READ)).astype(np.int64)]
             background = 0.0

@@ -47,7 +47,8 @@ class EStepResult:
     class_post : (b, K) float
         Posterior probability of each class (marginal over poses).
     best_t, best_k, best_r : (b,) int64
-        Indices of the most probable (shift, class, rotation).
+        Indices of the most probable (shift, class, rotation); ``hard_class``:
+        the most probable within the particle's class (:func:`choose_class`).
     max_prob : (b,) float
         Posterior of that (shift, class, rotation).
     best_cross, best_norm : (b,) float
@@ -216,15 +217,17 @@ def _summarise(logp: Tensor, table, mode: str, max_entries: int, min_weight: flo
     total = post.sum(dim=1, keepdim=True)
     post.div_(total)
     log_evidence = (peak + torch.log(total)).squeeze(1)
-    max_prob, best = post.max(dim=1)
+    class_post = table.class_marginal(post)
+    inside = table.in_class(choose_class(class_post, null_class)) if mode == "hard_class" else None
+    # hard_class: the best pose within the class the particle is given (its written pose), not of all classes
+    max_prob, best = (post if inside is None else post.masked_fill(~inside, -1.0)).max(dim=1)
     best_t, best_kr = table.decode(best[:, None])
     best_t, best_kr = best_t[:, 0], best_kr[:, 0]
-    class_post = table.class_marginal(post)
     best_cross, best_norm = (v[:, 0] for v in table.cross_norm_at(best[:, None]))
     entries = None  # hard: the best poses
     if mode != "hard":
-        if mode == "hard_class":
-            post = torch.where(table.in_class(choose_class(class_post, null_class)), post, 0.0)
+        if inside is not None:
+            post = torch.where(inside, post, 0.0)
             post = post / post.sum(dim=1, keepdim=True)
         n_keep = min(max_entries, post.shape[1])
         w, idx = torch.topk(post, n_keep, dim=1)
