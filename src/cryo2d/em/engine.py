@@ -28,7 +28,6 @@ from cryo2d.em.estep import (
     CoarseGrid,
     EStepResult,
     bf16_matmul_is_fast,
-    choose_class,
     coarse_references,
     coarse_subgrid,
     deshift_phases,
@@ -971,10 +970,9 @@ class Engine(ClassMoves):
                 out["chi2"].append(chi2)
                 shell_resid.append(per_shell)
                 p = res.class_post
-                if mode == "hard":
-                    chosen = res.best_k
-                else:  # the last pass labels empty boxes as its M-step summed them (choose_class)
-                    chosen = choose_class(p, s.null_class) if mode == "hard_class" else p.argmax(dim=1)
+                # hard and hard_class: the class of the written pose (hard_class: estep.choose_class's,
+                # which keeps an empty box only where the empty-box class holds half its posterior)
+                chosen = p.argmax(dim=1) if mode == "soft" else res.best_k
                 out["k"].append(chosen)
                 out["psi"].append(plan.psi_rad[res.best_r])
                 out["shift"].append(plan.shifts_px[res.best_t])
