@@ -43,6 +43,7 @@ from cryo2d._callable import make_callable
 from cryo2d.classify import ClassifyResult, finalize, subset_particles, write_job
 from cryo2d.em.config import EMConfig, check_device
 from cryo2d.em.engine import Engine, final_result
+from cryo2d.em.start import start_classes
 from cryo2d.em.state import RunState
 from cryo2d.errors import Cryo2DError
 from cryo2d.io import (
@@ -334,7 +335,7 @@ class _Stream:
         cfg = self.config
         pass_fn = self._dask_pass(pieces, engine) if self.client is not None else None
         if self.state is None:
-            engine.initialise()
+            start_classes(engine)
             iterations = range(cfg.n_online_iterations + max(cfg.n_full_iterations, 1))
             for it in iterations:
                 record = engine.iterate(it, pass_fn=pass_fn)

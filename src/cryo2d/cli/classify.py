@@ -20,7 +20,7 @@ import argparse
 import sys
 from contextlib import contextmanager
 
-from cryo2d.em.config import EMConfig, check_device
+from cryo2d.em.config import STARTS, EMConfig, check_device
 from cryo2d.errors import Cryo2DError
 
 
@@ -71,6 +71,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "particles' final poses (default: Nyquist; equal to --max-res: no pass)")
     p.add_argument("--max-align-res", type=float, default=None, help="highest resolution used in alignment, Å (default: --max-res)")
     p.add_argument("--min-align-res", type=float, default=None, help="lowest resolution used in alignment (high-pass), Å")
+    p.add_argument("--start", choices=STARTS, default=d.start,
+                   help="starting classes: grown from one class by binary splitting, aligned with each other "
+                        "(default), or random subsets at random angles (RELION's and CryoSPARC's start)")
     p.add_argument("--online-iterations", type=int, default=d.n_online_iterations, help="online-EM iterations (default %(default)s)")
     p.add_argument("--batch-per-class", type=int, default=d.batch_size_per_class, help="particles per class per online iteration (default %(default)s)")
     p.add_argument("--full-iterations", type=int, default=d.n_full_iterations, help="final passes over all particles (default %(default)s)")
@@ -133,6 +136,7 @@ def config_from_args(args: argparse.Namespace) -> EMConfig:
         average_res_angst=args.average_res,
         max_align_res_angst=args.max_align_res,
         min_align_res_angst=args.min_align_res,
+        start=args.start,
         n_online_iterations=args.online_iterations,
         batch_size_per_class=args.batch_per_class,
         n_full_iterations=args.full_iterations,

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 from cryo2d.errors import Cryo2DError
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+#: The starting classes a run can have (``EMConfig.start``, :mod:`cryo2d.em.start`).
+STARTS = ("split", "random")
 
 
 def check_device(device: str) -> str:
@@ -47,6 +49,9 @@ class EMConfig:
     max_align_res_angst: float | None = None
     #: Lowest resolution used by the E-step, a high-pass (None = keep all), Å.
     min_align_res_angst: float | None = None
+    #: Starting classes: "split" grows them from one class by binary splitting
+    #: (:mod:`cryo2d.em.start`), "random" averages random subsets at random angles.
+    start: str = "split"
     n_online_iterations: int = 20
     batch_size_per_class: int = 100
     n_full_iterations: int = 1
@@ -142,6 +147,7 @@ class EMConfig:
             (self.mask_diameter_angst is None or self.mask_diameter_angst > 0, "--mask-diameter must be positive"),
             (self.min_separation_angst is None or self.min_separation_angst > 0, "--min-separation must be positive"),
             (self.seed >= 0, "--seed must be >= 0"),
+            (self.start in STARTS, f"--start {self.start}: not one of {', '.join(STARTS)}"),
         ]
         for ok, message in checks:
             if not ok:

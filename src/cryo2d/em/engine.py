@@ -39,6 +39,7 @@ from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, 
 from cryo2d.em.moves import _INIT_READ, _REFINE_CHUNK, ClassMoves
 from cryo2d.em.mstep import PoseSums, class_resolution_shell, estimate_tau2, resolution_shell, solve_classes, ssnr
 from cryo2d.em.refine import refine_poses
+from cryo2d.em.start import start_classes
 from cryo2d.em.rotation import (
     RotationTable, half_turn_pairs, oversample, psi_grid, rotate_classes, rotated_points, sample_half, wrapped,
 )
@@ -454,6 +455,20 @@ class Engine(ClassMoves):
             raise Cryo2DError(f"{self.particles.source.name}: {which} constant (no pixel varies); nothing to classify")
         s.sigma2_shell = self._noise_model(sig)
         num, den, counts = sums
+        s.num, s.den, s.counts = num, den, counts
+        self._update_classes(allow_recenter=False)
+
+    def start_from(self, idx: np.ndarray, labels: Tensor, psi: Tensor, shifts: Tensor, sigma2_shell: Tensor,
+                   grid: Tensor | None = None) -> None:
+        """Starting classes from particles ``idx`` with classes, angles and shifts given (:mod:`cryo2d.em.start`).
+
+        labels : (b,) classes 0 .. K-1; psi : (b,) radians; shifts : (b, 2) working px (as
+        :meth:`pass_over` gives them); sigma2_shell : the noise model to start from; grid: the
+        angle grid that ``psi`` lies on (:meth:`_read_fixed`).
+        """
+        s = self.state
+        s.sigma2_shell = sigma2_shell.to(self.device).clone()
+        (num, den, counts), _ = self._read_fixed(idx, labels, psi, shifts_px=shifts, cached=True, grid=grid)
         s.num, s.den, s.counts = num, den, counts
         self._update_classes(allow_recenter=False)
 
@@ -1141,7 +1156,7 @@ def run_em(
             for record in s.history:
                 on_iteration(record)
     else:
-        eng.initialise()
+        start_classes(eng)
     n_online, n_full = cfg.n_online_iterations, cfg.n_full_iterations
     total = n_online + max(n_full, 1)
     pass_fn = make_pass(eng) if make_pass is not None else None
