@@ -63,13 +63,8 @@ def particles3(sim3) -> ParticleSet:
 
 
 def tiny_config(**overrides) -> EMConfig:
-    """A fast configuration: 3 classes, 3 online iterations of 20 per class, one full pass.
-
-    The random start: the tests that use it count the schedule's passes, reads and re-seeded
-    classes, which the split start's stages would add to (tests/em/test_start.py tests those).
-    """
-    values = dict(n_classes=3, n_online_iterations=3, batch_size_per_class=20, n_full_iterations=1, seed=0,
-                  start="random")
+    """A fast configuration: 3 classes, 3 online iterations of 20 per class, one full pass."""
+    values = dict(n_classes=3, n_online_iterations=3, batch_size_per_class=20, n_full_iterations=1, seed=0)
     values.update(overrides)
     return EMConfig(**values)
 

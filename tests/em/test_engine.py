@@ -247,7 +247,7 @@ def test_the_torch_path_of_a_gpu_classifies_as_the_cpu_kernels_do(bundled_volume
                    rare_view_fraction=0.1, seed=1)
     particles = helpers.memory_particles(sim.images, sim.pixel_size_angst, ctf=sim.ctf)
     config = EMConfig(n_classes=6, n_online_iterations=8, batch_size_per_class=40, n_full_iterations=1, seed=0,
-                      force_max=not soft, start="random")  # the random start re-seeds more classes
+                      force_max=not soft)
     compiled = run_em(particles, config)
     monkeypatch.setattr(kernels, "available", lambda device: False)
     plain = run_em(particles, config)

@@ -83,3 +83,17 @@ def test_split_start_classes_are_views_not_blurs(particles3, sim3):
     assert random.max() < 0.96, random
     assert len(set(split.argmax(axis=1).tolist())) >= 2, split  # the classes differ in view
     assert len(set(random.argmax(axis=1).tolist())) == 1, random
+
+
+def test_a_split_start_run_is_seeded(particles3, helpers):
+    """A whole run from the split start: the same seed gives the same classes and labels; another seed
+    other ones. The stages are the start, not iterations of the schedule: the log has the schedule's."""
+    from cryo2d.em.engine import run_em
+
+    config = helpers.tiny_config(start="split")
+    a, b = run_em(particles3, config), run_em(particles3, config)
+    np.testing.assert_array_equal(a.class_index, b.class_index)
+    np.testing.assert_array_equal(a.classes, b.classes)
+    assert len(a.history) == config.n_online_iterations + config.n_full_iterations
+    other = run_em(particles3, helpers.tiny_config(start="split", seed=1))
+    assert not np.array_equal(other.classes, a.classes)

@@ -49,9 +49,9 @@ class EMConfig:
     max_align_res_angst: float | None = None
     #: Lowest resolution used by the E-step, a high-pass (None = keep all), Å.
     min_align_res_angst: float | None = None
-    #: Starting classes: "split" grows them from one class by binary splitting
-    #: (:mod:`cryo2d.em.start`), "random" averages random subsets at random angles.
-    start: str = "split"
+    #: Starting classes: "random" averages random subsets at random angles;
+    #: "split" grows them from one class by binary splitting (:mod:`cryo2d.em.start`).
+    start: str = "random"
     n_online_iterations: int = 20
     batch_size_per_class: int = 100
     n_full_iterations: int = 1

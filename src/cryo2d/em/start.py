@@ -1,4 +1,4 @@
-"""The starting classes of a run: classes grown by binary splitting (the default), or random subsets.
+"""The starting classes of a run: random subsets (the default), or classes grown by binary splitting.
 
 Random subsets averaged at random angles (:meth:`Engine.initialise`, RELION's
 and CryoSPARC's start) are all close to one rotational blur of the data: the
@@ -19,13 +19,16 @@ the last split, to K, first gives each class's misfits (the class moves'
 misfit groups) a class of their own, where a rarer view hidden in a class
 can grow.
 
-Measured over 21 runs of six simulated sets (session 38): purity 0.49 → 0.71
+Measured over 21 runs of eight simulated sets (session 38): purity 0.49 → 0.71
 and median NCC 0.938 → 0.969 on haemoglobin at 48 px, 0.62 → 0.82 purity on a
 set with 40 % junk, 0.126 → 0.155 and 0.882 → 0.904 with views uniform over
 the sphere; the bundled 48 px sets as before, but their rare view kept in 7
-of 9 runs instead of 9. The stages cost about a quarter of the job on those
-sets (3,000 particles of 64 px, K = 20: 19.0 → 23.8 s) and do not grow with
-the number of particles.
+of 9 runs instead of 9, and the 5,000-particle `hard` set's in 0 of 3 runs
+instead of 2. Slower: the stages cost about a quarter of the job on those
+sets (3,000 particles of 64 px, K = 20: 19.0 → 23.8 s; they do not grow with
+the number of particles), and where the classes reach a finer resolution
+sooner the searches that follow cost more (TRPV1, 3,000 particles: +60-80 %).
+So it is an option (``--start split``), not the default.
 """
 from __future__ import annotations
 
