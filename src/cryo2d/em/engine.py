@@ -439,10 +439,15 @@ class Engine(ClassMoves):
         )
 
     # ---------------------------------------------------------------- init
+    def start_sample_size(self) -> int:
+        """Particles a start reads: 20 a class (fewer with smaller batches), at least 1,000, at most all."""
+        n = len(self.particles)
+        return min(n, max(self.K * min(self.config.batch_size_per_class, 20), min(n, 1000)))
+
     def initialise(self) -> None:
         """Noise from the image backgrounds; classes from random subsets at random angles."""
         s, n = self.state, len(self.particles)
-        m = min(n, max(self.K * min(self.config.batch_size_per_class, 20), min(n, 1000)))
+        m = self.start_sample_size()
         idx = np.sort(self.rng.choice(n, size=m, replace=False))
         labels = torch.from_numpy(np.arange(m) % self.K)[torch.from_numpy(self.rng.permutation(m))].to(self.device)
         # Random angles rounded to a grid of _INIT_PSI_STEP: rows a quarter turn apart share a back-rotation.

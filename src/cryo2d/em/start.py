@@ -105,7 +105,7 @@ def split_start(engine: Engine) -> None:
     Each stage is an :class:`~cryo2d.em.engine.Engine` of its own on the same
     particles and image cache, seeded from ``engine``'s random generator. After
     its online iterations one hard pass over a random sample (the size of the
-    random start's: 20 particles per class of K, at least 1,000 or all) gives
+    random start's, :meth:`Engine.start_sample_size`) gives
     each sampled particle a class, pose and fit; the next stage (or
     ``engine``) starts from those, its classes split (:func:`split_labels`),
     with the last stage's noise model. With K = 1 this is the random start.
@@ -117,7 +117,7 @@ def split_start(engine: Engine) -> None:
     if not sizes:
         engine.initialise()
         return
-    m = min(n, max(K * min(cfg.batch_size_per_class, 20), min(n, 1000)))
+    m = engine.start_sample_size()
     start = None  # (particles, labels, angles, shifts, noise) for the next stage
     for i, k in enumerate(sizes):
         sub_cfg = dataclasses.replace(cfg, n_classes=k, n_online_iterations=STAGE_ITERATIONS, n_full_iterations=0,
@@ -138,7 +138,7 @@ def split_start(engine: Engine) -> None:
         seeds = sub._misfit_groups(per["k"], z, exclude=set()) if target == K else []
         labels = split_labels(per["k"], z, target, seeds)
         start = (idx, torch.from_numpy(labels).to(engine.device), torch.from_numpy(per["psi"]).float().to(engine.device),
-                 torch.from_numpy(per["shift"]).to(engine.device), sub.state.sigma2_shell.clone(), plan.psi_rad)
+                 torch.from_numpy(per["shift"]).to(engine.device), sub.state.sigma2_shell, plan.psi_rad)
     engine.start_from(*start)
 
 
