@@ -62,6 +62,17 @@ def particles3(sim3) -> ParticleSet:
     return read_particles(sim3.star)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (the same float sums in runs that must agree bit for bit)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(**overrides) -> EMConfig:
     """A fast configuration: 3 classes, 3 online iterations of 20 per class, one full pass."""
     values = dict(n_classes=3, n_online_iterations=3, batch_size_per_class=20, n_full_iterations=1, seed=0)

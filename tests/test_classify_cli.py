@@ -325,6 +325,8 @@ ENGINE_OPTIONS = [
     (["--non-negative"], "non_negative", True),
     (["--align-filaments"], "align_filaments", True),
     (["--no-ctf"], "use_ctf", False),
+    (["--invert-contrast"], "invert_contrast", True),
+    (["--no-invert-contrast"], "invert_contrast", False),
     (["--psi-step", "6"], "psi_step_deg", 6.0),
     (["--shift-range", "4"], "shift_range_px", 4.0),
     (["--shift-step", "0.5"], "shift_step_px", 0.5),

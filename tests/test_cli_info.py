@@ -55,6 +55,27 @@ def test_info_real_relion31(monkeypatch, capsys):
     assert code == 0
     assert summary["pixel_size"] == 2.806 and summary["box"] == 256 and summary["n_particles"] == 5
     assert summary["voltage"] == 300.0 and summary["cs"] == 0.01 and summary["amplitude_contrast"] == 0.1
+    assert summary["contrast_images"] == 5 and 0 < summary["contrast_z"] < 5  # bright, but 5 images say little
+
+
+def test_info_contrast_of_real_80s_particles(tmp_path, monkeypatch, capsys):
+    """RELION-extracted ribosomes read as bright protein; the same images times -1 as dark."""
+    import shutil
+
+    import mrcfile
+
+    from cryo2d.io import write_stack
+
+    star = shared_data("particles/aspire_sample_80S/sample_relion30.star")
+    code, out, _ = run_cli(monkeypatch, capsys, "info", star, "--check-pixels")
+    row = [line for line in out.splitlines() if line.startswith("contrast")]
+    assert code == 0 and row == ["contrast       bright protein (z = +6.8 over 17 images)"]
+    shutil.copy(star, tmp_path / "sample.star")
+    write_stack(tmp_path / "sample.mrcs", -mrcfile.read(star.parent / "sample.mrcs"), 1.338)
+    code, out, _ = run_cli(monkeypatch, capsys, "info", tmp_path / "sample.star", "--check-pixels", "--json")
+    assert code == 0 and json.loads(out)["contrast_z"] == -6.78
+    code, out, _ = run_cli(monkeypatch, capsys, "info", tmp_path / "sample.star")
+    assert not [line for line in out.splitlines() if line.startswith("contrast")]  # only with --check-pixels
 
 
 def test_info_real_sample_two_voltages(monkeypatch, capsys):

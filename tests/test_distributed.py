@@ -207,6 +207,21 @@ def test_bad_scale_out_arguments(particles):
         source_of(replace(particles, source=Path("mem")))
 
 
+def test_workers_read_the_images_as_the_run_does(particles):
+    """An inverted set (cryo2d.contrast) goes to the workers as a source that reads its images inverted."""
+    import numpy as np
+
+    from cryo2d.classify import subset_particles
+    from cryo2d.contrast import invert_contrast
+
+    rows = np.array([5, 7, 250])
+    inverted = invert_contrast(subset_particles(particles, rows))
+    for kept, expected in ((subset_particles(particles, rows), 1.0), (inverted, -1.0)):
+        source = source_of(kept, rows=rows)
+        assert source.invert_contrast == (expected < 0)
+        np.testing.assert_array_equal(source.open().stack.read(np.arange(3)), expected * particles.stack.read(rows))
+
+
 @pytest.mark.parametrize("flag, message", [
     (["--workers", "0"], "cryo2d: error: --workers must be at least 1 (got 0)"),
     (["--scheduler", "nonsense"], "cryo2d: error: --scheduler nonsense: cannot connect"),

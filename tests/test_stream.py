@@ -28,12 +28,7 @@ from cryo2d.io.watch import ParticleWatcher
 from cryo2d.stream import start_threshold, stream, update_threshold
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Source:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cryo2d._callable import make_callable
+from cryo2d.contrast import settle_contrast
 from cryo2d.ctf import boost_note
 from cryo2d.em.config import EMConfig
 from cryo2d.em.engine import EMResult, run_em
@@ -41,6 +42,7 @@ class ClassifyResult:
     empty_class: int = -1  # the class of the empty boxes (output order), -1 for none
     classes_unmasked: np.ndarray | None = None  # before the solvent mask (--flatten-solvent), output order
     ctf_note: str | None = None  # :func:`cryo2d.ctf.boost_note` of the particles, when the CTF is used
+    contrast_note: str | None = None  # :func:`cryo2d.contrast.settle_contrast`'s note: the images were inverted
 
 
 class _Subset:
@@ -54,6 +56,9 @@ class _Subset:
 
     def read(self, idx: np.ndarray) -> np.ndarray:
         return self.stack.read(self.rows[np.asarray(idx)])
+
+    def inverted(self) -> "_Subset":
+        return _Subset(self.stack.inverted(), self.rows)
 
 
 def subset_particles(particles: ParticleSet, rows: np.ndarray) -> ParticleSet:
@@ -83,6 +88,7 @@ def classify(
     on_iteration: Callable[[dict], None] | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> ClassifyResult:
     """Run 2D classification and write the job folder (DESIGN §4).
 
@@ -110,6 +116,9 @@ def classify(
         single-threaded worker processes (``cryo2d.em.distributed``).
     scheduler : str, optional
         Run them on the workers of a running Dask scheduler (``tcp://HOST:PORT``).
+    on_note : callable, optional
+        Called with a line for the user before the run starts: the particles
+        looked dark and were inverted (``config.invert_contrast`` None).
     """
     if workers is not None and scheduler is not None:
         raise Cryo2DError("--workers and --scheduler: give one of them")
@@ -126,6 +135,9 @@ def classify(
             particles = subset_particles(particles, rows)
     else:
         check_finite(particles.stack)
+    particles, contrast_note = settle_contrast(particles, config.invert_contrast)
+    if contrast_note is not None and on_note is not None:
+        on_note(contrast_note)
     out = make_output_folder(out_dir)
     log_path = out / "iterations.jsonl"
     lines: list[str] = []  # a resumed run replays the checkpoint's records first
@@ -152,6 +164,7 @@ def classify(
     final.n_bad = n_bad
     if config.use_ctf:
         final.ctf_note = boost_note(particles.ctf, particles.pixel_size_angst)
+    final.contrast_note = contrast_note
     return final
 
 

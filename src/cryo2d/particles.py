@@ -72,6 +72,10 @@ class ImageSource(Protocol):
         """Images ``idx`` (0-based particle indices) as (b, box, box) float32."""
         ...
 
+    def inverted(self) -> "ImageSource":
+        """The same images with their contrast inverted (multiplied by -1), as a new source."""
+        ...
+
 
 @dataclass(frozen=True)
 class ParticleSet:

@@ -41,6 +41,7 @@ import torch
 
 from cryo2d._callable import make_callable
 from cryo2d.classify import ClassifyResult, finalize, subset_particles, write_job
+from cryo2d.contrast import invert_contrast, settle_contrast
 from cryo2d.em.config import EMConfig, check_device
 from cryo2d.em.engine import Engine, final_result
 from cryo2d.em.start import start_classes
@@ -187,6 +188,7 @@ class _Stream:
         self.update = 0
         self.state: RunState | None = None
         self.rng_state: dict | None = None
+        self.inverted: bool | None = None  # the images read times -1 (decided at the first update)
         self._verified: dict[tuple[str, int], tuple] = {}
         self._images: set[str] | None = None
         self.client = None  # a distributed.Client: full passes on Dask workers
@@ -206,6 +208,7 @@ class _Stream:
             "update": self.update,
             "pieces": [asdict(p) for p in self.pieces],
             "rng": self.rng_state,
+            "contrast_inverted": self.inverted,
             "state": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(self.state).items()},
         }
         with atomic_path(self.out / CHECKPOINT) as tmp:
@@ -230,6 +233,7 @@ class _Stream:
         self.pieces = [Piece(**{**p, "skipped": tuple(p["skipped"])}) for p in payload["pieces"]]
         self.state = RunState(**payload["state"])
         self.rng_state = payload["rng"]
+        self.inverted = payload.get("contrast_inverted")
 
     # ------------------------------------------------------------ bookkeeping
     @property
@@ -323,14 +327,25 @@ class _Stream:
             pieces.append(Piece(name, start, stop, skipped, rows_digest(particles, start, stop), self.update + 1))
         return pieces
 
-    def run_update(self, pending: list[tuple[str, int, int]],
-                   on_iteration: Callable[[dict], None] | None) -> tuple[dict, ClassifyResult, bool]:
-        """Classify the pending rows with the earlier ones; write the job. Returns (summary, result, interrupted)."""
+    def run_update(self, pending: list[tuple[str, int, int]], on_iteration: Callable[[dict], None] | None,
+                   on_note: Callable[[str], None] | None = None) -> tuple[dict, ClassifyResult, bool]:
+        """Classify the pending rows with the earlier ones; write the job. Returns (summary, result, interrupted).
+
+        The first update settles the images' contrast for the stream (``config.invert_contrast``,
+        :func:`cryo2d.contrast.settle_contrast`; its note goes to ``on_note``); later ones keep it.
+        """
         t0 = time.perf_counter()
         new = self.new_pieces(pending)
         self._check_new_images(new)
         pieces = self.pieces + new
         particles = self.combined(pieces)
+        if self.inverted is None:
+            particles, note = settle_contrast(particles, self.config.invert_contrast)
+            if note is not None and on_note is not None:
+                on_note(f"{self.source}: {note}")
+            self.inverted = bool(particles.extra.get("contrast_inverted", False))
+        elif self.inverted:
+            particles = invert_contrast(particles)
         engine = Engine(particles, self.config, self.device)
         cfg = self.config
         pass_fn = self._dask_pass(pieces, engine) if self.client is not None else None
@@ -380,7 +395,7 @@ class _Stream:
         parts = tuple(
             ParticleSource(path=str(self.watcher.path(p.file).resolve()),
                            project_dir=None if project is None else str(Path(project).resolve()),
-                           no_ctf=not self.config.use_ctf, rows=p.rows())
+                           no_ctf=not self.config.use_ctf, rows=p.rows(), invert_contrast=bool(self.inverted))
             for p in pieces
         )
         return DaskPass(self.client, ConcatSource(parts, str(self.source)), engine)
@@ -513,7 +528,7 @@ def _watch(run: "_Stream", source, config: EMConfig, *, poll_s: float, until: in
             if run.state is None and run.n_particles + n_pending < config.n_classes:
                 enough = False
             if enough and run.ready():
-                summary, last, interrupted = run.run_update(pending, on_iteration)
+                summary, last, interrupted = run.run_update(pending, on_iteration, on_note)
                 if on_update is not None:
                     on_update(summary)
                 if interrupted:

@@ -141,7 +141,7 @@ def make_cs_dataset(folder: Path, *, n: int = 12, box: int = 16, seed: int = 0):
     array["blob/idx"] = names[0].astype(int) - 1
     array["blob/shape"] = box
     array["blob/psize_A"] = ctf["pixel_size_angst"]
-    array["blob/sign"] = -1.0
+    array["blob/sign"] = 1.0  # protein bright, as the STAR's stacks (a RELION stack imported into CryoSPARC)
     array["ctf/type"] = b"ctffind4"
     array["ctf/exp_group_id"] = np.where(ctf["voltage_kv"] == 300.0, 1, 2)
     array["ctf/accel_kv"] = ctf["voltage_kv"]

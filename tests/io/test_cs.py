@@ -1,4 +1,6 @@
-"""CryoSPARC .cs: 0-based blob/idx, radians, project-relative paths, alignments2D on writing."""
+"""CryoSPARC .cs: 0-based blob/idx, radians, project-relative paths, blob/sign, alignments2D on writing."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from particle_files import make_cs_dataset, random_assignments, shared_data
@@ -22,7 +24,7 @@ def test_real_cs_metadata():
     np.testing.assert_array_equal(particles.ctf.defocus_v_angst, raw["ctf/df2_A"].astype(np.float64))
     np.testing.assert_allclose(particles.ctf.defocus_angle_deg, np.degrees(raw["ctf/df_angle_rad"].astype(np.float64)))
     np.testing.assert_array_equal(particles.ctf.voltage_kv, 200.0)
-    np.testing.assert_array_equal(particles.extra["blob_sign"], -1.0)
+    np.testing.assert_array_equal(particles.stack.sign, -1.0)  # cut from micrographs: protein dark
     assert particles.extra["cs_array"] is not None and "blob/shape[0]" in particles.table
     with pytest.raises(Cryo2DError, match=r"cryosparc_P12_J24_001_particles.cs: stack file J19/extract/.* not found"):
         read_particles(path)
@@ -53,6 +55,35 @@ def test_ctf_scale_field_is_read(tmp_path):
     with open(cs, "wb") as handle:
         np.save(handle, array)
     np.testing.assert_allclose(read_particles(cs).ctf.amplitude_scale, np.linspace(0.6, 1.2, 12), rtol=1e-6)
+
+
+def test_blob_sign_makes_the_protein_bright(tmp_path):
+    """Images are read times blob/sign (CryoSPARC: -1 for particles cut from micrographs, protein dark)."""
+    from cryo2d.io import open_stack
+
+    _, cs, images, _ = make_cs_dataset(tmp_path)
+    array = np.load(cs)
+    sign = np.where(np.arange(12) % 3 == 0, -1.0, 1.0).astype(np.float32)
+    array["blob/sign"] = sign
+    with open(cs, "wb") as handle:
+        np.save(handle, array)
+    everything = np.arange(12)
+    particles = read_particles(cs)
+    np.testing.assert_array_equal(particles.stack.read(everything), images * sign[:, None, None])
+    np.testing.assert_array_equal(particles.stack.read(np.array([9, 3])), -images[[9, 3]])  # any order
+    lazy = read_particles(cs, open_stacks=False)
+    np.testing.assert_array_equal(lazy.stack.sign, sign)
+    np.testing.assert_array_equal(open_stack(lazy).stack.read(everything), images * sign[:, None, None])
+    # Inverting on top: every image's contrast flips again, the file's sign included.
+    np.testing.assert_array_equal(particles.stack.inverted().read(everything), -images * sign[:, None, None])
+    np.testing.assert_array_equal(open_stack(replace(lazy, stack=lazy.stack.inverted())).stack.read(everything),
+                                  -images * sign[:, None, None])
+    np.testing.assert_array_equal(particles.stack.read(everything), images * sign[:, None, None])  # unchanged
+    array["blob/sign"][4] = 0.5
+    with open(cs, "wb") as handle:
+        np.save(handle, array)
+    with pytest.raises(Cryo2DError, match=r"particles.cs: blob/sign 0.5 of particle 5 is not 1 or -1"):
+        read_particles(cs)
 
 
 def test_write_cs_roundtrip_all_fields_and_units(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import contextmanager
+from functools import partial
 
 from cryo2d.em.config import STARTS, EMConfig, check_device
 from cryo2d.errors import Cryo2DError
@@ -95,6 +96,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--non-negative", action="store_true", help="classes non-negative")
     p.add_argument("--align-filaments", action="store_true", help="rotate final classes so the long axis is vertical")
     p.add_argument("--no-ctf", dest="use_ctf", action="store_false", help="no CTF (negative stain)")
+    ic = p.add_mutually_exclusive_group()
+    ic.add_argument("--invert-contrast", dest="invert_contrast", action="store_true", default=None,
+                    help="multiply the images by -1 (protein dark in the stack; .cs: on top of blob/sign). "
+                         "Default: only when the particles look dark, with a note")
+    ic.add_argument("--no-invert-contrast", dest="invert_contrast", action="store_false",
+                    help="use the images as they are, even when they look dark")
     p.add_argument("--psi-step", type=float, default=None, help="in-plane angular step, degrees (default: from resolution)")
     p.add_argument("--shift-range", type=float, default=None, help="largest shift searched, px (default 10%% of the box)")
     p.add_argument("--shift-step", type=float, default=None, help="shift step, px (default from resolution: box / (4 x search radius in Fourier px), at least one working pixel)")
@@ -158,6 +165,7 @@ def config_from_args(args: argparse.Namespace) -> EMConfig:
         non_negative=args.non_negative,
         align_filaments=args.align_filaments,
         use_ctf=args.use_ctf,
+        invert_contrast=args.invert_contrast,
         psi_step_deg=args.psi_step,
         shift_range_px=args.shift_range,
         shift_step_px=args.shift_step,
@@ -214,6 +222,13 @@ def progress_printer(total: int):
         bar.close()
 
 
+def print_note(source, text: str) -> None:
+    """``source: text`` on stderr, above any progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"{source}: {text}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -228,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         result = classify(
             args.particles, args.out, config, device=args.device, project_dir=args.project_dir,
             resume=args.resume, skip_bad=args.skip_bad, on_iteration=on_iteration,
-            workers=args.workers, scheduler=args.scheduler,
+            workers=args.workers, scheduler=args.scheduler, on_note=partial(print_note, args.particles),
         )
     n_classes = int((result.counts > 0).sum())
     print(f"{args.out}: {n_classes} non-empty classes of {len(result.counts)}; "

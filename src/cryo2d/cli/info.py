@@ -8,7 +8,7 @@ broken, the metadata is still printed, then the error, and the exit code is 1;
 examples:
   $ cryo2d info particles.star
   $ cryo2d info J24/J24_001_particles.cs --project-dir /data/P12 --json
-  $ cryo2d info particles.star --check-pixels     # also scan every image for NaN/Inf
+  $ cryo2d info particles.star --check-pixels     # also scan every image for NaN/Inf, and measure the contrast
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--project-dir", metavar="DIR", help=".cs only: folder that blob/path is relative to")
     parser.add_argument("--no-ctf", action="store_true", help="do not require CTF columns")
     parser.add_argument("--no-images", action="store_true", help="metadata only: do not open the image stacks")
-    parser.add_argument("--check-pixels", action="store_true", help="read every image and refuse NaN/Inf pixels")
+    parser.add_argument("--check-pixels", action="store_true",
+                        help="read every image and refuse NaN/Inf pixels; say whether the protein is bright or dark")
 
 
 def summarize(particles: ParticleSet) -> dict[str, Any]:
@@ -44,7 +45,8 @@ def summarize(particles: ParticleSet) -> dict[str, Any]:
         ``n_optics_groups``; ``defocus_min``/``defocus_max`` (Å, over U and V);
         ``bfactor_min``/``bfactor_max`` (Å², ``_rlnCtfBfactor``: 0 when absent) and
         ``ctf_scale_min``/``ctf_scale_max`` (``_rlnCtfScalefactor``: 1 when absent).
-        CTF values are None when the set has no CTF.
+        CTF values are None when the set has no CTF. (``info --check-pixels``
+        adds ``contrast_z`` and ``contrast_images``: :func:`cryo2d.contrast.contrast_z`.)
     """
     ctf = particles.ctf
     defocus = None if ctf is None else np.concatenate([ctf.defocus_u_angst, ctf.defocus_v_angst])
@@ -116,6 +118,13 @@ def _text(summary: dict[str, Any], particles: ParticleSet) -> str:
         rows.append(("CTF B-factor", f"{summary['bfactor_min']:g} - {summary['bfactor_max']:g} Å²"))
     if summary["ctf_scale_min"] is not None and (summary["ctf_scale_min"], summary["ctf_scale_max"]) != (1.0, 1.0):
         rows.append(("CTF scale", f"{summary['ctf_scale_min']:g} - {summary['ctf_scale_max']:g}"))
+    if "contrast_z" in summary:
+        from cryo2d.contrast import DARK_Z
+
+        z = summary["contrast_z"]
+        looks = ("dark protein: classify and stream invert it" if z < DARK_Z
+                 else "bright protein" if z > -DARK_Z else "not clear")
+        rows.append(("contrast", f"{looks} (z = {z:+.1f} over {summary['contrast_images']} images)"))
     return "\n".join(f"{name:<15}{value}" for name, value in rows)
 
 
@@ -130,6 +139,11 @@ def run(args: argparse.Namespace) -> int:
         except Cryo2DError as err:
             stack_error = err
     summary = summarize(particles)
+    if args.check_pixels and stack_error is None:
+        from cryo2d.contrast import contrast_z  # imports torch: only when the images are read
+
+        z, used = contrast_z(particles)
+        summary.update(contrast_z=round(z, 2), contrast_images=used)
     print(json.dumps(summary) if args.json else _text(summary, particles))
     if stack_error is not None:
         raise stack_error

@@ -82,6 +82,10 @@ class EMConfig:
     non_negative: bool = False
     align_filaments: bool = False
     use_ctf: bool = True
+    #: Multiply the images by -1 as they are read (protein dark in the stack);
+    #: None = when the particles look dark (:mod:`cryo2d.contrast`). Applied by
+    #: ``cryo2d.classify.classify`` and the stream before the engine sees them.
+    invert_contrast: bool | None = None
     #: In-plane angular step, degrees (None = from the current resolution).
     psi_step_deg: float | None = None
     #: Largest shift searched, px of the input box (None = 10 % of the box).

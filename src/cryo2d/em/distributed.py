@@ -63,19 +63,25 @@ class ParticleSource:
         Read no CTF (``--no-ctf``).
     rows : (n,) int64 array or None
         The rows of the file that were classified (after ``--skip-bad``); None = all.
+    invert_contrast : bool
+        Read the images multiplied by -1 (the run inverted them: ``cryo2d.contrast``).
     """
 
     path: str
     project_dir: str | None = None
     no_ctf: bool = False
     rows: np.ndarray | None = None
+    invert_contrast: bool = False
 
     def open(self) -> ParticleSet:
         """Read the particle set (metadata; images are read from the stacks on demand)."""
         from cryo2d.classify import subset_particles
+        from cryo2d.contrast import invert_contrast
         from cryo2d.io import read_particles
 
         particles = read_particles(self.path, project_dir=self.project_dir, no_ctf=self.no_ctf)
+        if self.invert_contrast:
+            particles = invert_contrast(particles)
         if self.rows is not None:
             particles = subset_particles(particles, self.rows)
         return particles
@@ -124,6 +130,7 @@ def source_of(particles: ParticleSet, project_dir=None, rows: np.ndarray | None 
         project_dir=None if project_dir is None else str(Path(project_dir).resolve()),
         no_ctf=particles.ctf is None,
         rows=None if rows is None else np.asarray(rows, dtype=np.int64),
+        invert_contrast=bool(particles.extra.get("contrast_inverted", False)),
     )
 
 

@@ -57,6 +57,10 @@ class ConcatStack:
         """Like ``read`` but without the NaN/Inf check where the sources offer that."""
         return self._read(idx, "read_unchecked")
 
+    def inverted(self) -> "ConcatStack":
+        """The same images with their contrast inverted (each source inverted)."""
+        return ConcatStack([s.inverted() for s in self.sources])
+
 
 def _merge_optics(sets: Sequence[ParticleSet]) -> pd.DataFrame | None:
     """One ``data_optics`` table for all sets; a group number defined two ways is an error."""
@@ -134,8 +138,6 @@ def concat_particles(sets: Sequence[ParticleSet], source: str | Path) -> Particl
             if array.dtype != arrays[0].dtype:
                 raise Cryo2DError(f"{p.source}: .cs fields differ from those of {first.source}")
         extra["cs_array"] = np.concatenate(arrays)
-        signs = [p.extra.get("blob_sign") for p in sets]
-        extra["blob_sign"] = None if any(s is None for s in signs) else np.concatenate(signs)
     return ParticleSet(
         stack=ConcatStack([p.stack for p in sets]),
         ctf=ctf,

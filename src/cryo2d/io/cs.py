@@ -78,10 +78,11 @@ def read_cs(
     ParticleSet
         ``kind="cs"``; ``table`` has one column per scalar field (bytes
         decoded to str) and ``name[j]`` columns for vector fields; ``extra``
-        holds ``cs_array`` (the original array), ``blob_sign`` ((n,) float
-        or None: CryoSPARC's contrast sign, -1 = protein dark; RELION expects
-        protein bright, flipping is left to ``--invert-contrast``) and
-        ``project_dir``.
+        holds ``cs_array`` (the original array) and ``project_dir``. Images
+        are read multiplied by ``blob/sign`` (CryoSPARC's contrast sign,
+        -1 for particles cut from micrographs, where the protein is dark),
+        so that the protein is bright, as in RELION's particle stacks;
+        ``StackRefs.sign`` holds it.
     """
     path = Path(path)
     label = str(path)
@@ -106,7 +107,6 @@ def read_cs(
         kind="cs",
         extra={
             "cs_array": array,
-            "blob_sign": _numbers(array, "blob/sign", label) if "blob/sign" in array.dtype.names else None,
             "project_dir": project_dir,
         },
     )
@@ -187,9 +187,17 @@ def _stack_refs(array: np.ndarray, path: Path, project_dir, label: str) -> Stack
         shapes = np.unique(array["blob/shape"].reshape(len(array), -1), axis=0)
         if len(shapes) == 1 and shapes[0][0] == shapes[0][-1] and 1 <= shapes[0][0] <= np.iinfo(np.int32).max:
             box = int(shapes[0][0])
+    sign = None
+    if "blob/sign" in array.dtype.names:
+        sign = _numbers(array, "blob/sign", label)
+        bad = (sign != 1) & (sign != -1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise Cryo2DError(f"{label}: blob/sign {array['blob/sign'][i]} of particle {i + 1} is not 1 or -1")
+        sign = None if (sign == 1).all() else sign.astype(np.float32)
     return StackRefs(
         label=label, names=names, candidates=places, file_index=codes.reshape(-1).astype(np.int64),
-        image_index=image_index.astype(np.int64), index_base=0, box=box,
+        image_index=image_index.astype(np.int64), index_base=0, box=box, sign=sign,
     )
 
 

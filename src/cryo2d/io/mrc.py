@@ -11,6 +11,7 @@ array for tests and simulations.
 """
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
@@ -18,7 +19,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mrcfile
@@ -180,6 +181,9 @@ class MRCStack:
         The files as the metadata spells them (default: ``files``).
     index_base : int
         1 to name images as STAR does (``000001@stack.mrcs``), 0 for .cs.
+    sign : (n,) float array, optional
+        Per particle, a factor (+1 or -1) on its image as read: the contrast
+        that makes the protein bright (``StackRefs.sign``). None: as stored.
 
     Raises
     ------
@@ -208,6 +212,7 @@ class MRCStack:
         label: str = "",
         names: Sequence[str] | None = None,
         index_base: int = 0,
+        sign: np.ndarray | None = None,
     ) -> None:
         self.files = [Path(f) for f in files]
         self.names = [str(n) for n in names] if names is not None else [str(f) for f in self.files]
@@ -216,6 +221,8 @@ class MRCStack:
         self.index_base = index_base
         assert len(self.names) == len(self.files)
         assert self.file_index.shape == self.image_index.shape and self.file_index.ndim == 1
+        self.sign = None if sign is None else np.asarray(sign, dtype=np.float32)
+        assert self.sign is None or self.sign.shape == self.file_index.shape
         self.label = label or (self.names[0] if self.names else "stack")
         self._strict: list[bool] = []
         self._layout: list[tuple[np.dtype, int, int]] = []  # per file: data dtype, data offset, images
@@ -331,7 +338,16 @@ class MRCStack:
                     out[group[0]:group[-1] + 1] = block
                 else:
                     out[group] = block[inverse]
+        if self.sign is not None:
+            out *= self.sign[idx][:, None, None]
         return out
+
+    def inverted(self) -> "MRCStack":
+        """The same images with their contrast inverted (multiplied by -1), sharing no open files."""
+        other = copy.copy(self)
+        other._handles, other._lock = OrderedDict(), threading.Lock()
+        other.sign = -(np.ones(len(self), dtype=np.float32) if self.sign is None else self.sign)
+        return other
 
     def read(self, idx: np.ndarray) -> np.ndarray:
         """Images ``idx`` (0-based particle indices) as (b, box, box) float32.
@@ -412,6 +428,10 @@ class ArrayStack:
             raise Cryo2DError(f"{self.label}: image {idx[bad]} has NaN/Inf pixels")
         return out
 
+    def inverted(self) -> "ArrayStack":
+        """The same images with their contrast inverted (multiplied by -1)."""
+        return ArrayStack(-np.asarray(self.images, dtype=np.float32), label=self.label)
+
 
 @dataclass(frozen=True)
 class StackRefs:
@@ -431,6 +451,10 @@ class StackRefs:
         1 for STAR image names, 0 for .cs ``blob/idx``.
     box : int
         Box size (px) the metadata states, 0 when unknown.
+    sign : (n,) float32 or None
+        Per particle, the factor (+1 or -1) that makes its image's protein
+        bright (RELION's convention): CryoSPARC's ``blob/sign``, -1 for
+        images cut from micrographs; None: all +1.
     """
 
     label: str
@@ -440,9 +464,14 @@ class StackRefs:
     image_index: np.ndarray
     index_base: int
     box: int = 0
+    sign: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.file_index)
+
+    def inverted(self) -> "StackRefs":
+        """The same references, their images to be read with the contrast inverted."""
+        return replace(self, sign=-(np.ones(len(self), dtype=np.float32) if self.sign is None else self.sign))
 
     def read(self, idx: np.ndarray) -> np.ndarray:
         raise Cryo2DError(f"{self.label}: image stacks were not opened")
@@ -458,7 +487,7 @@ class StackRefs:
             files.append(found)
         return MRCStack(
             files, self.file_index, self.image_index,
-            label=self.label, names=self.names, index_base=self.index_base,
+            label=self.label, names=self.names, index_base=self.index_base, sign=self.sign,
         )
 
 
