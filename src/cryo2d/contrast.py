@@ -18,11 +18,13 @@ one image at a time, whatever the CTF's phase at each frequency. Its mean
 within 0.2 box of the centre minus its mean 0.3-0.45 box from it is positive
 for bright protein picked near the box centre, negative for dark. The z is
 the t statistic of that difference over up to ``CONTRAST_IMAGES`` images
-spread evenly over the set.
+spread evenly over the set (fewer for large boxes: ``CONTRAST_BYTES``), in
+0.05-0.6 s.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -31,13 +33,16 @@ from cryo2d.particles import ParticleSet
 
 #: Images read to measure the contrast (evenly spread over the set).
 CONTRAST_IMAGES = 1000
+#: Bytes of images read for the measure at most (256 px: 250 images), unless fewer than 250 images.
+CONTRAST_BYTES = 64 * 2**20
 #: Low-pass of the images for the measure, Å.
 CONTRAST_RES_ANGST = 20.0
 #: Below this z the particles look dark: inverted unless the user says otherwise.
 #: Bright sets: +6.8 for 17 real 80S ribosome images extracted by RELION (ASPIRE's
-#: sample), +2.2 for 5 real images (cryoDRGN's RELION 3.1 sample); 1,000 simulated
-#: images score +15 to +57 (SNR 0.02-0.1, 10-40 % junk, 48-64 px), the 48 px
-#: `small` set +40.3 and the same images negated -40.3 (session 39).
+#: sample), +1.9 for 5 real images (cryoDRGN's RELION 3.1 sample); 1,000 simulated
+#: images of 48-64 px score +15 to +56 (SNR 0.05-0.1, 10-40 % junk), 250 of 256 px
+#: at SNR 0.05 +22, the 48 px `small` set +39.7 and the same images negated -39.7
+#: (session 39).
 DARK_Z = -5.0
 _CHUNK = 256  # images read and filtered at a time
 
@@ -50,7 +55,8 @@ def contrast_z(particles: ParticleSet, n_images: int = CONTRAST_IMAGES, res_angs
     particles : ParticleSet
         With opened stacks; its CTF is used when it has one (``--no-ctf``: none).
     n_images : int
-        At most this many images, evenly spread over the set.
+        At most this many images (and at most ``CONTRAST_BYTES`` of them, but
+        at least 250), evenly spread over the set.
     res_angst : float
         Low-pass of the filtered images, Å.
 
@@ -60,28 +66,31 @@ def contrast_z(particles: ParticleSet, n_images: int = CONTRAST_IMAGES, res_angs
         The t statistic, over the images, of (mean within 0.2 box of the
         centre − mean 0.3-0.45 box from it) of each image filtered by its
         CTF up to ``res_angst``; 0.0 when it cannot be told (fewer than two
-        images, or no spread).
+        images, or no spread). The filtered images are made on the smallest
+        grid that holds the low-pass (the same frequency spacing).
     """
     from cryo2d.ctf import ctf_grid
     from cryo2d.em.data import normalise_images
+    from cryo2d.fourier import fft2c_cropped, freq_grid, ifft2c
 
     n, box = len(particles), particles.box
+    n_images = min(n_images, max(250, int(CONTRAST_BYTES // (4 * box * box))))
     rows = np.unique(np.linspace(0, n - 1, min(n, n_images)).round().astype(np.int64))
     pixel = float(np.median(particles.pixel_size_angst))
-    fy = torch.fft.fftfreq(box, d=pixel)
-    fx = torch.fft.rfftfreq(box, d=pixel)
-    low = (fy[:, None].square() + fx[None, :].square()) <= 1.0 / res_angst**2
-    r = np.hypot(*np.meshgrid(np.arange(box) - box // 2, np.arange(box) - box // 2, indexing="ij")) / box
+    small = min(box, 2 * math.ceil(box * pixel / res_angst) + 2)
+    small_pixel = pixel * box / small  # the same frequency spacing, 1 / (box · pixel)
+    low = freq_grid(small, small_pixel).norm(dim=-1) <= 1.0 / res_angst
+    r = np.hypot(*np.meshgrid(np.arange(small) - small // 2, np.arange(small) - small // 2, indexing="ij")) / small
     inner = torch.from_numpy(r < 0.2)
     ring = torch.from_numpy((r > 0.3) & (r < 0.45))
     diffs = []
     for start in range(0, len(rows), _CHUNK):
         part = rows[start:start + _CHUNK]
         images = normalise_images(torch.from_numpy(particles.stack.read(part)), 0.45 * box)
-        F = torch.fft.rfft2(images) * low
+        F = fft2c_cropped(images, small) * low
         if particles.ctf is not None:
-            F = F * ctf_grid(particles.ctf.subset(part), box, pixel, rfft=True)
-        filtered = torch.fft.irfft2(F, s=(box, box))
+            F = F * ctf_grid(particles.ctf.subset(part), small, small_pixel)
+        filtered = ifft2c(F, real=True)
         diffs.append((filtered[:, inner].mean(dim=1) - filtered[:, ring].mean(dim=1)).double().numpy())
     d = np.concatenate(diffs)
     spread = float(d.std(ddof=1)) if len(d) > 1 else 0.0
