@@ -63,6 +63,23 @@ def test_amplitude_scale_multiplies_the_whole_ctf():
     np.testing.assert_allclose(scaled, want * np.array([[0.7], [1.3]]), atol=1e-9)
 
 
+def test_phase_flipped_images_have_the_absolute_ctf():
+    """RELION's ``_rlnCtfDataArePhaseFlipped``: images times sign(CTF) have |CTF| as their CTF."""
+    s = np.linspace(0.0, 0.25, 60)
+    pts = torch.tensor(np.stack([s, 0.5 * s], -1))
+    kw = dict(defocus_u_angst=[18000.0, 18000.0], defocus_v_angst=[17000.0, 17000.0], defocus_angle_deg=[33.0, 33.0],
+              voltage_kv=[300.0, 300.0], cs_mm=[2.7, 2.7], amplitude_contrast=[0.1, 0.1], phase_shift_deg=[0.0, 0.0],
+              bfactor_angst2=[80.0, 80.0])
+    plain = ctf_2d(pts, _params(**kw), dtype=torch.float64).numpy()
+    assert _params(**kw).phase_flipped.tolist() == [0.0, 0.0]  # absent: zeros
+    flipped = ctf_2d(pts, _params(**kw, phase_flipped=[0.0, 1.0]), dtype=torch.float64).numpy()
+    want = np.array([_by_hand(x, y, *[kw[k][0] for k in kw]) for x, y in pts.numpy()])
+    assert (want < -0.5).any() and (want > 0.5).any()
+    np.testing.assert_allclose(flipped[0], want, atol=1e-9)
+    np.testing.assert_allclose(flipped[1], np.abs(want), atol=1e-9)
+    np.testing.assert_array_equal(plain[0], flipped[0])
+
+
 def test_wavelength_300kv():
     assert wavelength_angst(300.0) == pytest.approx(0.019687, abs=1e-6)
     assert wavelength_angst(200.0) == pytest.approx(0.025079, abs=1e-6)

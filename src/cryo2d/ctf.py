@@ -70,8 +70,10 @@ def ctf_2d(
     params : CTFParams
         Length-n arrays: defocus U/V in Å (positive = underfocus), angle of U
         from the x axis in degrees, kV, Cs in mm, amplitude contrast Q0
-        (fraction), phase shift in degrees, B-factor in Å², and a factor on
-        the whole CTF (``amplitude_scale``, RELION's ``_rlnCtfScalefactor``).
+        (fraction), phase shift in degrees, B-factor in Å², a factor on
+        the whole CTF (``amplitude_scale``, RELION's ``_rlnCtfScalefactor``),
+        and where the images were phase-flipped (``phase_flipped``, RELION's
+        ``_rlnCtfDataArePhaseFlipped``): their CTF is the absolute value.
     device : torch device, optional
         Where to compute; default the device of ``freqs``.
     dtype : torch dtype
@@ -112,6 +114,9 @@ def ctf_2d(
     deltaf = defocus_average + defocus_deviation * torch.cos(2.0 * (theta - angle_rad))
     chi = k1 * deltaf * u2 + k2 * u2 * u2 - k5 - k3
     ctf = -torch.sin(chi) * torch.exp(k4 * u2) * c(params.amplitude_scale)
+    flipped = np.asarray(params.phase_flipped) != 0
+    if flipped.any():
+        ctf = torch.where(c(flipped.astype(np.float64)) > 0, ctf.abs(), ctf)
     return ctf.to(dtype)
 
 

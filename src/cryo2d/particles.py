@@ -37,6 +37,10 @@ class CTFParams:
     amplitude_scale : (n,) float64
         Factor on the whole CTF (RELION ``_rlnCtfScalefactor``, CryoSPARC
         ``ctf/scale``); 1 when absent (None: ones).
+    phase_flipped : (n,) float64
+        1 where the images were phase-flipped (multiplied by the sign of their
+        CTF, RELION ``_rlnCtfDataArePhaseFlipped``): their CTF is then |CTF|;
+        0 when absent (None: zeros).
     """
 
     defocus_u_angst: np.ndarray
@@ -48,10 +52,13 @@ class CTFParams:
     phase_shift_deg: np.ndarray
     bfactor_angst2: np.ndarray
     amplitude_scale: np.ndarray | None = None
+    phase_flipped: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.amplitude_scale is None:
             object.__setattr__(self, "amplitude_scale", np.ones(len(self.defocus_u_angst)))
+        if self.phase_flipped is None:
+            object.__setattr__(self, "phase_flipped", np.zeros(len(self.defocus_u_angst)))
 
     def __len__(self) -> int:
         return len(self.defocus_u_angst)

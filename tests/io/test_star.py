@@ -37,6 +37,23 @@ def test_ctf_b_factor_and_scale_columns_are_read(tmp_path):
     np.testing.assert_allclose(ctf.subset(np.array([11, 0])).amplitude_scale, [1.0, 0.5], rtol=1e-6)
 
 
+def test_phase_flipped_optics_group_and_premultiplied_images(tmp_path):
+    """_rlnCtfDataArePhaseFlipped per optics group reaches each particle's CTF; premultiplied images are refused."""
+    from cryo2d.errors import Cryo2DError
+
+    star, _, _ = make_star_dataset(tmp_path)  # odd rows in optics group 2
+    assert read_particles(star).ctf.phase_flipped.tolist() == [0.0] * 12  # absent: not flipped
+    blocks = starfile.read(star, always_dict=True)
+    blocks["optics"]["rlnCtfDataArePhaseFlipped"] = [0, 1]
+    starfile.write(blocks, star, overwrite=True)
+    np.testing.assert_array_equal(read_particles(star).ctf.phase_flipped, np.arange(12) % 2)
+    blocks["optics"]["rlnCtfDataAreCtfPremultiplied"] = [0, 1]
+    starfile.write(blocks, star, overwrite=True)
+    with pytest.raises(Cryo2DError, match=r"particles.star: _rlnCtfDataAreCtfPremultiplied is 1: .* --no-ctf"):
+        read_particles(star)
+    assert read_particles(star, no_ctf=True).ctf is None
+
+
 def test_read_30_pixel_size_from_detector_and_magnification(tmp_path):
     star, images, ctf = make_star_dataset(tmp_path, version="3.0")
     particles = read_particles(star)

@@ -35,6 +35,7 @@ OPTIONAL_CTF_COLUMNS = {
     "phase_shift_deg": ("rlnPhaseShift", 0.0),
     "bfactor_angst2": ("rlnCtfBfactor", 0.0),
     "amplitude_scale": ("rlnCtfScalefactor", 1.0),
+    "phase_flipped": ("rlnCtfDataArePhaseFlipped", 0.0),
 }
 
 
@@ -167,6 +168,10 @@ def _ctf(columns: dict[str, pd.Series], label: str) -> CTFParams:
         values[field] = _numeric(columns, name, label)
         if values[field] is None:
             raise Cryo2DError(f"{label}: column _{name} missing (use --no-ctf to classify without CTF)")
+    premultiplied = _numeric(columns, "rlnCtfDataAreCtfPremultiplied", label)
+    if premultiplied is not None and (premultiplied != 0).any():
+        raise Cryo2DError(f"{label}: _rlnCtfDataAreCtfPremultiplied is 1: the images are already multiplied by "
+                          "their CTF (subtomogram data); classify images as extracted, or use --no-ctf")
     n = len(values["defocus_u_angst"])
     for field, (name, absent) in OPTIONAL_CTF_COLUMNS.items():
         found = _numeric(columns, name, label)
