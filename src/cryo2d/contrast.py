@@ -11,20 +11,21 @@ negated scores purity 0.31 and median NCC 0.20 against 0.85 and 0.995
 (seed 0; benchmarks/README.md, session 39). RELION's likelihood does not care
 about the sign, but its class averages then come out dark.
 
-:func:`contrast_z` measures the sign from the data. Each image, normalised
-as the engine normalises it, is filtered by its own CTF and low-passed
-(``CONTRAST_RES_ANGST``): the CTF-weighted sum that a class average is made of,
-one image at a time, whatever the CTF's phase at each frequency. Its mean
-within 0.2 box of the centre minus its mean 0.3-0.45 box from it is positive
-for bright protein picked near the box centre, negative for dark. The z is
-the t statistic of that difference over up to ``CONTRAST_IMAGES`` images
-spread evenly over the set (fewer for large boxes: ``CONTRAST_BYTES``), in
-0.05-0.6 s.
+:func:`contrast_z` measures the sign from the data. At zero frequency the CTF
+is the amplitude contrast, positive whatever the defocus (RELION's
+convention, ours), so a particle adds amplitude contrast × its mass to the
+image's total: above the background for bright protein, below it for dark,
+whatever the particle's shape. Each image, normalised as the engine
+normalises it (background beyond 0.45 box: mean 0, SD 1), gives the mean of
+its disc within ``CONTRAST_RADIUS`` box of the centre; z is the t statistic of
+those means over up to ``CONTRAST_IMAGES`` images spread evenly over the set.
+A first form, the centre minus a ring around it of CTF-filtered images, read
+hollow particles that nearly fill the box (a shell of radius 0.41 box) as dark
+(z = -50): their rim lies in the ring.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
@@ -35,64 +36,48 @@ from cryo2d.particles import ParticleSet
 CONTRAST_IMAGES = 1000
 #: Bytes of images read for the measure at most (256 px: 250 images), unless fewer than 250 images.
 CONTRAST_BYTES = 64 * 2**20
-#: Low-pass of the images for the measure, Å.
-CONTRAST_RES_ANGST = 20.0
+#: Radius of the disc whose mean is measured, in boxes.
+CONTRAST_RADIUS = 0.3
 #: Below this z the particles look dark: inverted unless the user says otherwise.
-#: Bright sets: +6.8 for 17 real 80S ribosome images extracted by RELION (ASPIRE's
-#: sample), +1.9 for 5 real images (cryoDRGN's RELION 3.1 sample); 1,000 simulated
-#: images of 48-64 px score +15 to +56 (SNR 0.05-0.1, 10-40 % junk), 250 of 256 px
-#: at SNR 0.05 +22, the 48 px `small` set +39.7 and the same images negated -39.7
-#: (session 39).
+#: Bright sets: +8.8 for 17 real 80S ribosome images extracted by RELION (ASPIRE's
+#: sample), +0.9 for 5 real images (cryoDRGN's RELION 3.1 sample); 1,000 simulated
+#: images of 48-64 px score +8 (40 % junk) to +27 (SNR 0.05-0.1), hollow shells and
+#: rings of radius 0.2-0.4 box +21 to +37, 250 of 256 px +14; the 48 px `small`
+#: set +23.9 and the same images negated -23.9 (session 39).
 DARK_Z = -5.0
-_CHUNK = 256  # images read and filtered at a time
+_CHUNK = 256  # images read at a time
 
 
-def contrast_z(particles: ParticleSet, n_images: int = CONTRAST_IMAGES, res_angst: float = CONTRAST_RES_ANGST) -> tuple[float, int]:
-    """How bright the particles' centres are: (z, images used); z > 0 for bright protein.
+def contrast_z(particles: ParticleSet, n_images: int = CONTRAST_IMAGES) -> tuple[float, int]:
+    """How bright the particles are against their background: (z, images used); z > 0 for bright protein.
 
     Parameters
     ----------
     particles : ParticleSet
-        With opened stacks; its CTF is used when it has one (``--no-ctf``: none).
+        With opened stacks.
     n_images : int
         At most this many images (and at most ``CONTRAST_BYTES`` of them, but
         at least 250), evenly spread over the set.
-    res_angst : float
-        Low-pass of the filtered images, Å.
 
     Returns
     -------
     (float, int)
-        The t statistic, over the images, of (mean within 0.2 box of the
-        centre − mean 0.3-0.45 box from it) of each image filtered by its
-        CTF up to ``res_angst``; 0.0 when it cannot be told (fewer than two
-        images, or no spread). The filtered images are made on the smallest
-        grid that holds the low-pass (the same frequency spacing).
+        The t statistic, over the images, of each normalised image's mean
+        within ``CONTRAST_RADIUS`` box of its centre; 0.0 when it cannot be
+        told (fewer than two images, or no spread).
     """
-    from cryo2d.ctf import ctf_grid
     from cryo2d.em.data import normalise_images
-    from cryo2d.fourier import fft2c_cropped, freq_grid, ifft2c
 
     n, box = len(particles), particles.box
     n_images = min(n_images, max(250, int(CONTRAST_BYTES // (4 * box * box))))
     rows = np.unique(np.linspace(0, n - 1, min(n, n_images)).round().astype(np.int64))
-    pixel = float(np.median(particles.pixel_size_angst))
-    small = min(box, 2 * math.ceil(box * pixel / res_angst) + 2)
-    small_pixel = pixel * box / small  # the same frequency spacing, 1 / (box · pixel)
-    low = freq_grid(small, small_pixel).norm(dim=-1) <= 1.0 / res_angst
-    r = np.hypot(*np.meshgrid(np.arange(small) - small // 2, np.arange(small) - small // 2, indexing="ij")) / small
-    inner = torch.from_numpy(r < 0.2)
-    ring = torch.from_numpy((r > 0.3) & (r < 0.45))
-    diffs = []
+    r = np.hypot(*np.meshgrid(np.arange(box) - box // 2, np.arange(box) - box // 2, indexing="ij")) / box
+    disc = torch.from_numpy(r < CONTRAST_RADIUS)
+    means = []
     for start in range(0, len(rows), _CHUNK):
-        part = rows[start:start + _CHUNK]
-        images = normalise_images(torch.from_numpy(particles.stack.read(part)), 0.45 * box)
-        F = fft2c_cropped(images, small) * low
-        if particles.ctf is not None:
-            F = F * ctf_grid(particles.ctf.subset(part), small, small_pixel)
-        filtered = ifft2c(F, real=True)
-        diffs.append((filtered[:, inner].mean(dim=1) - filtered[:, ring].mean(dim=1)).double().numpy())
-    d = np.concatenate(diffs)
+        images = normalise_images(torch.from_numpy(particles.stack.read(rows[start:start + _CHUNK])), 0.45 * box)
+        means.append(images[:, disc].double().mean(dim=1).numpy())
+    d = np.concatenate(means)
     spread = float(d.std(ddof=1)) if len(d) > 1 else 0.0
     if spread <= 0:
         return 0.0, len(d)
