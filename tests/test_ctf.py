@@ -80,6 +80,23 @@ def test_phase_flipped_images_have_the_absolute_ctf():
     np.testing.assert_array_equal(plain[0], flipped[0])
 
 
+def test_rescaled_ctf_is_the_ctf_at_scaled_frequencies():
+    """rescale_ctf(params, s)(f) = CTF(s f): a particle of another pixel size on the run's grid."""
+    from cryo2d.ctf import rescale_ctf
+
+    rng = np.random.default_rng(4)
+    pts = torch.tensor(rng.uniform(-0.2, 0.2, (50, 2)))
+    kw = dict(defocus_u_angst=[18000.0, 9000.0], defocus_v_angst=[17000.0, 9500.0], defocus_angle_deg=[33.0, -10.0],
+              voltage_kv=[300.0, 200.0], cs_mm=[2.7, 2.0], amplitude_contrast=[0.1, 0.07], phase_shift_deg=[20.0, 0.0],
+              bfactor_angst2=[80.0, 10.0])
+    params, s = _params(**kw), np.array([1.0, 0.985])
+    got = ctf_2d(pts, rescale_ctf(params, s), dtype=torch.float64).numpy()
+    want = np.stack([ctf_2d(pts * float(s[i]), params.subset(np.array([i])), dtype=torch.float64).numpy()[0]
+                     for i in range(2)])
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    assert np.abs(want[1] - ctf_2d(pts, params, dtype=torch.float64).numpy()[1]).max() > 0.1  # 1.5 % matters
+
+
 def test_wavelength_300kv():
     assert wavelength_angst(300.0) == pytest.approx(0.019687, abs=1e-6)
     assert wavelength_angst(200.0) == pytest.approx(0.025079, abs=1e-6)

@@ -19,6 +19,7 @@ STAR files) is left out.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -118,6 +119,25 @@ def ctf_2d(
     if flipped.any():
         ctf = torch.where(c(flipped.astype(np.float64)) > 0, ctf.abs(), ctf)
     return ctf.to(dtype)
+
+
+def rescale_ctf(params: CTFParams, factor: np.ndarray) -> CTFParams:
+    """The CTFs of ``params`` evaluated at frequencies scaled by ``factor``: CTF'(f) = CTF(factor · f).
+
+    For a particle of pixel size p on a grid of pixel size p0, ``factor`` =
+    p0 / p: the same grid index is frequency k / (box p), not k / (box p0).
+    Defocus and B-factor scale by factor², Cs by factor⁴ (the phase χ and the
+    envelope are polynomials in |f|²); angles, phase shift and amplitude are
+    unchanged.
+    """
+    s2 = np.asarray(factor, dtype=np.float64) ** 2
+    return dataclasses.replace(
+        params,
+        defocus_u_angst=params.defocus_u_angst * s2,
+        defocus_v_angst=params.defocus_v_angst * s2,
+        cs_mm=params.cs_mm * s2 * s2,
+        bfactor_angst2=params.bfactor_angst2 * s2,
+    )
 
 
 def envelope_at_nyquist(params: CTFParams, pixel_size_angst: np.ndarray | float) -> np.ndarray:

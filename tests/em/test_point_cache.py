@@ -96,6 +96,34 @@ def test_kept_ctfs_equal_a_fresh_computation(helpers):
     assert torch.equal(without.read_with_ctf(np.array([2, 5]))[1], torch.ones(2, len(flat)))
 
 
+def test_optics_groups_of_slightly_different_pixel_sizes(helpers):
+    """Pixel sizes up to 2 % apart: one run at their median, each particle's CTF at its own frequencies."""
+    import pytest
+
+    from cryo2d.ctf import ctf_2d
+    from cryo2d.em.data import batch_ctf
+    from cryo2d.em.engine import Engine
+    from cryo2d.errors import Cryo2DError
+    from cryo2d.fourier import freq_grid
+
+    rng = np.random.default_rng(5)
+    pixel = np.where(np.arange(12) % 2, 4.06, 4.0)  # two optics groups, 1.5 % apart
+    defocus = np.linspace(8000.0, 30000.0, 12)
+    ctf = dataclasses.replace(helpers.constant_ctf(12), defocus_u_angst=defocus, defocus_v_angst=defocus)
+    particles = dataclasses.replace(helpers.memory_particles(rng.standard_normal((12, 24, 24)), ctf=ctf),
+                                    pixel_size_angst=pixel)
+    engine = Engine(particles, helpers.tiny_config())
+    geom = engine.geom
+    assert geom.pixel_size_angst == pytest.approx(4.03)
+    C = batch_ctf(particles, np.arange(12), geom, True, "cpu")
+    for i in (0, 1):  # on the working grid, index k is frequency k / (box · the particle's own pixel size)
+        own = freq_grid(geom.work_box, pixel[i] * geom.box / geom.work_box)
+        torch.testing.assert_close(C[i], ctf_2d(own, ctf.subset(np.array([i])))[0], atol=2e-5, rtol=0)
+    far = dataclasses.replace(particles, pixel_size_angst=np.where(np.arange(12) % 2, 4.2, 4.0))
+    with pytest.raises(Cryo2DError, match=r"pixel sizes 4.0000-4.2000 Å, more than 2 % apart"):
+        Engine(far, helpers.tiny_config())
+
+
 def test_particles_read_elsewhere_are_kept_once_and_read_back(helpers):
     """``keep`` stores values read outside the cache (the starting classes' particles) up to its
     capacity, skipping repeats and particles it holds; later reads give them back unchanged."""

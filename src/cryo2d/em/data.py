@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryo2d.ctf import ctf_2d
+from cryo2d.ctf import ctf_2d, rescale_ctf
 from cryo2d.em.geometry import Geometry
 from cryo2d.fourier import fft2c, fft2c_cropped, freq_grid, radius_grid
 from cryo2d.particles import ParticleSet
@@ -216,6 +216,8 @@ def batch_ctf(particles: ParticleSet, idx: np.ndarray, geom: Geometry, use_ctf: 
     """CTF of particles ``idx`` on the centred working grid, (b, work_box, work_box) float32 (ones without CTF).
 
     With ``flat`` (indices into the flattened grid), only at those points: (b, len(flat)).
+    A particle whose pixel size is not the run's (``geom.pixel_size_angst``) has its
+    CTF at its own frequencies, k / (box · its pixel size) (:func:`cryo2d.ctf.rescale_ctf`).
     """
     b = len(idx)
     shape = (b, geom.work_box, geom.work_box) if flat is None else (b, len(flat))
@@ -224,7 +226,12 @@ def batch_ctf(particles: ParticleSet, idx: np.ndarray, geom: Geometry, use_ctf: 
     freqs = freq_grid(geom.work_box, geom.work_pixel_angst, device=device)
     if flat is not None:
         freqs = freqs.reshape(-1, 2)[flat]
-    return ctf_2d(freqs, particles.ctf.subset(np.asarray(idx)), device=device)
+    idx = np.asarray(idx)
+    params = particles.ctf.subset(idx)
+    pixel = np.asarray(particles.pixel_size_angst, dtype=np.float64)[idx]
+    if (pixel != geom.pixel_size_angst).any():  # optics groups a little apart: each at its own frequencies
+        params = rescale_ctf(params, geom.pixel_size_angst / pixel)
+    return ctf_2d(freqs, params, device=device)
 
 
 def noise_spectrum(X: Tensor, geom: Geometry, n_shells: int) -> Tensor:

@@ -256,14 +256,22 @@ def _same_grid(a: IterationPlan, b: IterationPlan) -> bool:
                 (a.points.weight, b.points.weight))))
 
 
+#: Pixel sizes that differ by at most this fraction (optics groups of two sessions,
+#: calibrated apart) are classified together: at the run's pixel size (the median),
+#: each particle's CTF at its own (:func:`cryo2d.em.data.batch_ctf`).
+PIXEL_SIZE_RTOL = 0.02
+
+
 def _single_pixel_size(particles: ParticleSet) -> float:
+    """The run's pixel size, Å: the median of the particles', which may differ by ``PIXEL_SIZE_RTOL``."""
     p = np.asarray(particles.pixel_size_angst, dtype=np.float64)
-    if not np.allclose(p, p[0], rtol=1e-3):
+    mid = float(np.median(p))
+    if np.abs(p - mid).max() > PIXEL_SIZE_RTOL * mid:
         raise Cryo2DError(
-            f"{particles.source.name}: particles have different pixel sizes "
-            f"({p.min():.4f}-{p.max():.4f} Å); classify each optics group separately"
+            f"{particles.source.name}: particles have pixel sizes {p.min():.4f}-{p.max():.4f} Å, more than "
+            f"{100 * PIXEL_SIZE_RTOL:g} % apart; classify each optics group separately (or rescale them to one)"
         )
-    return float(p[0])
+    return float(p[0]) if np.all(p == p[0]) else mid
 
 
 def temperature_at(config: EMConfig, iteration: int) -> float:
