@@ -67,12 +67,12 @@ def contrast_z(particles: ParticleSet, n_images: int = CONTRAST_IMAGES) -> tuple
         told (fewer than two images, or no spread).
     """
     from cryo2d.em.data import normalise_images
+    from cryo2d.fourier import radius_grid
 
     n, box = len(particles), particles.box
     n_images = min(n_images, max(250, int(CONTRAST_BYTES // (4 * box * box))))
     rows = np.unique(np.linspace(0, n - 1, min(n, n_images)).round().astype(np.int64))
-    r = np.hypot(*np.meshgrid(np.arange(box) - box // 2, np.arange(box) - box // 2, indexing="ij")) / box
-    disc = torch.from_numpy(r < CONTRAST_RADIUS)
+    disc = radius_grid(box) < CONTRAST_RADIUS * box
     means = []
     for start in range(0, len(rows), _CHUNK):
         images = normalise_images(torch.from_numpy(particles.stack.read(rows[start:start + _CHUNK])), 0.45 * box)

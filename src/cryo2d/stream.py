@@ -41,7 +41,7 @@ import torch
 
 from cryo2d._callable import make_callable
 from cryo2d.classify import ClassifyResult, finalize, subset_particles, write_job
-from cryo2d.contrast import invert_contrast, settle_contrast
+from cryo2d.contrast import settle_contrast
 from cryo2d.em.config import EMConfig, check_device
 from cryo2d.em.engine import Engine, final_result
 from cryo2d.em.start import start_classes
@@ -339,13 +339,12 @@ class _Stream:
         self._check_new_images(new)
         pieces = self.pieces + new
         particles = self.combined(pieces)
-        if self.inverted is None:
-            particles, note = settle_contrast(particles, self.config.invert_contrast)
-            if note is not None and on_note is not None:
-                on_note(f"{self.source}: {note}")
-            self.inverted = bool(particles.extra.get("contrast_inverted", False))
-        elif self.inverted:
-            particles = invert_contrast(particles)
+        # The first update decides (the option, or the measure); later ones repeat that decision.
+        decided = self.config.invert_contrast if self.inverted is None else self.inverted
+        particles, note = settle_contrast(particles, decided)
+        if note is not None and on_note is not None:
+            on_note(f"{self.source}: {note}")
+        self.inverted = bool(particles.extra.get("contrast_inverted", False))
         engine = Engine(particles, self.config, self.device)
         cfg = self.config
         pass_fn = self._dask_pass(pieces, engine) if self.client is not None else None

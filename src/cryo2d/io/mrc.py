@@ -343,10 +343,10 @@ class MRCStack:
         return out
 
     def inverted(self) -> "MRCStack":
-        """The same images with their contrast inverted (multiplied by -1), sharing no open files."""
+        """The same images with their contrast inverted (multiplied by -1), sharing no open files
+        (a copy goes through ``__getstate__``/``__setstate__``)."""
         other = copy.copy(self)
-        other._handles, other._lock = OrderedDict(), threading.Lock()
-        other.sign = -(np.ones(len(self), dtype=np.float32) if self.sign is None else self.sign)
+        other.sign = _negated(self.sign, len(self))
         return other
 
     def read(self, idx: np.ndarray) -> np.ndarray:
@@ -471,7 +471,7 @@ class StackRefs:
 
     def inverted(self) -> "StackRefs":
         """The same references, their images to be read with the contrast inverted."""
-        return replace(self, sign=-(np.ones(len(self), dtype=np.float32) if self.sign is None else self.sign))
+        return replace(self, sign=_negated(self.sign, len(self)))
 
     def read(self, idx: np.ndarray) -> np.ndarray:
         raise Cryo2DError(f"{self.label}: image stacks were not opened")
@@ -489,6 +489,11 @@ class StackRefs:
             files, self.file_index, self.image_index,
             label=self.label, names=self.names, index_base=self.index_base, sign=self.sign,
         )
+
+
+def _negated(sign: np.ndarray | None, n: int) -> np.ndarray:
+    """-``sign`` for ``n`` images (None: all +1), float32."""
+    return -(np.ones(n, dtype=np.float32) if sign is None else sign)
 
 
 def _factorize(values: Sequence[str]) -> tuple[np.ndarray, list[str]]:
