@@ -330,6 +330,7 @@ ENGINE_OPTIONS = [
     (["--psi-step", "6"], "psi_step_deg", 6.0),
     (["--shift-range", "4"], "shift_range_px", 4.0),
     (["--shift-step", "0.5"], "shift_step_px", 0.5),
+    (["--no-input-shifts"], "input_shifts", False),
     (["--exhaustive"], "coarse_to_fine", False),
     (["--no-hard-last"], "hard_last", False),
     (["--no-empty-class"], "empty_class", False),
@@ -373,7 +374,7 @@ def test_every_engine_option_is_in_the_table():
     covered = {a[0] for a, _, _ in ENGINE_OPTIONS}
     # The "on" spelling of a default-on switch sets the default: nothing to reach.
     defaults_on = {"--auto-mask", "--flatten-solvent", "--recenter", "--hard-last", "--empty-class",
-                   "--remove-duplicates"}
+                   "--remove-duplicates", "--input-shifts"}
     assert options - defaults_on == covered
 
 

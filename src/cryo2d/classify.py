@@ -73,6 +73,7 @@ def subset_particles(particles: ParticleSet, rows: np.ndarray) -> ParticleSet:
         pixel_size_angst=np.asarray(particles.pixel_size_angst)[rows],
         table=particles.table.iloc[rows].reset_index(drop=True),
         extra=extra,
+        prior_shift_px=None if particles.prior_shift_px is None else particles.prior_shift_px[rows],
     )
 
 

@@ -107,6 +107,14 @@ class ParticleSet:
         Format-specific data needed to write the file back, e.g. the STAR
         ``optics`` block (``extra["optics"]``) or the original .cs structured
         array (``extra["cs_array"]``).
+    prior_shift_px : (n, 2) float64 or None
+        The shifts the file already gives the particles (RELION's
+        ``_rlnOriginX/Y[Angst]`` from an earlier job), in px and in the sense
+        of :attr:`Assignments.shift_px` (the particle's centre is this far
+        from the box centre). As RELION's Class2D does, each image is centred
+        by it before the search, which looks around it, and the written
+        shifts include it. None: the file gives none (or all zero), or they
+        are ignored (``--no-input-shifts``).
     """
 
     stack: ImageSource
@@ -116,6 +124,7 @@ class ParticleSet:
     source: Path
     kind: str
     extra: dict[str, Any] = field(default_factory=dict)
+    prior_shift_px: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.pixel_size_angst)

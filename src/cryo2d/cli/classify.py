@@ -103,7 +103,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     ic.add_argument("--no-invert-contrast", dest="invert_contrast", action="store_false",
                     help="use the images as they are, even when they look dark")
     p.add_argument("--psi-step", type=float, default=None, help="in-plane angular step, degrees (default: from resolution)")
-    p.add_argument("--shift-range", type=float, default=None, help="largest shift searched, px (default 10%% of the box)")
+    p.add_argument("--shift-range", type=float, default=None,
+                   help="largest shift searched, px, around the particle's input shift (default 10%% of the box)")
+    _on_off(p, "input-shifts", True, "start each particle from the origin its STAR file gives (_rlnOriginX/Y[Angst] "
+            "of an earlier job), as RELION's Class2D does; the written origins include it (default on)")
     p.add_argument("--shift-step", type=float, default=None, help="shift step, px (default from resolution: box / (4 x search radius in Fourier px), at least one working pixel)")
     p.add_argument("--exhaustive", dest="coarse_to_fine", action="store_false",
                    help="score every pose on the fine grid (default: coarse-to-fine search)")
@@ -168,6 +171,7 @@ def config_from_args(args: argparse.Namespace) -> EMConfig:
         invert_contrast=args.invert_contrast,
         psi_step_deg=args.psi_step,
         shift_range_px=args.shift_range,
+        input_shifts=args.input_shifts,
         shift_step_px=args.shift_step,
         hard_last=args.hard_last,
         empty_class=args.empty_class,

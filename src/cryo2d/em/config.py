@@ -86,9 +86,14 @@ class EMConfig:
     #: None = when the particles look dark (:mod:`cryo2d.contrast`). Applied by
     #: ``cryo2d.classify.classify`` and the stream before the engine sees them.
     invert_contrast: bool | None = None
+    #: Start each particle from the shift its file gives (RELION's
+    #: _rlnOriginX/Y[Angst], ``ParticleSet.prior_shift_px``), as RELION's
+    #: Class2D does; False searches around the box centre.
+    input_shifts: bool = True
     #: In-plane angular step, degrees (None = from the current resolution).
     psi_step_deg: float | None = None
-    #: Largest shift searched, px of the input box (None = 10 % of the box).
+    #: Largest shift searched, px of the input box (None = 10 % of the box),
+    #: around the particle's input shift (``input_shifts``).
     shift_range_px: float | None = None
     #: Shift grid step, px of the input box (None = one working pixel).
     shift_step_px: float | None = None

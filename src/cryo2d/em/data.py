@@ -113,12 +113,32 @@ def load_batch(particles: ParticleSet, idx: np.ndarray, geom: Geometry, device) 
     -------
     (b, work_box, work_box) complex64 tensor
         Unnormalised centred FFT of the normalised input images, cropped to
-        the working box (same frequency spacing as the input).
+        the working box (same frequency spacing as the input), each shifted
+        by minus its ``particles.prior_shift_px`` (centred) when the set has them.
     """
     release_free_heap()
-    images = torch.from_numpy(np.ascontiguousarray(particles.stack.read(np.asarray(idx)), dtype=np.float32))
+    idx = np.asarray(idx)
+    images = torch.from_numpy(np.ascontiguousarray(particles.stack.read(idx), dtype=np.float32))
     images = normalise_images(images.to(device), 0.45 * geom.box)
-    return fft2c_cropped(images, geom.work_box)
+    F = fft2c_cropped(images, geom.work_box)
+    if particles.prior_shift_px is not None:
+        F = F * centring_phase(particles.prior_shift_px[idx], geom.box, geom.work_box, device)
+    return F
+
+
+def centring_phase(shifts_px: np.ndarray, box: int, work_box: int, device) -> Tensor:
+    """(b, work_box, work_box) complex64 phases that move each image by ``-shifts_px``.
+
+    Multiplying a centred transform cropped from a ``box`` px image to
+    ``work_box`` by them undoes a shift of the content by ``shifts_px``
+    ((b, 2) px of the input box, x then y), as ``fourier.shift_images`` by
+    the opposite shift would: the factor exp(2πi (f_x s_x + f_y s_y)), f in
+    cycles per input pixel, is the product of one phase along each axis.
+    """
+    f = (torch.arange(work_box, dtype=torch.float64) - work_box // 2) / box  # cycles/px
+    s = torch.as_tensor(shifts_px, dtype=torch.float64).reshape(-1, 2)
+    along_x, along_y = (torch.polar(torch.ones_like(a), a) for a in (2 * np.pi * s[:, j:j + 1] * f for j in (0, 1)))
+    return (along_y[:, :, None] * along_x[:, None, :]).to(device=device, dtype=torch.complex64)
 
 
 #: Memory for :class:`PointCache` (bytes): 64 px, 20,000 particles fit, with their CTFs.

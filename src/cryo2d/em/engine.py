@@ -368,6 +368,15 @@ class Engine(ClassMoves):
             raise Cryo2DError(f"{particles.source.name}: {n} particles is fewer than the {config.n_classes} classes asked for")
         if config.use_ctf and particles.ctf is None:
             raise Cryo2DError(f"{particles.source.name}: no CTF parameters (use --no-ctf to classify without CTF)")
+        if not config.input_shifts:
+            particles = replace(particles, prior_shift_px=None)
+        elif particles.prior_shift_px is not None:
+            far = np.abs(particles.prior_shift_px).max(axis=1) >= particles.box / 2
+            if far.any():
+                i = int(np.argmax(far))
+                raise Cryo2DError(f"{particles.source.name}: particle {i + 1}'s origin puts its centre "
+                                  f"{np.abs(particles.prior_shift_px[i]).max():.1f} px from the box centre, outside "
+                                  f"its {particles.box} px box (or use --no-input-shifts)")
         self.particles = particles
         self.config = config
         self.device = torch.device(device)
@@ -1213,6 +1222,7 @@ def eng_result(eng: Engine, fine: Engine | None = None) -> EMResult:
     averages and their resolutions; the particles' results are ``eng``'s.
     """
     s, g = eng.state, eng.geom
+    prior = eng.particles.prior_shift_px  # the search's shifts are from the input's (load_batch)
     B, D = g.work_box, g.box
     src = eng if fine is None else fine  # the classes written
     cs, cg = src.state, src.geom
@@ -1243,7 +1253,7 @@ def eng_result(eng: Engine, fine: Engine | None = None) -> EMResult:
         resolution_angst=res,
         class_index=s.class_index.copy(),
         psi_deg=np.degrees(s.psi_rad).astype(np.float64) % 360.0,
-        shift_px=s.shift_work.astype(np.float64) * (D / B),
+        shift_px=s.shift_work.astype(np.float64) * (D / B) + (0.0 if prior is None else prior),
         max_prob=s.max_prob.astype(np.float64),
         class_posterior=s.class_post.astype(np.float64),
         class_ess=s.class_ess.astype(np.float64),

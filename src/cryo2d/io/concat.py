@@ -146,4 +146,12 @@ def concat_particles(sets: Sequence[ParticleSet], source: str | Path) -> Particl
         source=Path(source),
         kind=first.kind,
         extra=extra,
+        prior_shift_px=_joined_shifts(sets),
     )
+
+
+def _joined_shifts(sets: Sequence[ParticleSet]) -> np.ndarray | None:
+    """The sets' ``prior_shift_px`` in order (zeros for a set without), None if no set has any."""
+    if all(p.prior_shift_px is None for p in sets):
+        return None
+    return np.concatenate([np.zeros((len(p), 2)) if p.prior_shift_px is None else p.prior_shift_px for p in sets])

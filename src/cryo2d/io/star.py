@@ -97,10 +97,11 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
 
     ctf = None if no_ctf else _ctf(columns, label)
     refs = _stack_refs(table, optics, path, label)
+    pixel_size = _pixel_size(columns, label)
     particles = ParticleSet(
         stack=refs,
         ctf=ctf,
-        pixel_size_angst=_pixel_size(columns, label),
+        pixel_size_angst=pixel_size,
         table=table,
         source=path,
         kind="star",
@@ -110,6 +111,7 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
             "particles_block": particles_block,
             "star_version": "3.1" if optics is not None else "3.0",
         },
+        prior_shift_px=_prior_shifts(columns, pixel_size, label),
     )
     if open_stacks:
         particles = replace(particles, stack=refs.open())
@@ -194,6 +196,29 @@ def _pixel_size(columns: dict[str, pd.Series], label: str) -> np.ndarray:
         f"{label}: no pixel size (_rlnImagePixelSize, _rlnDetectorPixelSize with _rlnMagnification, "
         "or _rlnPixelSize) in the file"
     )
+
+
+def _prior_shifts(columns: dict[str, pd.Series], pixel_size_angst: np.ndarray, label: str) -> np.ndarray | None:
+    """(n, 2) shifts in px (``Assignments.shift_px``'s sense) from the origins, or None if none or all zero.
+
+    RELION's origin is the translation that centres the particle, so the
+    shift is its negative: ``_rlnOriginX/YAngst`` (3.1, Å, divided by each
+    particle's pixel size) or ``_rlnOriginX/Y`` (3.0, px).
+    """
+    for x_name, y_name, scale in (("rlnOriginXAngst", "rlnOriginYAngst", pixel_size_angst),
+                                  ("rlnOriginX", "rlnOriginY", 1.0)):
+        x, y = _numeric(columns, x_name, label), _numeric(columns, y_name, label)
+        if (x is None) != (y is None):
+            raise Cryo2DError(f"{label}: column _{x_name if x is None else y_name} missing "
+                              f"(_{y_name if x is None else x_name} is given)")
+        if x is None:
+            continue
+        origin = np.stack([x, y], axis=1) / np.reshape(scale, (-1, 1))
+        bad = ~np.isfinite(origin).all(axis=1)
+        if bad.any():
+            raise Cryo2DError(f"{label}: origin of particle {int(np.argmax(bad)) + 1} is not finite")
+        return -origin if origin.any() else None
+    return None
 
 
 def _stack_refs(table: pd.DataFrame, optics: pd.DataFrame | None, path: Path, label: str) -> StackRefs:

@@ -1,0 +1,121 @@
+"""The input's origins (RELION's _rlnOriginX/Y[Angst]) as each particle's starting shift, as RELION's Class2D uses them."""
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+import torch
+from conftest import tiny_config
+
+from cryo2d.classify import classify
+from cryo2d.em.data import centring_phase
+from cryo2d.errors import Cryo2DError
+from cryo2d.fourier import fft2c_cropped, shift_images
+from cryo2d.io import read_particles
+
+
+@pytest.mark.parametrize("box, work_box", [(32, 20), (33, 21), (32, 32)])
+def test_centring_phase_undoes_a_shift_of_the_content(box, work_box):
+    """Cropped transform of an image shifted by s, times the phases of s = that of the image itself."""
+    rng = np.random.default_rng(1)
+    images = torch.from_numpy(rng.normal(size=(3, box, box)))
+    shifts = np.array([[2.0, -3.0], [0.4, 1.7], [-5.5, 0.0]])
+    moved = shift_images(images, torch.from_numpy(shifts))
+    got = fft2c_cropped(moved.float(), work_box) * centring_phase(shifts, box, work_box, "cpu")
+    want = fft2c_cropped(images.float(), work_box)
+    inside = slice(1, None)  # the Nyquist row and column of an even box lose their imaginary part
+    torch.testing.assert_close(got[:, inside, inside], want[:, inside, inside], atol=2e-3, rtol=1e-4)
+
+
+def _with_origins(star, origins_px, version="3.1"):
+    blocks = starfile.read(star, always_dict=True)
+    apix = float(blocks["optics"]["rlnImagePixelSize"].iloc[0])
+    table = blocks["particles"]
+    if version == "3.1":
+        table["rlnOriginXAngst"], table["rlnOriginYAngst"] = origins_px[:, 0] * apix, origins_px[:, 1] * apix
+    else:
+        table["rlnOriginX"], table["rlnOriginY"] = origins_px[:, 0], origins_px[:, 1]
+    starfile.write(blocks, star, overwrite=True)
+    return blocks
+
+
+def test_origins_are_read_as_shifts(sim3, tmp_path):
+    """Shift = −origin, in px of each particle (Å ÷ pixel size, or px for 3.0 columns); zeros and none are None."""
+    star = tmp_path / "p.star"
+    star.write_text(sim3.star.read_text())
+    (tmp_path / "particles.mrcs").symlink_to(sim3.star.parent / "particles.mrcs")
+    assert read_particles(star).prior_shift_px is None
+    origins = np.random.default_rng(0).uniform(-4, 4, size=(300, 2))
+    blocks = _with_origins(star, origins)
+    np.testing.assert_allclose(read_particles(star).prior_shift_px, -origins, atol=1e-5)
+    _with_origins(star, np.zeros((300, 2)))
+    assert read_particles(star).prior_shift_px is None
+    blocks["particles"] = blocks["particles"].drop(columns=["rlnOriginXAngst", "rlnOriginYAngst"])
+    starfile.write(blocks, star, overwrite=True)
+    _with_origins(star, origins, version="3.0")
+    np.testing.assert_allclose(read_particles(star).prior_shift_px, -origins, atol=1e-5)
+    blocks = starfile.read(star, always_dict=True)
+    blocks["particles"] = blocks["particles"].drop(columns=["rlnOriginY"])
+    starfile.write(blocks, star, overwrite=True)
+    with pytest.raises(Cryo2DError, match=r"p.star: column _rlnOriginY missing \(_rlnOriginX is given\)"):
+        read_particles(star)
+
+
+def _rolled_copy(sim3, folder, roll_px):
+    """sim3's images rolled by ``roll_px`` (content moves by +roll) and origins that undo it."""
+    folder.mkdir()
+    with mrcfile.open(sim3.star.parent / "particles.mrcs") as m:
+        images, voxel = m.data.copy(), m.voxel_size
+    for i, (dx, dy) in enumerate(roll_px):
+        images[i] = np.roll(images[i], (dy, dx), axis=(0, 1))
+    with mrcfile.new(folder / "particles.mrcs") as m:
+        m.set_data(images)
+        m.voxel_size = voxel
+    star = folder / "particles.star"
+    star.write_text(sim3.star.read_text())
+    _with_origins(star, -roll_px.astype(float))
+    return star
+
+
+def _written_shifts(job):
+    table = starfile.read(job / "particles.star", always_dict=True)["particles"]
+    return table["rlnClassNumber"].to_numpy(), -np.stack([table["rlnOriginXAngst"], table["rlnOriginYAngst"]], 1)
+
+
+def _agreement(a, b):
+    """Fraction of particles in the class of ``b`` that holds most of their class of ``a``."""
+    return sum(np.bincount(b[a == k]).max() for k in np.unique(a)) / len(a)
+
+
+def test_classification_starts_from_the_input_origins(sim3, tmp_path):
+    """Images rolled by up to 6 px (beyond the 3.2 px search) with origins that undo it classify as the
+    originals do, and the written shifts add the roll; --no-input-shifts cannot reach the rolled particles."""
+    rng = np.random.default_rng(2)
+    roll = rng.integers(-6, 7, size=(300, 2))
+    star = _rolled_copy(sim3, tmp_path / "rolled", roll)
+    apix = float(starfile.read(star)["optics"]["rlnImagePixelSize"].iloc[0])
+    cfg = tiny_config(remove_duplicates=False)
+    classify(sim3.star, tmp_path / "plain", cfg)
+    classify(star, tmp_path / "from_origins", cfg)
+    classify(star, tmp_path / "ignored", tiny_config(remove_duplicates=False, input_shifts=False))
+    labels, base = _written_shifts(tmp_path / "plain")
+    labels_o, with_origins = _written_shifts(tmp_path / "from_origins")
+    _, ignored = _written_shifts(tmp_path / "ignored")
+    assert _agreement(labels_o, labels) >= 0.98  # the same partition (classes of equal size sort in any order)
+    err = np.linalg.norm((with_origins - base) / apix - roll, axis=1)
+    # the same shift for most; a neighbouring grid shift (1 px) where the normalisation's background moved
+    assert (err < 0.01).mean() >= 0.8 and err.max() <= 1.5, ((err < 0.01).mean(), err.max())
+    err_ignored = np.linalg.norm((ignored - base) / apix - roll, axis=1)
+    assert np.median(err_ignored) > 1.5, np.median(err_ignored)  # the search stops 3.2 px from the centre
+
+
+def test_origin_outside_the_box_is_an_error(sim3, tmp_path):
+    star = tmp_path / "p.star"
+    star.write_text(sim3.star.read_text())
+    (tmp_path / "particles.mrcs").symlink_to(sim3.star.parent / "particles.mrcs")
+    origins = np.zeros((300, 2))
+    origins[4] = [0.0, 17.0]
+    _with_origins(star, origins)
+    with pytest.raises(Cryo2DError, match=r"p.star: particle 5's origin puts its centre 17.0 px from the box centre, "
+                                          r"outside its 32 px box \(or use --no-input-shifts\)"):
+        classify(star, tmp_path / "job", tiny_config())
+    classify(star, tmp_path / "job", tiny_config(input_shifts=False))
