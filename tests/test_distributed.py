@@ -222,6 +222,26 @@ def test_workers_read_the_images_as_the_run_does(particles):
         np.testing.assert_array_equal(source.open().stack.read(np.arange(3)), expected * particles.stack.read(rows))
 
 
+def test_workers_start_from_the_input_origins(particles, tmp_path):
+    """A STAR file's origins reach the workers' particles (they re-read the file), subset as the run's rows."""
+    import numpy as np
+    import starfile
+
+    from cryo2d.classify import subset_particles
+    from cryo2d.io import read_particles
+
+    blocks = starfile.read(particles.source, always_dict=True)
+    origins = np.random.default_rng(0).uniform(-3, 3, size=(len(particles), 2))
+    blocks["particles"]["rlnOriginX"], blocks["particles"]["rlnOriginY"] = origins[:, 0], origins[:, 1]
+    star = tmp_path / "particles.star"
+    starfile.write(blocks, star)
+    (tmp_path / "particles.mrcs").symlink_to(particles.source.parent / "particles.mrcs")
+    rows = np.array([5, 7, 250])
+    kept = subset_particles(read_particles(star), rows)
+    np.testing.assert_allclose(kept.prior_shift_px, -origins[rows], atol=1e-5)
+    np.testing.assert_array_equal(source_of(kept, rows=rows).open().prior_shift_px, kept.prior_shift_px)
+
+
 @pytest.mark.parametrize("flag, message", [
     (["--workers", "0"], "cryo2d: error: --workers must be at least 1 (got 0)"),
     (["--scheduler", "nonsense"], "cryo2d: error: --scheduler nonsense: cannot connect"),

@@ -21,6 +21,22 @@ def _split_star(star, rows_a, rows_b):
     return paths
 
 
+def test_input_origins_are_joined_in_order(tmp_path):
+    """A file whose origins are all zero joins as zero shifts; no origins anywhere stays None."""
+    star, _, _ = make_star_dataset(tmp_path, n=12)
+    blocks = starfile.read(star, always_dict=True)
+    origin_px = np.where(np.arange(12) < 5, np.arange(12) - 2.5, 0.0)  # rows 5-11: zero
+    pixel = np.where(np.arange(12) % 2 == 0, 1.5, 2.0)  # optics groups 1 and 2
+    blocks["particles"]["rlnOriginXAngst"] = origin_px * pixel
+    blocks["particles"]["rlnOriginYAngst"] = -2 * origin_px * pixel
+    starfile.write(blocks, star, overwrite=True)
+    a, b = _split_star(star, slice(0, 5), slice(5, 12))
+    assert read_particles(b).prior_shift_px is None
+    joined = concat_particles([read_particles(a), read_particles(b)], tmp_path)
+    np.testing.assert_allclose(joined.prior_shift_px, -np.stack([origin_px, -2 * origin_px], axis=1), atol=1e-9)
+    assert concat_particles([read_particles(b), read_particles(b)], tmp_path).prior_shift_px is None
+
+
 def test_two_star_files_equal_the_whole(tmp_path):
     star, images, ctf = make_star_dataset(tmp_path, n=12)
     a, b = _split_star(star, slice(0, 5), slice(5, 12))
