@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent / "io"))
 from particle_files import make_cs_dataset, make_star_dataset, run_cli, shared_data  # noqa: E402
 
 KEYS = ["n_particles", "box", "pixel_size", "n_optics_groups", "defocus_min", "defocus_max",
-        "voltage", "cs", "amplitude_contrast", "bfactor_min", "bfactor_max", "ctf_scale_min", "ctf_scale_max"]
+        "voltage", "cs", "amplitude_contrast", "bfactor_min", "bfactor_max", "ctf_scale_min", "ctf_scale_max", "input_shift_median", "input_shift_max"]
 
 
 def test_info_json_star_two_optics_groups(tmp_path, monkeypatch, capsys):
@@ -25,6 +25,7 @@ def test_info_json_star_two_optics_groups(tmp_path, monkeypatch, capsys):
         "defocus_min": defocus.min(), "defocus_max": defocus.max(),
         "voltage": [200.0, 300.0], "cs": 2.7, "amplitude_contrast": [0.07, 0.1],
         "bfactor_min": 0.0, "bfactor_max": 0.0, "ctf_scale_min": 1.0, "ctf_scale_max": 1.0,
+        "input_shift_median": None, "input_shift_max": None,
     }
 
 
@@ -46,6 +47,21 @@ def test_info_text(tmp_path, monkeypatch, capsys):
     for line in ("particles      12", "box            16 px", "pixel size     2 Å", "optics groups  1",
                  "voltage        300 kV", "Cs             2.7 mm", "amp. contrast  0.1"):
         assert line in out.splitlines()
+
+
+def test_info_input_origins(tmp_path, monkeypatch, capsys):
+    """Origins in the file (px in 3.0) are shown as the shifts classify starts from."""
+    import starfile
+
+    star, _, _ = make_star_dataset(tmp_path, version="3.0")
+    blocks = starfile.read(star, always_dict=True)
+    name = next(iter(blocks))
+    blocks[name]["rlnOriginX"] = [3.0, 0.0, -4.0] * 4
+    blocks[name]["rlnOriginY"] = [4.0, 0.0, 0.0] * 4
+    starfile.write(blocks, star, overwrite=True)
+    code, out, _ = run_cli(monkeypatch, capsys, "info", star)
+    assert code == 0
+    assert "input origins  shifts of median 4 px, largest 5 px: classify starts from them" in out.splitlines()
 
 
 def test_info_real_relion31(monkeypatch, capsys):

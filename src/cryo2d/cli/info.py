@@ -45,11 +45,15 @@ def summarize(particles: ParticleSet) -> dict[str, Any]:
         ``n_optics_groups``; ``defocus_min``/``defocus_max`` (Å, over U and V);
         ``bfactor_min``/``bfactor_max`` (Å², ``_rlnCtfBfactor``: 0 when absent) and
         ``ctf_scale_min``/``ctf_scale_max`` (``_rlnCtfScalefactor``: 1 when absent).
-        CTF values are None when the set has no CTF. (``info --check-pixels``
+        CTF values are None when the set has no CTF. ``input_shift_median`` and
+        ``input_shift_max``: the particles' input origins as shifts, px
+        (``ParticleSet.prior_shift_px``; None when the file gives none or all
+        zero). (``info --check-pixels``
         adds ``contrast_z`` and ``contrast_images``: :func:`cryo2d.contrast.contrast_z`.)
     """
     ctf = particles.ctf
     defocus = None if ctf is None else np.concatenate([ctf.defocus_u_angst, ctf.defocus_v_angst])
+    shift = None if particles.prior_shift_px is None else np.hypot(*particles.prior_shift_px.T)
     return {
         "n_particles": len(particles),
         "box": particles.box or None,
@@ -64,6 +68,8 @@ def summarize(particles: ParticleSet) -> dict[str, Any]:
         "bfactor_max": None if ctf is None else _shortest(ctf.bfactor_angst2.max()),
         "ctf_scale_min": None if ctf is None else _shortest(ctf.amplitude_scale.min()),
         "ctf_scale_max": None if ctf is None else _shortest(ctf.amplitude_scale.max()),
+        "input_shift_median": None if shift is None else round(float(np.median(shift)), 2),
+        "input_shift_max": None if shift is None else round(float(shift.max()), 2),
     }
 
 
@@ -118,6 +124,9 @@ def _text(summary: dict[str, Any], particles: ParticleSet) -> str:
         rows.append(("CTF B-factor", f"{summary['bfactor_min']:g} - {summary['bfactor_max']:g} Å²"))
     if summary["ctf_scale_min"] is not None and (summary["ctf_scale_min"], summary["ctf_scale_max"]) != (1.0, 1.0):
         rows.append(("CTF scale", f"{summary['ctf_scale_min']:g} - {summary['ctf_scale_max']:g}"))
+    if summary["input_shift_median"] is not None:
+        rows.append(("input origins", f"shifts of median {summary['input_shift_median']:g} px, largest "
+                                      f"{summary['input_shift_max']:g} px: classify starts from them"))
     if "contrast_z" in summary:
         from cryo2d.contrast import DARK_Z
 
