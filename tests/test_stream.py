@@ -70,7 +70,7 @@ class Source:
 
     def labels(self, job: Path) -> np.ndarray:
         """Class (0-based) of each simulated particle in the job's particles.star; -1 if absent. Asserts no particle twice."""
-        table = _star_table(job)
+        table = starfile.read(job / "particles.star", always_dict=True)["particles"]
         labels = np.full(len(self.images), -1, dtype=np.int64)
         for name, k in zip(table["rlnImageName"], table["rlnClassNumber"]):
             index, stack = name.split("@")
@@ -88,11 +88,7 @@ class Source:
 
 
 def _star_table(job: Path) -> pd.DataFrame:
-    """The job's particle rows, stacks by file name (the watched folder's files are written as absolute paths)."""
-    table = starfile.read(job / "particles.star", always_dict=True)["particles"]
-    index, _, stack = table["rlnImageName"].str.partition("@").T.to_numpy()
-    table["rlnImageName"] = [f"{i}@{Path(s).name}" for i, s in zip(index, stack)]
-    return table
+    return starfile.read(job / "particles.star", always_dict=True)["particles"]
 
 
 def _sim(bundled_volume, folder: Path, **kw) -> Path:

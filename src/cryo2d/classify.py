@@ -22,7 +22,7 @@ from cryo2d.errors import Cryo2DError
 from cryo2d.gallery.render import render_gallery
 from cryo2d.io import check_finite, nonfinite_indices, read_particles, write_particles, write_stack
 from cryo2d.io.outputs import make_output_folder, write_text_atomic
-from cryo2d.io.star import findable_names, write_blocks
+from cryo2d.io.star import write_blocks
 from cryo2d.particles import Assignments, ParticleSet
 from cryo2d.picks import pick_locations
 
@@ -236,7 +236,6 @@ def write_job(final: ClassifyResult, particles: ParticleSet, out: Path, pixel_si
     write_blocks({"classes": table}, out / "classes.star")
     keep = final.assignments.keep
     suffix = ".star" if particles.kind == "star" else ".cs"
-    particles = findable_names(particles)  # stacks named from the input file's folder: absolute
     rows = np.nonzero(keep)[0]
     write_particles(particles, out / f"particles{suffix}", assignments=final.assignments, rows=rows)
     if (~keep).any():

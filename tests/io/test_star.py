@@ -189,30 +189,3 @@ def test_real_files_write_back_unchanged(tmp_path):
         assert list(written) == list(particles.extra["blocks"])
         for name, block in particles.extra["blocks"].items():
             _assert_columns_equal(written[name], block)
-
-
-def test_names_found_only_from_the_files_folder_are_written_absolute(tmp_path, monkeypatch):
-    """A job's particles.star finds the stacks from any folder; a RELION project's paths stay as they are."""
-    from cryo2d.io.star import findable_names
-
-    (tmp_path / "data").mkdir()
-    star, images, _ = make_star_dataset(tmp_path / "data")  # stack0/1.mrcs named beside the file
-    monkeypatch.chdir(tmp_path)
-    particles = read_particles("data/particles.star")
-    renamed = findable_names(particles)
-    assert set(renamed.table["rlnImageName"].str.partition("@")[2]) == {str(tmp_path / "data" / f"stack{i}.mrcs")
-                                                                        for i in (0, 1)}
-    assert list(renamed.table["rlnImageName"].str.partition("@")[0]) == list(particles.table["rlnImageName"].str.partition("@")[0])
-    (tmp_path / "job").mkdir()
-    write_particles(renamed, "job/particles.star")
-    monkeypatch.chdir(tmp_path / "job")
-    np.testing.assert_array_equal(read_particles("particles.star").stack.read(np.arange(12)), images)
-    # Found from the current folder already (a RELION project run from its folder): unchanged.
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data" / "particles.star").rename(tmp_path / "particles.star")
-    with_project_paths = starfile.read("particles.star", always_dict=True)
-    with_project_paths["particles"]["rlnImageName"] = with_project_paths["particles"]["rlnImageName"].str.replace(
-        "@", "@data/")
-    starfile.write(with_project_paths, "particles.star", overwrite=True)
-    kept = read_particles("particles.star")
-    assert findable_names(kept).table.equals(kept.table)

@@ -483,7 +483,9 @@ class StackRefs:
             found = next((p for p in places if _is_file(p)), None)
             if found is None:
                 where = " or ".join(str(p) for p in places)
-                raise Cryo2DError(f"{self.label}: stack file {name} not found (looked for {where})")
+                hint = ("; a relative path is read from the STAR file's folder or the current folder: run from the "
+                        "folder it is relative to, as RELION runs in its project folder") if len(places) > 1 else ""
+                raise Cryo2DError(f"{self.label}: stack file {name} not found (looked for {where}){hint}")
             files.append(found)
         return MRCStack(
             files, self.file_index, self.image_index,

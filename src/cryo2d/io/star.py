@@ -254,40 +254,6 @@ def _stack_refs(table: pd.DataFrame, optics: pd.DataFrame | None, path: Path, la
     )
 
 
-def findable_names(particles: ParticleSet) -> ParticleSet:
-    """``particles`` with each ``_rlnImageName`` stack path found only relative to the file's own folder
-    rewritten as an absolute path, so that a job's particles.star finds its stacks from any folder.
-
-    RELION reads stack paths relative to the folder it runs in (the project
-    folder); ``read_star`` also tries the STAR file's own folder. A stack
-    named relative to the input file's folder (``particles.mrcs`` beside
-    ``data/particles.star``, as ``cryo2d simulate`` writes) would be found by
-    neither once the rows are written into a job folder, so RELION, ``cryo2d
-    select`` and a second classification of the job's particles could not
-    read them. Paths found from the current folder (a RELION project run
-    from its folder), absolute paths and missing stacks are left as they
-    are. A set joined from a watched folder (``source`` is a folder) uses
-    that folder.
-    """
-    if particles.kind != "star" or "rlnImageName" not in particles.table:
-        return particles
-    source = Path(particles.source)
-    folder = source if source.is_dir() else source.parent
-    names = particles.table["rlnImageName"].astype(str)
-    number, at, stack = names.str.partition("@").T.to_numpy()
-    renamed = {}
-    for name in set(stack[at == "@"]):
-        path = Path(name.strip())
-        if not path.is_absolute() and not path.is_file() and (folder / path).is_file():
-            renamed[name] = os.path.abspath(folder / path)
-    if not renamed:
-        return particles
-    table = particles.table.copy()
-    table["rlnImageName"] = [n + a + renamed.get(s, s) if a == "@" else full
-                             for n, a, s, full in zip(number, at, stack, names)]
-    return replace(particles, table=table)
-
-
 def write_star(
     particles: ParticleSet,
     path: str | os.PathLike,
