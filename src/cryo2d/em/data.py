@@ -135,10 +135,11 @@ def centring_phase(shifts_px: np.ndarray, box: int, work_box: int, device) -> Te
     the opposite shift would: the factor exp(2πi (f_x s_x + f_y s_y)), f in
     cycles per input pixel, is the product of one phase along each axis.
     """
-    f = (torch.arange(work_box, dtype=torch.float64) - work_box // 2) / box  # cycles/px
-    s = torch.as_tensor(shifts_px, dtype=torch.float64).reshape(-1, 2)
-    along_x, along_y = (torch.polar(torch.ones_like(a), a) for a in (2 * np.pi * s[:, j:j + 1] * f for j in (0, 1)))
-    return (along_y[:, :, None] * along_x[:, None, :]).to(device=device, dtype=torch.complex64)
+    f = (torch.arange(work_box, dtype=torch.float64, device=device) - work_box // 2) / box  # cycles/px
+    s = torch.as_tensor(shifts_px, dtype=torch.float64, device=device).reshape(-1, 2)
+    along_x, along_y = (torch.polar(torch.ones_like(a), a).to(torch.complex64)  # (b, work_box) each
+                        for a in (2 * np.pi * s[:, j:j + 1] * f for j in (0, 1)))
+    return along_y[:, :, None] * along_x[:, None, :]
 
 
 #: Memory for :class:`PointCache` (bytes): 64 px, 20,000 particles fit, with their CTFs.
