@@ -1,4 +1,6 @@
 """The input's origins (RELION's _rlnOriginX/Y[Angst]) as each particle's starting shift, as RELION's Class2D uses them."""
+from dataclasses import replace
+
 import mrcfile
 import numpy as np
 import pytest
@@ -119,3 +121,21 @@ def test_origin_outside_the_box_is_an_error(sim3, tmp_path):
                                           r"outside its 32 px box \(or use --no-input-shifts\)"):
         classify(star, tmp_path / "job", tiny_config())
     classify(star, tmp_path / "job", tiny_config(input_shifts=False))
+
+
+def test_a_second_round_starts_from_the_first_rounds_shifts(sim3, tmp_path, monkeypatch):
+    """Class2D, then Class2D on its particles.star (run from the folder its stack paths are relative to):
+    the second round's search is centred on the first round's origins, so they stay where it put them."""
+    monkeypatch.chdir(sim3.star.parent)
+    cfg = tiny_config(remove_duplicates=False)
+    classify(sim3.star, tmp_path / "round1", cfg)
+    assert read_particles(tmp_path / "round1" / "particles.star").prior_shift_px is not None
+    classify(tmp_path / "round1" / "particles.star", tmp_path / "round2", replace(cfg, seed=1))
+    labels1, shifts1 = _written_shifts(tmp_path / "round1")
+    labels2, shifts2 = _written_shifts(tmp_path / "round2")
+    assert _agreement(labels2, labels1) >= 0.98
+    apix = float(starfile.read(sim3.star)["optics"]["rlnImagePixelSize"].iloc[0])
+    first = np.linalg.norm(shifts1, axis=1) / apix
+    moved = np.linalg.norm(shifts2 - shifts1, axis=1) / apix
+    # Origins counted twice, or with the wrong sign, would move them by about their size (2 px) or twice it.
+    assert np.median(first) >= 1.5 and np.median(moved) <= 0.5, (np.median(first), np.quantile(moved, [0.5, 0.9]))
