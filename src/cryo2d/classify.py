@@ -119,7 +119,8 @@ def classify(
         Run them on the workers of a running Dask scheduler (``tcp://HOST:PORT``).
     on_note : callable, optional
         Called with a line for the user before the run starts: the particles
-        looked dark and were inverted (``config.invert_contrast`` None).
+        looked dark and were inverted (``config.invert_contrast`` None); the
+        particles start from their input origins (``config.input_shifts``).
     """
     if workers is not None and scheduler is not None:
         raise Cryo2DError("--workers and --scheduler: give one of them")
@@ -139,6 +140,10 @@ def classify(
     particles, contrast_note = settle_contrast(particles, config.invert_contrast)
     if contrast_note is not None and on_note is not None:
         on_note(contrast_note)
+    if config.input_shifts and particles.prior_shift_px is not None and on_note is not None:
+        distance = np.hypot(*particles.prior_shift_px.T)
+        on_note(f"each particle starts from its input origin (median {np.median(distance):.2g} px, largest "
+                f"{distance.max():.2g} px from the box centre; --no-input-shifts starts from the centre)")
     out = make_output_folder(out_dir)
     log_path = out / "iterations.jsonl"
     lines: list[str] = []  # a resumed run replays the checkpoint's records first

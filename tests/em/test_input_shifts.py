@@ -97,8 +97,14 @@ def test_classification_starts_from_the_input_origins(sim3, tmp_path):
     apix = float(starfile.read(star)["optics"]["rlnImagePixelSize"].iloc[0])
     cfg = tiny_config(remove_duplicates=False)
     classify(sim3.star, tmp_path / "plain", cfg)
-    classify(star, tmp_path / "from_origins", cfg)
-    classify(star, tmp_path / "ignored", tiny_config(remove_duplicates=False, input_shifts=False))
+    notes, notes_ignored = [], []
+    classify(star, tmp_path / "from_origins", cfg, on_note=notes.append)
+    classify(star, tmp_path / "ignored", tiny_config(remove_duplicates=False, input_shifts=False),
+             on_note=notes_ignored.append)
+    distance = np.hypot(*roll.T)
+    assert notes == [f"each particle starts from its input origin (median {np.median(distance):.2g} px, largest "
+                     f"{distance.max():.2g} px from the box centre; --no-input-shifts starts from the centre)"]
+    assert notes_ignored == []
     labels, base = _written_shifts(tmp_path / "plain")
     labels_o, with_origins = _written_shifts(tmp_path / "from_origins")
     _, ignored = _written_shifts(tmp_path / "ignored")
