@@ -255,6 +255,29 @@ def test_growing_star_file(sim3, tmp_path):
         stream(star, tmp_path / "job", SMALL, settle_s=0.0, poll_s=0.01, idle_stop_s=0.2)
 
 
+def test_update_with_input_origins_says_so(sim3, tmp_path):
+    """The update whose new rows carry origins notes it (they start from them, as in classify); zeros do not."""
+    from cryo2d.classify import origins_note
+
+    source = Source(sim3.folder)
+    star = tmp_path / "particles.star"
+    for name, a, b in (("s0", 0, 150), ("s1", 150, 300)):
+        write_stack(tmp_path / f"{name}.mrcs", source.images[a:b], 4.0)
+    head, tail = source.chunk_blocks("s0", 0, 150), source.chunk_blocks("s1", 150, 300)
+    origin = np.tile([[10.0, 0.0], [0.0, -20.0]], (75, 1))  # Å
+    for block, values in ((head, np.zeros((150, 2))), (tail, origin)):
+        block["particles"]["rlnOriginXAngst"], block["particles"]["rlnOriginYAngst"] = values[:, 0], values[:, 1]
+    write_blocks(head, star)
+    notes: list[str] = []
+    stream(star, tmp_path / "job", SMALL, settle_s=0.0, poll_s=0.01, until=1, on_note=notes.append)
+    assert not any("starts from its input origin" in n for n in notes)
+    write_blocks({"optics": head["optics"], "particles": pd.concat([head["particles"], tail["particles"]])}, star)
+    notes.clear()
+    stream(star, tmp_path / "job", SMALL, settle_s=0.0, poll_s=0.01, until=2, on_note=notes.append)
+    apix = float(head["optics"]["rlnImagePixelSize"].iloc[0])
+    assert f"{star}: the new particles: {origins_note(-origin / apix)}" in notes
+
+
 def test_cli_ctrl_c_stops_cleanly_and_bad_source(sim3, tmp_path):
     source = Source(sim3.folder)
     folder = tmp_path / "in"

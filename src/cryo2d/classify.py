@@ -61,6 +61,13 @@ class _Subset:
         return _Subset(self.stack.inverted(), self.rows)
 
 
+def origins_note(prior_shift_px: np.ndarray) -> str:
+    """The line that says the particles start from their input origins ((n, 2) px, ``ParticleSet.prior_shift_px``)."""
+    distance = np.hypot(*np.asarray(prior_shift_px).T)
+    return (f"each particle starts from its input origin (median {np.median(distance):.2g} px, largest "
+            f"{distance.max():.2g} px from the box centre; --no-input-shifts starts from the centre)")
+
+
 def subset_particles(particles: ParticleSet, rows: np.ndarray) -> ParticleSet:
     """The particles at ``rows`` (table rows renumbered; extra format data kept)."""
     extra = dict(particles.extra)
@@ -141,9 +148,7 @@ def classify(
     if contrast_note is not None and on_note is not None:
         on_note(contrast_note)
     if config.input_shifts and particles.prior_shift_px is not None and on_note is not None:
-        distance = np.hypot(*particles.prior_shift_px.T)
-        on_note(f"each particle starts from its input origin (median {np.median(distance):.2g} px, largest "
-                f"{distance.max():.2g} px from the box centre; --no-input-shifts starts from the centre)")
+        on_note(origins_note(particles.prior_shift_px))
     out = make_output_folder(out_dir)
     log_path = out / "iterations.jsonl"
     lines: list[str] = []  # a resumed run replays the checkpoint's records first

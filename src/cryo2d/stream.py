@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from cryo2d._callable import make_callable
-from cryo2d.classify import ClassifyResult, finalize, subset_particles, write_job
+from cryo2d.classify import ClassifyResult, finalize, origins_note, subset_particles, write_job
 from cryo2d.contrast import settle_contrast
 from cryo2d.em.config import EMConfig, check_device
 from cryo2d.em.engine import Engine, final_result
@@ -333,6 +333,7 @@ class _Stream:
 
         The first update settles the images' contrast for the stream (``config.invert_contrast``,
         :func:`cryo2d.contrast.settle_contrast`; its note goes to ``on_note``); later ones keep it.
+        An update whose new particles have input origins says so too (:func:`cryo2d.classify.origins_note`).
         """
         t0 = time.perf_counter()
         new = self.new_pieces(pending)
@@ -344,6 +345,9 @@ class _Stream:
         particles, note = settle_contrast(particles, decided)
         if note is not None and on_note is not None:
             on_note(f"{self.source}: {note}")
+        fresh = None if particles.prior_shift_px is None else particles.prior_shift_px[self.n_particles:]
+        if self.config.input_shifts and fresh is not None and fresh.any() and on_note is not None:
+            on_note(f"{self.source}: the new particles: {origins_note(fresh)}")
         self.inverted = bool(particles.extra.get("contrast_inverted", False))
         engine = Engine(particles, self.config, self.device)
         cfg = self.config
