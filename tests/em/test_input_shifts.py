@@ -9,20 +9,21 @@ import torch
 from conftest import tiny_config
 
 from cryo2d.classify import classify
-from cryo2d.em.data import centring_phase
+from cryo2d.em.data import centring_factors
 from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import fft2c_cropped, shift_images
 from cryo2d.io import read_particles
 
 
 @pytest.mark.parametrize("box, work_box", [(32, 20), (33, 21), (32, 32)])
-def test_centring_phase_undoes_a_shift_of_the_content(box, work_box):
+def test_centring_factors_undo_a_shift_of_the_content(box, work_box):
     """Cropped transform of an image shifted by s, times the phases of s = that of the image itself."""
     rng = np.random.default_rng(1)
     images = torch.from_numpy(rng.normal(size=(3, box, box)))
     shifts = np.array([[2.0, -3.0], [0.4, 1.7], [-5.5, 0.0]])
     moved = shift_images(images, torch.from_numpy(shifts))
-    got = fft2c_cropped(moved.float(), work_box) * centring_phase(shifts, box, work_box, "cpu")
+    along_y, along_x = centring_factors(shifts, box, work_box, "cpu")
+    got = fft2c_cropped(moved.float(), work_box) * along_y[:, :, None] * along_x[:, None, :]
     want = fft2c_cropped(images.float(), work_box)
     inside = slice(1, None)  # the Nyquist row and column of an even box lose their imaginary part
     torch.testing.assert_close(got[:, inside, inside], want[:, inside, inside], atol=2e-3, rtol=1e-4)
