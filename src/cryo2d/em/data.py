@@ -136,7 +136,7 @@ def centring_factors(shifts_px: np.ndarray, box: int, work_box: int, device) -> 
     then y), as ``fourier.shift_images`` by the opposite shift would: the
     factor exp(2πi (f_x s_x + f_y s_y)), f in cycles per input pixel, is the
     product of one phase along each axis. Applied one axis after the other,
-    in place, it costs two passes over the transform (1,000 images of 126 px:
+    in place, it costs two passes over the transform (1,000 images of 256 px cropped to 126 px:
     0.017 s, against 0.13 s for the product made first; benchmarks/README.md).
     """
     f = (torch.arange(work_box, dtype=torch.float64, device=device) - work_box // 2) / box  # cycles/px
