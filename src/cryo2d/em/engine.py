@@ -271,7 +271,7 @@ def _single_pixel_size(particles: ParticleSet) -> float:
             f"{particles.source.name}: particles have pixel sizes {p.min():.4f}-{p.max():.4f} Å, more than "
             f"{100 * PIXEL_SIZE_RTOL:g} % apart; classify each optics group separately (or rescale them to one)"
         )
-    return float(p[0]) if np.all(p == p[0]) else mid
+    return mid  # one pixel size: exactly it
 
 
 def temperature_at(config: EMConfig, iteration: int) -> float:
@@ -371,11 +371,11 @@ class Engine(ClassMoves):
         if not config.input_shifts:
             particles = replace(particles, prior_shift_px=None)
         elif particles.prior_shift_px is not None:
-            far = np.abs(particles.prior_shift_px).max(axis=1) >= particles.box / 2
-            if far.any():
-                i = int(np.argmax(far))
+            reach = np.abs(particles.prior_shift_px).max(axis=1)  # px from the box centre along x or y
+            if (reach >= particles.box / 2).any():
+                i = int(np.argmax(reach >= particles.box / 2))
                 raise Cryo2DError(f"{particles.source.name}: particle {i + 1}'s origin puts its centre "
-                                  f"{np.abs(particles.prior_shift_px[i]).max():.1f} px from the box centre, outside "
+                                  f"{reach[i]:.1f} px from the box centre, outside "
                                   f"its {particles.box} px box (or use --no-input-shifts)")
         self.particles = particles
         self.config = config
