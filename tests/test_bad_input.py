@@ -183,6 +183,19 @@ def test_bad_thread_count(tmp_path, capsys, value, problem):
     assert f"argument --threads: {problem}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["classify", "p.star", "-o", "job"], ["stream", "incoming", "-o", "job"]])
+def test_no_full_pass_refused(capsys, command):
+    """--full-iterations 0 ran one full pass all the same (every particle needs its class): now refused, one line."""
+    from cryo2d.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--full-iterations", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --full-iterations: 0: at least 1 (the last full pass gives every particle its class)" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("command", [
     ["classify", "p.star", "-o", "job"], ["stream", "incoming", "-o", "job"], ["simulate", "bundled", "-o", "sim"],
     ["demo", "-o", "demo"], ["rebalance", "job", "-o", "out"],

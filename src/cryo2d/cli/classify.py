@@ -54,6 +54,13 @@ def seed_arg(value: str) -> int:
     return n
 
 
+def full_iterations_arg(value: str) -> int:
+    """argparse type of ``--full-iterations``: a whole number of at least 1 (the last full pass gives every particle its class)."""
+    if (n := _whole_number(value)) < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1 (the last full pass gives every particle its class)")
+    return n
+
+
 def threads_arg(value: str) -> int:
     """argparse type of ``--threads``: a whole number of at least 1."""
     if (n := _whole_number(value)) < 1:
@@ -78,7 +85,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "where views look alike; rare views kept less often, slower)")
     p.add_argument("--online-iterations", type=int, default=d.n_online_iterations, help="online-EM iterations (default %(default)s)")
     p.add_argument("--batch-per-class", type=int, default=d.batch_size_per_class, help="particles per class per online iteration (default %(default)s)")
-    p.add_argument("--full-iterations", type=int, default=d.n_full_iterations, help="final passes over all particles (default %(default)s)")
+    p.add_argument("--full-iterations", type=full_iterations_arg, default=d.n_full_iterations, help="final passes over all particles, at least 1 (default %(default)s)")
     p.add_argument("--uncertainty-factor", type=float, default=d.uncertainty_factor, help="initial classification uncertainty factor (default %(default)s)")
     p.add_argument("--anneal-start", type=int, default=d.anneal_start, help="online iteration where noise annealing starts (default %(default)s)")
     p.add_argument("--anneal-iterations", type=int, default=d.anneal_iterations, help="online iterations of noise annealing (default %(default)s)")

@@ -54,6 +54,10 @@ class EMConfig:
     start: str = "random"
     n_online_iterations: int = 20
     batch_size_per_class: int = 100
+    #: Passes over all particles after the online iterations. A whole run
+    #: makes at least one, which gives every particle its class (0 is for
+    #: callers that drive the online iterations alone, as the split start's
+    #: stages do; ``--full-iterations`` asks for 1 or more).
     n_full_iterations: int = 1
     #: Initial classification uncertainty factor: sigma^2 x factor at the start.
     uncertainty_factor: float = 2.0
