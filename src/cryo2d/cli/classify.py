@@ -98,7 +98,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     _on_off(p, "recenter", True, "re-centre classes each iteration (default on)")
     p.add_argument("--recenter-threshold", type=float, default=d.recenter_threshold, help="fraction of the maximum used for re-centring (default %(default)s)")
     p.add_argument("--zeropad", type=int, default=d.zeropad, help="Fourier oversampling for rotations (default %(default)s)")
-    p.add_argument("--estimate-scale", action="store_true", help="estimate a per-particle scale factor")
+    p.add_argument("--estimate-scale", action="store_true", help="estimate a per-particle scale factor (written as _rlnNormCorrection; normalised to a median of 1)")
     p.add_argument("--clamp-solvent", action="store_true", help="classes zero outside the mask")
     p.add_argument("--non-negative", action="store_true", help="classes non-negative")
     p.add_argument("--align-filaments", action="store_true", help="rotate final classes so the long axis is vertical")
