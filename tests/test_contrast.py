@@ -70,7 +70,9 @@ def test_settle_contrast_follows_the_option(particles3, dark3):
     bright, note = settle_contrast(particles3, None)
     assert note is None and bright is particles3
     forced, note = settle_contrast(particles3, True)
-    assert note is None
+    z = contrast_z(particles3)[0]
+    assert z > -DARK_Z and note.startswith("--invert-contrast: the particles look bright") and f"z = {z:.1f}" in note
+    assert settle_contrast(dark, True)[1] is None  # dark ones inverted as asked: nothing to say
     np.testing.assert_array_equal(forced.stack.read(rows), dark.stack.read(rows))
     assert invert_contrast(forced).extra["contrast_inverted"] is False  # twice: as read
 
@@ -97,18 +99,23 @@ def test_classify_dark_particles_gives_the_bright_run(sim3, dark3, tmp_path):
     assert (centre(bright.classes) > 0).all() and (centre(kept.classes)[kept.counts > 0] < 0).all()
     # --invert-contrast on the bright stack is the dark stack kept as it is.
     forced = classify(sim3.star, tmp_path / "forced", dataclasses.replace(config, invert_contrast=True))
+    assert forced.contrast_note.startswith("--invert-contrast: the particles look bright")
     np.testing.assert_array_equal(forced.classes, kept.classes)
     np.testing.assert_array_equal(forced.assignments.class_index, kept.assignments.class_index)
 
 
 def test_stream_settles_the_contrast_once(sim3, dark3, tmp_path):
-    """A stream of dark chunks: inverted at the first update (one note), kept at the next, as the bright stream."""
+    """A stream of dark chunks: inverted at the first update (one note), kept at the next, as the bright stream.
+
+    A bright stream with --invert-contrast: one note, at the first update, that they looked bright.
+    """
     blocks = starfile.read(sim3.star, always_dict=True)
     images = {"bright": mrcfile.read(sim3.folder / "particles.mrcs")}
     images["dark"] = -images["bright"]
     config = tiny_config(batch_size_per_class=10)  # first update at 90 particles, then every 60
     notes = {}
-    for kind in ("bright", "dark"):
+    images["forced"] = images["bright"]
+    for kind in ("bright", "dark", "forced"):
         folder = tmp_path / kind
         folder.mkdir()
 
@@ -125,11 +132,14 @@ def test_stream_settles_the_contrast_once(sim3, dark3, tmp_path):
                 write("c001", 100, 200)
 
         notes[kind] = []
-        result = stream(folder, tmp_path / f"job-{kind}", config, settle_s=0.0, poll_s=0.01, until=2,
+        run_config = dataclasses.replace(config, invert_contrast=True) if kind == "forced" else config
+        result = stream(folder, tmp_path / f"job-{kind}", run_config, settle_s=0.0, poll_s=0.01, until=2,
                         on_update=add, on_note=notes[kind].append)
         assert (result.updates, result.n_particles) == (2, 200)
     dark_notes = [n for n in notes["dark"] if "look dark" in n]
     assert len(dark_notes) == 1 and not [n for n in notes["bright"] if "look dark" in n]
+    assert [n for n in notes["forced"] if "look" in n] == [n for n in notes["forced"] if "look bright on a dark background already" in n]
+    assert len([n for n in notes["forced"] if "look" in n]) == 1
     np.testing.assert_array_equal(mrcfile.read(tmp_path / "job-dark/classes.mrcs"),
                                   mrcfile.read(tmp_path / "job-bright/classes.mrcs"))
     saved = torch.load(tmp_path / "job-dark/stream_checkpoint.pt", weights_only=False)

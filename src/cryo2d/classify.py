@@ -126,8 +126,9 @@ def classify(
         Run them on the workers of a running Dask scheduler (``tcp://HOST:PORT``).
     on_note : callable, optional
         Called with a line for the user before the run starts: the particles
-        looked dark and were inverted (``config.invert_contrast`` None); the
-        particles start from their input origins (``config.input_shifts``).
+        looked dark and were inverted (``config.invert_contrast`` None), or
+        looked bright and were inverted all the same (True); the particles
+        start from their input origins (``config.input_shifts``).
     """
     if workers is not None and scheduler is not None:
         raise Cryo2DError("--workers and --scheduler: give one of them")

@@ -94,14 +94,19 @@ def invert_contrast(particles: ParticleSet) -> ParticleSet:
 def settle_contrast(particles: ParticleSet, invert: bool | None) -> tuple[ParticleSet, str | None]:
     """The particles as the engine should see them, and a note for the user (or None).
 
-    ``invert``: True inverts, False keeps the images as they are, None
+    ``invert``: True inverts (and says so when the particles look bright
+    already: z above ``-DARK_Z``), False keeps the images as they are, None
     (auto) inverts when :func:`contrast_z` is below ``DARK_Z`` and says so.
     """
-    if invert is True:
-        return invert_contrast(particles), None
     if invert is False:
         return particles, None
     z, m = contrast_z(particles)
+    if invert is True:
+        return invert_contrast(particles), None if z <= -DARK_Z else (
+            f"--invert-contrast: the particles look bright on a dark background already (contrast z = {z:.1f} "
+            f"over {m} images; dark protein scores below {DARK_Z:g}): inverted, the protein is dark and so are "
+            "the classes (leave the option out to keep the images as they are)"
+        )
     if z >= DARK_Z:
         return particles, None
     return invert_contrast(particles), (

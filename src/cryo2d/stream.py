@@ -41,7 +41,7 @@ import torch
 
 from cryo2d._callable import make_callable
 from cryo2d.classify import ClassifyResult, finalize, origins_note, subset_particles, write_job
-from cryo2d.contrast import settle_contrast
+from cryo2d.contrast import invert_contrast, settle_contrast
 from cryo2d.em.config import EMConfig, check_device
 from cryo2d.em.engine import Engine, final_result
 from cryo2d.em.start import start_classes
@@ -340,11 +340,13 @@ class _Stream:
         self._check_new_images(new)
         pieces = self.pieces + new
         particles = self.combined(pieces)
-        # The first update decides (the option, or the measure); later ones repeat that decision.
-        decided = self.config.invert_contrast if self.inverted is None else self.inverted
-        particles, note = settle_contrast(particles, decided)
-        if note is not None and on_note is not None:
-            on_note(f"{self.source}: {note}")
+        # The first update decides (the option, or the measure) and says so; later ones repeat that decision.
+        if self.inverted is None:
+            particles, note = settle_contrast(particles, self.config.invert_contrast)
+            if note is not None and on_note is not None:
+                on_note(f"{self.source}: {note}")
+        elif self.inverted:
+            particles = invert_contrast(particles)
         fresh = None if particles.prior_shift_px is None else particles.prior_shift_px[self.n_particles:]
         if self.config.input_shifts and fresh is not None and fresh.any() and on_note is not None:
             on_note(f"{self.source}: the new particles: {origins_note(fresh)}")
