@@ -400,3 +400,14 @@ def test_abbreviated_option_is_an_error(sim3, tmp_path, capsys):
         main(["classify", str(sim3.star), "-o", str(tmp_path / "job"), "--force", *FAST])
     assert exc.value.code != 0
     assert "unrecognized arguments: --force" in capsys.readouterr().err
+
+
+
+def test_summary_names_the_empty_box_class():
+    """Its number, 1-based, and how many it holds; in words when it ended holding none (not "(0 particles)")."""
+    from cryo2d.cli.classify import empty_class_summary
+
+    counts = np.array([120.0, 0.0, 35.0])
+    assert empty_class_summary(counts, 2) == "class 3 holds the empty boxes (35 particles)"
+    assert empty_class_summary(counts, 1) == "class 2 is the empty-box class; no image looked empty"
+    assert empty_class_summary(counts, -1) is None

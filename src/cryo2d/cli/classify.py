@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from contextlib import contextmanager
 from functools import partial
 
@@ -233,6 +234,15 @@ def progress_printer(total: int):
         bar.close()
 
 
+def empty_class_summary(counts: Sequence[float], empty_class: int) -> str | None:
+    """The run summary's line on the empty-box class (0-based ``empty_class``, -1: none), 1-based as written."""
+    if empty_class < 0:
+        return None
+    n = int(counts[empty_class])
+    held = f"holds the empty boxes ({n} particles)" if n else "is the empty-box class; no image looked empty"
+    return f"class {empty_class + 1} {held}"
+
+
 def print_note(source, text: str) -> None:
     """``source: text`` on stderr, above any progress bar."""
     from tqdm import tqdm
@@ -259,9 +269,8 @@ def run(args: argparse.Namespace) -> int:
     n_classes = int((result.counts > 0).sum())
     print(f"{args.out}: {n_classes} non-empty classes of {len(result.counts)}; "
           f"{int(result.counts.sum())} particles assigned", file=sys.stderr)
-    if result.empty_class >= 0:
-        print(f"{args.out}: class {result.empty_class + 1} holds the empty boxes "
-              f"({int(result.counts[result.empty_class])} particles)", file=sys.stderr)
+    if (line := empty_class_summary(result.counts, result.empty_class)) is not None:
+        print(f"{args.out}: {line}", file=sys.stderr)
     if result.n_duplicates:
         print(f"{args.out}: removed {result.n_duplicates} duplicate picks (written to duplicates file)", file=sys.stderr)
     if result.n_bad:
