@@ -94,6 +94,9 @@ def test_explicit_superclasses_and_unreachable_share(dominant_job, tmp_path):
     assert result.superclass_of_class.tolist() == [1, 2, 3, 4, 5, 6]
     result = rebalance(job, tmp_path / "tight", max_share=0.1)  # 4 views cannot each be <= 10 %
     assert result.notes and (result.counts_after == result.counts_before.min()).all()
+    assert result.notes[0].startswith(f"only {len(result.counts_before)} superclasses: no cap can bring each to 0.1")
+    one = rebalance(job, tmp_path / "one", max_share=0.5, n_superclasses=1)
+    assert one.notes[0].startswith("only 1 superclass: no cap")  # not "1 superclasses"
 
 
 def test_rebalance_of_a_selection_groups_only_the_selected_classes(dominant_job, tmp_path, capsys):

@@ -283,7 +283,7 @@ def rebalance_job(
     if cap is None:
         cap = int(before.min())
         notes.append(
-            f"only {S} superclasses: no cap can bring each to {max_share:g} of the particles; "
+            f"only {S} superclass{'es' if S != 1 else ''}: no cap can bring each to {max_share:g} of the particles; "
             f"every superclass was cut to the smallest ({cap} particles)"
         )
     rng = np.random.default_rng(seed)
