@@ -179,7 +179,7 @@ COLUMNS = [
 def table_row(tool: str, timing: dict, s: dict) -> list[str]:
     values = [
         tool, timing.get("wall_s"), timing.get("cpu_s", timing.get("user_cpu_s")), timing.get("peak_rss_mb"),
-        s["junk_f1"], s["purity"], "yes" if s["rare_view_recovered"] else "no", s["median_ncc"], s["n_particle_classes"],
+        s["junk_f1"], s["purity"], {True: "yes", False: "no", None: "n/a"}[s["rare_view_recovered"]], s["median_ncc"], s["n_particle_classes"],
         s["n_junk_classes"], s["n_empty_classes"],
     ]
     return [fmt.format(v) if v is not None else "–" for (_, fmt), v in zip(COLUMNS, values)]

@@ -93,6 +93,7 @@ def test_rare_view_recovered_by_hand():
     assert rare_view_recovered(VIEWS, LABELS, 0)
     assert not rare_view_recovered(VIEWS, LABELS, 3)  # only unassigned
     assert not rare_view_recovered(VIEWS, LABELS, 5)  # dominant only in a junk class
+    assert rare_view_recovered(VIEWS, LABELS, None) is None  # the set has no rare view
 
 
 @pytest.mark.parametrize("psi_deg", [0.0, 30.0, 37.0, 211.0])
@@ -189,7 +190,7 @@ def test_score_classification_by_hand():
 
 def _write_sim(tmp_path, truth, views, rare_view=2):
     sim = tmp_path / "sim"
-    sim.mkdir()
+    sim.mkdir(parents=True)
     truth.to_csv(sim / "truth.csv", index=False)
     (sim / "truth.json").write_text(json.dumps({"rare_view": rare_view, "n_views": len(views)}))
     with mrcfile.new(sim / "views.mrcs") as m:
@@ -246,6 +247,9 @@ def test_score_job_cryo2d_and_relion_layouts(tmp_path):
 
     pair = score_job((relion / "run_it025_data.star", relion / "run_it025_classes.mrcs"), sim)
     assert pair["junk_f1"] == pytest.approx(0.7)
+
+    none = _write_sim(tmp_path / "no-rare", truth, views, rare_view=None)  # truth.json's "rare_view": null
+    assert score_job(tmp_path / "cryo2d", none)["rare_view_recovered"] is None
 
 
 def test_score_job_without_outputs_names_folder(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import mrcfile
 import numpy as np
@@ -160,6 +161,26 @@ def test_uniform_and_preferred_views(bundled, mode):
     assert np.isfinite(sim.images).all()
 
 
+@pytest.mark.parametrize("kwargs", [{"rare_view_fraction": 0.0}, {"rare_view_fraction": 0.0, "views": "uniform"},
+                                    {"n_views": 1}])
+def test_no_rare_view(bundled, tmp_path, capsys, kwargs):
+    """A rare view fraction of 0, or one discrete view (it takes every particle): no rare view, written as null."""
+    sim = simulate(*bundled, n_particles=60, box=BOX, seed=3, **kwargs)
+    assert sim.rare_view is None
+    if kwargs.get("n_views") == 1:
+        assert (sim.truth.view[sim.truth.kind == "particle"] == 0).all()
+    else:  # the id the rare view would have holds no particle
+        assert sim.truth.view.max() < sim.view_projections.shape[0] - 1
+    info = json.loads((write_simulation(sim, tmp_path / "sim") / "truth.json").read_text())
+    assert info["rare_view"] is None
+
+    from cryo2d.cli.main import main
+
+    args = ["--n-views", "1"] if "n_views" in kwargs else ["--rare-fraction", "0"]
+    assert main(["simulate", "bundled", "-o", str(tmp_path / "cli"), "-n", "40", "--box", "32", *args]) == 0
+    assert "; no rare view)" in capsys.readouterr().out
+
+
 def test_written_files(bundled, tmp_path):
     sim = simulate(*bundled, n_particles=40, box=BOX, seed=1)
     out = write_simulation(sim, tmp_path / "sim")
@@ -204,6 +225,7 @@ def test_non_positive_pixel_size_is_refused(bundled, pixel):
     ({"snr": float("nan")}, "snr must be positive, got nan"),  # used to give noise-free images
     ({"junk_fraction": 1.5}, r"junk fraction must be in \[0, 1\], got 1.5"),
     ({"rare_view_fraction": -0.1}, r"rare view fraction must be in \[0, 1\], got -0.1"),
+    ({"rare_view_fraction": 1.0}, r"rare view fraction must be below 1 \(the other views need particles\)"),
 ])
 def test_bad_snr_and_fractions_are_refused_by_name(bundled, kwargs, message):
     with pytest.raises(Cryo2DError, match=message):

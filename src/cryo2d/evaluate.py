@@ -10,7 +10,7 @@ These are the project's official definitions, used by the tests and by
 - ``purity``: mean over non-junk, non-empty classes of the fraction of the
   class's particles that belong to its dominant view;
 - ``rare_view_recovered``: the rare view is the dominant view of at least one
-  non-junk class;
+  non-junk class (None when the set has no rare view);
 - ``median_ncc``: median over non-junk classes of the best normalised
   cross-correlation (over in-plane rotations and shifts) between the class
   average and the clean projection of its dominant view.
@@ -199,8 +199,8 @@ def purity(views: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def rare_view_recovered(views: np.ndarray, labels: np.ndarray, rare_view: int) -> bool:
-    """Whether the rare view is the dominant view of some non-junk class.
+def rare_view_recovered(views: np.ndarray, labels: np.ndarray, rare_view: int | None) -> bool | None:
+    """Whether the rare view is the dominant view of some non-junk class (None: the set has none).
 
     Parameters
     ----------
@@ -208,13 +208,15 @@ def rare_view_recovered(views: np.ndarray, labels: np.ndarray, rare_view: int) -
         True view id of each particle; -1 for junk.
     labels : (n,) int array
         Class label of each particle; negative = unassigned.
-    rare_view : int
-        View id of the rare view.
+    rare_view : int or None
+        View id of the rare view; None when the set has no rare view.
 
     Returns
     -------
-    bool
+    bool, or None when ``rare_view`` is None
     """
+    if rare_view is None:
+        return None
     return any(
         d.dominant_view == int(rare_view) and not d.is_junk_class
         for d in class_details(views, labels)
@@ -461,7 +463,7 @@ def score_classification(
     labels: np.ndarray,
     class_averages: np.ndarray,
     view_projections: np.ndarray,
-    rare_view: int,
+    rare_view: int | None,
     *,
     psi_step_deg: float = 2.0,
 ) -> dict:
@@ -479,8 +481,9 @@ def score_classification(
         Class averages.
     view_projections : (V, B, B) float array
         Clean projection of each view id (``views.mrcs``).
-    rare_view : int
-        View id of the rare view.
+    rare_view : int or None
+        View id of the rare view (None: the set has none, and
+        ``rare_view_recovered`` is None).
     psi_step_deg : float
         Rotation step of the NCC search (degrees).
 
@@ -656,7 +659,7 @@ def score_job(
             f"{star}: class number {labels.max() + 1} but {classes_path} has {classes.shape[0]} classes"
         )
     scores = score_classification(
-        truth, labels, classes, views, int(meta["rare_view"]), psi_step_deg=psi_step_deg
+        truth, labels, classes, views, meta.get("rare_view"), psi_step_deg=psi_step_deg
     )
     scores.update(n_missing=n_missing, particles_star=str(star), classes_mrcs=str(classes_path))
     return scores

@@ -94,8 +94,9 @@ class SimulatedData:
         particle of view v is ``scale · shift_images(rotate_images(
         view_projections[v], psi_deg), shift)`` before CTF and noise (exact
         for "discrete" views; for uniform views v is the nearest bin).
-    rare_view : int
-        View id of the rare view.
+    rare_view : int or None
+        View id of the rare view; None when it holds no particle (a rare
+        view fraction of 0, or a single discrete view).
     meta : dict
         Settings and derived numbers (snr, seed, views mode, noise sd ...).
     """
@@ -105,7 +106,7 @@ class SimulatedData:
     pixel_size_angst: float
     truth: pd.DataFrame
     view_projections: np.ndarray
-    rare_view: int
+    rare_view: int | None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -576,7 +577,9 @@ def simulate(
     n_views : int
         Number of discrete views or uniform bins.
     rare_view_fraction : float
-        Fraction of the non-junk particles in the rare view (count rounded).
+        Fraction of the non-junk particles in the rare view (count rounded),
+        below 1. With 0 (or a single discrete view, which takes every
+        particle) there is no rare view: ``rare_view`` is None.
     scale_sd : float
         Standard deviation of log(scale); scale is lognormal around 1.
     defocus_range_angst : (float, float)
@@ -608,6 +611,8 @@ def simulate(
     for name, value in (("junk fraction", junk_fraction), ("rare view fraction", rare_view_fraction)):
         if not 0 <= value <= 1:
             raise Cryo2DError(f"simulate: {name} must be in [0, 1], got {value}")
+    if rare_view_fraction == 1:
+        raise Cryo2DError("simulate: rare view fraction must be below 1 (the other views need particles)")
     if not snr > 0:  # inf: no noise; NaN refused
         raise Cryo2DError(f"simulate: snr must be positive, got {snr}")
     if pixel_size_angst is not None and not pixel_size_angst > 0:
@@ -775,7 +780,7 @@ def simulate(
         pixel_size_angst=pixel,
         truth=truth,
         view_projections=view_projections.numpy(),
-        rare_view=int(rare_view),
+        rare_view=int(rare_view) if n_rare and not (views == "discrete" and n_views == 1) else None,
         meta=meta,
     )
 
@@ -841,7 +846,7 @@ def write_simulation(sim: SimulatedData, out_dir: str | os.PathLike) -> Path:
         }
     )
     info = {
-        "rare_view": int(sim.rare_view),
+        "rare_view": sim.rare_view,
         "n_views": int(sim.view_projections.shape[0]),
         "pixel_size_angst": pixel,
         "snr": sim.meta.get("snr"),

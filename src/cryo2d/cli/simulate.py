@@ -33,7 +33,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--junk-fraction", type=float, default=0.1, metavar="F", help="fraction of junk images (default 0.1)")
     parser.add_argument("--views", choices=["discrete", "uniform", "preferred"], default="discrete", help="view distribution (default discrete)")
     parser.add_argument("--n-views", type=int, default=8, metavar="V", help="discrete views / uniform bins (default 8)")
-    parser.add_argument("--rare-fraction", type=float, default=0.03, metavar="F", help="fraction of particles in the rare view (default 0.03)")
+    parser.add_argument("--rare-fraction", type=float, default=0.03, metavar="F", help="fraction of particles in the rare view, below 1; 0: no rare view (default 0.03)")
     parser.add_argument("--seed", type=seed_arg, default=0, metavar="S", help="random seed (default 0)")
 
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     counts = sim.truth["kind"].value_counts().to_dict()
     print(
         f"wrote {len(sim.images)} images of {args.box} px at {sim.pixel_size_angst:.3f} Å to {out} "
-        f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}; rare view {sim.rare_view}) "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}; {'no rare view' if sim.rare_view is None else f'rare view {sim.rare_view}'}) "
         f"in {time.perf_counter() - start:.1f} s"
     )
     return 0
