@@ -264,6 +264,10 @@ def test_bad_class_numbers_and_missing_files(truth_job, tmp_path, capsys):
         select(job, tmp_path / "x", classes=[99])
     assert main(["select", str(job), "-o", str(tmp_path / "x"), "--classes", "1,a"]) == 1
     assert "--classes" in capsys.readouterr().err
+    for option in ("--classes", "--exclude"):  # an empty list (a script's empty variable) was the automatic selection
+        assert main(["select", str(job), "-o", str(tmp_path / "x"), option, ""]) == 1
+        assert f"{option}: no class numbers given" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     with pytest.raises(Cryo2DError, match="job folder not found"):
         read_job(tmp_path / "nothing")
     broken = _copy_job(job, tmp_path / "broken")

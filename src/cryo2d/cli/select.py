@@ -49,8 +49,8 @@ def criteria_from_args(args: argparse.Namespace) -> SelectionCriteria:
 
 def run(args: argparse.Namespace) -> int:
     job = read_job(args.job)
-    classes = parse_class_list(args.classes, "--classes") if args.classes else None
-    exclude = parse_class_list(args.exclude, "--exclude") if args.exclude else None
+    classes = parse_class_list(args.classes, "--classes") if args.classes is not None else None
+    exclude = parse_class_list(args.exclude, "--exclude") if args.exclude is not None else None
     criteria = criteria_from_args(args)
     chosen = choose_classes(job, classes=classes, exclude=exclude, criteria=criteria)
     result = write_selection(job, chosen, args.out)
