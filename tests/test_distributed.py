@@ -244,7 +244,9 @@ def test_workers_start_from_the_input_origins(particles, tmp_path):
 
 @pytest.mark.parametrize("flag, message", [
     (["--workers", "0"], "cryo2d: error: --workers must be at least 1 (got 0)"),
-    (["--scheduler", "nonsense"], "cryo2d: error: --scheduler nonsense: cannot connect"),
+    (["--scheduler", "nonsense"], "cryo2d: error: --scheduler nonsense: not a scheduler address (missing port number"),
+    (["--scheduler", ""], "cryo2d: error: --scheduler : not a scheduler address (missing port number in address '')"),
+    (["--scheduler", "tcp://node1"], "cryo2d: error: --scheduler tcp://node1: not a scheduler address"),
 ])
 def test_cli_bad_scale_out_is_one_line(particles, tmp_path, capsys, flag, message):
     from cryo2d.cli.main import main

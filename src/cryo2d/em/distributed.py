@@ -461,6 +461,17 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, tim
     except ImportError:
         raise Cryo2DError("--workers/--scheduler need Dask: pip install 'cryo2d[dask]'") from None
     if scheduler is not None:
+        # A malformed address is refused before a Client exists: one left half
+        # made hung for 20 s at exit and printed a traceback from its __del__.
+        from distributed.comm.addressing import parse_address, parse_host_port
+
+        try:
+            scheme, location = parse_address(scheduler)
+            if scheme != "inproc":
+                parse_host_port(location)
+        except ValueError as err:
+            raise Cryo2DError(f"--scheduler {scheduler}: not a scheduler address ({err}); give one such as "
+                              "tcp://node1:8786") from None
         try:
             client = Client(scheduler, timeout=f"{timeout_s}s", set_as_default=False)
         except (OSError, ValueError, TypeError) as err:
