@@ -269,3 +269,43 @@ def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch, error, message
     monkeypatch.setattr(classify_cli, "run", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["classify", str(tmp_path / "p.star"), "-o", str(tmp_path / "job")])
+
+
+@pytest.mark.parametrize("command", [
+    ["classify", "p.star"], ["stream", "incoming"], ["simulate", "bundled"], ["select", "job"], ["rebalance", "job"],
+    ["demo"], ["view", "job"],
+])
+def test_empty_output_folder_refused(capsys, command):
+    """``-o ''`` (a script's empty variable) wrote the job, or 1,000 simulated images, into the current folder."""
+    from cryo2d.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "-o", ""])
+    assert exc.value.code == 2
+    assert "argument -o/--out: empty (give the folder to write)" in capsys.readouterr().err
+
+
+def test_job_never_overwrites_its_input(sim3, tmp_path, capsys):
+    """A job in the folder of its particles.star (``-o .``) replaced the input with its own particles.star."""
+    import shutil
+
+    from cryo2d.cli.main import main
+
+    folder = tmp_path / "data"
+    shutil.copytree(sim3.folder, folder)
+    before = (folder / "particles.star").read_bytes()
+    fast = ["--classes", "2", "--online-iterations", "1", "--batch-per-class", "10"]
+    assert main(["classify", str(folder / "particles.star"), "-o", str(folder), *fast]) == 1
+    err = capsys.readouterr().err
+    assert f"{folder}: the job would write particles.star over its input {folder / 'particles.star'}" in err
+    # A stream: its source folder as the job folder, or a growing file in it.
+    assert main(["stream", str(folder), "-o", str(folder), *fast, "--until", "1"]) == 1
+    assert "the job folder is the folder it watches" in capsys.readouterr().err
+    assert main(["stream", str(folder / "particles.star"), "-o", str(folder), *fast, "--until", "1"]) == 1
+    assert "the job would write particles.star over its input" in capsys.readouterr().err
+    assert (folder / "particles.star").read_bytes() == before and not (folder / "classes.mrcs").exists()
+    # Another name in the same folder is no input: the job may sit beside it.
+    renamed = folder / "picked.star"
+    (folder / "particles.star").rename(renamed)
+    assert main(["classify", str(renamed), "-o", str(folder), *fast]) == 0
+    assert (folder / "classes.mrcs").is_file() and renamed.read_bytes() == before

@@ -21,10 +21,14 @@ from cryo2d.em.finalize import align_vertical, duplicate_mask, sort_order
 from cryo2d.errors import Cryo2DError
 from cryo2d.gallery.render import render_gallery
 from cryo2d.io import check_finite, nonfinite_indices, read_particles, write_particles, write_stack
-from cryo2d.io.outputs import make_output_folder, write_text_atomic
+from cryo2d.io.outputs import make_output_folder, refuse_overwriting_inputs, write_text_atomic
 from cryo2d.io.star import write_blocks
 from cryo2d.particles import Assignments, ParticleSet
 from cryo2d.picks import pick_locations
+
+#: The files a classification job writes into its folder.
+JOB_FILES = ("classes.mrcs", "classes_unmasked.mrcs", "classes.star", "particles.star", "particles.cs",
+             "duplicates.star", "duplicates.cs", "gallery.png", "iterations.jsonl", "checkpoint.pt")
 
 
 @dataclass
@@ -136,6 +140,7 @@ def classify(
         raise Cryo2DError(f"--workers must be at least 1 (got {workers})")
     if not isinstance(particles, ParticleSet):
         particles = read_particles(particles, project_dir=project_dir, no_ctf=not config.use_ctf)
+    refuse_overwriting_inputs(out_dir, JOB_FILES, [particles.source, *getattr(particles.stack, "files", [])])
     n_bad, rows = 0, None
     if skip_bad:
         bad = nonfinite_indices(particles.stack)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from cryo2d._callable import make_callable
-from cryo2d.classify import ClassifyResult, finalize, origins_note, subset_particles, write_job
+from cryo2d.classify import JOB_FILES, ClassifyResult, finalize, origins_note, subset_particles, write_job
 from cryo2d.contrast import invert_contrast, settle_contrast
 from cryo2d.em.config import EMConfig, check_device
 from cryo2d.em.engine import Engine, final_result
@@ -51,6 +51,7 @@ from cryo2d.io import (
     atomic_path, check_finite, make_output_folder, nonfinite_indices, write_json_atomic, write_text_atomic,
 )
 from cryo2d.io.concat import concat_particles
+from cryo2d.io.outputs import refuse_overwriting_inputs
 from cryo2d.io.watch import ParticleWatcher, row_keys, rows_digest
 from cryo2d.particles import ParticleSet
 
@@ -490,6 +491,10 @@ def stream(
     """
     config.validate()
     check_device(device)
+    if Path(source).is_dir() and Path(source).resolve() == Path(out_dir).resolve():
+        raise Cryo2DError(f"{out_dir}: the job folder is the folder it watches; its own particles.star would be "
+                          "read as new particles: choose another output folder")
+    refuse_overwriting_inputs(out_dir, (*JOB_FILES, "stream.json", "updates.jsonl", CHECKPOINT), [source])
     run = _Stream(Path(source), Path(out_dir), config, device=device, settle_s=settle_s,
                   project_dir=project_dir, skip_bad=skip_bad, resume=resume)
     with ExitStack() as stack:

@@ -55,6 +55,13 @@ def seed_arg(value: str) -> int:
     return n
 
 
+def out_arg(value: str) -> str:
+    """argparse type of ``-o/--out``: a folder name that is not empty (an empty one meant the current folder)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty (give the folder to write)")
+    return value
+
+
 def full_iterations_arg(value: str) -> int:
     """argparse type of ``--full-iterations``: a whole number of at least 1 (the last full pass gives every particle its class)."""
     if (n := _whole_number(value)) < 1:
@@ -72,7 +79,7 @@ def threads_arg(value: str) -> int:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Every classification parameter (DESIGN §2); shared with other commands."""
     d = EMConfig()
-    p.add_argument("-o", "--out", required=True, help="job folder to write")
+    p.add_argument("-o", "--out", type=out_arg, required=True, help="job folder to write")
     p.add_argument("--classes", type=int, default=d.n_classes, help="number of classes K (default %(default)s)")
     p.add_argument("--max-res", type=float, default=d.max_res_angst, help="resolution of the classes during the iterations and of the search, Å (default %(default)s)")
     p.add_argument("--average-res", type=float, default=None,

@@ -17,11 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-from cryo2d.cli.classify import device_arg, seed_arg
+from cryo2d.cli.classify import device_arg, out_arg, seed_arg
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--out", default="cryo2d_demo", help="demo folder (default %(default)s)")
+    p.add_argument("-o", "--out", type=out_arg, default="cryo2d_demo", help="demo folder (default %(default)s)")
     p.add_argument("-n", type=int, default=1500, help="particles to simulate (default %(default)s)")
     p.add_argument("--box", type=int, default=48, help="box size, px (default %(default)s)")
     p.add_argument("--snr", type=float, default=0.1, help="signal-to-noise ratio (default %(default)s)")

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 
-from cryo2d.cli.classify import seed_arg
+from cryo2d.cli.classify import out_arg, seed_arg
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", help="classification job folder (classes.mrcs, classes.star, particles.star/.cs), or a cryo2d select output folder")
-    parser.add_argument("-o", "--out", required=True, help="output folder")
+    parser.add_argument("-o", "--out", type=out_arg, required=True, help="output folder")
     parser.add_argument("--max-share", type=float, default=0.1, help="largest fraction of the kept particles per superclass (default %(default)s)")
     parser.add_argument("--n-superclasses", type=int, default=None, help="number of superclasses (default: automatic, classes with correlation >= 0.9 grouped)")
     parser.add_argument("--seed", type=seed_arg, default=0, help="random seed for the particles dropped (default %(default)s)")

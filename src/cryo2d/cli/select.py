@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 
+from cryo2d.cli.classify import out_arg
 from cryo2d.select import SelectionCriteria, choose_classes, parse_class_list, read_job, write_selection
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", help="classification job folder (classes.mrcs, classes.star, particles.star/.cs)")
-    parser.add_argument("-o", "--out", required=True, help="output folder")
+    parser.add_argument("-o", "--out", type=out_arg, required=True, help="output folder")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--classes", metavar="LIST", help="classes to keep, 1-based, e.g. 1,4,7-9")
     which.add_argument("--exclude", metavar="LIST", help="classes to drop, 1-based, e.g. 2,3")

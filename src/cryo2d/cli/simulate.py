@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from cryo2d.cli.classify import seed_arg
+from cryo2d.cli.classify import out_arg, seed_arg
 from cryo2d.errors import Cryo2DError
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("map", metavar="MAP", help="3D map (.mrc/.map, may be .gz) or 'bundled'")
-    parser.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("-o", "--out", type=out_arg, required=True, metavar="DIR", help="output folder")
     parser.add_argument("-n", "--n-particles", type=int, default=1000, metavar="N", help="images, junk included (default 1000)")
     parser.add_argument("--box", type=int, default=64, metavar="PX", help="image size in px (default 64)")
     parser.add_argument(

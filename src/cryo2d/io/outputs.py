@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,20 @@ def make_output_folder(path: str | os.PathLike) -> Path:
     except OSError as err:
         raise Cryo2DError(f"{out}: cannot create output folder ({err.strerror or err})") from None
     return out
+
+
+def refuse_overwriting_inputs(out_dir: str | os.PathLike, names: Iterable[str], inputs: Iterable[str | os.PathLike]) -> None:
+    """Cryo2DError when a file called one of ``names`` in ``out_dir`` is one of ``inputs``.
+
+    A job written into the folder of its own particle file would replace it
+    (a job's particles.star over the input's particles.star).
+    """
+    out = Path(out_dir).resolve()
+    targets = {out / name for name in names}
+    for path in inputs:
+        if Path(path).resolve() in targets:
+            raise Cryo2DError(f"{out_dir}: the job would write {Path(path).name} over its input {path}; "
+                              "choose another output folder")
 
 
 def _fsync(path: Path) -> None:
