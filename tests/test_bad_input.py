@@ -1,4 +1,5 @@
 """Every bad input: exit code 1 and one stderr line naming the file and the problem."""
+import math
 import sys
 from pathlib import Path
 
@@ -240,9 +241,28 @@ def test_config_values_that_make_no_sense(field, value, message):
         EMConfig(**{field: value}).validate()
 
 
+def test_every_float_parameter_must_be_finite(capsys):
+    """inf or NaN raised tracebacks (--shift-range inf, --shift-step inf), ran on nonsense (--tau2-fudge inf;
+    --min-separation inf made every pick a duplicate) or misled (--mask-diameter-outer nan: "images constant")."""
+    import dataclasses
+
+    from cryo2d.cli.main import main
+    from cryo2d.em.config import _FLOAT_FLAGS, EMConfig
+
+    floats = {f.name for f in dataclasses.fields(EMConfig) if "float" in str(f.type)}
+    assert set(_FLOAT_FLAGS) == floats  # every float parameter is checked
+    for name, flag in _FLOAT_FLAGS.items():
+        for value in (math.inf, math.nan):
+            with pytest.raises(Cryo2DError, match=f"^{flag} must be a finite number, got {value}$"):
+                EMConfig(**{name: value}).validate()
+    assert main(["classify", "p.star", "-o", "job", "--shift-range", "inf"]) == 1
+    assert capsys.readouterr().err.strip() == "cryo2d: error: --shift-range must be a finite number, got inf"
+
+
 @pytest.mark.parametrize("error, message", [
-    ("gpu", "cryo2d: error: the GPU ran out of memory (--device cuda:0). Fewer --classes or a lower --max-align-res"),
-    ("ram", "cryo2d: error: out of memory (RAM). Fewer --classes or a lower --max-align-res"),
+    ("gpu", "cryo2d: error: the GPU ran out of memory (--device cuda:0). Fewer --classes, a lower --max-align-res"),
+    ("ram", "cryo2d: error: out of memory (RAM). Fewer --classes, a lower --max-align-res"),
+    ("torch-cpu", "cryo2d: error: out of memory (RAM: 65.7 GiB asked for at once). Fewer --classes, a lower"),
 ])
 def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch, error, message):
     """Running out of GPU memory or RAM ends with one line that says what to lower, and exit 1;
@@ -255,6 +275,9 @@ def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch, error, message
     def boom(args):
         if error == "gpu":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if error == "torch-cpu":  # what torch 2.13's CPU allocator raised for --psi-step 1e-6
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 70560000000 bytes. Error code 12 (Cannot allocate memory)")
         raise MemoryError()
 
     monkeypatch.setattr(classify_cli, "run", boom)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
 # PyTorch's OpenMP threads wait for work by spinning (GNU OpenMP: 300,000 turns), holding their
@@ -67,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cryo2d: error: out of memory (RAM). {_LESS_MEMORY}", file=sys.stderr)
         return 1
     except RuntimeError as err:
+        if _CPU_ALLOCATION_FAILED in str(err):  # torch's CPU allocator: a RuntimeError, not a MemoryError
+            asked = re.search(r"allocate (\d+) bytes", str(err))
+            size = f": {int(asked.group(1)) / 2**30:,.1f} GiB asked for at once" if asked else ""
+            print(f"cryo2d: error: out of memory (RAM{size}). {_LESS_MEMORY}", file=sys.stderr)
+            return 1
         if not _gpu_out_of_memory(err):
             raise
         device = getattr(args, "device", "cuda")
@@ -77,8 +83,13 @@ def main(argv: list[str] | None = None) -> int:
 
 # What an out-of-memory error suggests: the E-step's references grow with classes x rotations x
 # Fourier points (README, Known limits), and a checkpoint is written after every iteration.
-_LESS_MEMORY = ("Fewer --classes or a lower --max-align-res need less; --resume continues a classify "
+_LESS_MEMORY = ("Fewer --classes, a lower --max-align-res or a coarser --psi-step or --shift-step need less; "
+                "--resume continues a classify "
                 "or stream job from its last finished iteration")
+
+
+# What torch's CPU allocator says when an allocation fails (--psi-step 1e-6 asked for 66 GiB at once).
+_CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
 
 
 def _gpu_out_of_memory(err: RuntimeError) -> bool:

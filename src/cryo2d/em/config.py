@@ -4,12 +4,21 @@ Defaults and meanings follow CryoSPARC's 2D classification (DESIGN §2).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 
 from cryo2d.errors import Cryo2DError
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+#: The float parameters and their flags (each must be finite).
+_FLOAT_FLAGS = {
+    "max_res_angst": "--max-res", "average_res_angst": "--average-res", "max_align_res_angst": "--max-align-res",
+    "min_align_res_angst": "--min-align-res", "uncertainty_factor": "--uncertainty-factor",
+    "mask_diameter_angst": "--mask-diameter", "mask_diameter_outer_angst": "--mask-diameter-outer",
+    "recenter_threshold": "--recenter-threshold", "psi_step_deg": "--psi-step", "shift_range_px": "--shift-range",
+    "shift_step_px": "--shift-step", "min_separation_angst": "--min-separation", "tau2_fudge": "--tau2-fudge",
+}
 #: The starting classes a run can have (``EMConfig.start``, :mod:`cryo2d.em.start`).
 STARTS = ("split", "random")
 
@@ -131,6 +140,10 @@ class EMConfig:
 
     def validate(self) -> None:
         """Raise Cryo2DError for values that make no sense."""
+        for name, flag in _FLOAT_FLAGS.items():  # inf or NaN: a traceback, or every pick a duplicate, before
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise Cryo2DError(f"{flag} must be a finite number, got {value}")
         checks = [
             (self.n_classes >= 1, "--classes must be at least 1"),
             (self.max_res_angst > 0, "--max-res must be positive"),
