@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 # What an out-of-memory error suggests: the E-step's references grow with classes x rotations x
 # Fourier points (README, Known limits), and a checkpoint is written after every iteration.
 _LESS_MEMORY = ("Fewer --classes, a lower --max-align-res or a coarser --psi-step or --shift-step need less; "
-                "--resume continues a classify "
-                "or stream job from its last finished iteration")
+                "--resume continues a classify or stream job from its last finished iteration")
 
 
 # What torch's CPU allocator says when an allocation fails (--psi-step 1e-6 asked for 66 GiB at once).
