@@ -332,3 +332,17 @@ def test_job_never_overwrites_its_input(sim3, tmp_path, capsys):
     (folder / "particles.star").rename(renamed)
     assert main(["classify", str(renamed), "-o", str(folder), *fast]) == 0
     assert (folder / "classes.mrcs").is_file() and renamed.read_bytes() == before
+
+
+def test_out_of_memory_outside_classification_gives_no_classification_advice(tmp_path, capsys, monkeypatch):
+    """``simulate --box 100000`` ran out of memory with advice about --classes, which simulate does not have."""
+    import cryo2d.cli.simulate as simulate_cli
+    from cryo2d.cli.main import main
+
+    def boom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 16000000000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(simulate_cli, "run", boom)
+    assert main(["simulate", "bundled", "-o", str(tmp_path / "sim"), "--box", "100000"]) == 1
+    assert capsys.readouterr().err == "cryo2d: error: out of memory (RAM: 14,901,161.2 GiB asked for at once).\n"

@@ -214,11 +214,17 @@ def test_read_map_errors(tmp_path):
         read_map(flat)
 
 
-@pytest.mark.parametrize("pixel", [-1.0, 0.0])
+@pytest.mark.parametrize("pixel", [-1.0, 0.0, float("inf")])
 def test_non_positive_pixel_size_is_refused(bundled, pixel):
-    """A negative pixel size used to be written into the STAR file as is."""
-    with pytest.raises(Cryo2DError, match=f"pixel size must be positive, got {pixel}"):
+    """A negative pixel size used to be written into the STAR file as is (inf: images "at inf Å")."""
+    with pytest.raises(Cryo2DError, match=f"pixel size must be positive and finite, got {pixel}"):
         simulate(*bundled, n_particles=10, box=16, pixel_size_angst=pixel)
+
+
+def test_pixel_size_that_would_blow_up_the_map_is_refused(bundled):
+    """1e-9 Å resampled the 64-voxel map to 3.6e11 voxels across: a torch traceback (storage overflow)."""
+    with pytest.raises(Cryo2DError, match=r"would resample the map \(64 voxels of 5.7 Å\) to more than 1024 voxels"):
+        simulate(*bundled, n_particles=10, box=16, pixel_size_angst=1e-9)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -236,5 +242,7 @@ def test_cli_refuses_a_non_positive_map_pixel_size(tmp_path, capsys):
     from cryo2d.cli.main import main
 
     assert main(["simulate", "bundled", "-o", str(tmp_path / "sim"), "--map-pixel-size", "-2"]) == 1
-    assert "--map-pixel-size must be positive, got -2.0" in capsys.readouterr().err
+    assert "--map-pixel-size must be positive and finite, got -2.0" in capsys.readouterr().err
+    assert main(["simulate", "bundled", "-o", str(tmp_path / "sim"), "--map-pixel-size", "inf"]) == 1  # was a traceback
+    assert "--map-pixel-size must be positive and finite, got inf" in capsys.readouterr().err
     assert not (tmp_path / "sim").exists()

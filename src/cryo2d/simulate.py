@@ -68,6 +68,8 @@ JUNK_KINDS = ("noise", "ice", "doublet")
 _BACKGROUND_RADIUS = 0.45  # × box: RELION-style normalisation outside this circle
 _PARTICLE_RADIUS = 0.45  # × box: signal variance for the SNR is measured inside
 _CHUNK = 1024  # particles rendered at once
+#: Largest map, in voxels across, that the resampling to the image pixel size may make (1024³ float64: 8 GiB).
+MAX_RESAMPLED = 1024
 
 
 @dataclass
@@ -602,7 +604,7 @@ def simulate(
     volume = np.asarray(volume, dtype=np.float32)
     if volume.ndim != 3 or len(set(volume.shape)) != 1:
         raise Cryo2DError(f"simulate: volume must be a cube, got shape {volume.shape}")
-    if not voxel_size_angst or voxel_size_angst <= 0:
+    if not voxel_size_angst or not 0 < voxel_size_angst < math.inf:
         raise Cryo2DError("simulate: voxel size must be positive (the map header has none; pass it)")
     if views not in ("discrete", "uniform", "preferred"):
         raise Cryo2DError(f"simulate: views must be discrete, uniform or preferred, got {views!r}")
@@ -615,8 +617,13 @@ def simulate(
         raise Cryo2DError("simulate: rare view fraction must be below 1 (the other views need particles)")
     if not snr > 0:  # inf: no noise; NaN refused
         raise Cryo2DError(f"simulate: snr must be positive, got {snr}")
-    if pixel_size_angst is not None and not pixel_size_angst > 0:
-        raise Cryo2DError(f"simulate: pixel size must be positive, got {pixel_size_angst}")
+    if pixel_size_angst is not None and not 0 < pixel_size_angst < math.inf:
+        raise Cryo2DError(f"simulate: pixel size must be positive and finite, got {pixel_size_angst}")
+    if pixel_size_angst is not None and volume.shape[0] * voxel_size_angst / pixel_size_angst > MAX_RESAMPLED:
+        raise Cryo2DError(
+            f"simulate: a pixel size of {pixel_size_angst:g} Å would resample the map ({volume.shape[0]} voxels of "
+            f"{voxel_size_angst:g} Å) to more than {MAX_RESAMPLED} voxels across"
+        )
     rng = np.random.default_rng(seed)
     vol, pixel = _prepare_volume(volume, float(voxel_size_angst), int(box), pixel_size_angst)
     max_shift = 0.03 * box if max_shift_px is None else float(max_shift_px)

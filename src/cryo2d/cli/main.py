@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # What to lower: the classification options, where the command has them (not simulate --box 100000).
+    less = f" {_LESS_MEMORY}" if hasattr(args, "psi_step") else ""
     try:
         return int(args.run(args) or 0)
     except Cryo2DError as err:
@@ -65,19 +67,19 @@ def main(argv: list[str] | None = None) -> int:
         print("cryo2d: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
-        print(f"cryo2d: error: out of memory (RAM). {_LESS_MEMORY}", file=sys.stderr)
+        print(f"cryo2d: error: out of memory (RAM).{less}", file=sys.stderr)
         return 1
     except RuntimeError as err:
         if _CPU_ALLOCATION_FAILED in str(err):  # torch's CPU allocator: a RuntimeError, not a MemoryError
             asked = re.search(r"allocate (\d+) bytes", str(err))
             size = f": {int(asked.group(1)) / 2**30:,.1f} GiB asked for at once" if asked else ""
-            print(f"cryo2d: error: out of memory (RAM{size}). {_LESS_MEMORY}", file=sys.stderr)
+            print(f"cryo2d: error: out of memory (RAM{size}).{less}", file=sys.stderr)
             return 1
         if not _gpu_out_of_memory(err):
             raise
         device = getattr(args, "device", "cuda")
-        print(f"cryo2d: error: the GPU ran out of memory (--device {device}). {_LESS_MEMORY}, "
-              "or run on the CPU (--device cpu)", file=sys.stderr)
+        print(f"cryo2d: error: the GPU ran out of memory (--device {device}).{less or ' Run'}"
+              f"{', or run' if less else ''} on the CPU (--device cpu)", file=sys.stderr)
         return 1
 
 

@@ -13,6 +13,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 from cryo2d.cli.classify import out_arg, seed_arg
@@ -43,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     volume, voxel = read_map(args.map)
     if args.map_pixel_size is not None:
-        if not args.map_pixel_size > 0:
-            raise Cryo2DError(f"--map-pixel-size must be positive, got {args.map_pixel_size}")
+        if not 0 < args.map_pixel_size < math.inf:
+            raise Cryo2DError(f"--map-pixel-size must be positive and finite, got {args.map_pixel_size}")
         voxel = args.map_pixel_size
     if not voxel or voxel <= 0:
         raise Cryo2DError(f"{args.map}: map header has no voxel size (give --map-pixel-size)")
