@@ -303,7 +303,7 @@ def test_cli_ctrl_c_stops_cleanly_and_bad_source(sim3, tmp_path):
     os.kill(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert err.splitlines()[-1].startswith(f"{job}: interrupted; 1 updates, 200 particles classified")
+    assert err.splitlines()[-1].startswith(f"{job}: interrupted; 1 update, 200 particles classified")
     assert "Traceback" not in err and "update    1: 200 particles (+200)" in err
     assert json.loads(status.read_text())["update"] == 1
     bad = subprocess.run([*args[:4], str(tmp_path / "nowhere"), *args[5:]], capture_output=True, text=True)

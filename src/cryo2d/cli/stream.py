@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     )
     why = {"until": f"reached update {args.until}", "idle": "nothing new arrived",
            "interrupted": "interrupted", "stop": "stopped"}[result.stopped]
-    print(f"{args.out}: {why}; {result.updates} updates, {result.n_particles} particles classified"
+    print(f"{args.out}: {why}; {result.updates} update{'' if result.updates == 1 else 's'}, {result.n_particles} particles classified"
           + (f", {result.n_pending} waiting" if result.n_pending else "")
           + (f", {result.n_skipped} skipped for NaN/Inf pixels" if result.n_skipped else "")
           + "; run the same command again to continue", file=sys.stderr)
