@@ -90,6 +90,9 @@ class EMConfig:
     recenter_threshold: float = 0.2
     #: Fourier oversampling of classes for rotation interpolation (1 or more).
     zeropad: int = 2
+    #: Per-particle scale: least squares at the best pose from the second
+    #: iteration on, each batch's normalised to a median of 1 (as RELION
+    #: normalises its scale corrections).
     estimate_scale: bool = False
     clamp_solvent: bool = False
     non_negative: bool = False
