@@ -132,6 +132,15 @@ def test_missing_file(tmp_path, info):
     assert "file not found" in info(tmp_path / "nothing.star")
 
 
+def test_a_folder_given_for_the_particle_file(tmp_path, info):
+    """A job folder given where its particles.star was meant: said so, with the file it holds."""
+    job = tmp_path / "Class2D"
+    job.mkdir()
+    assert f"{job}: a folder, not a particle file (.star or .cs)" in info(job)
+    (job / "particles.star").write_text("data_particles\n")
+    assert f"(did you mean {job / 'particles.star'}?)" in info(job)
+
+
 def test_cs_missing_ctf_field(tmp_path, info):
     cs = make_cs_dataset(tmp_path)[1]
     array = np.load(cs)

@@ -68,6 +68,10 @@ def read_particles(
         particles = read_star(path, no_ctf=no_ctf, open_stacks=False)
     elif suffix == ".cs":
         particles = read_cs(path, project_dir=project_dir, no_ctf=no_ctf, open_stacks=False)
+    elif path.is_dir():
+        found = [name for name in ("particles.star", "particles.cs") if (path / name).is_file()]
+        hint = f" (did you mean {path / found[0]}?)" if found else ""
+        raise Cryo2DError(f"{path}: a folder, not a particle file (.star or .cs){hint}")
     else:
         raise Cryo2DError(f"{path}: unknown particle file type {suffix or '(no suffix)'!r} (expected .star or .cs)")
     _validate(particles)
