@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         if not _gpu_out_of_memory(err):
             raise
         device = getattr(args, "device", "cuda")
-        print(f"cryo2d: error: the GPU ran out of memory (--device {device}).{less or ' Run'}"
-              f"{', or run' if less else ''} on the CPU (--device cpu)", file=sys.stderr)
+        run_on_cpu = f"{less}, or run" if less else " Run"
+        print(f"cryo2d: error: the GPU ran out of memory (--device {device}).{run_on_cpu} on the CPU (--device cpu)",
+              file=sys.stderr)
         return 1
 
 

@@ -1138,7 +1138,9 @@ class Engine(ClassMoves):
             # sharpen every posterior with them. As RELION does with its scale
             # corrections, the batch's are normalised, here to a median of 1.
             middle = float(np.median(est[fitted])) if fitted.any() else 1.0
-            s.scale[idx] = np.clip(np.where(fitted, est / middle, 1.0) if middle > 0 else est, 0.2, 5.0)
+            if middle > 0:
+                est = np.where(fitted, est / middle, 1.0)
+            s.scale[idx] = np.clip(est, 0.2, 5.0)
         return changed
 
 
