@@ -10,7 +10,9 @@ Choose classes by number (--classes, --exclude) and/or by criteria; a class
 must pass every criterion given. With no option at all, automatic selection
 keeps the non-empty classes whose junk score is at most 0.5 (see
 cryo2d.junk: low contrast, density at the box edge, off-centre, featureless
-blob). Resolutions are in Å, smaller = better: --min-res 20 keeps classes at
+blob). Averages of fewer than about 30 particles can look like noise to the
+junk score: when most classes are that small, a note says how many it
+rejected. Resolutions are in Å, smaller = better: --min-res 20 keeps classes at
 20 Å or better; --max-res 4 drops classes claiming better than 4 Å.
 
 examples:
@@ -24,7 +26,14 @@ from __future__ import annotations
 import argparse
 
 from cryo2d.cli.classify import out_arg
-from cryo2d.select import SelectionCriteria, choose_classes, parse_class_list, read_job, write_selection
+from cryo2d.select import (
+    SelectionCriteria,
+    choose_classes,
+    parse_class_list,
+    read_job,
+    small_classes_note,
+    write_selection,
+)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -56,4 +65,9 @@ def run(args: argparse.Namespace) -> int:
     chosen = choose_classes(job, classes=classes, exclude=exclude, criteria=criteria)
     result = write_selection(job, chosen, args.out)
     print(result.summary())
+    if classes is None and exclude is None and criteria.is_empty():
+        criteria = SelectionCriteria.auto()
+    note = small_classes_note(job, chosen, criteria)
+    if note:
+        print(note)
     return 0
