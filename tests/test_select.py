@@ -232,32 +232,41 @@ def test_select_prints_one_line_summary(truth_job, tmp_path, capsys):
     assert len(out) == 1 and out[0].startswith(f"selected 1 of {len(names)} classes (2)")
 
 
-def test_classes_too_small_for_the_junk_score_get_a_note(truth_job, sim_data, tmp_path, capsys):
-    """Each view split into classes of 8 particles: the junk score rejects some, and select says why."""
+def test_classes_too_small_for_the_junk_score_get_a_note(sim_data, tmp_path, capsys):
+    """Each view split into classes of 8 particles: the junk score rejects some, and select says why.
+
+    The same particles in one class per view and one junk class: the junk
+    class is rejected, with no note (the classes are large).
+    """
     folder, sim = sim_data
     truth = sim.truth
-    job, names = truth_job
-    assert small_classes_note(read_job(job), select(job, tmp_path / "big").classes, SelectionCriteria.auto()) is None
+    aligned = aligned_images(folder, truth)
     particle = (truth["kind"] == "particle").to_numpy()
+    views = truth["view"].to_numpy()
+    big = np.where(particle, views, views.max() + 1)
     label = np.full(len(truth), -1)
-    rows = np.flatnonzero(particle)
-    for v in np.unique(truth["view"].to_numpy()[rows]):
-        members = rows[truth["view"].to_numpy()[rows] == v]
+    for v in np.unique(views[particle]):
+        members = np.flatnonzero(particle & (views == v))
         label[members] = label.max() + 1 + np.arange(len(members)) // 8
     label[~particle] = label.max() + 1  # the junk in one class
-    aligned = aligned_images(folder, truth)
-    averages = np.stack([aligned[label == k].mean(0) for k in range(label.max() + 1)]).astype(np.float32)
-    small = write_job(tmp_path / "small", folder, label, averages)
+    for name, labels in (("big", big), ("small", label)):
+        averages = np.stack([aligned[labels == k].mean(0) for k in range(labels.max() + 1)]).astype(np.float32)
+        write_job(tmp_path / name, folder, labels, averages)
+    averages = read_job(tmp_path / "small").unmasked
     counts = np.bincount(label)
-    rejected_small = (junk_scores(averages, counts) > 0.5) & (counts < 30)
+    rejected_small = (junk_scores(averages, counts) > 0.5) & (counts < 60)
     assert rejected_small.sum() > 0  # classes of 8 particles of a view look like noise
-    assert main(["select", str(small), "-o", str(tmp_path / "s")]) == 0
+    assert main(["select", str(tmp_path / "small"), "-o", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 2 and out[1].startswith(f"note: the classes hold a median of {np.median(counts):g} particles")
-    assert f"rejected {rejected_small.sum()} classes of fewer than 30 ({counts[rejected_small].sum()} particles)" in out[1]
+    assert f"rejected {rejected_small.sum()} classes of fewer than 60 ({counts[rejected_small].sum()} particles)" in out[1]
     # Classes chosen by number: no junk score, no note.
-    assert main(["select", str(small), "-o", str(tmp_path / "n"), "--classes", "1-3"]) == 0
+    assert main(["select", str(tmp_path / "small"), "-o", str(tmp_path / "n"), "--classes", "1-3"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 1
+    # Large classes: the junk class is rejected without a note.
+    job = read_job(tmp_path / "big")
+    chosen = choose_classes(job)
+    assert len(chosen) == job.n_classes - 1 and small_classes_note(job, chosen, SelectionCriteria.auto()) is None
 
 
 def test_junk_scores_read_the_unmasked_averages(truth_job, tmp_path):

@@ -438,14 +438,13 @@ def passes(job: Job, criteria: SelectionCriteria) -> np.ndarray:
 
 # Median class size below which the junk score misjudges classes of particles.
 # Averages of a few particles at low SNR are noisy up to the box edge, so their
-# contrast falls towards that of noise. Measured on the 48 px `small` set
-# (1,500 particles, EM seed 0; benchmarks/README.md, session 42), the good
-# particles the automatic selection kept: K = 12 (median 150 per class)
-# 98.6 %, K = 50 (median 24) 93.5 %, K = 100 (median 11.5) 82 %; on `hard`
-# (5,000 particles) K = 50 (median 100) 95.4 %. At 30 rather than 50 the note
-# stays quiet for a job of a few large view classes beside junk classes of
-# 45 particles (tests/test_select.py).
-_FEW_PARTICLES = 30
+# contrast falls towards that of noise. The good particles that the automatic
+# selection kept (EM seed 0; benchmarks/README.md, session 42): on the 48 px
+# `small` set (1,500 particles, SNR 0.1) 98.6 % at K = 12 (median 129 per
+# class), 93.5 % at K = 50 (median 24), 82 % at K = 100 (median 11.5); on
+# `hard` (5,000 particles, 64 px, SNR 0.05) 99.6 % at K = 20 (median 264),
+# 95.4 % at K = 50 (median 98), 84 % at K = 100 (median 50).
+_FEW_PARTICLES = 60
 
 
 def small_classes_note(job: Job, chosen: np.ndarray, criteria: SelectionCriteria | None) -> str | None:
