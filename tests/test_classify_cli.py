@@ -172,6 +172,16 @@ def test_cs_input_gives_particles_cs(cs_job):
     assert not (job / "particles.star").exists()
 
 
+def test_every_file_of_a_job_is_one_the_job_guards(star_job, cs_job):
+    """classify and stream refuse an input named like a job file (``JOB_FILES``): the list holds every file written."""
+    from cryo2d.classify import JOB_FILES
+
+    for job in (star_job, cs_job[0]):
+        names = {path.name for path in job.iterdir()}
+        assert {"classes.mrcs", "gallery.png", "iterations.jsonl"} <= names
+        assert names <= set(JOB_FILES), names - set(JOB_FILES)
+
+
 def test_cryosparc_tools_read_the_cs(cs_job):
     """CryoSPARC's own reader (cryosparc-tools) loads particles.cs with every field we wrote."""
     dataset_module = pytest.importorskip("cryosparc.dataset")
