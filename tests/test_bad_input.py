@@ -147,7 +147,7 @@ def test_cs_missing_ctf_field(tmp_path, info):
     keep = [name for name in array.dtype.names if name != "ctf/df1_A"]
     with open(cs, "wb") as handle:
         np.save(handle, array[keep])
-    assert "field ctf/df1_A missing (use --no-ctf to classify without CTF)" in info(cs)
+    assert "field ctf/df1_A missing, and no CryoSPARC passthrough file beside it holds it" in info(cs)
 
 
 def test_non_numeric_ctf_value(star, info):

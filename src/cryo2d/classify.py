@@ -72,6 +72,16 @@ def origins_note(prior_shift_px: np.ndarray) -> str:
             f"{distance.max():.2g} px from the box centre; --no-input-shifts starts from the centre)")
 
 
+def passthrough_note(particles: ParticleSet) -> str | None:
+    """The line that names the CryoSPARC passthrough files a .cs input's fields came from (None: none)."""
+    used = particles.extra.get("passthrough") or []
+    if not used:
+        return None
+    groups = sorted({name.split("/")[0] + "/*" for _, fields in used for name in fields})
+    files = ", ".join(path.name for path, _ in used)
+    return f"read {', '.join(groups)} from {files} (CryoSPARC's passthrough fields, matched by uid)"
+
+
 def subset_particles(particles: ParticleSet, rows: np.ndarray) -> ParticleSet:
     """The particles at ``rows`` (table rows renumbered; extra format data kept)."""
     extra = dict(particles.extra)
@@ -132,7 +142,8 @@ def classify(
         Called with a line for the user before the run starts: the particles
         looked dark and were inverted (``config.invert_contrast`` None), or
         looked bright and were inverted all the same (True); the particles
-        start from their input origins (``config.input_shifts``).
+        start from their input origins (``config.input_shifts``); a .cs
+        input's CTF or pick locations came from its passthrough file.
     """
     if workers is not None and scheduler is not None:
         raise Cryo2DError("--workers and --scheduler: give one of them")
@@ -140,6 +151,8 @@ def classify(
         raise Cryo2DError(f"--workers must be at least 1 (got {workers})")
     if not isinstance(particles, ParticleSet):
         particles = read_particles(particles, project_dir=project_dir, no_ctf=not config.use_ctf)
+    if on_note is not None and (note := passthrough_note(particles)) is not None:
+        on_note(note)
     refuse_overwriting_inputs(out_dir, JOB_FILES, [particles.source, *getattr(particles.stack, "files", [])])
     n_bad, rows = 0, None
     if skip_bad:

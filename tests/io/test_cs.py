@@ -123,3 +123,94 @@ def test_write_cs_rows_subset(tmp_path):
     np.testing.assert_array_equal(out["alignments2D/class"], assignments.class_index[rows])
     write_particles(particles, tmp_path / "plain.cs", rows=rows)
     assert np.load(tmp_path / "plain.cs").dtype == np.load(cs).dtype
+
+
+def _split_passthrough(cs, main_name: str, fields_prefixes=("ctf/", "location/")):
+    """Rewrite ``cs`` as CryoSPARC's two files: the job's own fields, and a passthrough file of the rest.
+
+    The passthrough file holds its rows in reverse order plus 3 particles of
+    other uids, and pick locations; returns (main path, passthrough path,
+    the original array, the locations).
+    """
+    import numpy.lib.recfunctions as rfn
+
+    array = np.load(cs)
+    n = len(array)
+    rng = np.random.default_rng(1)
+    centres = rng.uniform(0.1, 0.9, (n, 2)).astype(np.float32)
+    main_fields = [f for f in array.dtype.names if not f.startswith(fields_prefixes)]
+    main = rfn.repack_fields(array[main_fields])
+    main["blob/psize_A"] = main["blob/psize_A"].min()  # one pixel size, for a classify run
+    through = rfn.repack_fields(array[["uid"] + [f for f in array.dtype.names if f.startswith(fields_prefixes)]])
+    through = rfn.append_fields(through, ["location/center_x_frac", "location/center_y_frac"],
+                                [centres[:, 0], centres[:, 1]], usemask=False)
+    others = through[:3].copy()
+    others["uid"] = 7 + np.arange(3)
+    through = np.concatenate([through[::-1], others])
+    folder = cs.parent
+    cs.unlink()
+    paths = folder / main_name, folder / "J5_passthrough_particles.cs"
+    for path, data in zip(paths, (main, through)):
+        with open(path, "wb") as handle:
+            np.save(handle, data)
+    return *paths, array, centres
+
+
+def test_passthrough_file_adds_the_ctf_and_locations(tmp_path, capsys):
+    """A CryoSPARC job's particles file without CTF reads it from the passthrough file beside it, by uid."""
+    from cryo2d.cli.main import main as cli
+
+    _, cs, images, ctf = make_cs_dataset(tmp_path)
+    main, through, array, centres = _split_passthrough(cs, "J5_020_particles.cs")
+    # A passthrough file of other particles (a Select 2D's excluded ones) with other values: passed over.
+    decoy = np.load(through)[-3:].copy()
+    decoy["ctf/df1_A"] = -1.0
+    with open(main.parent / "J5_passthrough_particles_excluded.cs", "wb") as handle:
+        np.save(handle, decoy)
+    particles = read_particles(main)
+    assert [(p.name, sorted(f)) for p, f in particles.extra["passthrough"]] == [(through.name, sorted(
+        [f for f in array.dtype.names if f.startswith("ctf/")] + ["location/center_x_frac", "location/center_y_frac"]))]
+    np.testing.assert_allclose(particles.ctf.defocus_u_angst, ctf["defocus_u_angst"], rtol=1e-6)
+    np.testing.assert_allclose(particles.ctf.defocus_angle_deg, ctf["defocus_angle_deg"], rtol=1e-6)
+    np.testing.assert_array_equal(particles.table["location/center_x_frac"], centres[:, 0])
+    np.testing.assert_array_equal(particles.stack.read(np.arange(12)), images)
+    assert particles.extra["cs_array"]["uid"].tolist() == array["uid"].tolist()
+    # The job's particles.cs carries the merged fields; the note names the passthrough file.
+    job = tmp_path / "job"
+    assert cli(["classify", str(main), "-o", str(job), "--classes", "2", "--online-iterations", "1",
+                "--batch-per-class", "6", "--seed", "0"]) == 0
+    assert f"read ctf/*, location/* from {through.name} (CryoSPARC's passthrough fields" in capsys.readouterr().err
+    out = np.load(job / "particles.cs")
+    for name in array.dtype.names:
+        if name != "blob/psize_A":
+            np.testing.assert_array_equal(out[name], array[name], err_msg=name)
+    # A stream watching the folder reads the particle file only (with its passthrough fields).
+    from cryo2d.io.watch import ParticleWatcher
+
+    assert ParticleWatcher(main.parent, settle_s=0.0).names() == [main.name]
+    # Without the passthrough file: one error that says where the CTF is kept.
+    through.rename(tmp_path / through.name)
+    with pytest.raises(Cryo2DError, match=r"J5_020_particles.cs: field ctf/df1_A missing, and no CryoSPARC passthrough file"):
+        read_particles(main)
+    assert read_particles(main, no_ctf=True).extra["passthrough"] == []
+    # The passthrough file given as the particle file: named as such.
+    with pytest.raises(Cryo2DError, match=r"blob/path missing \(no particle images\) \(a CryoSPARC passthrough file"):
+        read_particles(tmp_path / through.name)
+
+
+def test_a_complete_file_reads_no_passthrough(tmp_path):
+    """A .cs file with CTF and locations of its own is read alone, whatever lies beside it."""
+    import numpy.lib.recfunctions as rfn
+
+    _, cs, _, ctf = make_cs_dataset(tmp_path)
+    array = np.load(cs)
+    array = rfn.append_fields(array, "location/center_x_frac", np.full(12, 0.5, np.float32), usemask=False)
+    with open(cs, "wb") as handle:
+        np.save(handle, array)
+    bogus = array[["uid", "ctf/df1_A"]].copy()
+    bogus["ctf/df1_A"] = -1.0
+    with open(cs.parent / "J5_passthrough_particles.cs", "wb") as handle:
+        np.save(handle, rfn.repack_fields(bogus))
+    particles = read_particles(cs)
+    assert particles.extra["passthrough"] == []
+    np.testing.assert_allclose(particles.ctf.defocus_u_angst, ctf["defocus_u_angst"], rtol=1e-6)

@@ -78,11 +78,24 @@ def read_cs(
     ParticleSet
         ``kind="cs"``; ``table`` has one column per scalar field (bytes
         decoded to str) and ``name[j]`` columns for vector fields; ``extra``
-        holds ``cs_array`` (the original array) and ``project_dir``. Images
+        holds ``cs_array`` (the original array, with the fields of its
+        passthrough files: see below), ``project_dir`` and ``passthrough``
+        (a list of (Path, field names) of the passthrough files read). Images
         are read multiplied by ``blob/sign`` (CryoSPARC's contrast sign,
         -1 for particles cut from micrographs, where the protein is dark),
         so that the protein is bright, as in RELION's particle stacks;
         ``StackRefs.sign`` holds it.
+
+    Notes
+    -----
+    CryoSPARC writes most job outputs as two files: the job's own fields
+    (``J103_020_particles.cs``: ``blob/*``, ``alignments2D/*``) and the
+    fields it passed through from earlier jobs
+    (``J103_passthrough_particles.cs``: ``ctf/*``, ``location/*``, ...).
+    When the file lacks the CTF (``ctf/df1_A``, unless ``no_ctf``) or the
+    pick locations (``location/center_x_frac``), the ``*passthrough*.cs``
+    files beside it that hold every one of its particles (by ``uid``) add
+    the fields it lacks, as ``cryosparc-tools``' ``Job.load_output`` does.
     """
     path = Path(path)
     label = str(path)
@@ -91,12 +104,17 @@ def read_cs(
     array = _load(path, label)
     for name in ("blob/path", "blob/idx"):
         if name not in array.dtype.names:
-            raise Cryo2DError(f"{label}: field {name} missing (no particle images)")
+            hint = " (a CryoSPARC passthrough file: give the job's particle file)" if "passthrough" in path.name else ""
+            raise Cryo2DError(f"{label}: field {name} missing (no particle images){hint}")
     if len(array) == 0:
         raise Cryo2DError(f"{label}: no particles")
     if "blob/psize_A" not in array.dtype.names:
         raise Cryo2DError(f"{label}: field blob/psize_A missing (no pixel size)")
 
+    passthrough: list[tuple[Path, list[str]]] = []
+    wanted = [name for name in _PASSTHROUGH_FIELDS if not (no_ctf and name.startswith("ctf/"))]
+    if any(name not in array.dtype.names for name in wanted):
+        array, passthrough = _merge_passthrough(array, path)
     refs = _stack_refs(array, path, project_dir, label)
     particles = ParticleSet(
         stack=refs,
@@ -108,6 +126,7 @@ def read_cs(
         extra={
             "cs_array": array,
             "project_dir": project_dir,
+            "passthrough": passthrough,
         },
     )
     if open_stacks:
@@ -139,6 +158,53 @@ def _load(path: Path, label: str) -> np.ndarray:
     return array
 
 
+# Fields that CryoSPARC may keep in a passthrough file: the CTF (not needed with no_ctf), the pick locations.
+_PASSTHROUGH_FIELDS = ("location/center_x_frac", "ctf/df1_A")
+
+
+def _merge_passthrough(array: np.ndarray, path: Path) -> tuple[np.ndarray, list[tuple[Path, list[str]]]]:
+    """``array`` with the fields it lacks from the passthrough files beside ``path`` (see :func:`read_cs`).
+
+    A candidate is a ``*passthrough*.cs`` file in the same folder, read as
+    a .cs file, with unique ``uid`` values that include every ``uid`` of
+    ``array``; its rows are matched by ``uid``. Candidates are taken in
+    name order, and a field already present is never replaced. Files that
+    are not such a candidate are passed over. Returns the merged array
+    and, for each file that added fields, (its path, the field names).
+    """
+    if "uid" not in array.dtype.names or not path.parent.is_dir():
+        return array, []
+    uid = array["uid"]
+    used: list[tuple[Path, list[str]]] = []
+    for other in sorted(path.parent.glob("*passthrough*.cs")):
+        if other.resolve() == path.resolve() or not _is_file(other):
+            continue
+        try:
+            extra = _load(other, str(other))
+        except Cryo2DError:
+            continue
+        new = [name for name in extra.dtype.names if name not in array.dtype.names]
+        if "uid" not in extra.dtype.names or not new:
+            continue
+        order = np.argsort(extra["uid"], kind="stable")
+        sorted_uid = extra["uid"][order]
+        if len(sorted_uid) > 1 and (sorted_uid[1:] == sorted_uid[:-1]).any():
+            continue
+        where = np.minimum(np.searchsorted(sorted_uid, uid), max(len(sorted_uid) - 1, 0))
+        if len(sorted_uid) == 0 or (sorted_uid[where] != uid).any():
+            continue
+        rows = order[where]
+        merged = np.empty(len(array), dtype=[(n, array.dtype.fields[n][0]) for n in array.dtype.names]
+                          + [(n, extra.dtype.fields[n][0]) for n in new])
+        for name in array.dtype.names:
+            merged[name] = array[name]
+        for name in new:
+            merged[name] = extra[name][rows]
+        array = merged
+        used.append((other, new))
+    return array, used
+
+
 def _numbers(array: np.ndarray, name: str, label: str, kinds: str = "biuf") -> np.ndarray:
     """Field ``name`` as (n,) float64; Cryo2DError unless it holds one real number per particle."""
     values = array[name]
@@ -154,7 +220,10 @@ def _ctf(array: np.ndarray, label: str) -> CTFParams:
     values = {}
     for field, (name, factor) in CTF_FIELDS.items():
         if name not in array.dtype.names:
-            raise Cryo2DError(f"{label}: field {name} missing (use --no-ctf to classify without CTF)")
+            raise Cryo2DError(
+                f"{label}: field {name} missing, and no CryoSPARC passthrough file beside it holds it "
+                "(copy the job's *_passthrough_*.cs here; --no-ctf classifies without CTF)"
+            )
         values[field] = _numbers(array, name, label) * factor
     for field, (name, factor, absent) in OPTIONAL_CTF_FIELDS.items():
         present = name in array.dtype.names

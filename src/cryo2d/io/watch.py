@@ -14,7 +14,9 @@ A file still being written is therefore never read half-way. A file that is
 still yet does not parse, or whose settled stack is truncated, is bad input
 (``Cryo2DError`` naming it): the settle time is the contract with the writer.
 Hidden files (``.name``) and ``*.tmp`` files, which is how atomic writers name
-their work in progress, are ignored. A missing stack is waited for (and
+their work in progress, are ignored, and so are CryoSPARC's
+``*passthrough*.cs`` files, which ``read_cs`` reads with the particle file
+beside them. A missing stack is waited for (and
 reported in a note), since writers may write it after the particle file.
 """
 from __future__ import annotations
@@ -36,6 +38,11 @@ from cryo2d.particles import ParticleSet
 SUFFIXES = (".star", ".cs")
 
 Signature = tuple[int, int]  # (size in bytes, mtime in ns)
+
+
+def _is_passthrough(name: str) -> bool:
+    """A CryoSPARC passthrough file (``J5_passthrough_particles.cs``): read with its particle file, not alone."""
+    return name.lower().endswith(".cs") and "passthrough" in name
 
 
 def signature(path: Path) -> Signature | None:
@@ -122,6 +129,7 @@ class ParticleWatcher:
         return sorted(
             e.name for e in entries
             if e.name.lower().endswith(SUFFIXES) and not e.name.startswith(".") and e.is_file()
+            and not _is_passthrough(e.name)
         )
 
     def path(self, name: str) -> Path:
