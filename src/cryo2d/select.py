@@ -58,10 +58,10 @@ __all__ = [
     "SelectionResult",
     "choose_classes",
     "output_folder",
-    "small_classes_note",
     "parse_class_list",
     "read_job",
     "select",
+    "small_classes_note",
     "write_selection",
 ]
 
