@@ -254,12 +254,12 @@ def test_classes_too_small_for_the_junk_score_get_a_note(sim_data, tmp_path, cap
         write_job(tmp_path / name, folder, labels, averages)
     averages = read_job(tmp_path / "small").unmasked
     counts = np.bincount(label)
-    rejected_small = (junk_scores(averages, counts) > 0.5) & (counts < 60)
+    rejected_small = (junk_scores(averages, counts) > 0.5) & (counts < 100)
     assert rejected_small.sum() > 0  # classes of 8 particles of a view look like noise
     assert main(["select", str(tmp_path / "small"), "-o", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 2 and out[1].startswith(f"note: the classes hold a median of {np.median(counts):g} particles")
-    assert f"rejected {rejected_small.sum()} classes of fewer than 60 ({counts[rejected_small].sum()} particles)" in out[1]
+    assert f"rejected {rejected_small.sum()} classes of fewer than 100 ({counts[rejected_small].sum()} particles)" in out[1]
     # Classes chosen by number: no junk score, no note.
     assert main(["select", str(tmp_path / "small"), "-o", str(tmp_path / "n"), "--classes", "1-3"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 1

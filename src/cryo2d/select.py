@@ -443,8 +443,9 @@ def passes(job: Job, criteria: SelectionCriteria) -> np.ndarray:
 # `small` set (1,500 particles, SNR 0.1) 98.6 % at K = 12 (median 129 per
 # class), 93.5 % at K = 50 (median 24), 82 % at K = 100 (median 11.5); on
 # `hard` (5,000 particles, 64 px, SNR 0.05) 99.6 % at K = 20 (median 264),
-# 95.4 % at K = 50 (median 98), 84 % at K = 100 (median 50).
-_FEW_PARTICLES = 60
+# 95.4 % at K = 50 (median 98), 84 % at K = 100 (median 50); on `peer`
+# (3,000 particles, 64 px, SNR 0.05) 88 % at K = 50 (median 66).
+_FEW_PARTICLES = 100
 
 
 def small_classes_note(job: Job, chosen: np.ndarray, criteria: SelectionCriteria | None) -> str | None:

@@ -10,7 +10,7 @@ Choose classes by number (--classes, --exclude) and/or by criteria; a class
 must pass every criterion given. With no option at all, automatic selection
 keeps the non-empty classes whose junk score is at most 0.5 (see
 cryo2d.junk: low contrast, density at the box edge, off-centre, featureless
-blob). Averages of fewer than about 60 particles can look like noise to the
+blob). Averages of fewer than about 100 particles can look like noise to the
 junk score: when most classes are that small, a note says how many it
 rejected. Resolutions are in Å, smaller = better: --min-res 20 keeps classes at
 20 Å or better; --max-res 4 drops classes claiming better than 4 Å.
