@@ -91,9 +91,15 @@ def test_particles_star(star_job, sim3):
     out = starfile.read(star_job / "particles.star", always_dict=True)
     inp, got = given["particles"], out["particles"]
     assert len(got) == len(inp)
-    for column in inp.columns:  # every input column kept, values untouched
+    for column in inp.columns:  # every input column kept, values untouched but the stacks' names
         assert column in got.columns
-        pd.testing.assert_series_equal(got[column], inp[column], check_names=False)
+        if column != "rlnImageName":
+            pd.testing.assert_series_equal(got[column], inp[column], check_names=False)
+    # The stack lies beside the input STAR file, outside the current folder: named by its absolute path.
+    given_name, got_name = (t["rlnImageName"].str.partition("@") for t in (inp, got))
+    pd.testing.assert_series_equal(got_name[0], given_name[0], check_names=False)
+    for name, stack in zip(given_name[2], got_name[2]):
+        assert Path(stack).is_absolute() and os.path.samefile(stack, sim3.star.parent / name)
     assert "optics" in out
     classes = got["rlnClassNumber"].to_numpy()
     assert classes.min() >= 1 and classes.max() <= 3

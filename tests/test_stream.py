@@ -73,8 +73,8 @@ class Source:
         table = starfile.read(job / "particles.star", always_dict=True)["particles"]
         labels = np.full(len(self.images), -1, dtype=np.int64)
         for name, k in zip(table["rlnImageName"], table["rlnClassNumber"]):
-            index, stack = name.split("@")
-            row = self.first_row[stack] + int(index) - 1
+            index, stack = name.split("@")  # the stack by its path: the watched folder lies outside the current one
+            row = self.first_row[Path(stack).name] + int(index) - 1
             assert labels[row] == -1, f"particle {name} written twice"
             labels[row] = k - 1
         return labels
@@ -88,7 +88,11 @@ class Source:
 
 
 def _star_table(job: Path) -> pd.DataFrame:
-    return starfile.read(job / "particles.star", always_dict=True)["particles"]
+    """The job's particles, each image named by its stack's file name (the written names are paths)."""
+    table = starfile.read(job / "particles.star", always_dict=True)["particles"]
+    parts = table["rlnImageName"].str.partition("@")
+    table["rlnImageName"] = parts[0] + "@" + parts[2].map(lambda name: Path(name).name)
+    return table
 
 
 def _sim(bundled_volume, folder: Path, **kw) -> Path:

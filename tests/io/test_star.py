@@ -82,6 +82,31 @@ def test_stack_paths_relative_to_current_folder(tmp_path, monkeypatch):
     np.testing.assert_array_equal(particles.stack.read(np.arange(12)), images)
 
 
+def test_stacks_found_beside_the_star_file_are_named_from_the_current_folder(tmp_path, monkeypatch):
+    """Names that only work beside the STAR file are rewritten, so the rows written elsewhere still find the stacks."""
+    (tmp_path / "data").mkdir()
+    star, images, _ = make_star_dataset(tmp_path / "data")
+    given = starfile.read(star, always_dict=True)["particles"]["rlnImageName"]
+    (tmp_path / "job").mkdir()
+    monkeypatch.chdir(tmp_path)
+    particles = read_particles("data/particles.star")
+    parts = particles.table["rlnImageName"].str.partition("@")
+    assert parts[0].tolist() == given.str.partition("@")[0].tolist()  # the same image numbers
+    assert parts[2].tolist() == ("data/" + given.str.partition("@")[2]).tolist()
+    assert set(particles.stack.names) == {"stack0.mrcs", "stack1.mrcs"}  # as the file spells them
+    write_particles(particles, tmp_path / "job" / "particles.star")  # e.g. a job's particles.star
+    np.testing.assert_array_equal(read_particles("job/particles.star").stack.read(np.arange(12)), images)
+    # From a folder that does not hold the stacks: their absolute paths.
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    names = set(read_particles(star).table["rlnImageName"].str.partition("@")[2])
+    assert names == {str(tmp_path / "data" / "stack0.mrcs"), str(tmp_path / "data" / "stack1.mrcs")}
+    assert read_particles(star, open_stacks=False).table["rlnImageName"].tolist() == given.tolist()  # no stack found
+    # Names the current folder finds (RELION's project paths) are kept as written.
+    monkeypatch.chdir(tmp_path / "data")
+    assert read_particles(star).table["rlnImageName"].tolist() == given.tolist()
+
+
 def _assert_columns_equal(written: pd.DataFrame, original: pd.DataFrame, skip=()):
     for column in original.columns:
         if column in skip:

@@ -17,7 +17,7 @@ from cryo2d.errors import Cryo2DError
 from cryo2d.io.cs import read_cs, write_cs
 from cryo2d.io.mrc import ArrayStack, MRCStack, StackRefs, check_finite, nonfinite_indices, read_map, write_stack
 from cryo2d.io.outputs import atomic_path, make_output_folder, write_json_atomic, write_text_atomic
-from cryo2d.io.star import read_star, write_star
+from cryo2d.io.star import open_star_stacks, read_star, write_star
 from cryo2d.particles import Assignments, ParticleSet
 
 __all__ = [
@@ -81,6 +81,8 @@ def read_particles(
 def open_stack(particles: ParticleSet) -> ParticleSet:
     """``particles`` with its ``StackRefs`` replaced by a validated ``MRCStack``."""
     if isinstance(particles.stack, StackRefs):
+        if particles.kind == "star":
+            return open_star_stacks(particles)
         return replace(particles, stack=particles.stack.open())
     return particles
 

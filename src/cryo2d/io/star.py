@@ -51,9 +51,10 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
         Do not read CTF columns (``ctf`` is None); otherwise a missing CTF
         column is an error.
     open_stacks : bool
-        Open and validate the MRC stacks (``stack`` is an ``MRCStack``);
-        False leaves a ``StackRefs`` (no file touched, ``box`` from
-        ``_rlnImageSize`` or 0).
+        Open and validate the MRC stacks (``stack`` is an ``MRCStack``; the
+        stacks found only beside the STAR file are renamed in the table's
+        ``_rlnImageName``, see :func:`open_star_stacks`); False leaves a
+        ``StackRefs`` (no file touched, ``box`` from ``_rlnImageSize`` or 0).
 
     Returns
     -------
@@ -114,7 +115,7 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
         prior_shift_px=_prior_shifts(columns, pixel_size, label),
     )
     if open_stacks:
-        particles = replace(particles, stack=refs.open())
+        particles = open_star_stacks(particles)
     return particles
 
 
@@ -221,6 +222,43 @@ def _prior_shifts(columns: dict[str, pd.Series], pixel_size_angst: np.ndarray, l
     return None
 
 
+def open_star_stacks(particles: ParticleSet) -> ParticleSet:
+    """``particles`` (read by ``read_star``) with its stacks opened, and each stack that was found beside
+    the STAR file, and not from the current folder, renamed in ``_rlnImageName`` so that the name finds
+    it from the current folder.
+
+    RELION reads image names relative to the folder it runs in (the
+    project folder); ``read_star`` also looks beside the STAR file. The
+    rows are written again into other folders (the job's particles.star,
+    a selection), where a name that only worked beside the input would
+    find nothing. Such a name becomes the path from the current folder,
+    or the absolute path when the stack lies outside it.
+
+    Parameters
+    ----------
+    particles : ParticleSet
+        Read by ``read_star`` (``stack`` a ``StackRefs``).
+    """
+    stack = particles.stack.open()
+    particles = replace(particles, stack=stack)
+    renamed = {}
+    for name, found in zip(stack.names, stack.files):
+        here = Path(name)
+        if here.is_absolute() or (_is_file(here) and os.path.samefile(here, found)):
+            continue
+        relative = os.path.relpath(os.path.abspath(found))
+        renamed[name] = os.path.abspath(found) if relative.startswith("..") else relative
+    if not renamed:
+        return particles
+    parts = particles.table["rlnImageName"].astype(str).str.partition("@")
+    has_at = parts[1] == "@"
+    stacks = parts[2].where(has_at, parts[0]).str.strip()
+    new_stacks = stacks.map(lambda n: renamed.get(n, n))
+    table = particles.table.copy()
+    table["rlnImageName"] = (parts[0] + "@" + new_stacks).where(has_at, new_stacks)
+    return replace(particles, table=table)
+
+
 def _stack_refs(table: pd.DataFrame, optics: pd.DataFrame | None, path: Path, label: str) -> StackRefs:
     """Parse ``000001@stack.mrcs`` names (1-based) into 0-based stack references."""
     missing = table["rlnImageName"].isna().to_numpy()
@@ -266,7 +304,9 @@ def write_star(
     ----------
     particles : ParticleSet
         Read by ``read_star`` (``kind="star"``); every block and every input
-        column is written back as read (3.0 input stays 3.0: no optics block).
+        column is written back as read (3.0 input stays 3.0: no optics block),
+        but for the stacks in ``_rlnImageName`` that :func:`open_star_stacks`
+        renamed.
     path : str or PathLike
         Output file, written atomically.
     assignments : Assignments, optional
