@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).parent / "io"))
 from particle_files import make_cs_dataset, make_star_dataset, run_cli, shared_data  # noqa: E402
 
 KEYS = ["n_particles", "box", "pixel_size", "n_optics_groups", "defocus_min", "defocus_max",
-        "voltage", "cs", "amplitude_contrast", "bfactor_min", "bfactor_max", "ctf_scale_min", "ctf_scale_max", "input_shift_median", "input_shift_max"]
+        "voltage", "cs", "amplitude_contrast", "bfactor_min", "bfactor_max", "ctf_scale_min", "ctf_scale_max", "input_shift_median", "input_shift_max",
+        "passthrough"]
 
 
 def test_info_json_star_two_optics_groups(tmp_path, monkeypatch, capsys):
@@ -25,7 +26,7 @@ def test_info_json_star_two_optics_groups(tmp_path, monkeypatch, capsys):
         "defocus_min": defocus.min(), "defocus_max": defocus.max(),
         "voltage": [200.0, 300.0], "cs": 2.7, "amplitude_contrast": [0.07, 0.1],
         "bfactor_min": 0.0, "bfactor_max": 0.0, "ctf_scale_min": 1.0, "ctf_scale_max": 1.0,
-        "input_shift_median": None, "input_shift_max": None,
+        "input_shift_median": None, "input_shift_max": None, "passthrough": None,
     }
 
 

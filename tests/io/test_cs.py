@@ -1,4 +1,5 @@
 """CryoSPARC .cs: 0-based blob/idx, radians, project-relative paths, blob/sign, alignments2D on writing."""
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -184,6 +185,8 @@ def test_passthrough_file_adds_the_ctf_and_locations(tmp_path, capsys):
     for name in array.dtype.names:
         if name != "blob/psize_A":
             np.testing.assert_array_equal(out[name], array[name], err_msg=name)
+    assert cli(["info", str(main), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["passthrough"] == [through.name]
     # A stream watching the folder reads the particle file only (with its passthrough fields).
     from cryo2d.io.watch import ParticleWatcher
 

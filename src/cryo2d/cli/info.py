@@ -48,7 +48,8 @@ def summarize(particles: ParticleSet) -> dict[str, Any]:
         CTF values are None when the set has no CTF. ``input_shift_median`` and
         ``input_shift_max``: the particles' input origins as shifts, px
         (``ParticleSet.prior_shift_px``; None when the file gives none or all
-        zero). (``info --check-pixels``
+        zero). ``passthrough``: for a .cs file, the CryoSPARC passthrough
+        files whose fields were read with it (names; None when none). (``info --check-pixels``
         adds ``contrast_z`` and ``contrast_images``: :func:`cryo2d.contrast.contrast_z`.)
     """
     ctf = particles.ctf
@@ -70,6 +71,7 @@ def summarize(particles: ParticleSet) -> dict[str, Any]:
         "ctf_scale_max": None if ctf is None else _shortest(ctf.amplitude_scale.max()),
         "input_shift_median": None if shift is None else round(float(np.median(shift)), 2),
         "input_shift_max": None if shift is None else round(float(shift.max()), 2),
+        "passthrough": [path.name for path, _ in particles.extra.get("passthrough") or []] or None,
     }
 
 
@@ -124,6 +126,8 @@ def _text(summary: dict[str, Any], particles: ParticleSet) -> str:
         rows.append(("CTF B-factor", f"{summary['bfactor_min']:g} - {summary['bfactor_max']:g} Å²"))
     if summary["ctf_scale_min"] is not None and (summary["ctf_scale_min"], summary["ctf_scale_max"]) != (1.0, 1.0):
         rows.append(("CTF scale", f"{summary['ctf_scale_min']:g} - {summary['ctf_scale_max']:g}"))
+    if summary["passthrough"]:
+        rows.append(("passthrough", ", ".join(summary["passthrough"]) + " (CryoSPARC's passed-through fields, by uid)"))
     if summary["input_shift_median"] is not None:
         rows.append(("input origins", f"shifts of median {summary['input_shift_median']:g} px, largest "
                                       f"{summary['input_shift_max']:g} px: classify starts from them"))
