@@ -191,6 +191,23 @@ def test_passthrough_file_adds_the_ctf_and_locations(tmp_path, capsys):
     from cryo2d.io.watch import ParticleWatcher
 
     assert ParticleWatcher(main.parent, settle_s=0.0).names() == [main.name]
+    # ... and only once the passthrough files have settled too.
+    import os
+
+    now = [0.0]
+    watcher = ParticleWatcher(main.parent, settle_s=1.0, clock=lambda: now[0])
+    watcher.poll()
+    now[0] = 0.5
+    os.utime(through, ns=(10**18, 10**18))  # the passthrough file written again
+    watcher.poll()
+    now[0] = 1.2  # the particle file has been still for 1.2 s, the passthrough file for 0.7 s
+    watcher.poll()
+    assert watcher.sets == {}
+    now[0] = 1.6  # both still for 1 s: the stacks are looked at from now
+    watcher.poll()
+    now[0] = 2.7
+    watcher.poll()
+    assert list(watcher.sets) == [main.name] and watcher.sets[main.name].ctf is not None
     # Without the passthrough file: one error that says where the CTF is kept.
     through.rename(tmp_path / through.name)
     with pytest.raises(Cryo2DError, match=r"J5_020_particles.cs: field ctf/df1_A missing, and no CryoSPARC passthrough file"):

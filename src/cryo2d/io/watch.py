@@ -16,7 +16,7 @@ still yet does not parse, or whose settled stack is truncated, is bad input
 Hidden files (``.name``) and ``*.tmp`` files, which is how atomic writers name
 their work in progress, are ignored, and so are CryoSPARC's
 ``*passthrough*.cs`` files, which ``read_cs`` reads with the particle file
-beside them. A missing stack is waited for (and
+beside them: a ``.cs`` file is read only once they too have settled. A missing stack is waited for (and
 reported in a note), since writers may write it after the particle file.
 """
 from __future__ import annotations
@@ -40,9 +40,13 @@ SUFFIXES = (".star", ".cs")
 Signature = tuple[int, int]  # (size in bytes, mtime in ns)
 
 
+def _is_cs(name: str) -> bool:
+    return name.lower().endswith(".cs")
+
+
 def _is_passthrough(name: str) -> bool:
     """A CryoSPARC passthrough file (``J5_passthrough_particles.cs``): read with its particle file, not alone."""
-    return name.lower().endswith(".cs") and "passthrough" in name
+    return _is_cs(name) and "passthrough" in name
 
 
 def signature(path: Path) -> Signature | None:
@@ -153,6 +157,14 @@ class ParticleWatcher:
             self._notes_given.add(text)
             notes.append(text)
 
+    def _passthrough_settled(self) -> bool:
+        """Whether every CryoSPARC passthrough file in the folder has settled (a .cs file is read with them)."""
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return True
+        return all([self._settled(self.folder / n) for n in names if _is_passthrough(n)])  # each one's clock starts
+
     def _stacks_ready(self, refs: StackRefs, name: str, notes: list[str]) -> bool:
         ready = True
         for stack_name, places in zip(refs.names, refs.candidates):
@@ -187,7 +199,10 @@ class ParticleWatcher:
             sig = signature(path)
             if sig is None or sig == self.read_signature.get(name):
                 continue
-            if not self._settled(path):
+            settled = self._settled(path)
+            if _is_cs(name):  # read with its passthrough files: their clocks start with its own
+                settled = self._passthrough_settled() and settled
+            if not settled:
                 continue
             particles = read_particles(path, project_dir=self.project_dir, no_ctf=self.no_ctf, open_stacks=False)
             if not self._stacks_ready(particles.stack, name, notes):
