@@ -209,9 +209,36 @@ def test_read_map_errors(tmp_path):
     with pytest.raises(Cryo2DError, match="bad.mrc"):
         read_map(bad)
     flat = tmp_path / "flat.mrc"
-    mrcfile.new(flat, np.zeros((4, 8, 8), np.float32)).close()
-    with pytest.raises(Cryo2DError, match="flat.mrc.*cube"):
+    mrcfile.new(flat, np.zeros((2, 8, 8), np.float32)).close()
+    with pytest.raises(Cryo2DError, match=r"flat.mrc: a map of shape \(2, 8, 8\) is not a particle's"):
         read_map(flat)
+    stack = tmp_path / "stack.mrcs"
+    with mrcfile.new(stack) as mrc:
+        mrc.set_data(np.zeros((8, 8, 8), np.float32))
+        mrc.set_image_stack()
+    with pytest.raises(Cryo2DError, match="stack.mrcs: an image stack \\(8 images\\), not a 3D map"):
+        read_map(stack)
+    odd = tmp_path / "odd.mrc"
+    with mrcfile.new(odd) as mrc:
+        mrc.set_data(np.zeros((8, 8, 8), np.float32))
+        mrc.voxel_size = (1.0, 1.0, 2.0)
+    with pytest.raises(Cryo2DError, match=r"odd.mrc: voxels of different sizes along x, y, z \(1, 1, 2 Å\)"):
+        read_map(odd)
+
+
+def test_a_map_that_is_not_a_cube_is_padded_about_its_centre(tmp_path):
+    """A (z, y, x) = (9, 12, 10) map lands in a 12³ cube with its centre voxel (4, 6, 5) at (6, 6, 6)."""
+    data = np.random.default_rng(0).normal(size=(9, 12, 10)).astype(np.float32)
+    path = tmp_path / "long.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(data)
+        mrc.voxel_size = 2.0
+    volume, voxel = read_map(path)
+    assert volume.shape == (12, 12, 12) and voxel == 2.0
+    np.testing.assert_array_equal(volume[2:11, :, 1:11], data)
+    assert volume[6, 6, 6] == data[4, 6, 5] and volume.sum() == pytest.approx(data.sum(), rel=1e-5)
+    sim = simulate(volume, voxel, n_particles=20, box=16, seed=0)
+    assert np.isfinite(sim.images).all()
 
 
 @pytest.mark.parametrize("pixel", [-1.0, 0.0, float("inf")])

@@ -117,8 +117,17 @@ def bundled_map_path() -> Path:
     return Path(str(resources.files("cryo2d") / "data" / "emd_1832.map.gz"))
 
 
+_MAX_EDGE_RATIO = 3  # read_map pads a map to a cube only up to this ratio of its longest to its shortest edge
+
+
 def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
-    """Read a cubic 3D map from an MRC file (``.mrc``, ``.map``, ``.gz`` ok).
+    """Read a 3D map from an MRC file (``.mrc``, ``.map``, ``.gz`` ok) as a cube.
+
+    A map that is not a cube (a filament's or a membrane protein's box is
+    often longer along one axis) is zero-padded to its longest edge, keeping
+    its centre voxel (index n // 2 on each axis) at the cube's centre (the
+    simulator zeroes the solvent anyway), when its edges are at most
+    ``_MAX_EDGE_RATIO`` times apart.
 
     Parameters
     ----------
@@ -128,14 +137,15 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     Returns
     -------
     volume : (n, n, n) float32 ndarray
-        Indexed [z, y, x].
+        Indexed [z, y, x]; n is the map's longest edge.
     voxel_size_angst : float
         From the header; 0 when the header has none.
 
     Raises
     ------
     Cryo2DError
-        Missing file, not MRC, not 3D, not a cube, or non-finite values.
+        Missing file, not MRC, an image stack, not 3D, edges too far apart,
+        voxels of different sizes along the axes, or non-finite values.
     """
     path = bundled_map_path() if str(path) == "bundled" else Path(path)
     if not path.is_file():
@@ -143,15 +153,28 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     try:
         with mrcfile.open(path, permissive=True) as mrc:
             data = None if mrc.data is None else np.asarray(mrc.data, dtype=np.float32)
+            stack = data is not None and mrc.is_image_stack()
             voxel = round(float(mrc.voxel_size.x), 6)
+            sizes = [float(v) for v in (mrc.voxel_size.x, mrc.voxel_size.y, mrc.voxel_size.z) if float(v) > 0]
     except Exception as err:  # mrcfile raises ValueError, OSError, EOFError ...
         raise Cryo2DError(f"{path}: not a readable MRC map ({type(err).__name__}: {err})".splitlines()[0]) from err
     if data is None:
         raise Cryo2DError(f"{path}: not an MRC map (no valid header)")
-    if data.ndim != 3 or len(set(data.shape)) != 1:
-        raise Cryo2DError(f"{path}: map must be a cube (n × n × n voxels), got shape {data.shape}")
+    if stack:
+        raise Cryo2DError(f"{path}: an image stack ({data.shape[0]} images), not a 3D map")
+    if data.ndim != 3:
+        raise Cryo2DError(f"{path}: not a 3D map (shape {data.shape})")
+    if max(data.shape) > _MAX_EDGE_RATIO * min(data.shape):
+        raise Cryo2DError(f"{path}: a map of shape {data.shape} is not a particle's (edges more than "
+                          f"{_MAX_EDGE_RATIO}x apart); cut the particle out to a box about its size")
+    if sizes and max(sizes) > 1.001 * min(sizes):
+        raise Cryo2DError(f"{path}: voxels of different sizes along x, y, z ({', '.join(f'{v:g}' for v in sizes)} Å)")
     if not np.isfinite(data).all():
         raise Cryo2DError(f"{path}: map contains NaN or Inf values")
+    n = max(data.shape)
+    if len(set(data.shape)) != 1:
+        before = [n // 2 - m // 2 for m in data.shape]
+        data = np.pad(data, [(b, n - m - b) for b, m in zip(before, data.shape)])
     return data, voxel
 
 

@@ -3,7 +3,8 @@
 Projects MAP (an MRC file, or the word `bundled` for the bundled EMD-1832
 map) into DIR/particles.mrcs + DIR/particles.star (RELION 3.1), with the
 ground truth in DIR/truth.csv, DIR/truth.json and the clean view
-projections in DIR/views.mrcs.
+projections in DIR/views.mrcs. A map that is not a cube is zero-padded to
+one about its centre.
 
 examples:
   $ cryo2d simulate bundled -o sim
