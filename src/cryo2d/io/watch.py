@@ -16,8 +16,9 @@ still yet does not parse, or whose settled stack is truncated, is bad input
 Hidden files (``.name``) and ``*.tmp`` files, which is how atomic writers name
 their work in progress, are ignored, and so are CryoSPARC's
 ``*passthrough*.cs`` files, which ``read_cs`` reads with the particle file
-beside them: a ``.cs`` file is read only once they too have settled. A missing stack is waited for (and
-reported in a note), since writers may write it after the particle file.
+beside them: a ``.cs`` file is read only once they too have settled. A
+missing stack is waited for (and reported in a note), since writers may
+write it after the particle file.
 """
 from __future__ import annotations
 
