@@ -173,8 +173,10 @@ def test_average_pass_white_noise_keeps_one_sigma2(particles3, helpers):
 
 
 def test_average_res_must_not_be_coarser_than_max_res():
-    with pytest.raises(Cryo2DError, match="--average-res"):
+    with pytest.raises(Cryo2DError, match=r"--average-res 8 Å is a lower resolution \(larger Å\) than --max-res 6 Å"):
         EMConfig(max_res_angst=6.0, average_res_angst=8.0).validate()
+    EMConfig(max_res_angst=6.0, average_res_angst=6.0).validate()
+    EMConfig(max_res_angst=6.0).validate()
 
 
 # ------------------------------------------------------------ noise model

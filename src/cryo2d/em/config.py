@@ -154,7 +154,9 @@ class EMConfig:
             (self.average_res_angst is None or self.average_res_angst > 0, "--average-res must be positive"),
             (
                 self.average_res_angst is None or self.average_res_angst <= self.max_res_angst,
-                "--average-res must not be a lower resolution (larger Å) than --max-res",
+                f"--average-res {self.average_res_angst or 0:g} Å is a lower resolution (larger Å) than --max-res "
+                f"{self.max_res_angst:g} Å: the averages are written at least as fine as the classes the iterations "
+                "refine (give a larger --max-res as well)",
             ),
             (
                 self.min_align_res_angst is None
