@@ -1,5 +1,6 @@
 """CryoSPARC .cs: 0-based blob/idx, radians, project-relative paths, blob/sign, alignments2D on writing."""
 import json
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -9,6 +10,7 @@ from particle_files import make_cs_dataset, random_assignments, shared_data
 from cryo2d.errors import Cryo2DError
 from cryo2d.io import read_particles, write_particles
 from cryo2d.io.mrc import StackRefs
+from cryo2d.io.watch import ParticleWatcher
 
 REAL_CS = "metadata/cryosparc_P12_J24_001_particles.cs"
 
@@ -188,12 +190,8 @@ def test_passthrough_file_adds_the_ctf_and_locations(tmp_path, capsys):
     assert cli(["info", str(main), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["passthrough"] == [through.name]
     # A stream watching the folder reads the particle file only (with its passthrough fields).
-    from cryo2d.io.watch import ParticleWatcher
-
     assert ParticleWatcher(main.parent, settle_s=0.0).names() == [main.name]
     # ... and only once the passthrough files have settled too.
-    import os
-
     now = [0.0]
     watcher = ParticleWatcher(main.parent, settle_s=1.0, clock=lambda: now[0])
     watcher.poll()
