@@ -153,7 +153,9 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     try:
         with mrcfile.open(path, permissive=True) as mrc:
             data = None if mrc.data is None else np.asarray(mrc.data, dtype=np.float32)
-            stack = data is not None and mrc.is_image_stack()
+            # A .mrcs file is a stack; a .mrc header that says "stack" (ISPG 0) is not trusted: cryoDRGN and
+            # others write volumes so. A stack of many images fails the edge ratio below.
+            stack = data is not None and path.name.lower().endswith((".mrcs", ".mrcs.gz")) and mrc.is_image_stack()
             voxel = round(float(mrc.voxel_size.x), 6)
             sizes = [float(v) for v in (mrc.voxel_size.x, mrc.voxel_size.y, mrc.voxel_size.z) if float(v) > 0]
     except Exception as err:  # mrcfile raises ValueError, OSError, EOFError ...
@@ -345,8 +347,11 @@ def _flatten_solvent(volume: np.ndarray) -> np.ndarray:
     particles do not have.
     """
     smooth = ndimage.gaussian_filter(volume.astype(np.float64), 2.0)
-    mask = ndimage.gaussian_filter((smooth > 0.1 * smooth.max()).astype(np.float64), 1.0)
-    return (np.clip(volume, 0.0, None) * mask).astype(np.float32)
+    inside = smooth > 0.1 * smooth.max()
+    del smooth  # one map-sized float64 array at a time (large maps)
+    mask = ndimage.gaussian_filter(inside.astype(np.float64), 1.0)
+    mask *= np.clip(volume, 0.0, None)
+    return mask.astype(np.float32)
 
 
 def _prepare_volume(
@@ -362,14 +367,21 @@ def _prepare_volume(
     if pixel_size_angst is None:
         pixel_size_angst = round(voxel_size_angst * n / box, 9)
     n_new = max(2, int(round(n * voxel_size_angst / pixel_size_angst)))
-    vol = torch.as_tensor(np.asarray(volume, dtype=np.float64))
     if n_new != n:  # Fourier resample in 3D to the nearest whole number of voxels (keeps values' scale)
-        F = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(vol)))
-        out = torch.zeros((n_new,) * 3, dtype=F.dtype)
+        # The centred transform's central m³ block, taken from the uncentred one by index (no
+        # shifted copy of the whole transform): 16 B a voxel for the transform, the map's copy freed.
+        F = torch.from_numpy(np.fft.ifftshift(volume).astype(np.complex128))
+        F = torch.fft.fftn(F, out=F)  # in place: the same values as from the real map
         m = min(n, n_new)
         si, so = n // 2 - m // 2, n_new // 2 - m // 2
-        out[so : so + m, so : so + m, so : so + m] = F[si : si + m, si : si + m, si : si + m]
+        rows = torch.from_numpy(np.fft.fftshift(np.arange(n))[si : si + m])  # centred index si + j
+        block = F[rows][:, rows][:, :, rows]
+        del F
+        out = torch.zeros((n_new,) * 3, dtype=block.dtype)
+        out[so : so + m, so : so + m, so : so + m] = block
         vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(out))).real * (n_new / n) ** 3
+    else:
+        vol = torch.as_tensor(np.asarray(volume, dtype=np.float64))
     step = pixel_size_angst / (voxel_size_angst * n / n_new)  # output voxel in resampled voxels
     if abs(step - 1.0) > 1e-9:  # the small remaining ratio: cubic spline onto the exact grid
         k = (np.arange(box) - box // 2) * step + n_new // 2
