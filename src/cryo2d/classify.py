@@ -21,6 +21,7 @@ from cryo2d.em.finalize import align_vertical, duplicate_mask, sort_order
 from cryo2d.errors import Cryo2DError
 from cryo2d.gallery.render import render_gallery
 from cryo2d.io import check_finite, nonfinite_indices, read_particles, write_particles, write_stack
+from cryo2d.io.cs import passthrough_note
 from cryo2d.io.outputs import make_output_folder, refuse_overwriting_inputs, write_text_atomic
 from cryo2d.io.star import write_blocks
 from cryo2d.particles import Assignments, ParticleSet
@@ -70,16 +71,6 @@ def origins_note(prior_shift_px: np.ndarray) -> str:
     distance = np.hypot(*np.asarray(prior_shift_px).T)
     return (f"each particle starts from its input origin (median {np.median(distance):.2g} px, largest "
             f"{distance.max():.2g} px from the box centre; --no-input-shifts starts from the centre)")
-
-
-def passthrough_note(particles: ParticleSet) -> str | None:
-    """The line that names the CryoSPARC passthrough files a .cs input's fields came from (None: none)."""
-    used = particles.extra.get("passthrough") or []
-    if not used:
-        return None
-    groups = sorted({name.split("/")[0] + "/*" for _, fields in used for name in fields})
-    files = ", ".join(path.name for path, _ in used)
-    return f"read {', '.join(groups)} from {files} (CryoSPARC's passthrough fields, matched by uid)"
 
 
 def subset_particles(particles: ParticleSet, rows: np.ndarray) -> ParticleSet:

@@ -204,8 +204,9 @@ def test_passthrough_file_adds_the_ctf_and_locations(tmp_path, capsys):
     now[0] = 1.6  # both still for 1 s: the stacks are looked at from now
     watcher.poll()
     now[0] = 2.7
-    watcher.poll()
+    notes, _ = watcher.poll()
     assert list(watcher.sets) == [main.name] and watcher.sets[main.name].ctf is not None
+    assert notes == [f"{main.name}: read ctf/*, location/* from {through.name} (CryoSPARC's passthrough fields, matched by uid)"]
     # Without the passthrough file: one error that says where the CTF is kept.
     through.rename(tmp_path / through.name)
     with pytest.raises(Cryo2DError, match=r"J5_020_particles.cs: field ctf/df1_A missing, and no CryoSPARC passthrough file"):

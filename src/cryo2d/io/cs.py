@@ -205,6 +205,16 @@ def _merge_passthrough(array: np.ndarray, path: Path) -> tuple[np.ndarray, list[
     return array, used
 
 
+def passthrough_note(particles: ParticleSet) -> str | None:
+    """The line that names the CryoSPARC passthrough files a .cs input's fields came from (None: none)."""
+    used = particles.extra.get("passthrough") or []
+    if not used:
+        return None
+    groups = sorted({name.split("/")[0] + "/*" for _, fields in used for name in fields})
+    files = ", ".join(path.name for path, _ in used)
+    return f"read {', '.join(groups)} from {files} (CryoSPARC's passthrough fields, matched by uid)"
+
+
 def _numbers(array: np.ndarray, name: str, label: str, kinds: str = "biuf") -> np.ndarray:
     """Field ``name`` as (n,) float64; Cryo2DError unless it holds one real number per particle."""
     values = array[name]

@@ -33,6 +33,7 @@ import numpy as np
 from cryo2d.ctf import boost_note
 from cryo2d.errors import Cryo2DError
 from cryo2d.io import open_stack, read_particles
+from cryo2d.io.cs import passthrough_note
 from cryo2d.io.mrc import StackRefs, _is_file
 from cryo2d.particles import ParticleSet
 
@@ -210,6 +211,8 @@ class ParticleWatcher:
                 continue
             self.sets[name] = open_stack(particles)
             self.read_signature[name] = sig
+            if (through := passthrough_note(particles)) is not None:
+                self._note(f"{name}: {through}", notes)
             note = None if self.no_ctf or self._boost_noted else boost_note(particles.ctf, particles.pixel_size_angst)
             if note:  # once a stream: its files come from one export
                 self._boost_noted = True
