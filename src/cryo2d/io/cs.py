@@ -159,7 +159,7 @@ def _load(path: Path, label: str) -> np.ndarray:
 
 
 # Fields that CryoSPARC may keep in a passthrough file: the CTF (not needed with no_ctf), the pick locations.
-_PASSTHROUGH_FIELDS = ("location/center_x_frac", "ctf/df1_A")
+_PASSTHROUGH_FIELDS = ("ctf/df1_A", "location/center_x_frac")
 
 
 def _merge_passthrough(array: np.ndarray, path: Path) -> tuple[np.ndarray, list[tuple[Path, list[str]]]]:
