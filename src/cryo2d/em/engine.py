@@ -372,8 +372,9 @@ class Engine(ClassMoves):
             particles = replace(particles, prior_shift_px=None)
         elif particles.prior_shift_px is not None:
             reach = np.abs(particles.prior_shift_px).max(axis=1)  # px from the box centre along x or y
-            if (reach >= particles.box / 2).any():
-                i = int(np.argmax(reach >= particles.box / 2))
+            outside = reach >= particles.box / 2
+            if outside.any():
+                i = int(np.argmax(outside))
                 raise Cryo2DError(f"{particles.source.name}: particle {i + 1}'s origin puts its centre "
                                   f"{reach[i]:.1f} px from the box centre, outside "
                                   f"its {particles.box} px box (or use --no-input-shifts)")
