@@ -104,7 +104,7 @@ def read_cs(
     array = _load(path, label)
     for name in ("blob/path", "blob/idx"):
         if name not in array.dtype.names:
-            hint = " (a CryoSPARC passthrough file: give the job's particle file)" if "passthrough" in path.name else ""
+            hint = " (a CryoSPARC passthrough file: give the job's particle file)" if is_passthrough(path.name) else ""
             raise Cryo2DError(f"{label}: field {name} missing (no particle images){hint}")
     if len(array) == 0:
         raise Cryo2DError(f"{label}: no particles")
@@ -158,6 +158,12 @@ def _load(path: Path, label: str) -> np.ndarray:
     return array
 
 
+def is_passthrough(name: str) -> bool:
+    """Whether ``name`` is a CryoSPARC passthrough file's (``J5_passthrough_particles.cs``): read with the
+    particle file beside it (:func:`read_cs`), not as one."""
+    return name.lower().endswith(".cs") and "passthrough" in name
+
+
 # Fields that CryoSPARC may keep in a passthrough file: the CTF (not needed with no_ctf), the pick locations.
 _PASSTHROUGH_FIELDS = ("ctf/df1_A", "location/center_x_frac")
 
@@ -176,8 +182,8 @@ def _merge_passthrough(array: np.ndarray, path: Path) -> tuple[np.ndarray, list[
         return array, []
     uid = array["uid"]
     used: list[tuple[Path, list[str]]] = []
-    for other in sorted(path.parent.glob("*passthrough*.cs")):
-        if other.resolve() == path.resolve() or not _is_file(other):
+    for other in sorted(path.parent.iterdir()):
+        if not is_passthrough(other.name) or other.resolve() == path.resolve() or not _is_file(other):
             continue
         try:
             extra = _load(other, str(other))

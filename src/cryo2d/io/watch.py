@@ -33,7 +33,7 @@ import numpy as np
 from cryo2d.ctf import boost_note
 from cryo2d.errors import Cryo2DError
 from cryo2d.io import open_stack, read_particles
-from cryo2d.io.cs import passthrough_note
+from cryo2d.io.cs import is_passthrough, passthrough_note
 from cryo2d.io.mrc import StackRefs, _is_file
 from cryo2d.particles import ParticleSet
 
@@ -44,11 +44,6 @@ Signature = tuple[int, int]  # (size in bytes, mtime in ns)
 
 def _is_cs(name: str) -> bool:
     return name.lower().endswith(".cs")
-
-
-def _is_passthrough(name: str) -> bool:
-    """A CryoSPARC passthrough file (``J5_passthrough_particles.cs``): read with its particle file, not alone."""
-    return _is_cs(name) and "passthrough" in name
 
 
 def signature(path: Path) -> Signature | None:
@@ -135,7 +130,7 @@ class ParticleWatcher:
         return sorted(
             e.name for e in entries
             if e.name.lower().endswith(SUFFIXES) and not e.name.startswith(".") and e.is_file()
-            and not _is_passthrough(e.name)
+            and not is_passthrough(e.name)
         )
 
     def path(self, name: str) -> Path:
@@ -165,7 +160,7 @@ class ParticleWatcher:
             names = os.listdir(self.folder)
         except OSError:
             return True
-        return all([self._settled(self.folder / n) for n in names if _is_passthrough(n)])  # each one's clock starts
+        return all([self._settled(self.folder / n) for n in names if is_passthrough(n)])  # each one's clock starts
 
     def _stacks_ready(self, refs: StackRefs, name: str, notes: list[str]) -> bool:
         ready = True
