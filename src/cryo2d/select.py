@@ -56,6 +56,7 @@ __all__ = [
     "Job",
     "SelectionCriteria",
     "SelectionResult",
+    "applied_criteria",
     "choose_classes",
     "output_folder",
     "parse_class_list",
@@ -367,6 +368,15 @@ def parse_class_list(text: str, label: str = "--classes") -> list[int]:
     return sorted(numbers)
 
 
+def applied_criteria(
+    classes: list[int] | None, exclude: list[int] | None, criteria: SelectionCriteria | None
+) -> SelectionCriteria | None:
+    """The criteria :func:`choose_classes` applies: ``criteria``, or the automatic ones when nothing is given."""
+    if classes is None and exclude is None and (criteria is None or criteria.is_empty()):
+        return SelectionCriteria.auto()
+    return criteria
+
+
 def choose_classes(
     job: Job,
     *,
@@ -406,8 +416,7 @@ def choose_classes(
                 raise Cryo2DError(
                     f"{job.folder / 'classes.star'}: {flag} class {number} does not exist (the job has classes 1-{K})"
                 )
-    if classes is None and exclude is None and (criteria is None or criteria.is_empty()):
-        criteria = SelectionCriteria.auto()
+    criteria = applied_criteria(classes, exclude, criteria)
     keep = np.zeros(K, dtype=bool)
     if classes is None:
         keep[:] = True

@@ -28,6 +28,7 @@ import argparse
 from cryo2d.cli.classify import out_arg
 from cryo2d.select import (
     SelectionCriteria,
+    applied_criteria,
     choose_classes,
     parse_class_list,
     read_job,
@@ -65,9 +66,7 @@ def run(args: argparse.Namespace) -> int:
     chosen = choose_classes(job, classes=classes, exclude=exclude, criteria=criteria)
     result = write_selection(job, chosen, args.out)
     print(result.summary())
-    if classes is None and exclude is None and criteria.is_empty():
-        criteria = SelectionCriteria.auto()
-    note = small_classes_note(job, chosen, criteria)
+    note = small_classes_note(job, chosen, applied_criteria(classes, exclude, criteria))
     if note:
         print(note)
     return 0
