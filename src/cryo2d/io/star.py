@@ -250,13 +250,19 @@ def open_star_stacks(particles: ParticleSet) -> ParticleSet:
         renamed[name] = os.path.abspath(found) if relative.startswith("..") else relative
     if not renamed:
         return particles
-    parts = particles.table["rlnImageName"].astype(str).str.partition("@")
-    has_at = parts[1] == "@"
-    stacks = parts[2].where(has_at, parts[0]).str.strip()
+    number, has_at, stacks = _split_image_names(particles.table["rlnImageName"].astype(str))
     new_stacks = stacks.map(lambda n: renamed.get(n, n))
     table = particles.table.copy()
-    table["rlnImageName"] = (parts[0] + "@" + new_stacks).where(has_at, new_stacks)
+    table["rlnImageName"] = (number + "@" + new_stacks).where(has_at, new_stacks)
     return replace(particles, table=table)
+
+
+def _split_image_names(image_names: pd.Series) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """``000001@stack.mrcs`` names split: the image number's text, whether there is an ``@``, the stack
+    name (stripped; the whole name when there is no ``@``)."""
+    parts = image_names.str.partition("@")
+    has_at = parts[1] == "@"
+    return parts[0], has_at, parts[2].where(has_at, parts[0]).str.strip()
 
 
 def _stack_refs(table: pd.DataFrame, optics: pd.DataFrame | None, path: Path, label: str) -> StackRefs:
@@ -265,10 +271,8 @@ def _stack_refs(table: pd.DataFrame, optics: pd.DataFrame | None, path: Path, la
     if missing.any():
         raise Cryo2DError(f"{label}: particle {int(np.argmax(missing)) + 1} has no _rlnImageName")
     image_names = table["rlnImageName"].astype(str)
-    parts = image_names.str.partition("@")
-    has_at = parts[1] == "@"
-    numbers = pd.to_numeric(parts[0].where(has_at, "1"), errors="coerce")
-    stack_names = parts[2].where(has_at, parts[0]).str.strip()
+    number, has_at, stack_names = _split_image_names(image_names)
+    numbers = pd.to_numeric(number.where(has_at, "1"), errors="coerce")
     # MRC image counts are int32; control characters (NUL, CR) cannot be in a file name.
     bad = (numbers.isna() | (numbers < 1) | (numbers % 1 != 0) | (numbers > np.iinfo(np.int32).max)
            | (stack_names == "") | stack_names.str.contains(r"[\x00-\x1f]"))
