@@ -176,6 +176,31 @@ def test_cs_input_gives_particles_cs(cs_job):
     for name in ("alignments2D/class_posterior", "alignments2D/class_ess"):
         assert name in out.dtype.names
     assert not (job / "particles.star").exists()
+    import yaml
+
+    group = yaml.safe_load((job / "particles.csg").read_text())  # for CryoSPARC's Import Result Group
+    assert group["results"]["alignments2D"] == {"metafile": ">particles.cs", "num_items": len(out),
+                                                 "type": "particle.alignments2D"}
+
+
+def test_a_result_group_classifies_as_its_cs(cs_job, tmp_path, capsys):
+    """The job's particles.csg (an exported CryoSPARC group) as input: the same classification; and never over its .cs."""
+    job, _ = cs_job
+    project = job.parent
+    assert main(["classify", str(job / "particles.csg"), "--project-dir", str(project), "-o", str(tmp_path / "again"),
+                 *FAST]) == 0
+    before, after = np.load(job / "particles.cs"), np.load(tmp_path / "again" / "particles.cs")
+    assert after.dtype == before.dtype
+    np.testing.assert_array_equal(after["alignments2D/class"], before["alignments2D/class"])
+    np.testing.assert_allclose(after["alignments2D/pose"], before["alignments2D/pose"], atol=1e-6)
+    capsys.readouterr()
+    (tmp_path / "copy").mkdir()
+    shutil.copy(job / "particles.cs", tmp_path / "copy" / "particles.cs")
+    (tmp_path / "copy" / "group.csg").write_text((job / "particles.csg").read_text())
+    code = main(["classify", str(tmp_path / "copy" / "group.csg"), "--project-dir", str(project),
+                 "-o", str(tmp_path / "copy"), *FAST])
+    assert code == 1 and "would write particles.cs over its input" in capsys.readouterr().err
+    assert np.load(tmp_path / "copy" / "particles.cs").dtype == before.dtype
 
 
 def test_every_file_of_a_job_is_one_the_job_guards(star_job, cs_job):

@@ -347,6 +347,12 @@ def test_cs_job_writes_cs(truth_job, sim_data, tmp_path):
     kept = np.load(tmp_path / "out" / "particles.cs")
     rejected = np.load(tmp_path / "out" / "rejected.cs")
     assert kept.dtype == array.dtype and result.n_kept == len(kept)
+    import yaml
+
+    for name, rows in (("particles", kept), ("rejected", rejected)):  # CryoSPARC's Import Result Group reads these
+        group = yaml.safe_load((tmp_path / "out" / f"{name}.csg").read_text())
+        assert group["group"]["name"] == name and set(group["results"]) == {"blob", "alignments2D"}
+        assert group["results"]["blob"] == {"metafile": f">{name}.cs", "num_items": len(rows), "type": "particle.blob"}
     mask = np.isin(array["alignments2D/class"], [1, 3])
     np.testing.assert_array_equal(kept, array[mask])
     np.testing.assert_array_equal(rejected, array[~mask])

@@ -28,8 +28,8 @@ from cryo2d.particles import Assignments, ParticleSet
 from cryo2d.picks import pick_locations
 
 #: The files a classification job writes into its folder.
-JOB_FILES = ("classes.mrcs", "classes_unmasked.mrcs", "classes.star", "particles.star", "particles.cs",
-             "duplicates.star", "duplicates.cs", "gallery.png", "iterations.jsonl", "checkpoint.pt")
+JOB_FILES = ("classes.mrcs", "classes_unmasked.mrcs", "classes.star", "particles.star", "particles.cs", "particles.csg",
+             "duplicates.star", "duplicates.cs", "duplicates.csg", "gallery.png", "iterations.jsonl", "checkpoint.pt")
 
 
 @dataclass
@@ -144,7 +144,8 @@ def classify(
         particles = read_particles(particles, project_dir=project_dir, no_ctf=not config.use_ctf)
     if on_note is not None and (note := passthrough_note(particles)) is not None:
         on_note(note)
-    refuse_overwriting_inputs(out_dir, JOB_FILES, [particles.source, *getattr(particles.stack, "files", [])])
+    inputs = [particles.source, *particles.extra.get("metafiles", []), *getattr(particles.stack, "files", [])]
+    refuse_overwriting_inputs(out_dir, JOB_FILES, inputs)
     n_bad, rows = 0, None
     if skip_bad:
         bad = nonfinite_indices(particles.stack)

@@ -1,15 +1,17 @@
-"""2D classification of a particle stack (RELION STAR or CryoSPARC .cs).
+"""2D classification of a particle stack (RELION STAR, CryoSPARC .cs or an exported result group .csg).
 
 Online expectation-maximisation as in CryoSPARC's 2D classification: batches
 of --batch-per-class x --classes particles for --online-iterations, then
 --full-iterations passes over every particle. Writes classes.mrcs,
-classes.star, particles.star (or particles.cs), gallery.png and
+classes.star, particles.star (or particles.cs with its result group
+particles.csg, for CryoSPARC's Import Result Group), gallery.png and
 iterations.jsonl into the job folder.
 
 Examples:
 
   $ cryo2d classify Extract/job012/particles.star -o Class2D/run1 --classes 50
   $ cryo2d classify J12_particles.cs --project-dir /data/P3 -o c2d --classes 100 --max-res 8
+  $ cryo2d classify P3/exports/groups/P3_J12_particles/P3_J12_particles_exported.csg -o c2d
   $ cryo2d classify stain.star -o c2d --no-ctf --classes 20 --mask-diameter 180
   $ cryo2d classify particles.star -o c2d --workers 4               # local Dask cluster
   $ cryo2d classify particles.star -o c2d --scheduler tcp://node1:8786
@@ -141,7 +143,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_arg, default=d.seed, help="random seed (default %(default)s)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--threads", type=threads_arg, default=None, help="CPU threads for torch (default: all cores)")
-    p.add_argument("--project-dir", default=None, help="CryoSPARC project folder for .cs blob paths")
+    p.add_argument("--project-dir", default=None, help="CryoSPARC project folder for .cs / .csg blob paths")
     p.add_argument("--skip-bad", action="store_true", help="drop images with NaN/Inf pixels (reported) instead of refusing")
     p.add_argument("--resume", action="store_true", help="continue from the job's checkpoint")
 
@@ -200,7 +202,7 @@ def config_from_args(args: argparse.Namespace) -> EMConfig:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("particles", help="particles.star (RELION) or particles.cs (CryoSPARC)")
+    p.add_argument("particles", help="particles.star (RELION), particles.cs or an exported .csg (CryoSPARC)")
     add_engine_args(p)
     add_scale_out_args(p)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,9 +25,9 @@ from cryo2d.particles import ParticleSet
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="particle file (.star or .cs)")
+    parser.add_argument("file", help="particle file (.star, .cs or .csg)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for programs)")
-    parser.add_argument("--project-dir", metavar="DIR", help=".cs only: folder that blob/path is relative to")
+    parser.add_argument("--project-dir", metavar="DIR", help=".cs and .csg only: folder that blob/path is relative to")
     parser.add_argument("--no-ctf", action="store_true", help="do not require CTF columns")
     parser.add_argument("--no-images", action="store_true", help="metadata only: do not open the image stacks")
     parser.add_argument("--check-pixels", action="store_true",
@@ -104,7 +105,10 @@ def _text(summary: dict[str, Any], particles: ParticleSet) -> str:
             return ", ".join(f"{v:g}" for v in value) + unit
         return f"{value:g}{unit}"
 
-    kind = "CryoSPARC .cs" if particles.kind == "cs" else f"RELION {particles.extra.get('star_version', '')} STAR"
+    if particles.kind == "star":
+        kind = f"RELION {particles.extra.get('star_version', '')} STAR"
+    else:
+        kind = "CryoSPARC result group" if Path(particles.source).suffix.lower() == ".csg" else "CryoSPARC .cs"
     defocus = (
         "none (no CTF)" if summary["defocus_min"] is None
         else f"{summary['defocus_min']:.1f} - {summary['defocus_max']:.1f} Å"

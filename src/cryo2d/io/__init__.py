@@ -1,4 +1,4 @@
-"""File formats: RELION STAR, CryoSPARC .cs, MRC stacks and maps, atomic outputs.
+"""File formats: RELION STAR, CryoSPARC .cs and result groups (.csg), MRC stacks and maps, atomic outputs.
 
 ``read_particles`` is the one entry point for particle files: it picks the
 reader from the suffix, checks what every format must satisfy (at least one
@@ -15,6 +15,7 @@ import numpy as np
 
 from cryo2d.errors import Cryo2DError
 from cryo2d.io.cs import read_cs, write_cs
+from cryo2d.io.csg import read_csg
 from cryo2d.io.mrc import ArrayStack, MRCStack, StackRefs, check_finite, nonfinite_indices, read_map, write_stack
 from cryo2d.io.outputs import atomic_path, make_output_folder, write_json_atomic, write_text_atomic
 from cryo2d.io.star import open_star_stacks, read_star, write_star
@@ -22,7 +23,7 @@ from cryo2d.particles import Assignments, ParticleSet
 
 __all__ = [
     "ArrayStack", "MRCStack", "StackRefs", "atomic_path", "check_finite", "nonfinite_indices",
-    "make_output_folder", "open_stack", "read_cs", "read_map", "read_particles", "read_star", "write_cs",
+    "make_output_folder", "open_stack", "read_cs", "read_csg", "read_map", "read_particles", "read_star", "write_cs",
     "write_json_atomic", "write_particles", "write_stack", "write_star", "write_text_atomic",
 ]
 
@@ -34,14 +35,16 @@ def read_particles(
     no_ctf: bool = False,
     open_stacks: bool = True,
 ) -> ParticleSet:
-    """Read a particle file (``.star`` or ``.cs``) and validate it.
+    """Read a particle file (``.star``, ``.cs`` or ``.csg``) and validate it.
 
     Parameters
     ----------
     path : str or PathLike
-        RELION STAR (3.0 or 3.1+) or CryoSPARC ``.cs``.
+        RELION STAR (3.0 or 3.1+), CryoSPARC ``.cs``, or a CryoSPARC result
+        group ``.csg`` (an exported output: its slots' ``.cs`` files merged).
     project_dir : str or PathLike, optional
-        For ``.cs``: the folder ``blob/path`` is relative to.
+        For ``.cs`` and ``.csg``: the CryoSPARC project folder that
+        ``blob/path`` is relative to.
     no_ctf : bool
         Read no CTF (``ctf`` is None); otherwise missing CTF data is an error.
     open_stacks : bool
@@ -68,12 +71,15 @@ def read_particles(
         particles = read_star(path, no_ctf=no_ctf, open_stacks=False)
     elif suffix == ".cs":
         particles = read_cs(path, project_dir=project_dir, no_ctf=no_ctf, open_stacks=False)
+    elif suffix == ".csg":
+        particles = read_csg(path, project_dir=project_dir, no_ctf=no_ctf, open_stacks=False)
     elif path.is_dir():
         found = [name for name in ("particles.star", "particles.cs") if (path / name).is_file()]
         hint = f" (did you mean {path / found[0]}?)" if found else ""
         raise Cryo2DError(f"{path}: a folder, not a particle file (.star or .cs){hint}")
     else:
-        raise Cryo2DError(f"{path}: unknown particle file type {suffix or '(no suffix)'!r} (expected .star or .cs)")
+        expected = "expected .star, .cs or .csg"
+        raise Cryo2DError(f"{path}: unknown particle file type {suffix or '(no suffix)'!r} ({expected})")
     _validate(particles)
     return open_stack(particles) if open_stacks else particles
 

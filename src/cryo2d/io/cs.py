@@ -18,7 +18,7 @@ import pandas as pd
 
 from cryo2d.errors import Cryo2DError
 from cryo2d.io.mrc import StackRefs, _is_file, _one_line
-from cryo2d.io.outputs import atomic_path
+from cryo2d.io.outputs import atomic_path, write_text_atomic
 from cryo2d.particles import Assignments, CTFParams, ParticleSet
 
 # CTFParams field -> (.cs field, factor to RELION units).
@@ -64,8 +64,10 @@ def read_cs(
     project_dir : str or PathLike, optional
         Folder that ``blob/path`` is relative to (a leading ``>`` is
         stripped). Default: the .cs file's folder, then its parent (the
-        CryoSPARC project folder for ``PROJECT/J24/x.cs``), then the current
-        folder, first that holds the stack.
+        CryoSPARC project folder for ``PROJECT/J24/x.cs``), then the nearest
+        folder above it with a ``project.json`` (the project folder of an
+        export, ``PROJECT/exports/groups/...``), then the current folder,
+        first that holds the stack.
     no_ctf : bool
         Do not read ``ctf/*`` fields (``ctf`` is None); otherwise a missing
         CTF field is an error.
@@ -102,20 +104,35 @@ def read_cs(
     if not _is_file(path):
         raise Cryo2DError(f"{label}: file not found")
     array = _load(path, label)
-    for name in ("blob/path", "blob/idx"):
-        if name not in array.dtype.names:
-            hint = " (a CryoSPARC passthrough file: give the job's particle file)" if is_passthrough(path.name) else ""
-            raise Cryo2DError(f"{label}: field {name} missing (no particle images){hint}")
-    if len(array) == 0:
-        raise Cryo2DError(f"{label}: no particles")
-    if "blob/psize_A" not in array.dtype.names:
-        raise Cryo2DError(f"{label}: field blob/psize_A missing (no pixel size)")
-
+    _check_blob(array, label, is_passthrough(path.name))
     passthrough: list[tuple[Path, list[str]]] = []
     wanted = [name for name in _PASSTHROUGH_FIELDS if not (no_ctf and name.startswith("ctf/"))]
     if any(name not in array.dtype.names for name in wanted):
         array, passthrough = _merge_passthrough(array, path)
-    refs = _stack_refs(array, path, project_dir, label)
+    return particles_from_array(array, path, project_dir=project_dir, no_ctf=no_ctf, open_stacks=open_stacks,
+                                passthrough=passthrough)
+
+
+def particles_from_array(
+    array: np.ndarray,
+    path: Path,
+    *,
+    project_dir: str | os.PathLike | None = None,
+    no_ctf: bool = False,
+    open_stacks: bool = True,
+    passthrough: list[tuple[Path, list[str]]] | None = None,
+    stacks_near: Path | None = None,
+) -> ParticleSet:
+    """The ``ParticleSet`` of a CryoSPARC particle array read from ``path`` (see :func:`read_cs`).
+
+    ``passthrough`` lists the files (and their field names) merged into
+    ``array`` besides ``path``'s own; ``path`` names the set in messages.
+    Relative ``blob/path`` values are looked for from ``stacks_near``
+    (default ``path``) as :func:`read_cs` describes.
+    """
+    label = str(path)
+    _check_blob(array, label)
+    refs = _stack_refs(array, Path(stacks_near or path), project_dir, label)
     particles = ParticleSet(
         stack=refs,
         ctf=None if no_ctf else _ctf(array, label),
@@ -126,12 +143,24 @@ def read_cs(
         extra={
             "cs_array": array,
             "project_dir": project_dir,
-            "passthrough": passthrough,
+            "passthrough": passthrough or [],
         },
     )
     if open_stacks:
         particles = replace(particles, stack=refs.open())
     return particles
+
+
+def _check_blob(array: np.ndarray, label: str, passthrough_name: bool = False) -> None:
+    """Cryo2DError unless ``array`` has particles with image references and pixel sizes."""
+    for name in ("blob/path", "blob/idx"):
+        if name not in array.dtype.names:
+            hint = " (a CryoSPARC passthrough file: give the job's particle file)" if passthrough_name else ""
+            raise Cryo2DError(f"{label}: field {name} missing (no particle images){hint}")
+    if len(array) == 0:
+        raise Cryo2DError(f"{label}: no particles")
+    if "blob/psize_A" not in array.dtype.names:
+        raise Cryo2DError(f"{label}: field blob/psize_A missing (no pixel size)")
 
 
 def _load(path: Path, label: str) -> np.ndarray:
@@ -192,14 +221,9 @@ def _merge_passthrough(array: np.ndarray, path: Path) -> tuple[np.ndarray, list[
         new = [name for name in extra.dtype.names if name not in array.dtype.names]
         if "uid" not in extra.dtype.names or not new:
             continue
-        order = np.argsort(extra["uid"], kind="stable")
-        sorted_uid = extra["uid"][order]
-        if len(sorted_uid) > 1 and (sorted_uid[1:] == sorted_uid[:-1]).any():
+        rows = rows_by_uid(uid, extra["uid"])
+        if rows is None:
             continue
-        where = np.minimum(np.searchsorted(sorted_uid, uid), max(len(sorted_uid) - 1, 0))
-        if len(sorted_uid) == 0 or (sorted_uid[where] != uid).any():
-            continue
-        rows = order[where]
         merged = np.empty(len(array), dtype=[(n, array.dtype.fields[n][0]) for n in array.dtype.names]
                           + [(n, extra.dtype.fields[n][0]) for n in new])
         for name in array.dtype.names:
@@ -209,6 +233,16 @@ def _merge_passthrough(array: np.ndarray, path: Path) -> tuple[np.ndarray, list[
         array = merged
         used.append((other, new))
     return array, used
+
+
+def rows_by_uid(uid: np.ndarray, other: np.ndarray) -> np.ndarray | None:
+    """(n,) row of ``other`` that holds each of ``uid``'s n values; None when ``other`` repeats a value or lacks one."""
+    order = np.argsort(other, kind="stable")
+    sorted_uid = other[order]
+    if len(sorted_uid) == 0 or (len(sorted_uid) > 1 and (sorted_uid[1:] == sorted_uid[:-1]).any()):
+        return None
+    where = np.minimum(np.searchsorted(sorted_uid, uid), len(sorted_uid) - 1)
+    return None if (sorted_uid[where] != uid).any() else order[where]
 
 
 def passthrough_note(particles: ParticleSet) -> str | None:
@@ -265,7 +299,7 @@ def _stack_refs(array: np.ndarray, path: Path, project_dir, label: str) -> Stack
     if project_dir is not None:
         bases = [Path(project_dir)]
     else:
-        bases = list(dict.fromkeys([path.parent, path.parent.parent, Path.cwd()]))
+        bases = list(dict.fromkeys([path.parent, path.parent.parent, *project_root(path), Path.cwd()]))
     places = [[Path(n)] if Path(n).is_absolute() else [base / n for base in bases] for n in names]
     box = 0
     if "blob/shape" in array.dtype.names and array["blob/shape"].dtype.kind in "iu" and len(array):
@@ -283,7 +317,13 @@ def _stack_refs(array: np.ndarray, path: Path, project_dir, label: str) -> Stack
     return StackRefs(
         label=label, names=names, candidates=places, file_index=codes.reshape(-1).astype(np.int64),
         image_index=image_index.astype(np.int64), index_base=0, box=box, sign=sign,
+        missing_hint="blob/path is relative to the CryoSPARC project folder: give it with --project-dir",
     )
+
+
+def project_root(path: Path) -> list[Path]:
+    """The nearest folder above ``path`` that holds a ``project.json`` (a CryoSPARC project's), as a list of 0 or 1."""
+    return next(([folder] for folder in Path(path).absolute().parents if (folder / "project.json").is_file()), [])
 
 
 def _decode(value: bytes | str) -> str:
@@ -321,7 +361,10 @@ def write_cs(
         is kept.
     path : str or PathLike
         Output file, written atomically (``numpy.save`` to a file object, so
-        the name keeps its ``.cs``).
+        the name keeps its ``.cs``). Its CryoSPARC result group is written
+        beside it, with the suffix ``.csg``
+        (:func:`cryo2d.io.csg.result_group_text`): what CryoSPARC's Import
+        Result Group job reads.
     assignments : Assignments, optional
         Same length as ``particles``. Adds (or replaces) ``alignments2D/class``
         (0-based), ``pose`` (psi in radians), ``shift`` ((m, 2) px),
@@ -342,6 +385,9 @@ def write_cs(
         array = _with_assignments(array, picked, pixel_size_angst)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, array, allow_pickle=False)
+    from cryo2d.io.csg import result_group_text
+
+    write_text_atomic(Path(path).with_suffix(".csg"), result_group_text(Path(path).name, array.dtype.names, len(array)))
 
 
 def _with_assignments(array: np.ndarray, a: Assignments, pixel_size_angst: np.ndarray) -> np.ndarray:

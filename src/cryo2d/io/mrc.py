@@ -455,6 +455,9 @@ class StackRefs:
         Per particle, the factor (+1 or -1) that makes its image's protein
         bright (RELION's convention): CryoSPARC's ``blob/sign``, -1 for
         images cut from micrographs; None: all +1.
+    missing_hint : str
+        Said after "stack file ... not found" when the name had several
+        places to look: where the format's relative names are relative to.
     """
 
     label: str
@@ -465,6 +468,7 @@ class StackRefs:
     index_base: int
     box: int = 0
     sign: np.ndarray | None = None
+    missing_hint: str = ""
 
     def __len__(self) -> int:
         return len(self.file_index)
@@ -483,8 +487,7 @@ class StackRefs:
             found = next((p for p in places if _is_file(p)), None)
             if found is None:
                 where = " or ".join(str(p) for p in places)
-                hint = ("; a relative path is read from the STAR file's folder or the current folder: run from the "
-                        "folder it is relative to, as RELION runs in its project folder") if len(places) > 1 else ""
+                hint = f"; {self.missing_hint}" if self.missing_hint and len(places) > 1 else ""
                 raise Cryo2DError(f"{self.label}: stack file {name} not found (looked for {where}){hint}")
             files.append(found)
         return MRCStack(

@@ -293,6 +293,8 @@ def _stack_refs(table: pd.DataFrame, optics: pd.DataFrame | None, path: Path, la
     return StackRefs(
         label=label, names=names, candidates=places, file_index=codes,
         image_index=numbers.to_numpy(dtype=np.int64) - 1, index_base=1, box=box,
+        missing_hint=("a relative path is read from the STAR file's folder or the current folder: run from the "
+                      "folder it is relative to, as RELION runs in its project folder"),
     )
 
 
