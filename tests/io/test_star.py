@@ -156,6 +156,21 @@ def test_write_30_keeps_single_block_and_pixel_origins(tmp_path):
     assert "rlnOriginXAngst" not in out
 
 
+def test_zero_shifts_are_written_as_zero_not_minus_zero(tmp_path):
+    """Centred particles get origin 0.0 (an origin is minus the shift; -0.0 reads the same but diffs and greps do not)."""
+    from dataclasses import replace
+
+    star, _, _ = make_star_dataset(tmp_path)
+    particles = read_particles(star)
+    assignments = random_assignments(len(particles))
+    centred = replace(assignments, shift_px=np.zeros_like(assignments.shift_px))
+    write_particles(particles, tmp_path / "out.star", centred)
+    text = (tmp_path / "out.star").read_text()
+    assert "-0.0" not in text.split()
+    out = starfile.read(tmp_path / "out.star", always_dict=True)["particles"]
+    assert (out["rlnOriginXAngst"] == 0).all() and not np.signbit(out["rlnOriginXAngst"].to_numpy()).any()
+
+
 def test_write_rows_subset(tmp_path):
     star, _, ctf = make_star_dataset(tmp_path)
     particles = read_particles(star)

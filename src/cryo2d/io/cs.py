@@ -401,7 +401,7 @@ def _with_assignments(array: np.ndarray, a: Assignments, pixel_size_angst: np.nd
     # negated), in radians and pixels: CryoSPARC's pose and shift convert to
     # RELION's psi and origin unchanged (pyem's csparc2star).
     out["alignments2D/pose"] = np.deg2rad(np.mod(-np.asarray(a.psi_deg, dtype=np.float64), 360.0))
-    out["alignments2D/shift"] = -np.asarray(a.shift_px, dtype=np.float64).reshape(-1, 2)
+    out["alignments2D/shift"] = 0.0 - np.asarray(a.shift_px, dtype=np.float64).reshape(-1, 2)  # 0.0, not -0.0
     out["alignments2D/psize_A"] = pixel_size_angst
     out["alignments2D/class_posterior"] = a.class_posterior
     out["alignments2D/class_ess"] = a.class_ess

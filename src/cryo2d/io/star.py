@@ -370,12 +370,13 @@ def _with_assignments(
     # --apply_transformation; tests/io/test_relion_poses.py): the origin undoes our
     # shift and ψ our counter-clockwise rotation, so both are negated.
     table["rlnAnglePsi"] = np.mod(-np.asarray(a.psi_deg, dtype=np.float64), 360.0)
+    # 0 − x, not −x: a zero shift is written 0.0, not -0.0.
     if angstrom_origins:
-        table["rlnOriginXAngst"] = -shift_px[:, 0] * pixel_size_angst
-        table["rlnOriginYAngst"] = -shift_px[:, 1] * pixel_size_angst
+        table["rlnOriginXAngst"] = 0.0 - shift_px[:, 0] * pixel_size_angst
+        table["rlnOriginYAngst"] = 0.0 - shift_px[:, 1] * pixel_size_angst
     else:
-        table["rlnOriginX"] = -shift_px[:, 0]
-        table["rlnOriginY"] = -shift_px[:, 1]
+        table["rlnOriginX"] = 0.0 - shift_px[:, 0]
+        table["rlnOriginY"] = 0.0 - shift_px[:, 1]
     table["rlnMaxValueProbDistribution"] = np.asarray(a.max_prob, dtype=np.float64)
     table["rlnNormCorrection"] = np.asarray(a.scale, dtype=np.float64)
     return table
