@@ -183,6 +183,38 @@ def test_cs_input_gives_particles_cs(cs_job):
                                                  "type": "particle.alignments2D"}
 
 
+def test_cs_job_writes_class_averages_as_cryosparc_templates(cs_job, tmp_path):
+    """class_averages.cs (+ .csg, type template): CryoSPARC's fields, blob/path from the project folder, idx = class."""
+    import yaml
+
+    from cryo2d.select import select
+
+    dataset_module = pytest.importorskip("cryosparc.dataset")
+    job, _ = cs_job
+    project = job.parent  # the --project-dir of the fixture's run
+    out = np.load(job / "class_averages.cs")
+    classes = starfile.read(job / "classes.star")
+    assert [n for n in out.dtype.names] == ["uid", "blob/path", "blob/idx", "blob/shape", "blob/psize_A", "blob/sign",
+                                              "blob/res_A"]
+    assert set(out["blob/path"]) == {b"job/classes.mrcs"} and len(np.unique(out["uid"])) == len(out)
+    np.testing.assert_array_equal(out["blob/idx"], np.arange(len(classes)))
+    np.testing.assert_allclose(out["blob/res_A"], classes["rlnEstimatedResolution"], rtol=1e-6)
+    with mrcfile.open(project / out["blob/path"][0].decode()) as mrc, mrcfile.open(job / "classes.mrcs") as mine:
+        assert tuple(out["blob/shape"][0]) == mrc.data.shape[1:]
+        np.testing.assert_array_equal(mrc.data[out["blob/idx"]], mine.data)
+        np.testing.assert_allclose(out["blob/psize_A"], mine.voxel_size.x, rtol=1e-6)
+    assert len(dataset_module.Dataset.load(job / "class_averages.cs")) == len(out)
+    group = yaml.safe_load((job / "class_averages.csg").read_text())
+    assert group["group"]["type"] == "template"
+    assert group["results"] == {"blob": {"metafile": ">class_averages.cs", "num_items": len(out), "type": "template.blob"}}
+    # select keeps the chosen classes' rows, as CryoSPARC's Select 2D writes templates_selected.cs
+    select(job, tmp_path / "sel", classes=[1, 3])
+    templates, particles = np.load(tmp_path / "sel" / "templates.cs"), np.load(tmp_path / "sel" / "particles.cs")
+    np.testing.assert_array_equal(templates, out[[0, 2]])
+    assert set(np.unique(particles["alignments2D/class"])) <= set(templates["blob/idx"])
+    assert yaml.safe_load((tmp_path / "sel" / "templates.csg").read_text())["group"]["type"] == "template"
+
+
 def test_a_result_group_classifies_as_its_cs(cs_job, tmp_path, capsys):
     """The job's particles.csg (an exported CryoSPARC group) as input: the same classification; and never over its .cs."""
     job, _ = cs_job

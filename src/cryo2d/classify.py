@@ -21,15 +21,17 @@ from cryo2d.em.finalize import align_vertical, duplicate_mask, sort_order
 from cryo2d.errors import Cryo2DError
 from cryo2d.gallery.render import render_gallery
 from cryo2d.io import check_finite, nonfinite_indices, read_particles, write_particles, write_stack
-from cryo2d.io.cs import passthrough_note
+from cryo2d.io.cs import passthrough_note, project_blob_path
+from cryo2d.io.csg import write_templates
 from cryo2d.io.outputs import make_output_folder, refuse_overwriting_inputs, write_text_atomic
 from cryo2d.io.star import write_blocks
 from cryo2d.particles import Assignments, ParticleSet
 from cryo2d.picks import pick_locations
 
 #: The files a classification job writes into its folder.
-JOB_FILES = ("classes.mrcs", "classes_unmasked.mrcs", "classes.star", "particles.star", "particles.cs", "particles.csg",
-             "duplicates.star", "duplicates.cs", "duplicates.csg", "gallery.png", "iterations.jsonl", "checkpoint.pt")
+JOB_FILES = ("classes.mrcs", "classes_unmasked.mrcs", "classes.star", "class_averages.cs", "class_averages.csg",
+             "particles.star", "particles.cs", "particles.csg", "duplicates.star", "duplicates.cs", "duplicates.csg",
+             "gallery.png", "iterations.jsonl", "checkpoint.pt")
 
 
 @dataclass
@@ -237,7 +239,7 @@ def finalize(result: EMResult, particles: ParticleSet, config: EMConfig) -> Clas
 
 
 def write_job(final: ClassifyResult, particles: ParticleSet, out: Path, pixel_size_angst: float) -> None:
-    """Write classes.mrcs, classes.star, particles.star/.cs (+ duplicates), gallery.png."""
+    """Write classes.mrcs, classes.star, particles.star/.cs (+ duplicates), gallery.png; class_averages.cs for .cs."""
     K = len(final.classes)
     write_stack(out / "classes.mrcs", final.classes, pixel_size_angst)
     if final.classes_unmasked is not None:  # as RELION's run_unmasked_classes.mrcs
@@ -255,6 +257,10 @@ def write_job(final: ClassifyResult, particles: ParticleSet, out: Path, pixel_si
         }
     )
     write_blocks({"classes": table}, out / "classes.star")
+    if particles.kind == "cs":  # the classes as CryoSPARC's class_averages (a template group), blob/idx = class
+        blob_path = project_blob_path(particles, out / "classes.mrcs")
+        write_templates(out / "class_averages.cs", blob_path, np.arange(K), final.classes.shape[-1], pixel_size_angst,
+                        final.resolution_angst)
     keep = final.assignments.keep
     suffix = ".star" if particles.kind == "star" else ".cs"
     rows = np.nonzero(keep)[0]

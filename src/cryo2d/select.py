@@ -47,6 +47,7 @@ import starfile
 from cryo2d._callable import make_callable
 from cryo2d.errors import Cryo2DError
 from cryo2d.io import read_particles, write_particles, write_stack
+from cryo2d.io.csg import select_templates
 from cryo2d.io.outputs import make_output_folder
 from cryo2d.io.star import write_blocks
 from cryo2d.junk import DEFAULT_MAX_JUNK_SCORE, junk_scores
@@ -578,6 +579,9 @@ def write_selection(job: Job, classes: list[int] | np.ndarray, out_dir: str | os
     table["rlnReferenceImage"] = [f"{i:06d}@templates.mrcs" for i in range(1, len(chosen) + 1)]
     table["rlnClassNumber"] = job.numbers[chosen - 1]
     write_blocks({"classes": table}, paths["classes"])
+    if job.suffix == ".cs" and (job.folder / "class_averages.cs").is_file():  # as CryoSPARC's templates_selected
+        paths["templates_cs"] = out / "templates.cs"
+        select_templates(job.folder / "class_averages.cs", chosen - 1, paths["templates_cs"])
     return SelectionResult(chosen, int(mask.sum()), int((~mask).sum()), job.n_classes, paths)
 
 

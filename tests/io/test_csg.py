@@ -57,6 +57,27 @@ def test_result_group_quotes_what_yaml_would_misread():
     assert group["group"]["name"] == "it's #1: a" and group["group"]["title"] == "It's #1: a"
 
 
+def test_template_groups_and_blob_paths_outside_the_project(tmp_path):
+    from cryo2d.io.cs import project_blob_path
+    from cryo2d.io.csg import write_templates
+
+    _, cs, _, _ = make_cs_dataset(tmp_path)
+    particles = read_particles(cs)  # its blob/paths are relative to tmp_path (stack1's with a '>')
+    assert project_blob_path(particles, tmp_path / "job" / "classes.mrcs") == "job/classes.mrcs"
+    outside = tmp_path.parent / "elsewhere.mrcs"
+    assert project_blob_path(particles, outside) == str(outside.resolve())
+    write_templates(tmp_path / "t.cs", "job/classes.mrcs", np.array([4, 1]), 16, 2.5, np.array([12.0, 30.0]))
+    out = np.load(tmp_path / "t.cs")
+    np.testing.assert_array_equal(out["blob/idx"], [4, 1])
+    assert out["blob/path"].tolist() == [b"job/classes.mrcs"] * 2 and out["blob/sign"].tolist() == [1.0, 1.0]
+    np.testing.assert_allclose(out["blob/res_A"], [12.0, 30.0])
+    again = np.load(tmp_path / "t.cs")  # the same uids when written again
+    write_templates(tmp_path / "t.cs", "job/classes.mrcs", np.array([4, 1]), 16, 2.5, np.array([12.0, 30.0]))
+    np.testing.assert_array_equal(np.load(tmp_path / "t.cs")["uid"], again["uid"])
+    group = yaml.safe_load((tmp_path / "t.csg").read_text())
+    assert group["group"]["type"] == "template" and group["results"]["blob"]["type"] == "template.blob"
+
+
 def test_a_written_group_reads_back_as_its_cs(tmp_path):
     _, cs, images, _ = make_cs_dataset(tmp_path)
     write_particles(read_particles(cs), tmp_path / "J5" / "out.cs", random_assignments(12))

@@ -321,6 +321,29 @@ def _stack_refs(array: np.ndarray, path: Path, project_dir, label: str) -> Stack
     )
 
 
+def project_blob_path(particles: ParticleSet, target: str | os.PathLike) -> str:
+    """``target`` as a ``blob/path`` of the CryoSPARC project that ``particles`` come from.
+
+    Relative to the project folder (``extra["project_dir"]``, else the
+    folder that the particles' relative ``blob/path`` values were found
+    from) when ``target`` lies inside it, as CryoSPARC names its files;
+    otherwise the absolute path.
+    """
+    base = particles.extra.get("project_dir")
+    if base is None:
+        files, names = getattr(particles.stack, "files", []), getattr(particles.stack, "names", [])
+        for found, name in zip(files, names):
+            if not Path(name).is_absolute() and ".." not in Path(name).parts:
+                base = found
+                for _ in Path(name).parts:
+                    base = base.parent
+                break
+    target = Path(target).resolve()
+    if base is not None and target.is_relative_to(Path(base).resolve()):
+        return target.relative_to(Path(base).resolve()).as_posix()
+    return str(target)
+
+
 def project_root(path: Path) -> list[Path]:
     """The nearest folder above ``path`` that holds a ``project.json`` (a CryoSPARC project's), as a list of 0 or 1."""
     return next(([folder] for folder in Path(path).absolute().parents if (folder / "project.json").is_file()), [])

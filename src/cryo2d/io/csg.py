@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import zlib
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from cryo2d import __version__
 from cryo2d.errors import Cryo2DError
 from cryo2d.io.cs import _load, particles_from_array, project_root, rows_by_uid
 from cryo2d.io.mrc import _is_file, _one_line
+from cryo2d.io.outputs import atomic_path, write_text_atomic
 from cryo2d.particles import ParticleSet
 
 # The CryoSPARC version whose exported result groups (.csg) write_cs's follow: the
@@ -34,17 +36,19 @@ from cryo2d.particles import ParticleSet
 _CSG_VERSION = "v4.4.1"
 
 
-def result_group_text(cs_name: str, fields: Sequence[str], n_items: int, created: datetime | None = None) -> str:
-    """The CryoSPARC result group (``.csg``) of a particle ``.cs`` file: what "Import Result Group" reads.
+def result_group_text(
+    cs_name: str, fields: Sequence[str], n_items: int, created: datetime | None = None, kind: str = "particle"
+) -> str:
+    """The CryoSPARC result group (``.csg``) of a ``.cs`` file: what "Import Result Group" reads.
 
     A ``.csg`` is the small YAML file CryoSPARC writes beside the ``.cs``
     files of an exported result (Export in a job's Outputs). It names the
-    group (type ``particle``) and, for each of its slots, the ``.cs`` file
-    that holds the slot's fields, how many rows it has and the slot's type.
-    Each field prefix of the file (``blob``, ``ctf``, ``location``,
-    ``alignments2D``, ...) is a slot, all in the one file (``'>NAME.cs'``:
-    the file beside the ``.csg``), as in CryoSPARC's own exports of a
-    particle stack.
+    group (type ``particle``, or ``template`` for class averages) and, for
+    each of its slots, the ``.cs`` file that holds the slot's fields, how
+    many rows it has and the slot's type. Each field prefix of the file
+    (``blob``, ``ctf``, ``location``, ``alignments2D``, ...) is a slot, all
+    in the one file (``'>NAME.cs'``: the file beside the ``.csg``), as in
+    CryoSPARC's own exports of a particle stack.
 
     Parameters
     ----------
@@ -56,6 +60,8 @@ def result_group_text(cs_name: str, fields: Sequence[str], n_items: int, created
         Its number of rows.
     created : datetime, optional
         Time stamp written (default: now).
+    kind : str
+        The group's type: ``"particle"`` or ``"template"``.
 
     Returns
     -------
@@ -72,17 +78,91 @@ def result_group_text(cs_name: str, fields: Sequence[str], n_items: int, created
         f"# A CryoSPARC result group, in the layout of CryoSPARC v4's exports; written by cryo2d {__version__}.",
         f"created: {created.strftime('%Y-%m-%d %H:%M:%S.%f')}",
         "group:",
-        f"  description: {n_items} particles written by cryo2d",
+        f"  description: {n_items} {'particles' if kind == 'particle' else 'class averages'} written by cryo2d",
         f"  name: {quoted(stem)}",
         f"  title: {quoted(stem.replace('_', ' ').capitalize())}",
-        "  type: particle",
+        f"  type: {quoted(kind)}",
         "results:",
     ]
     for slot in slots:
         lines += [f"  {quoted(slot)}:", f"    metafile: {quoted('>' + cs_name)}", f"    num_items: {n_items}",
-                  f"    type: {quoted('particle.' + slot)}"]
+                  f"    type: {quoted(kind + '.' + slot)}"]
     lines.append(f"version: {_CSG_VERSION}")
     return "\n".join(lines) + "\n"
+
+
+# Fields of a class-average (template) .cs file, as CryoSPARC's 2D classification writes its class_averages.
+# (blob/path: fixed-length bytes, as in CryoSPARC's files; sized to the name.)
+TEMPLATE_FIELDS = [
+    ("uid", "<u8"),
+    ("blob/path", "S1"),
+    ("blob/idx", "<u4"),
+    ("blob/shape", "<u4", (2,)),
+    ("blob/psize_A", "<f4"),
+    ("blob/sign", "<f4"),
+    ("blob/res_A", "<f4"),
+]
+
+
+def write_templates(
+    path: str | os.PathLike, blob_path: str, index: np.ndarray, box: int, pixel_size_angst: float,
+    resolution_angst: np.ndarray,
+) -> None:
+    """Class averages as a CryoSPARC template group: ``path`` (``.cs``) and its ``.csg``.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The ``.cs`` file to write (atomically); the ``.csg`` (group type
+        ``template``, slot ``blob``) goes beside it.
+    blob_path : str
+        The stack of class averages, as CryoSPARC names it: relative to the
+        project folder (:func:`cryo2d.io.cs.project_blob_path`).
+    index : (k,) int array
+        0-based image of each template in that stack (``blob/idx``): the
+        class numbers of the particles' ``alignments2D/class``, as in
+        CryoSPARC, where Select 2D keeps a class's ``blob/idx``.
+    box : int
+        Edge of the averages, px (``blob/shape``).
+    pixel_size_angst : float
+        Å per pixel (``blob/psize_A``).
+    resolution_angst : (k,) float array
+        Each class's resolution, Å (``blob/res_A``, what Select 2D shows).
+
+    ``uid``: 64-bit numbers drawn from a generator seeded by the stack's
+    name and the indices, so a job written again gets the same ones.
+    ``blob/sign`` is 1: the averages are bright protein.
+    """
+    index = np.asarray(index, dtype=np.int64)
+    name = blob_path.encode("utf-8")
+    out = np.zeros(len(index), dtype=[(f[0], f"S{max(len(name), 1)}", *f[2:]) if f[0] == "blob/path" else f
+                                      for f in TEMPLATE_FIELDS])
+    seed = [zlib.crc32(blob_path.encode()), *index.tolist()]
+    out["uid"] = np.random.default_rng(seed).integers(1, 2**63, len(index), dtype=np.int64).astype(np.uint64)
+    out["blob/path"] = name
+    out["blob/idx"] = index
+    out["blob/shape"] = box
+    out["blob/psize_A"] = pixel_size_angst
+    out["blob/sign"] = 1.0
+    out["blob/res_A"] = resolution_angst
+    _save_templates(Path(path), out)
+
+
+def select_templates(source: str | os.PathLike, rows: np.ndarray, path: str | os.PathLike) -> None:
+    """Rows ``rows`` (0-based) of the template ``.cs`` file ``source`` as ``path`` and its ``.csg``.
+
+    As CryoSPARC's Select 2D writes ``templates_selected.cs``: the chosen
+    classes' rows unchanged, ``blob/idx`` still their class number in the
+    classification's stack.
+    """
+    _save_templates(Path(path), _load(Path(source), str(source))[np.asarray(rows, dtype=np.int64)])
+
+
+def _save_templates(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+    text = result_group_text(path.name, array.dtype.names, len(array), kind="template")
+    write_text_atomic(path.with_suffix(".csg"), text)
 
 
 def read_csg(
