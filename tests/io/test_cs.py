@@ -128,6 +128,25 @@ def test_write_cs_rows_subset(tmp_path):
     assert np.load(tmp_path / "plain.cs").dtype == np.load(cs).dtype
 
 
+def test_compressed_cs_files_read_through_cryosparc_tools(tmp_path, monkeypatch):
+    """cryosparc-tools' CSDAT format (not numpy's): the same particles; without the package, one line that says so."""
+    import sys
+
+    dataset_module = pytest.importorskip("cryosparc.dataset")
+    _, cs, images, _ = make_cs_dataset(tmp_path)
+    packed = tmp_path / "J5" / "packed.cs"
+    dataset_module.Dataset.load(cs).save(packed, format=dataset_module.CSDAT_FORMAT)
+    assert packed.read_bytes()[:6] == b"\x95CSDAT"
+    plain, read = np.load(cs), read_particles(packed).extra["cs_array"]
+    assert type(read) is np.ndarray and read.dtype.names == plain.dtype.names
+    for name in plain.dtype.names:
+        np.testing.assert_array_equal(read[name], plain[name], err_msg=name)
+    np.testing.assert_array_equal(read_particles(packed).stack.read(np.arange(len(plain))), images)
+    monkeypatch.setitem(sys.modules, "cryosparc.dataset", None)  # as if cryosparc-tools were not installed
+    with pytest.raises(Cryo2DError, match=r"packed.cs: a .cs file in cryosparc-tools' compressed format .*pip install"):
+        read_particles(packed)
+
+
 def _split_passthrough(cs, main_name: str, fields_prefixes=("ctf/", "location/")):
     """Rewrite ``cs`` as CryoSPARC's two files: the job's own fields, and a passthrough file of the rest.
 

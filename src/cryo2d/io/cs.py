@@ -168,8 +168,12 @@ def _load(path: Path, label: str) -> np.ndarray:
 
     Memory-mapping first checks the header's shape against the file size (a
     header may declare terabytes) and refuses object dtypes; the checked
-    array is then copied into memory.
+    array is then copied into memory. A file in cryosparc-tools' compressed
+    format (``CSDAT_FORMAT``, not numpy's) is read with cryosparc-tools when
+    it is installed.
     """
+    if _starts_with(path, _CSDAT_MAGIC):
+        return _load_csdat(path, label)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # numpy warns on overflowing header shapes before it refuses them
@@ -184,6 +188,37 @@ def _load(path: Path, label: str) -> np.ndarray:
         raise Cryo2DError(f"{label}: not a CryoSPARC .cs file (a .npz archive, expected one structured array)")
     if array.dtype.names is None or array.ndim != 1:
         raise Cryo2DError(f"{label}: not a CryoSPARC .cs file (expected a 1-D structured array)")
+    return array
+
+
+# The first bytes of cryosparc-tools' compressed .cs format (Dataset.save(..., format=CSDAT_FORMAT)).
+_CSDAT_MAGIC = b"\x95CSDAT"
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(prefix)) == prefix
+    except OSError:
+        return False  # np.load below says why
+
+
+def _load_csdat(path: Path, label: str) -> np.ndarray:
+    """A compressed-format .cs file as numpy's structured array, through cryosparc-tools' reader."""
+    try:
+        from cryosparc.dataset import Dataset
+    except ImportError:
+        raise Cryo2DError(
+            f"{label}: a .cs file in cryosparc-tools' compressed format (CSDAT), not numpy's: install cryosparc-tools "
+            "(pip install cryosparc-tools) to read it, or save it with Dataset.save(path) (the numpy format)"
+        ) from None
+    try:
+        records = Dataset.load(path).to_records(fixed=True)
+    except Exception as err:  # a damaged stream: the reader's own errors
+        raise Cryo2DError(f"{label}: not a readable compressed CryoSPARC .cs file ({_one_line(err)})") from err
+    array = np.empty(len(records), dtype=[(name, records.dtype.fields[name][0]) for name in records.dtype.names])
+    for name in records.dtype.names:  # a plain structured array, as numpy's .cs files give
+        array[name] = records[name]
     return array
 
 
