@@ -115,6 +115,23 @@ def test_write_cs_roundtrip_all_fields_and_units(tmp_path):
     assert np.load(tmp_path / "twice.cs").dtype.names == out.dtype.names
 
 
+def test_an_earlier_2d_jobs_alignments_are_replaced_whole(tmp_path):
+    """CryoSPARC's own 2D fields (error, cross_cor, ...) of the input do not survive next to ours."""
+    import numpy.lib.recfunctions as rfn
+
+    _, cs, _, _ = make_cs_dataset(tmp_path)
+    array = np.load(cs)
+    array = rfn.append_fields(array, ["alignments2D/cross_cor", "alignments2D/class"], [np.ones(len(array)),
+                              np.full(len(array), 7, dtype=np.uint32)], usemask=False)
+    with open(cs, "wb") as handle:
+        np.save(handle, array)
+    assignments = random_assignments(len(array))
+    write_particles(read_particles(cs), tmp_path / "out.cs", assignments)
+    out = np.load(tmp_path / "out.cs")
+    assert "alignments2D/cross_cor" not in out.dtype.names and "alignments3D/pose" in out.dtype.names
+    np.testing.assert_array_equal(out["alignments2D/class"], assignments.class_index)
+
+
 def test_write_cs_rows_subset(tmp_path):
     _, cs, _, _ = make_cs_dataset(tmp_path)
     particles = read_particles(cs)

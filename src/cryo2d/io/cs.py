@@ -36,7 +36,7 @@ OPTIONAL_CTF_FIELDS = {
     "bfactor_angst2": ("ctf/bfactor", 1.0, 0.0),
     "amplitude_scale": ("ctf/scale", 1.0, 1.0),
 }
-# Fields write_cs adds (replacing any of the same name).
+# Fields write_cs adds (replacing every alignments2D/* field of the input).
 ALIGNMENT_FIELDS = [
     ("alignments2D/class", "<u4"),
     ("alignments2D/pose", "<f4"),
@@ -424,10 +424,11 @@ def write_cs(
         (:func:`cryo2d.io.csg.result_group_text`): what CryoSPARC's Import
         Result Group job reads.
     assignments : Assignments, optional
-        Same length as ``particles``. Adds (or replaces) ``alignments2D/class``
-        (0-based), ``pose`` (psi in radians), ``shift`` ((m, 2) px),
-        ``psize_A`` (Å), ``class_posterior``, ``class_ess`` and ``alpha``
-        (scale). ``keep`` is not applied: pass ``rows`` to leave particles out.
+        Same length as ``particles``. Adds ``alignments2D/class`` (0-based),
+        ``pose`` (psi in radians), ``shift`` ((m, 2) px), ``psize_A`` (Å),
+        ``class_posterior``, ``class_ess`` and ``alpha`` (scale), in place of
+        every ``alignments2D/*`` field of the input (an earlier 2D
+        classification's). ``keep`` is not applied: pass ``rows`` to leave particles out.
     rows : (m,) int array or (n,) bool mask, optional
         0-based particles to write, in this order (default: all).
     """
@@ -449,8 +450,9 @@ def write_cs(
 
 
 def _with_assignments(array: np.ndarray, a: Assignments, pixel_size_angst: np.ndarray) -> np.ndarray:
-    added = {spec[0] for spec in ALIGNMENT_FIELDS}
-    kept = [(name, array.dtype.fields[name][0]) for name in array.dtype.names if name not in added]
+    # The alignments2D slot is this classification's alone: an earlier 2D job's fields
+    # (CryoSPARC's alignments2D/error, cross_cor, pose_ess, ...) would describe other classes.
+    kept = [(name, array.dtype.fields[name][0]) for name in array.dtype.names if not name.startswith("alignments2D/")]
     out = np.zeros(len(array), dtype=kept + ALIGNMENT_FIELDS)
     for name, _ in kept:
         out[name] = array[name]
