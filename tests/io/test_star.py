@@ -171,6 +171,25 @@ def test_zero_shifts_are_written_as_zero_not_minus_zero(tmp_path):
     assert (out["rlnOriginXAngst"] == 0).all() and not np.signbit(out["rlnOriginXAngst"].to_numpy()).any()
 
 
+def test_an_earlier_class2d_jobs_own_columns_are_not_carried_over(tmp_path):
+    """A RELION Class2D data.star as input: its likelihood columns described that run's classes, so they go."""
+    star, _, _ = make_star_dataset(tmp_path)
+    blocks = starfile.read(star, always_dict=True)
+    n = len(blocks["particles"])
+    blocks["particles"]["rlnLogLikeliContribution"] = np.linspace(1e4, 2e4, n)
+    blocks["particles"]["rlnNrOfSignificantSamples"] = 3
+    blocks["particles"]["rlnClassNumber"] = 9
+    starfile.write(blocks, star)
+    particles = read_particles(star)
+    assignments = random_assignments(n)
+    write_particles(particles, tmp_path / "out.star", assignments)
+    out = starfile.read(tmp_path / "out.star", always_dict=True)["particles"]
+    assert "rlnLogLikeliContribution" not in out and "rlnNrOfSignificantSamples" not in out
+    np.testing.assert_array_equal(out["rlnClassNumber"], assignments.class_index + 1)
+    write_particles(particles, tmp_path / "plain.star")  # without assignments (a selection): every column as read
+    assert "rlnLogLikeliContribution" in starfile.read(tmp_path / "plain.star", always_dict=True)["particles"]
+
+
 def test_write_rows_subset(tmp_path):
     star, _, ctf = make_star_dataset(tmp_path)
     particles = read_particles(star)

@@ -359,10 +359,15 @@ def write_blocks(blocks: dict[str, pd.DataFrame], path: str | os.PathLike, *, cr
         tmp.write_text("".join(lines))
 
 
+# Columns RELION's Class2D writes about its own classification, which no longer describe
+# the particles once they are classified again (a run_it025_data.star as input).
+_STALE_CLASSIFICATION_COLUMNS = ("rlnLogLikeliContribution", "rlnNrOfSignificantSamples")
+
+
 def _with_assignments(
     table: pd.DataFrame, a: Assignments, pixel_size_angst: np.ndarray, angstrom_origins: bool
 ) -> pd.DataFrame:
-    table = table.copy()
+    table = table.drop(columns=[c for c in _STALE_CLASSIFICATION_COLUMNS if c in table.columns])
     shift_px = np.asarray(a.shift_px, dtype=np.float64).reshape(-1, 2)
     table["rlnClassNumber"] = np.asarray(a.class_index, dtype=np.int64) + 1
     # RELION aligns a particle to its reference by translating it by the origin
