@@ -11,7 +11,10 @@ different files, one row per particle in each, matched by ``uid``.
 
 :func:`read_csg` reads a particle group as one structured array, each slot's
 fields from its own file; :func:`result_group_text` is the ``.csg`` that
-:func:`cryo2d.io.cs.write_cs` writes beside each ``.cs`` file.
+:func:`cryo2d.io.cs.write_cs` writes beside each ``.cs`` file;
+:func:`write_templates` and :func:`select_templates` write class averages as
+CryoSPARC's template group (2D classification's ``class_averages``, Select
+2D's ``templates_selected``).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from cryo2d import __version__
 from cryo2d.errors import Cryo2DError
@@ -31,8 +35,8 @@ from cryo2d.io.mrc import _is_file, _one_line
 from cryo2d.io.outputs import atomic_path, write_text_atomic
 from cryo2d.particles import ParticleSet
 
-# The CryoSPARC version whose exported result groups (.csg) write_cs's follow: the
-# group, its slots (metafile, num_items, type) and these top-level keys.
+# The CryoSPARC version whose exported result groups (.csg) the ones written here follow:
+# the group, its slots (metafile, num_items, type) and these top-level keys.
 _CSG_VERSION = "v4.4.1"
 
 
@@ -137,7 +141,7 @@ def write_templates(
     name = blob_path.encode("utf-8")
     out = np.zeros(len(index), dtype=[(f[0], f"S{max(len(name), 1)}", *f[2:]) if f[0] == "blob/path" else f
                                       for f in TEMPLATE_FIELDS])
-    seed = [zlib.crc32(blob_path.encode()), *index.tolist()]
+    seed = [zlib.crc32(name), *index.tolist()]
     out["uid"] = np.random.default_rng(seed).integers(1, 2**63, len(index), dtype=np.int64).astype(np.uint64)
     out["blob/path"] = name
     out["blob/idx"] = index
@@ -257,15 +261,14 @@ def read_csg(
 
 def _slots(path: Path, label: str) -> dict[str, tuple[str, int]]:
     """The group's slots: name -> (metafile as written, num_items); checks the group is particles with a blob slot."""
-    import yaml
-
     try:
         group = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise Cryo2DError(f"{label}: not a CryoSPARC result group ({_one_line(err)})") from err
     if not isinstance(group, dict) or not isinstance(group.get("results"), dict) or not group["results"]:
         raise Cryo2DError(f"{label}: not a CryoSPARC result group (no results)")
-    kind = (group.get("group") or {}).get("type") if isinstance(group.get("group"), dict) else None
+    about = group.get("group")
+    kind = about.get("type") if isinstance(about, dict) else None
     if kind != "particle":
         raise Cryo2DError(f"{label}: a result group of {kind or 'unknown'} type, not particles")
     slots = {}
