@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
+import yaml
 from PIL import Image
 
 from cryo2d.cli.main import main
@@ -176,8 +177,6 @@ def test_cs_input_gives_particles_cs(cs_job):
     for name in ("alignments2D/class_posterior", "alignments2D/class_ess"):
         assert name in out.dtype.names
     assert not (job / "particles.star").exists()
-    import yaml
-
     group = yaml.safe_load((job / "particles.csg").read_text())  # for CryoSPARC's Import Result Group
     assert group["results"]["alignments2D"] == {"metafile": ">particles.cs", "num_items": len(out),
                                                  "type": "particle.alignments2D"}
@@ -185,8 +184,6 @@ def test_cs_input_gives_particles_cs(cs_job):
 
 def test_cs_job_writes_class_averages_as_cryosparc_templates(cs_job, tmp_path):
     """class_averages.cs (+ .csg, type template): CryoSPARC's fields, blob/path from the project folder, idx = class."""
-    import yaml
-
     from cryo2d.select import select
 
     dataset_module = pytest.importorskip("cryosparc.dataset")
@@ -194,7 +191,7 @@ def test_cs_job_writes_class_averages_as_cryosparc_templates(cs_job, tmp_path):
     project = job.parent  # the --project-dir of the fixture's run
     out = np.load(job / "class_averages.cs")
     classes = starfile.read(job / "classes.star")
-    assert [n for n in out.dtype.names] == ["uid", "blob/path", "blob/idx", "blob/shape", "blob/psize_A", "blob/sign",
+    assert list(out.dtype.names) == ["uid", "blob/path", "blob/idx", "blob/shape", "blob/psize_A", "blob/sign",
                                               "blob/res_A"]
     assert set(out["blob/path"]) == {b"job/classes.mrcs"} and len(np.unique(out["uid"])) == len(out)
     np.testing.assert_array_equal(out["blob/idx"], np.arange(len(classes)))

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import starfile
 import torch
+import yaml
 
 from cryo2d.cli.main import main
 from cryo2d.errors import Cryo2DError
@@ -347,8 +348,6 @@ def test_cs_job_writes_cs(truth_job, sim_data, tmp_path):
     kept = np.load(tmp_path / "out" / "particles.cs")
     rejected = np.load(tmp_path / "out" / "rejected.cs")
     assert kept.dtype == array.dtype and result.n_kept == len(kept)
-    import yaml
-
     for name, rows in (("particles", kept), ("rejected", rejected)):  # CryoSPARC's Import Result Group reads these
         group = yaml.safe_load((tmp_path / "out" / f"{name}.csg").read_text())
         assert group["group"]["name"] == name and set(group["results"]) == {"blob", "alignments2D"}
