@@ -216,10 +216,19 @@ def _load_csdat(path: Path, label: str) -> np.ndarray:
         records = Dataset.load(path).to_records(fixed=True)
     except Exception as err:  # a damaged stream: the reader's own errors
         raise Cryo2DError(f"{label}: not a readable compressed CryoSPARC .cs file ({_one_line(err)})") from err
-    array = np.empty(len(records), dtype=[(name, records.dtype.fields[name][0]) for name in records.dtype.names])
-    for name in records.dtype.names:  # a plain structured array, as numpy's .cs files give
-        array[name] = records[name]
-    return array
+    return structured([(name, records[name]) for name in records.dtype.names])  # plain, as numpy's .cs files give
+
+
+def structured(columns: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """A 1-D structured array with one field per (name, values), in this order.
+
+    Each field takes its values' dtype; values of shape (n, ...) make a
+    field of shape (...) (``blob/shape``: (n, 2) -> a field of 2 numbers).
+    """
+    out = np.empty(len(columns[0][1]), dtype=[(name, values.dtype, values.shape[1:]) for name, values in columns])
+    for name, values in columns:
+        out[name] = values
+    return out
 
 
 def is_passthrough(name: str) -> bool:
@@ -259,13 +268,7 @@ def _merge_passthrough(array: np.ndarray, path: Path) -> tuple[np.ndarray, list[
         rows = rows_by_uid(uid, extra["uid"])
         if rows is None:
             continue
-        merged = np.empty(len(array), dtype=[(n, array.dtype.fields[n][0]) for n in array.dtype.names]
-                          + [(n, extra.dtype.fields[n][0]) for n in new])
-        for name in array.dtype.names:
-            merged[name] = array[name]
-        for name in new:
-            merged[name] = extra[name][rows]
-        array = merged
+        array = structured([(n, array[n]) for n in array.dtype.names] + [(n, extra[n][rows]) for n in new])
         used.append((other, new))
     return array, used
 
@@ -331,10 +334,7 @@ def _stack_refs(array: np.ndarray, path: Path, project_dir, label: str) -> Stack
     for name in names:
         if name == "" or any(ord(c) < 32 for c in name):
             raise Cryo2DError(f"{label}: bad blob/path {name!r}")
-    if project_dir is not None:
-        bases = [Path(project_dir)]
-    else:
-        bases = list(dict.fromkeys([path.parent, path.parent.parent, *project_root(path), Path.cwd()]))
+    bases = search_folders(path, project_dir)
     places = [[Path(n)] if Path(n).is_absolute() else [base / n for base in bases] for n in names]
     box = 0
     if "blob/shape" in array.dtype.names and array["blob/shape"].dtype.kind in "iu" and len(array):
@@ -379,9 +379,17 @@ def project_blob_path(particles: ParticleSet, target: str | os.PathLike) -> str:
     return str(target)
 
 
-def project_root(path: Path) -> list[Path]:
-    """The nearest folder above ``path`` that holds a ``project.json`` (a CryoSPARC project's), as a list of 0 or 1."""
-    return next(([folder] for folder in Path(path).absolute().parents if (folder / "project.json").is_file()), [])
+def search_folders(path: Path, project_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The folders a CryoSPARC path relative to the project is looked for in, for a file at ``path``.
+
+    ``project_dir`` when given; else ``path``'s folder, its parent, the
+    nearest folder above it that holds a ``project.json`` (a CryoSPARC
+    project's), and the current folder, in this order.
+    """
+    if project_dir is not None:
+        return [Path(project_dir)]
+    root = next((folder for folder in Path(path).absolute().parents if (folder / "project.json").is_file()), None)
+    return list(dict.fromkeys([path.parent, path.parent.parent, *([root] if root else []), Path.cwd()]))
 
 
 def _decode(value: bytes | str) -> str:

@@ -30,7 +30,7 @@ import yaml
 
 from cryo2d import __version__
 from cryo2d.errors import Cryo2DError
-from cryo2d.io.cs import _load, particles_from_array, project_root, rows_by_uid
+from cryo2d.io.cs import _load, particles_from_array, rows_by_uid, search_folders, structured
 from cryo2d.io.mrc import _is_file, _one_line
 from cryo2d.io.outputs import atomic_path, write_text_atomic
 from cryo2d.particles import ParticleSet
@@ -95,19 +95,6 @@ def result_group_text(
     return "\n".join(lines) + "\n"
 
 
-# Fields of a class-average (template) .cs file, as CryoSPARC's 2D classification writes its class_averages.
-# (blob/path: fixed-length bytes, as in CryoSPARC's files; sized to the name.)
-TEMPLATE_FIELDS = [
-    ("uid", "<u8"),
-    ("blob/path", "S1"),
-    ("blob/idx", "<u4"),
-    ("blob/shape", "<u4", (2,)),
-    ("blob/psize_A", "<f4"),
-    ("blob/sign", "<f4"),
-    ("blob/res_A", "<f4"),
-]
-
-
 def write_templates(
     path: str | os.PathLike, blob_path: str, index: np.ndarray, box: int, pixel_size_angst: float,
     resolution_angst: np.ndarray,
@@ -138,17 +125,18 @@ def write_templates(
     ``blob/sign`` is 1: the averages are bright protein.
     """
     index = np.asarray(index, dtype=np.int64)
-    name = blob_path.encode("utf-8")
-    out = np.zeros(len(index), dtype=[(f[0], f"S{max(len(name), 1)}", *f[2:]) if f[0] == "blob/path" else f
-                                      for f in TEMPLATE_FIELDS])
-    seed = [zlib.crc32(name), *index.tolist()]
-    out["uid"] = np.random.default_rng(seed).integers(1, 2**63, len(index), dtype=np.int64).astype(np.uint64)
-    out["blob/path"] = name
-    out["blob/idx"] = index
-    out["blob/shape"] = box
-    out["blob/psize_A"] = pixel_size_angst
-    out["blob/sign"] = 1.0
-    out["blob/res_A"] = resolution_angst
+    k, name = len(index), blob_path.encode("utf-8")
+    uid = np.random.default_rng([zlib.crc32(name), *index.tolist()]).integers(1, 2**63, k, dtype=np.int64)
+    # The fields and types of CryoSPARC's class_averages (blob/path: fixed-length bytes, as in its files).
+    out = structured([
+        ("uid", uid.astype(np.uint64)),
+        ("blob/path", np.full(k, name, dtype=f"S{max(len(name), 1)}")),
+        ("blob/idx", index.astype(np.uint32)),
+        ("blob/shape", np.full((k, 2), box, dtype=np.uint32)),
+        ("blob/psize_A", np.full(k, pixel_size_angst, dtype=np.float32)),
+        ("blob/sign", np.ones(k, dtype=np.float32)),
+        ("blob/res_A", np.asarray(resolution_angst, dtype=np.float32)),
+    ])
     _save_templates(Path(path), out)
 
 
@@ -250,9 +238,7 @@ def read_csg(
             passthrough.setdefault(where, []).extend(names)
     chosen = dict(columns)  # in the base file's field order, then the other files' fields
     order = [name for name in base.dtype.names if name in chosen] + [n for n in chosen if n not in base.dtype.names]
-    merged = np.empty(len(base), dtype=[(name, chosen[name].dtype, chosen[name].shape[1:]) for name in order])
-    for name in order:
-        merged[name] = chosen[name]
+    merged = structured([(name, chosen[name]) for name in order])
     particles = particles_from_array(merged, path, project_dir=project_dir, no_ctf=no_ctf, open_stacks=open_stacks,
                                      passthrough=list(passthrough.items()), stacks_near=base_file)
     particles.extra["metafiles"] = list(files)
@@ -285,12 +271,7 @@ def _slots(path: Path, label: str) -> dict[str, tuple[str, int]]:
 
 def _metafile_path(metafile: str, csg: Path, project_dir: str | os.PathLike | None) -> Path | None:
     """Where a slot's metafile is: beside the ``.csg`` for ``>NAME``, else in the project folder (None: nowhere)."""
-    if metafile.startswith(">"):
-        bases = [csg.parent]
-    elif project_dir is not None:
-        bases = [Path(project_dir)]
-    else:
-        bases = list(dict.fromkeys([csg.parent, csg.parent.parent, *project_root(csg), Path.cwd()]))
+    bases = [csg.parent] if metafile.startswith(">") else search_folders(csg, project_dir)
     name = Path(metafile.removeprefix(">"))
     candidates = [name] if name.is_absolute() else [base / name for base in bases]
     return next((candidate for candidate in candidates if _is_file(candidate)), None)
