@@ -9,7 +9,7 @@ so (the same labels, angles and shifts as the default job), e.g. the
 duplicate-pick options on a set without duplicate picks.
 
     $ cryo2d simulate bundled -o SIM -n 1500 --box 48 --snr 0.1 --junk-fraction 0.1 --n-views 8 --seed 0
-    $ python benchmarks/options.py SIM --out JOBS [--classes 12] [--only NAME ...]
+    $ python benchmarks/options.py SIM --out JOBS [--classes 12] [--only no-sort 'tau2-fudge 4' ...]
 
 Prints a markdown table, one row per job, after one untimed default job (it
 warms the file cache and loads Numba's compiled kernels). Nothing else may
@@ -28,45 +28,45 @@ import starfile
 
 from cryo2d.evaluate import score_job
 
-# (row name, extra classify arguments); the first is the default job.
+# Extra classify arguments of each job (its row is named by them); the first is the default job.
 OPTIONS = [
-    ("default", []),
-    ("--max-res 30", ["--max-res", "30"]),
-    ("--average-res 30 --max-res 30", ["--average-res", "30", "--max-res", "30"]),
-    ("--max-align-res 30", ["--max-align-res", "30"]),
-    ("--min-align-res 60", ["--min-align-res", "60"]),
-    ("--start split", ["--start", "split"]),
-    ("--online-iterations 10", ["--online-iterations", "10"]),
-    ("--batch-per-class 50", ["--batch-per-class", "50"]),
-    ("--full-iterations 3", ["--full-iterations", "3"]),
-    ("--uncertainty-factor 1", ["--uncertainty-factor", "1"]),
-    ("--anneal-start 0 --anneal-iterations 5", ["--anneal-start", "0", "--anneal-iterations", "5"]),
-    ("--white-noise", ["--white-noise"]),
-    ("--force-max", ["--force-max"]),
-    ("--mask-diameter 250", ["--mask-diameter", "250"]),
-    ("--mask-diameter 250 --mask-diameter-outer 320", ["--mask-diameter", "250", "--mask-diameter-outer", "320"]),
-    ("--no-recenter", ["--no-recenter"]),
-    ("--recenter-threshold 0.5", ["--recenter-threshold", "0.5"]),
-    ("--zeropad 1", ["--zeropad", "1"]),
-    ("--estimate-scale", ["--estimate-scale"]),
-    ("--clamp-solvent", ["--clamp-solvent"]),
-    ("--non-negative", ["--non-negative"]),
-    ("--align-filaments", ["--align-filaments"]),
-    ("--no-ctf", ["--no-ctf"]),
-    ("--psi-step 5", ["--psi-step", "5"]),
-    ("--shift-range 3", ["--shift-range", "3"]),
-    ("--shift-step 2", ["--shift-step", "2"]),
-    ("--exhaustive", ["--exhaustive"]),
-    ("--no-auto-mask", ["--no-auto-mask"]),
-    ("--no-flatten-solvent", ["--no-flatten-solvent"]),
-    ("--no-hard-last", ["--no-hard-last"]),
-    ("--no-empty-class", ["--no-empty-class"]),
-    ("--keep-duplicates", ["--keep-duplicates"]),
-    ("--min-separation 300", ["--min-separation", "300"]),
-    ("--no-sort", ["--no-sort"]),
-    ("--tau2-fudge 4", ["--tau2-fudge", "4"]),
-    ("--threads 1", ["--threads", "1"]),
-    ("--workers 2", ["--workers", "2"]),
+    [],
+    ["--max-res", "30"],
+    ["--average-res", "30", "--max-res", "30"],
+    ["--max-align-res", "30"],
+    ["--min-align-res", "60"],
+    ["--start", "split"],
+    ["--online-iterations", "10"],
+    ["--batch-per-class", "50"],
+    ["--full-iterations", "3"],
+    ["--uncertainty-factor", "1"],
+    ["--anneal-start", "0", "--anneal-iterations", "5"],
+    ["--white-noise"],
+    ["--force-max"],
+    ["--mask-diameter", "250"],
+    ["--mask-diameter", "250", "--mask-diameter-outer", "320"],
+    ["--no-recenter"],
+    ["--recenter-threshold", "0.5"],
+    ["--zeropad", "1"],
+    ["--estimate-scale"],
+    ["--clamp-solvent"],
+    ["--non-negative"],
+    ["--align-filaments"],
+    ["--no-ctf"],
+    ["--psi-step", "5"],
+    ["--shift-range", "3"],
+    ["--shift-step", "2"],
+    ["--exhaustive"],
+    ["--no-auto-mask"],
+    ["--no-flatten-solvent"],
+    ["--no-hard-last"],
+    ["--no-empty-class"],
+    ["--keep-duplicates"],
+    ["--min-separation", "300"],
+    ["--no-sort"],
+    ["--tau2-fudge", "4"],
+    ["--threads", "1"],
+    ["--workers", "2"],
 ]
 
 
@@ -103,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sim", type=Path, help="a cryo2d simulate folder")
     parser.add_argument("--out", type=Path, required=True, help="folder for the jobs")
     parser.add_argument("--classes", type=int, default=12)
-    parser.add_argument("--only", nargs="*", help="row names to run (the default job always runs)")
+    parser.add_argument("--only", nargs="*", metavar="NAME",
+                        help="rows to run, without the leading dashes: no-sort 'tau2-fudge 4' (the default job always runs)")
     args = parser.parse_args(argv)
-    rows = [o for o in OPTIONS if o[0] == "default" or not args.only or o[0] in args.only]
+    rows = [(" ".join(extra) or "default", extra) for extra in OPTIONS]
+    rows = [(name, extra) for name, extra in rows
+            if name == "default" or not args.only or name.removeprefix("--") in args.only]
     run(args.sim, args.out / "warm-up", args.classes, "default", [])  # file caches, Numba's compiled kernels
     print("| option | wall s | junk F1 | purity | rare view kept | median NCC | note |")
     print("|---|---|---|---|---|---|---|")
