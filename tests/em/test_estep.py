@@ -48,7 +48,7 @@ def _weight_sums(res, n):
     return torch.zeros(n, dtype=res.entry_w.dtype).index_add_(0, res.entry_i, res.entry_w)
 
 
-@pytest.mark.parametrize("mode", ["soft", "hard", "hard_class"])
+@pytest.mark.parametrize("mode", ["soft", "max_pose", "hard", "hard_class"])
 def test_posteriors_sum_to_one(mode):
     args = _problem(noise=8.0)
     res = e_step(**args, mode=mode)
@@ -84,13 +84,45 @@ def test_hard_class_keeps_one_class_per_particle():
     assert torch.equal(res.best_k, res.class_post.argmax(dim=1))
 
 
+def test_max_pose_takes_each_probable_class_at_its_best_pose_by_hand():
+    """max_pose (force max over poses): one entry per class, at the class's most probable
+    (shift, rotation), weighted by the class's posterior summed over all its poses; classes under
+    min_weight x the best class's posterior are dropped and the rest renormalised."""
+    import numpy as np
+
+    from cryo2d.em.estep import _Grid, _summarise
+
+    T, K, R = 2, 3, 2  # flat pose index t·K·R + k·R + r
+    lp = np.full((2, T, K, R), -1e3)
+    lp[0, :, 0] = [[0.0, -1.0], [-2.0, -3.0]]  # class 0: best (t 0, r 0)
+    lp[0, :, 1] = [[-5.0, -0.5], [-4.0, -6.0]]  # class 1: best (t 0, r 1)
+    lp[0, :, 2] = -30.0  # class 2: far under min_weight
+    lp[1, :, 0] = [[-3.0, -2.5], [-1.0, -2.0]]  # class 0: best (t 1, r 0)
+    lp[1, :, 2] = [[-2.0, -2.0], [-1.5, 0.0]]  # class 2: best (t 1, r 1); class 1 negligible
+    table = _Grid(torch.zeros(2, T, K * R), torch.zeros(2, K * R), K, R)
+    res = _summarise(torch.from_numpy(lp.reshape(2, -1)).float(), table, "max_pose", 48, 5e-3)
+    mass = np.exp(lp).sum(axis=(1, 3))  # (particle, class)
+    post = mass / mass.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(res.class_post.numpy(), post, rtol=1e-5, atol=1e-7)
+    got = {(int(i), int(k)): (int(t), int(r), float(w))
+           for i, t, k, r, w in zip(res.entry_i, res.entry_t, res.entry_k, res.entry_r, res.entry_w)}
+    kept0, kept1 = post[0, 0] + post[0, 1], post[1, 0] + post[1, 2]
+    want = {(0, 0): (0, 0, post[0, 0] / kept0), (0, 1): (0, 1, post[0, 1] / kept0),
+            (1, 0): (1, 0, post[1, 0] / kept1), (1, 2): (1, 1, post[1, 2] / kept1)}
+    assert got.keys() == want.keys()
+    for key, (t, r, w) in want.items():
+        assert got[key][:2] == (t, r), key
+        assert got[key][2] == pytest.approx(w, rel=1e-5), key
+    assert res.best_k.tolist() == [0, 2] and res.best_t.tolist() == [0, 1] and res.best_r.tolist() == [0, 1]
+
+
 def test_huge_log_likelihoods_do_not_underflow():
     """Log-likelihoods of ~1e9: every particle still has finite weights summing to 1 (log-sum-exp)."""
     args = _problem(noise=1.0)
     args["X"] = args["X"] * 1e4
     args["inv_sigma2"] = args["inv_sigma2"] * 1e3
     n = args["X"].shape[0]
-    for mode in ("soft", "hard", "hard_class"):
+    for mode in ("soft", "max_pose", "hard", "hard_class"):
         res = e_step(**args, mode=mode, temperature=1.0)
         for t in (res.class_post, res.max_prob, res.entry_w, res.log_evidence):
             assert torch.isfinite(t).all(), mode
@@ -424,7 +456,7 @@ def test_coarse_to_fine_empty_box_class_matches_the_exhaustive_search():
 
 
 @pytest.mark.parametrize("search", ["exhaustive", "coarse_to_fine"])
-@pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.parametrize("mode", ["soft", "max_pose", "hard"])
 def test_rotation_table_scores_like_the_dense_references(search, mode, monkeypatch):
     """References sampled from a RotationTable (a few classes at a time) give the dense references' E-step.
 
@@ -522,7 +554,7 @@ def test_fused_fine_kernel_sums_by_hand():
 
 
 @pytest.mark.parametrize("refs_kind", ["dense", "table"])
-@pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.parametrize("mode", ["soft", "max_pose", "hard"])
 def test_fine_stage_kernel_and_torch_give_the_same_search(refs_kind, mode, monkeypatch):
     """The fused CPU kernel and the torch fine stage (GPU) keep the same poses with the same weights."""
     pytest.importorskip("numba")
@@ -594,7 +626,7 @@ def test_hard_pose_kernel_picks_torchs_best_pose(null_class):
         assert bool((plain.best_k == null_class).any()) and bool((plain.best_k != null_class).any())
 
 
-@pytest.mark.parametrize("mode", ["soft", "hard_class"])
+@pytest.mark.parametrize("mode", ["soft", "max_pose", "hard_class"])
 @pytest.mark.parametrize("null_class", [-1, 3])
 def test_pose_logp_kernel_gives_torchs_summary_bit_for_bit(mode, null_class):
     """kernels.pose_logp and kernels.class_sums (estep._kernel_summary) against estep._summarise_poses:
@@ -608,7 +640,7 @@ def test_pose_logp_kernel_gives_torchs_summary_bit_for_bit(mode, null_class):
     for name in ("class_post", "best_t", "best_k", "best_r", "max_prob", "best_cross", "best_norm", "entry_i",
                  "entry_t", "entry_k", "entry_r", "entry_w", "log_evidence"):
         assert torch.equal(getattr(fused, name), getattr(plain, name)), name
-    assert len(plain.entry_w) > 10 * 40  # many poses a particle
+    assert len(plain.entry_w) > (40 if mode == "max_pose" else 10 * 40)  # many poses (max_pose: classes) a particle
     assert float(plain.class_post.max(dim=1).values.min()) < 0.9  # classes share some particles
 
 

@@ -241,13 +241,48 @@ def _classes_per_particle(chunks):
     return out
 
 
-def test_force_max_on_gives_hard_assignments(noisy, helpers, monkeypatch):
+def test_force_max_on_takes_each_class_at_one_pose(noisy, helpers, monkeypatch):
+    """Force max over poses: a particle gives each probable class one pose, weighted by that class's
+    posterior (several classes early on), where marginalising gives a class several poses."""
     spy = _Spy(monkeypatch)
     spy.run(noisy, helpers.tiny_config(force_max=True))
+    # each iteration's pass (the class moves' growing passes search their seeds in "hard" mode)
+    assert all(ms[0] == "max_pose" and set(ms) <= {"max_pose", "hard"} for ms in spy.modes[:-2])
+    assert set(spy.modes[-2]) == {"hard_class"}  # the final full pass (hard_last)
+    for it in spy.entries[:-2]:
+        for i, k, _ in it:
+            assert len(torch.unique(i * 100 + k)) == len(i)  # one pose per (particle, class)
+    online = _classes_per_particle(spy.entries[0])
+    assert all(w == pytest.approx(1.0, abs=1e-4) for _, w in online)
+    assert any(n > 1 for n, _ in online)  # the first iteration's flat posteriors share particles
+    final = _classes_per_particle(spy.entries[-2])
+    assert len(final) == 300 and all(n == 1 and w == pytest.approx(1.0, abs=1e-4) for n, w in final)
+
+    soft = _Spy(monkeypatch)
+    soft.run(noisy, helpers.tiny_config(force_max=False))
+    online = [chunk for it in soft.entries[:-2] for chunk in it]
+    assert any(len(torch.unique(i * 100 + k)) < len(i) for i, k, _ in online)  # several poses of one class
+
+
+def test_force_max_with_many_particles_per_class_gives_hard_assignments(noisy, helpers, monkeypatch):
+    """From engine.MAX_POSE_BELOW particles per class on, each particle goes to its one best (class, pose)."""
+    from cryo2d.em.engine import MAX_POSE_BELOW
+
+    assert 2 * MAX_POSE_BELOW <= len(noisy) < 3 * MAX_POSE_BELOW  # K = 2 is past the bound, K = 3 (above) under it
+    spy = _Spy(monkeypatch)
+    spy.run(noisy, helpers.tiny_config(force_max=True, n_classes=2))
     assert {m for ms in spy.modes for m in ms} == {"hard"}
     for it in spy.entries[:-1]:
         for i, _, w in it:
             assert torch.equal(i, torch.arange(len(i))) and torch.equal(w, torch.ones_like(w))
+
+
+def test_force_max_without_hard_last_keeps_the_final_pass_at_one_pose_per_class(noisy, helpers, monkeypatch):
+    spy = _Spy(monkeypatch)
+    spy.run(noisy, helpers.tiny_config(force_max=True, hard_last=False))
+    assert set(spy.modes[-2]) == {"max_pose"}
+    final = _classes_per_particle(spy.entries[-2])
+    assert len(final) == 300 and any(n > 1 for n, _ in final)
 
 
 def test_force_max_off_gives_fractional_posteriors(noisy, helpers, monkeypatch):

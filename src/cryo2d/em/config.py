@@ -73,7 +73,11 @@ class EMConfig:
     anneal_start: int = 2
     anneal_iterations: int = 15
     white_noise: bool = False
-    #: Hard assignment to the best (class, pose); None = on unless K <= 20.
+    #: CryoSPARC's "force max over poses/shifts": the M-step takes a particle at one pose per
+    #: class instead of averaging over its probable poses: at each probable class's best
+    #: (rotation, shift), weighted by the class's posterior, in sets of fewer than
+    #: ``engine.MAX_POSE_BELOW`` particles per class, else at its best (class, pose) alone;
+    #: None = on unless K <= 20.
     force_max: bool | None = None
     #: Inner diameter of the soft circular mask, Å (None = the box: corners only).
     mask_diameter_angst: float | None = None
@@ -133,7 +137,7 @@ class EMConfig:
 
     @property
     def force_max_effective(self) -> bool:
-        """Whether assignments are hard (CryoSPARC: auto off at <= 20 classes)."""
+        """Whether the M-step takes each class's best pose alone (CryoSPARC: auto off at <= 20 classes)."""
         if self.force_max is None:
             return self.n_classes > 20
         return bool(self.force_max)

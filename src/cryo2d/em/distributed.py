@@ -197,7 +197,7 @@ class ShardTask:
     plan : dict
         The iteration's search plan (:func:`_plan_to_wire`).
     mode : str
-        "hard", "hard_class" or "soft" (see :meth:`Engine.iterate`).
+        "soft", "max_pose", "hard" or "hard_class" (see :meth:`Engine.iterate`).
     """
 
     run: RunSpec

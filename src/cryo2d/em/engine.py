@@ -285,7 +285,8 @@ def temperature_at(config: EMConfig, iteration: int) -> float:
     return f + (1.0 - f) * frac
 
 
-#: A hard pass's full search skips, in its fine stage, a candidate whose tempered coarse
+#: A force-max run's full search (hard, max_pose and hard_class passes: the M-step takes at most
+#: one pose per class) skips, in its fine stage, a candidate whose tempered coarse
 #: log-probability lies more than PRUNE_NATS + PRUNE_SIGNAL × (perfect-fit gain s²·N/2) below
 #: the particle's best (:func:`e_step_coarse_to_fine`'s ``prune``; RELION's adaptive
 #: oversampling keeps the coarse poses that hold 99.9 % of the mass, about 7 nats). Over every
@@ -300,9 +301,20 @@ def temperature_at(config: EMConfig, iteration: int) -> float:
 #: pruned: their particles often fit none of the classes. Nor are soft passes (K <= 20 by
 #: default): their posteriors spread over classes, little is skipped at low SNR, and the
 #: demo's run (48 px, K = 12) moved from junk F1 0.810 / purity 0.926 to 0.768 / 0.909 with
-#: the skip.
+#: the skip. In force-max runs at K = 24-50 (session 44: 48 px sets, 11 runs) the skip left every
+#: written label, angle and shift as without it.
 PRUNE_NATS = 30.0
 PRUNE_SIGNAL = 0.25
+
+#: Force max over poses (``force_max``) gives a particle to each probable class at that class's
+#: best pose, weighted by the class's posterior ("max_pose"), where the set has fewer particles
+#: than this per class; with more, to its one best (class, pose) alone ("hard"). One class per
+#: particle in every pass left many classes of a few dozen particles fitting their members'
+#: noise (48 px sets, K = 50, 30 a class: view purity 0.770 against 0.920 with max_pose, 6
+#: runs; 100 a class, 64 px: 0.137 against 0.159), while large classes stay sharper with it
+#: (views uniform over the sphere, 64 px, K = 50: 160 a class 0.179 against 0.168, 400 a
+#: class 0.213 against 0.157, 2 runs each; benchmarks/README.md, session 44).
+MAX_POSE_BELOW = 128
 
 
 def auto_psi_step(r_cur: float, geom: Geometry) -> float:
@@ -409,6 +421,11 @@ class Engine(ClassMoves):
     def _grid(self, A: Tensor) -> Tensor:
         """(K, m) values at the M-step half-plane points -> (K, B, B) centred Hermitian grids."""
         return hermitian_grid(A, self.mpts, self.geom.work_box)
+
+    def _prunes(self, mode: str) -> bool:
+        """Whether a pass in ``mode`` skips the fine stage's far candidates (PRUNE_NATS): the passes
+        of a force-max run, whose M-step takes one pose per class (soft runs keep every one)."""
+        return mode == "hard" or (self.config.force_max_effective and mode in ("max_pose", "hard_class"))
 
     def _chunk_size(self, plan: IterationPlan, grid: CoarseGrid | None = None) -> int:
         """Particles per E-step chunk: about :func:`chunk_budget` bytes of the E-step's intermediates."""
@@ -982,7 +999,7 @@ class Engine(ClassMoves):
                     res = e_step_coarse_to_fine(
                         *args, grid, temperature=plan.temperature, mode=mode, refs_power=power, coarse_refs=coarse,
                         null_class=null_class, fine_chunk=fine_chunk,
-                        prune=(PRUNE_NATS, PRUNE_SIGNAL) if search is None and mode == "hard" else None,
+                        prune=(PRUNE_NATS, PRUNE_SIGNAL) if search is None and self._prunes(mode) else None,
                     )
                 if search is not None:
                     mine = rival[start + c0 : start + c0 + len(cidx)]
@@ -1008,9 +1025,10 @@ class Engine(ClassMoves):
                 out["chi2"].append(chi2)
                 shell_resid.append(per_shell)
                 p = res.class_post
-                # hard and hard_class: the class of the written pose (hard_class: estep.choose_class's,
-                # which keeps an empty box only where the empty-box class holds half its posterior)
-                chosen = p.argmax(dim=1) if mode == "soft" else res.best_k
+                # soft and max_pose: the most probable class; hard and hard_class: the class of the written
+                # pose (hard_class: estep.choose_class's, which keeps an empty box only where the empty-box
+                # class holds half its posterior)
+                chosen = p.argmax(dim=1) if mode in ("soft", "max_pose") else res.best_k
                 out["k"].append(chosen)
                 out["psi"].append(plan.psi_rad[res.best_r])
                 out["shift"].append(plan.shifts_px[res.best_t])
@@ -1066,10 +1084,12 @@ class Engine(ClassMoves):
             idx = np.sort(self.rng.choice(n, size=size, replace=False))
         elif idx is None:
             idx = np.arange(n)
-        if cfg.force_max_effective:
+        if cfg.force_max_effective and n >= MAX_POSE_BELOW * self.K:
             mode = "hard"
         elif last and cfg.hard_last:
             mode = "hard_class"
+        elif cfg.force_max_effective:
+            mode = "max_pose"
         else:
             mode = "soft"
         (num, den, counts, nsum, ncnt), per = (pass_fn or self.pass_over)(idx, plan, mode, it)

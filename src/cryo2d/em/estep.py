@@ -126,6 +126,10 @@ class _Grid:
         t, kr = self.decode(idx)
         return self.cross.reshape(idx.shape[0], -1).gather(1, idx), self.norm.gather(1, kr)
 
+    def column_classes(self, b: int) -> Tensor:
+        cols = torch.arange(self.cross.shape[1] * self.K * self.R, device=self.norm.device)
+        return ((cols % (self.K * self.R)) // self.R).expand(b, -1)
+
 
 class _Poses:
     """Pose table of a local search: per particle, a list of (shift, class·R + rotation) poses."""
@@ -146,6 +150,9 @@ class _Poses:
 
     def cross_norm_at(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         return self.cross.gather(1, idx), self.norm.gather(1, idx)
+
+    def column_classes(self, b: int) -> Tensor:
+        return self.kr_idx // self.R
 
 
 class _Candidates:
@@ -173,6 +180,10 @@ class _Candidates:
         b, n_off = idx.shape[0], self.t_c.shape[2]
         return self.cross.reshape(b, -1).gather(1, idx), self.norm3.reshape(b, -1).gather(1, idx // n_off)
 
+    def column_classes(self, b: int) -> Tensor:
+        n_c, n_off = self.t_c.shape[1:]
+        return (self.kr_c[:, :, :1] // self.R).expand(b, n_c, 3 * n_off).reshape(b, -1)
+
 
 #: Log-weights (relative to the best) below this get weight 0: exp(-87) = 1.6e-38 is the
 #: smallest normal float32 scale (a 48 px chunk's exp: 21 ms -> 1.5 ms; benchmarks/README.md).
@@ -197,6 +208,17 @@ def choose_class(class_post: Tensor, null_class: int = -1) -> Tensor:
     others[:, null_class] = -1.0
     weak = (best == null_class) & (class_post[:, null_class] < NULL_MAJORITY)
     return torch.where(weak, others.argmax(dim=1), best)
+
+
+def _best_pose_per_class(post: Tensor, classes: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """Each class's most probable pose: (b, K) column of ``post`` (b, P) (the first of equals), and
+    whether the class has a pose of non-zero probability; ``classes`` (b, P) is each column's class."""
+    b, P = post.shape
+    top = torch.zeros((b, K), dtype=post.dtype, device=post.device).scatter_reduce(1, classes, post, "amax")
+    hit = (post == top.gather(1, classes)) & (post > 0)
+    cols = torch.where(hit, torch.arange(P, device=post.device).expand(b, P), P)
+    first = torch.full((b, K), P, dtype=cols.dtype, device=post.device).scatter_reduce(1, classes, cols, "amin")
+    return first.clamp(max=P - 1), first < P
 
 
 def _summarise(logp: Tensor, table, mode: str, max_entries: int, min_weight: float,
@@ -225,7 +247,20 @@ def _summarise(logp: Tensor, table, mode: str, max_entries: int, min_weight: flo
     best_t, best_kr = best_t[:, 0], best_kr[:, 0]
     best_cross, best_norm = (v[:, 0] for v in table.cross_norm_at(best[:, None]))
     entries = None  # hard: the best poses
-    if mode != "hard":
+    if mode == "max_pose":  # each probable class at its best pose, weighted by the class's posterior
+        K = class_post.shape[1]
+        col, has = _best_pose_per_class(post, table.column_classes(b), K)
+        w = torch.where(has, class_post, 0.0)
+        n_keep = min(max_entries, K)
+        w, k_idx = torch.topk(w, n_keep, dim=1)
+        col = col.gather(1, k_idx)
+        keep = (w >= min_weight * w[:, :1]) & (w > 0)
+        w = torch.where(keep, w, 0.0)
+        w = w / w.sum(dim=1, keepdim=True)
+        t_all, kr_all = table.decode(col)
+        e_i = torch.arange(b, device=logp.device)[:, None].expand(b, n_keep)[keep]
+        entries = (e_i, t_all[keep], kr_all[keep], w[keep])
+    elif mode != "hard":
         if inside is not None:
             post = torch.where(inside, post, 0.0)
             post = post / post.sum(dim=1, keepdim=True)
@@ -301,14 +336,18 @@ def e_step(
         Per-particle scale factors.
     temperature : float
         Noise-annealing factor (≥ 1): log-likelihoods are divided by it.
-    mode : {"soft", "hard", "hard_class"}
-        "soft": keep the significant poses over all classes; "hard": only the
-        best (shift, class, rotation); "hard_class": only poses within the
-        class :func:`choose_class` gives (renormalised).
+    mode : {"soft", "max_pose", "hard", "hard_class"}
+        "soft": keep the significant poses over all classes; "max_pose": each
+        significant class at its own best (shift, rotation), weighted by the
+        class's posterior (marginal over poses; CryoSPARC's force-max over
+        poses and shifts); "hard": only the best (shift, class, rotation);
+        "hard_class": only poses within the class :func:`choose_class` gives
+        (renormalised).
     max_entries : int
-        At most this many combinations per particle are kept (soft modes).
+        At most this many combinations (max_pose: classes) per particle are kept.
     min_weight : float
-        Combinations below ``min_weight × best`` are dropped (soft modes).
+        Combinations below ``min_weight × best`` are dropped (max_pose: classes
+        below ``min_weight`` × the best class's posterior).
     refs_power : (K, R, M) float tensor, optional
         ``|refs|²``; pass it when the same references serve many chunks
         (computed here otherwise). On a grid of half-turn pairs
