@@ -422,11 +422,6 @@ class Engine(ClassMoves):
         """(K, m) values at the M-step half-plane points -> (K, B, B) centred Hermitian grids."""
         return hermitian_grid(A, self.mpts, self.geom.work_box)
 
-    def _prunes(self, mode: str) -> bool:
-        """Whether a pass in ``mode`` skips the fine stage's far candidates (PRUNE_NATS): the passes
-        of a force-max run, whose M-step takes one pose per class (soft runs keep every one)."""
-        return mode == "hard" or (self.config.force_max_effective and mode in ("max_pose", "hard_class"))
-
     def _chunk_size(self, plan: IterationPlan, grid: CoarseGrid | None = None) -> int:
         """Particles per E-step chunk: about :func:`chunk_budget` bytes of the E-step's intermediates."""
         if self.config.chunk_size:
@@ -999,7 +994,7 @@ class Engine(ClassMoves):
                     res = e_step_coarse_to_fine(
                         *args, grid, temperature=plan.temperature, mode=mode, refs_power=power, coarse_refs=coarse,
                         null_class=null_class, fine_chunk=fine_chunk,
-                        prune=(PRUNE_NATS, PRUNE_SIGNAL) if search is None and self._prunes(mode) else None,
+                        prune=(PRUNE_NATS, PRUNE_SIGNAL) if search is None and cfg.force_max_effective else None,
                     )
                 if search is not None:
                     mine = rival[start + c0 : start + c0 + len(cidx)]

@@ -221,6 +221,22 @@ def _best_pose_per_class(post: Tensor, classes: Tensor, K: int) -> tuple[Tensor,
     return first.clamp(max=P - 1), first < P
 
 
+def _top_entries(weights: Tensor, table, max_entries: int, min_weight: float,
+                 poses: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """M-step entries (i, t, kr, w) from each particle's ``max_entries`` largest ``weights`` (b, n):
+    those at least ``min_weight`` × its largest, renormalised. Column j is pose j of ``table``, or
+    pose ``poses[:, j]`` when given (b, n)."""
+    b, n = weights.shape
+    n_keep = min(max_entries, n)
+    w, idx = torch.topk(weights, n_keep, dim=1)
+    keep = w >= min_weight * w[:, :1]
+    w = torch.where(keep, w, 0.0)
+    w = w / w.sum(dim=1, keepdim=True)
+    t_all, kr_all = table.decode(idx if poses is None else poses.gather(1, idx))
+    e_i = torch.arange(b, device=weights.device)[:, None].expand(b, n_keep)[keep]
+    return e_i, t_all[keep], kr_all[keep], w[keep]
+
+
 def _summarise(logp: Tensor, table, mode: str, max_entries: int, min_weight: float,
                null_class: int = -1) -> EStepResult:
     """Posteriors, best pose and significant entries from log-probabilities (b, P).
@@ -248,30 +264,13 @@ def _summarise(logp: Tensor, table, mode: str, max_entries: int, min_weight: flo
     best_cross, best_norm = (v[:, 0] for v in table.cross_norm_at(best[:, None]))
     entries = None  # hard: the best poses
     if mode == "max_pose":  # each probable class at its best pose, weighted by the class's posterior
-        K = class_post.shape[1]
-        col, has = _best_pose_per_class(post, table.column_classes(b), K)
-        w = torch.where(has, class_post, 0.0)
-        n_keep = min(max_entries, K)
-        w, k_idx = torch.topk(w, n_keep, dim=1)
-        col = col.gather(1, k_idx)
-        keep = (w >= min_weight * w[:, :1]) & (w > 0)
-        w = torch.where(keep, w, 0.0)
-        w = w / w.sum(dim=1, keepdim=True)
-        t_all, kr_all = table.decode(col)
-        e_i = torch.arange(b, device=logp.device)[:, None].expand(b, n_keep)[keep]
-        entries = (e_i, t_all[keep], kr_all[keep], w[keep])
+        col, has = _best_pose_per_class(post, table.column_classes(b), class_post.shape[1])
+        entries = _top_entries(torch.where(has, class_post, 0.0), table, max_entries, min_weight, col)
     elif mode != "hard":
         if inside is not None:
             post = torch.where(inside, post, 0.0)
             post = post / post.sum(dim=1, keepdim=True)
-        n_keep = min(max_entries, post.shape[1])
-        w, idx = torch.topk(post, n_keep, dim=1)
-        keep = w >= min_weight * w[:, :1]
-        w = torch.where(keep, w, 0.0)
-        w = w / w.sum(dim=1, keepdim=True)
-        t_all, kr_all = table.decode(idx)
-        e_i = torch.arange(b, device=logp.device)[:, None].expand(b, n_keep)[keep]
-        entries = (e_i, t_all[keep], kr_all[keep], w[keep])
+        entries = _top_entries(post, table, max_entries, min_weight)
     return _result(class_post, best_t, best_kr, R, max_prob, best_cross, best_norm, log_evidence, entries)
 
 
