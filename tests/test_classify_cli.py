@@ -283,6 +283,41 @@ def test_cs_and_star_give_the_same_classification(star_job, cs_job):
     np.testing.assert_allclose(out["alignments2D/shift"], origin_px, atol=1e-4)
 
 
+def test_a_log_file_gets_one_line_per_iteration_and_no_bar_redraws(sim3, tmp_path, capsys):
+    """stderr captured (not a terminal, like a cluster job's log): the iteration lines, no carriage returns."""
+    assert main(["classify", str(sim3.star), "-o", str(tmp_path / "job"), *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "2D classification" not in err, err
+    iterations = [line for line in err.splitlines() if line.startswith("iter ")]
+    assert [line.split()[1:3] for line in iterations] == [["1", "online"], ["2", "online"], ["3", "full"]], err
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_progress_bar_only_on_a_terminal(monkeypatch, terminal):
+    import io
+    import time
+
+    from cryo2d.cli.classify import progress_printer
+
+    class Stream(io.StringIO):
+        def isatty(self):
+            return terminal
+
+    stream = Stream()
+    monkeypatch.setattr("sys.stderr", stream)
+    record = {"phase": "online", "iteration": 1, "particles": 10, "resolution_angst": 30.0, "psi_step_deg": 6.0,
+              "n_shifts": 9, "temperature": 1.0, "class_changes": 0.5, "time_s": 0.1}
+    with progress_printer(2) as on_iteration:
+        time.sleep(1.05)  # the bar appears after a second
+        on_iteration(record)
+    out = stream.getvalue()
+    assert "iter   1 online n=     10 res= 30.00 Å" in out, out
+    if terminal:
+        assert "\r2D classification:  50%" in out, out
+    else:
+        assert "\r" not in out and "2D classification" not in out, out
+
+
 def test_impossible_resolution_is_one_line_without_a_progress_bar(sim3, tmp_path, capsys):
     code = main(["classify", str(sim3.star), "-o", str(tmp_path / "job"), "--classes", "3", "--max-res", "1000"])
     assert code == 1

@@ -213,11 +213,14 @@ def progress_printer(total: int):
 
     The bar shows after a second and is cleared when the block raises, so an
     input error found while the job starts is one line, not an empty bar and
-    the error.
+    the error. When stderr is not a terminal (a cluster job's log file,
+    ``2> run.log``) there is no bar: its carriage-return redraws would fill
+    the log between the iteration lines, which then are the progress.
     """
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc="2D classification", unit="it", file=sys.stderr, leave=True, delay=1.0)
+    bar = tqdm(total=total, desc="2D classification", unit="it", file=sys.stderr, leave=True, delay=1.0,
+               disable=not _is_terminal(sys.stderr))
 
     def on_iteration(r: dict) -> None:
         if r["phase"] == "average":
@@ -241,6 +244,14 @@ def progress_printer(total: int):
         raise
     finally:
         bar.close()
+
+
+def _is_terminal(stream) -> bool:
+    """Whether ``stream`` is an interactive terminal (False for files, pipes and captured streams)."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def empty_class_summary(counts: Sequence[float], empty_class: int) -> str | None:
