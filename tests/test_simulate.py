@@ -83,6 +83,60 @@ def test_projection_matches_central_slice(small_volume):
         assert corr > 0.99
 
 
+@pytest.mark.parametrize("box", [32, 33])
+def test_slice_projector_is_the_full_transforms_slice_inside_nyquist(bundled, box):
+    """The half transform (conjugate for negative x) gives the full 3D transform's trilinear slice.
+
+    Reference: the whole padded map transformed in float64 and sampled on the
+    same slice points. Inside the inscribed Nyquist circle they agree to float32
+    rounding; beyond it (the image's corners) the reference lacks the +Nyquist
+    plane that the half transform has.
+    """
+    import torch.nn.functional as nnf
+
+    vol, _ = _prepare_volume(*bundled, box, None)
+    rot, tilt = np.array([23.0, 110.0, -75.0, 0.0]), np.array([37.0, 81.0, 128.0, 90.0])
+    pad = 2 * box
+    full = torch.zeros((pad,) * 3, dtype=torch.float64)
+    o = pad // 2 - box // 2
+    full[o : o + box, o : o + box, o : o + box] = torch.from_numpy(vol).double()
+    sinc2 = torch.sinc((torch.arange(pad, dtype=torch.float64) - pad // 2) / pad) ** 2
+    full = full / (sinc2[:, None, None] * sinc2[None, :, None] * sinc2[None, None, :])
+    F = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(full)))
+    j = (torch.arange(box, dtype=torch.float64) - box // 2) * 2
+    yy, xx = torch.meshgrid(j, j, indexing="ij")
+    pts = torch.stack([xx, yy, torch.zeros_like(xx)], dim=-1).reshape(-1, 3)
+    src = torch.einsum("pi,mij->mpj", pts, torch.from_numpy(euler_to_matrix(rot, tilt))) + pad // 2
+    grid = (src * (2.0 / (pad - 1)) - 1.0).reshape(1, len(rot), box, box, 3)
+    sampled = nnf.grid_sample(torch.stack([F.real, F.imag])[None], grid, mode="bilinear", align_corners=True)[0]
+    expected = torch.complex(sampled[0], sampled[1])
+    got = fft2c(_SliceProjector(vol)(rot, tilt).double())
+    inside = radius_grid(box) < box // 2 - 1
+    err = (got - expected)[:, inside].abs().max() / expected.abs().max()
+    assert err < 1e-5, err
+
+
+def test_projections_in_slabs_sum_as_in_one(bundled, monkeypatch):
+    import cryo2d.simulate as sim
+
+    vol, _ = _prepare_volume(*bundled, BOX, None)
+    rot, tilt = np.array([23.0, 110.0, -75.0]), np.array([37.0, 81.0, 128.0])
+    whole = project(vol, rot, tilt)
+    monkeypatch.setattr(sim, "_GRID_POINTS", BOX * BOX * 5)  # one projection at a time, 5 z rows a slab
+    torch.testing.assert_close(project(vol, rot, tilt), whole, atol=1e-5 * float(whole.abs().max()), rtol=0)
+
+
+def test_images_do_not_depend_on_how_many_are_rendered_at_once(bundled, monkeypatch):
+    import cryo2d.simulate as sim
+
+    kwargs = dict(n_particles=40, box=BOX, junk_fraction=0.3, views="uniform", seed=5)
+    whole = simulate(*bundled, **kwargs)
+    monkeypatch.setattr(sim, "_CHUNK_PIXELS", BOX * BOX * 7)  # 7 images at a time
+    monkeypatch.setattr(sim, "_GRID_POINTS", BOX * BOX * 3)  # 3 slices a projector call
+    chunked = simulate(*bundled, **kwargs)
+    np.testing.assert_array_equal(chunked.images, whole.images)
+
+
 def test_ground_truth_consistent(bundled):
     sim = simulate(*bundled, n_particles=120, box=BOX, add_noise=False, seed=3, junk_fraction=0.0)
     t = sim.truth
