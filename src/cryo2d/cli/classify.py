@@ -220,7 +220,7 @@ def progress_printer(total: int):
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc="2D classification", unit="it", file=sys.stderr, leave=True, delay=1.0,
-               disable=not _is_terminal(sys.stderr))
+               disable=None)  # None: tqdm's own off switch when stderr is not a terminal
 
     def on_iteration(r: dict) -> None:
         if r["phase"] == "average":
@@ -244,14 +244,6 @@ def progress_printer(total: int):
         raise
     finally:
         bar.close()
-
-
-def _is_terminal(stream) -> bool:
-    """Whether ``stream`` is an interactive terminal (False for files, pipes and captured streams)."""
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # no isatty, or closed
-        return False
 
 
 def empty_class_summary(counts: Sequence[float], empty_class: int) -> str | None:
