@@ -292,6 +292,24 @@ def test_a_log_file_gets_one_line_per_iteration_and_no_bar_redraws(sim3, tmp_pat
     assert [line.split()[1:3] for line in iterations] == [["1", "online"], ["2", "online"], ["3", "full"]], err
 
 
+def test_a_checkpoint_and_resume_that_disagree_are_named(sim3, tmp_path, capsys):
+    """--resume without a checkpoint, or a checkpoint without --resume: one note, the run starts from iteration 1."""
+    job = tmp_path / "job"
+    assert main(["classify", str(sim3.star), "-o", str(job), *FAST, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"{sim3.star}: no checkpoint in {job}; --resume starts from the first iteration" in err, err
+    first = (job / "iterations.jsonl").read_text()
+    assert main(["classify", str(sim3.star), "-o", str(job), *FAST]) == 0
+    err = capsys.readouterr().err
+    assert f"{job} holds an earlier run's checkpoint; starting over (--resume continues it)" in err, err
+    assert "iter   1 online" in err
+    assert [json.loads(line)["class_changes"] for line in (job / "iterations.jsonl").read_text().splitlines()] == \
+        [json.loads(line)["class_changes"] for line in first.splitlines()]  # a run from the start, as the first
+    assert main(["classify", str(sim3.star), "-o", str(job), *FAST, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "earlier run's checkpoint" not in err and "no checkpoint in" not in err, err  # they agree: no note
+
+
 @pytest.mark.parametrize("terminal", [True, False])
 def test_the_progress_bar_only_on_a_terminal(monkeypatch, terminal):
     import io

@@ -75,6 +75,20 @@ def origins_note(prior_shift_px: np.ndarray) -> str:
             f"{distance.max():.2g} px from the box centre; --no-input-shifts starts from the centre)")
 
 
+def checkpoint_note(checkpoint: Path, resume: bool) -> str | None:
+    """The line that says a run starts from the beginning although ``--resume`` or a checkpoint suggests otherwise.
+
+    None when the two agree: ``resume`` with a checkpoint (the run continues
+    it) or neither (a new job).
+    """
+    exists = Path(checkpoint).exists()
+    if resume and not exists:
+        return f"no checkpoint in {Path(checkpoint).parent}; --resume starts from the first iteration"
+    if exists and not resume:
+        return f"{Path(checkpoint).parent} holds an earlier run's checkpoint; starting over (--resume continues it)"
+    return None
+
+
 def subset_particles(particles: ParticleSet, rows: np.ndarray) -> ParticleSet:
     """The particles at ``rows`` (table rows renumbered; extra format data kept)."""
     extra = dict(particles.extra)
@@ -163,6 +177,8 @@ def classify(
     if config.input_shifts and particles.prior_shift_px is not None and on_note is not None:
         on_note(origins_note(particles.prior_shift_px))
     out = make_output_folder(out_dir)
+    if on_note is not None and (note := checkpoint_note(out / "checkpoint.pt", resume)) is not None:
+        on_note(note)
     log_path = out / "iterations.jsonl"
     lines: list[str] = []  # a resumed run replays the checkpoint's records first
 
