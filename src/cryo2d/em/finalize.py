@@ -15,6 +15,7 @@ def sort_order(counts: np.ndarray) -> np.ndarray:
 
 _AXIS_BOX = 64  # px: larger classes are resized to this for the axis search (the axis is a low-resolution feature)
 _AXIS_STEP_DEG = 1.0
+_AXIS_CHUNK = 32  # classes at a time: 32 of 512 px take 67 MB in complex64 while resized
 
 
 def vertical_rotation_deg(classes: np.ndarray) -> np.ndarray:
@@ -29,7 +30,7 @@ def vertical_rotation_deg(classes: np.ndarray) -> np.ndarray:
     the class's transform at minus the angle, so it is read from one
     (2x zero-padded) power spectrum per class at 1° steps over [0°, 180°),
     and refined by a parabola through the best angle and its two neighbours.
-    Classes over 64 px are resized to 64 px first.
+    Classes over 64 px are resized to 64 px first, 32 at a time.
 
     The second moments of the bright pixels (above 20 % of the maximum),
     used before, follow the brightest edges instead of the axis: on the
@@ -45,9 +46,16 @@ def vertical_rotation_deg(classes: np.ndarray) -> np.ndarray:
     -------
     (K,) float64 in [0, 180): 0 for a class that is flat within the disc.
     """
-    x = torch.as_tensor(np.asarray(classes, dtype=np.float32)).double()
+    classes = np.asarray(classes, dtype=np.float32)
+    return np.concatenate([_vertical_rotation_deg(torch.from_numpy(classes[i : i + _AXIS_CHUNK]))
+                           for i in range(0, len(classes), _AXIS_CHUNK)] or [np.zeros(0)])
+
+
+def _vertical_rotation_deg(x: torch.Tensor) -> np.ndarray:
+    """:func:`vertical_rotation_deg` of (k, box, box) float32 classes."""
     if x.shape[-1] > _AXIS_BOX:
         x = resize_images(x, _AXIS_BOX)
+    x = x.double()
     b = x.shape[-1]
     disc = ((0.45 * b - radius_grid(b, dtype=torch.float64)) / 2).clamp(0.0, 1.0)
     x = (x - (x * disc).sum(dim=(-2, -1), keepdim=True) / disc.sum()) * disc
@@ -59,7 +67,7 @@ def vertical_rotation_deg(classes: np.ndarray) -> np.ndarray:
     grid = torch.stack([radius * torch.cos(theta), radius * torch.sin(theta)], dim=-1)  # (angles, radii, (x, y))
     grid = (grid + pad // 2) * (2.0 / (pad - 1)) - 1.0
     line = nnf.grid_sample(power[:, None], grid.expand(len(x), -1, -1, -1), mode="bilinear", align_corners=True)
-    var = line[:, 0].sum(dim=-1)  # (K, angles)
+    var = line[:, 0].sum(dim=-1)  # (k, angles)
     n = len(angles)
     best = var.argmax(dim=1)
     lo, mid, hi = (var.gather(1, ((best + d) % n)[:, None])[:, 0] for d in (-1, 0, 1))
