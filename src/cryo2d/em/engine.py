@@ -887,12 +887,10 @@ class Engine(ClassMoves):
         phases_m = deshift_phases(mp.xy / g.work_box, plan.shifts_px)
         grid = None
         # The coarse stage needs enough resolution to rank poses (≥ 12 Fourier
-        # px): below 15 px it searches the coarse poses at the full radius
-        # (64 px, K = 20: 136 -> 54 s a job). From 15 px up it stays at 12 px
-        # (until session 46, from 20 px up): 20 runs on 14 sets, 4-26 % faster
-        # (48 px `small` sets 13 %), scores level (benchmarks/README.md, session 46).
+        # px): below twice that it searches the coarse poses at the full
+        # radius (64 px, K = 20: 136 -> 54 s a job; benchmarks/README.md).
         r_coarse = max(g.r_min_align + 2.0, 12.0, 0.5 * plan.r_cur)
-        if r_coarse > 0.8 * plan.r_cur:
+        if r_coarse > 0.6 * plan.r_cur:
             r_coarse = plan.r_cur
         if cfg.coarse_to_fine and R >= 4 and len(plan.shifts_px) >= 9:
             grid = coarse_subgrid(plan.shifts_px, plan.shift_step, R, plan.points.xy.norm(dim=1), r_coarse)
