@@ -177,7 +177,8 @@ def classify(
     if config.input_shifts and particles.prior_shift_px is not None and on_note is not None:
         on_note(origins_note(particles.prior_shift_px))
     out = make_output_folder(out_dir)
-    if on_note is not None and (note := checkpoint_note(out / "checkpoint.pt", resume)) is not None:
+    checkpoint = out / "checkpoint.pt"
+    if on_note is not None and (note := checkpoint_note(checkpoint, resume)) is not None:
         on_note(note)
     log_path = out / "iterations.jsonl"
     lines: list[str] = []  # a resumed run replays the checkpoint's records first
@@ -196,7 +197,7 @@ def classify(
             source = source_of(particles, project_dir, rows)
             client = stack.enter_context(dask_client(workers=workers, scheduler=scheduler))
             make_pass = partial(DaskPass, client, source)
-        result = run_em(particles, config, device=device, on_iteration=_log, checkpoint=out / "checkpoint.pt",
+        result = run_em(particles, config, device=device, on_iteration=_log, checkpoint=checkpoint,
                         resume=resume, make_pass=make_pass)
     final = finalize(result, particles, config)
     write_job(final, particles, out, result.geometry.pixel_size_angst)

@@ -5,7 +5,8 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 
-from cryo2d.fourier import fft2c, radius_grid, resize_images, rotate_images
+from cryo2d.em.geometry import soft_mask
+from cryo2d.fourier import fft2c, resize_images, rotate_images
 
 
 def sort_order(counts: np.ndarray) -> np.ndarray:
@@ -57,7 +58,7 @@ def _vertical_rotation_deg(x: torch.Tensor) -> np.ndarray:
         x = resize_images(x, _AXIS_BOX)
     x = x.double()
     b = x.shape[-1]
-    disc = ((0.45 * b - radius_grid(b, dtype=torch.float64)) / 2).clamp(0.0, 1.0)
+    disc = soft_mask(b, 0.45 * b - 2.0, 0.45 * b).double()
     x = (x - (x * disc).sum(dim=(-2, -1), keepdim=True) / disc.sum()) * disc
     pad, before = 2 * b, b - b // 2  # the centre pixel b//2 goes to pad//2
     power = fft2c(nnf.pad(x, (before, pad - b - before, before, pad - b - before))).abs() ** 2
