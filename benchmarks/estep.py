@@ -6,8 +6,11 @@ the E-step's cross-term GEMM ((b·T × 2M) @ (2M × K·R)), measured in the same
 run: the matmul rate is this machine's limit for the formulation. The
 coarse-to-fine E-step gets its references' power and coarse references made
 beforehand, as the engine makes them once per pass: "c2f" with a float32
-coarse stage, "c2f bf16" with the bfloat16 one the engine uses where the
-hardware multiplies bfloat16 natively (n/a elsewhere). The heap is tuned as
+coarse stage (two real products on half-turn pairs of rotations where the
+engine makes them so, ``paired_coarse_ok``; "c2f f32 unpaired" is the one
+complex-as-real product of before, n/a where pairs do not apply), "c2f bf16"
+with the bfloat16 one the engine uses where the hardware multiplies bfloat16
+natively (n/a elsewhere). The heap is tuned as
 the engine tunes it (``tune_allocator``), for both sides.
 
     python benchmarks/estep.py [--threads 2] [--repeat 3]
@@ -31,6 +34,7 @@ from cryo2d.em.estep import (
     e_step,
     e_step_coarse_to_fine,
     fine_chunk_for,
+    paired_coarse_ok,
 )
 from cryo2d.em.geometry import disc_points
 from cryo2d.em.rotation import psi_grid, rotate_classes
@@ -92,7 +96,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{args.threads} threads"
     print(f"torch {torch.__version__}, {name}")
     header = ("box", "K", "R", "T", "2M", "b", "exh poses/s", "exh GFLOP/s", "matmul GFLOP/s", "exh/matmul",
-              "c2f poses/s", "c2f speed-up", "c2f bf16 poses/s", "c2f bf16 speed-up")
+              "c2f poses/s", "c2f speed-up", "c2f f32 unpaired poses/s", "c2f bf16 poses/s", "c2f bf16 speed-up")
     bf16 = bf16_matmul_is_fast(dev)
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -107,19 +111,22 @@ def main() -> None:
         t_exh = _best_time(lambda: e_step(X, ctf, inv, refs, phases, prior, scale), args.repeat, dev)
         power = refs.abs().square()
         c2f = {}
-        for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
-            coarse = coarse_references(refs, grid, power, dtype)
-            c2f[dtype] = _best_time(lambda: e_step_coarse_to_fine(
+        paired = paired_coarse_ok(psi_grid(psi_step, device=dev), grid, torch.float32)
+        variants = [("f32", torch.float32, paired)] + [("f32 unpaired", torch.float32, False)] * paired
+        for key, dtype, pairs in variants + [("bf16", torch.bfloat16, False)] * bf16:
+            coarse = coarse_references(refs, grid, power, dtype, pairs=pairs)
+            c2f[key] = _best_time(lambda: e_step_coarse_to_fine(
                 X, ctf, inv, refs, phases, prior, scale, grid, refs_power=power, coarse_refs=coarse,
                 fine_chunk=fine_chunk_for(dev)), args.repeat, dev)
-        t_c2f = c2f[torch.float32]
+        t_c2f = c2f["f32"]
         A = torch.randn(b * T, 2 * M, device=dev)
         B = torch.randn(2 * M, K * R, device=dev)
         t_mm = _best_time(lambda: A @ B, args.repeat, dev)
         mm_rate = 2.0 * b * T * 2 * M * K * R / t_mm / 1e9
         row = (box, K, R, T, 2 * M, b, f"{poses / t_exh:.3g}", f"{flops / t_exh / 1e9:.1f}", f"{mm_rate:.1f}",
-               f"{(flops / t_exh / 1e9) / mm_rate:.2f}", f"{poses / t_c2f:.3g}", f"{t_exh / t_c2f:.1f}x")
-        t16 = c2f.get(torch.bfloat16)
+               f"{(flops / t_exh / 1e9) / mm_rate:.2f}", f"{poses / t_c2f:.3g}", f"{t_exh / t_c2f:.1f}x",
+               f"{poses / c2f['f32 unpaired']:.3g}" if paired else "n/a")
+        t16 = c2f.get("bf16")
         row += (f"{poses / t16:.3g}", f"{t_exh / t16:.1f}x") if t16 else ("n/a", "n/a")
         print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -258,6 +258,57 @@ def test_coarse_to_fine_finds_the_exhaustive_best_pose(psi_deg):
             torch.testing.assert_close(out.class_post, full.class_post)
 
 
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_coarse_stage_on_half_turn_pairs_scores_like_the_full_product(mode):
+    """Float32 coarse references in half-turn pairs (real and imaginary parts of half the
+    rotations, two real products) give the full product's coarse scores: the same best poses,
+    posteriors and M-step entries, the same coarse maxima and their shifts (kernel and torch)."""
+    from cryo2d.em import kernels
+    from cryo2d.em.estep import coarse_references, coarse_subgrid, e_step_coarse_to_fine, paired_coarse_ok
+
+    g, pts, psi, shifts, refs, phases = _search_problem(4, seed=7)  # 36 rotations: 18 coarse, in 9 pairs
+    n = 16
+    X = refs[torch.arange(n) % 4, (torch.arange(n) * 5) % len(psi)] / phases[(torch.arange(n) * 3) % len(shifts)]
+    sd = 0.3 * float(X.abs().mean())
+    X = X + sd * torch.complex(torch.randn(n, len(pts), generator=g), torch.randn(n, len(pts), generator=g))
+    args = (X, torch.ones(n, len(pts)), pts.weight / (2 * sd**2), refs, phases, torch.full((4,), -math.log(4)), torch.ones(n))
+    grid = coarse_subgrid(shifts, 1.0, len(psi), pts.xy.norm(dim=1), 8.0)
+    power = refs.abs().square()
+    assert paired_coarse_ok(psi, grid, torch.float32) == kernels.available("cpu")
+    assert not paired_coarse_ok(psi, grid, torch.bfloat16)
+    assert not paired_coarse_ok(psi_grid(8.0), coarse_subgrid(shifts, 1.0, 45, pts.xy.norm(dim=1), 8.0), torch.float32)
+    # 90 rotations: coarse rotations 0, 2, …, 88, whose half turns (45, 47, …) are not among them
+    assert not paired_coarse_ok(psi_grid(4.0), coarse_subgrid(shifts, 1.0, 90, pts.xy.norm(dim=1), 8.0), torch.float32)
+    with pytest.raises(ValueError, match="half-turn pairs"):
+        coarse_references(refs, grid, power, torch.bfloat16, pairs=True)
+    Zp, power_p = coarse_references(refs, grid, power, pairs=True)
+    Zc, power_c = coarse_references(refs, grid, power)
+    Rc, Mc = len(grid.coarse_r), len(grid.coarse_m)
+    assert Zp.shape == (2, 4 * Rc // 2, Mc) and torch.equal(power_p, power_c)
+    full = e_step_coarse_to_fine(*args, grid, mode=mode, refs_power=power, coarse_refs=(Zc, power_c))
+    paired = e_step_coarse_to_fine(*args, grid, mode=mode, refs_power=power, coarse_refs=(Zp, power_p))
+    for name in ("best_k", "best_r", "best_t", "entry_i", "entry_t", "entry_k", "entry_r"):
+        assert torch.equal(getattr(paired, name), getattr(full, name)), name
+    for name in ("best_cross", "class_post", "entry_w", "log_evidence"):
+        torch.testing.assert_close(getattr(paired, name), getattr(full, name), msg=name)
+    # The maxima: the kernel against torch on the full product's scores of these particles.
+    Pc = (X * args[2])[:, grid.coarse_m]
+    Ec = phases[grid.coarse_t][:, grid.coarse_m]
+    Y = torch.view_as_real(Pc.unsqueeze(1) * Ec.unsqueeze(0))  # (n, Tc, Mc, 2)
+    scores = (Y.reshape(-1, 2 * Mc) @ Zc.T).view(n, len(grid.coarse_t), -1)
+    re = (Y[..., 0] @ Zp[0].T).view(n, len(grid.coarse_t), 4, Rc // 2)
+    im = (Y[..., 1] @ Zp[1].T).view(n, len(grid.coarse_t), 4, Rc // 2)
+    if kernels.available("cpu"):
+        best, at = kernels.coarse_max_pairs(re, im)
+        top = float(scores.abs().max())  # float32 sums in another order: equal to their rounding
+        torch.testing.assert_close(best, scores.amax(dim=1), rtol=0, atol=1e-5 * top)
+        close = (scores.gather(1, at.unsqueeze(1)).squeeze(1) - scores.amax(dim=1)).abs() <= 1e-5 * top
+        assert bool(close.all())  # each column's chosen row is a best row
+        # the kernel gives torch's sums exactly: re ± im, rotation r then r + Rc/2 within each class
+        both = torch.cat([re + im, re - im], dim=3).view(n, len(grid.coarse_t), -1)
+        assert torch.equal(best, both.amax(dim=1)) and torch.equal(at, both.argmax(dim=1))
+
+
 def test_coarse_to_fine_scores_each_candidate_pose_once():
     """Soft, noisy, one class (its best pose is also the top candidate): every kept pose is
     distinct, and the weight ratio of any two equals exp of their log-likelihood difference
@@ -455,10 +506,11 @@ def test_coarse_to_fine_empty_box_class_matches_the_exhaustive_search():
     torch.testing.assert_close(c2f.class_post[:, 3], exh.class_post[:, 3], atol=0.05, rtol=0)
 
 
-@pytest.mark.parametrize("search", ["exhaustive", "coarse_to_fine"])
+@pytest.mark.parametrize("search", ["exhaustive", "coarse_to_fine", "coarse_pairs"])
 @pytest.mark.parametrize("mode", ["soft", "max_pose", "hard"])
 def test_rotation_table_scores_like_the_dense_references(search, mode, monkeypatch):
-    """References sampled from a RotationTable (a few classes at a time) give the dense references' E-step.
+    """References sampled from a RotationTable (a few classes at a time) give the dense references' E-step
+    (``coarse_pairs``: the coarse references in half-turn pairs, from either).
 
     The table's rows are the dense rows, but the norms (and, exhaustive, the
     correlations) are summed group by group: same best poses and M-step
@@ -489,8 +541,9 @@ def test_rotation_table_scores_like_the_dense_references(search, mode, monkeypat
     if search == "exhaustive":
         dense, lazy = run(refs), run(table)
     else:
-        dense = run(refs, coarse_refs=coarse_references(refs, grid, refs.abs().square()))
-        lazy = run(table, coarse_refs=coarse_references(table, grid, None))
+        pairs = search == "coarse_pairs"
+        dense = run(refs, coarse_refs=coarse_references(refs, grid, refs.abs().square(), pairs=pairs))
+        lazy = run(table, coarse_refs=coarse_references(table, grid, None, pairs=pairs))
     for name in ("best_k", "best_r", "best_t", "entry_i", "entry_t", "entry_k", "entry_r"):
         assert torch.equal(getattr(lazy, name), getattr(dense, name)), name
     for name in ("best_cross", "best_norm", "class_post", "entry_w", "log_evidence", "max_prob"):

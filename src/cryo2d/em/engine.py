@@ -34,6 +34,7 @@ from cryo2d.em.estep import (
     e_step,
     e_step_coarse_to_fine,
     fine_chunk_for,
+    paired_coarse_ok,
 )
 from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, make_geometry, soft_mask
 from cryo2d.em.moves import _INIT_READ, _REFINE_CHUNK, ClassMoves
@@ -967,7 +968,8 @@ class Engine(ClassMoves):
             power = None
         inv_sig = plan.points.weight / s.sigma2_shell[plan.points.shell]
         phases, sub, mp, phases_m, grid, e_img, m_img = self._plan_setup(plan)
-        coarse = coarse_references(refs, grid, power, self.coarse_dtype) if grid is not None else None
+        coarse = None if grid is None else coarse_references(
+            refs, grid, power, self.coarse_dtype, pairs=paired_coarse_ok(plan.psi_rad, grid, self.coarse_dtype))
         if noise:
             G_full = oversample(self._grid(s.A), cfg.zeropad)
             G_cplx = torch.view_as_complex(G_full.permute(0, 2, 3, 1))  # (K, p, p//2 + 1), no copy

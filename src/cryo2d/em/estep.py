@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from cryo2d.em import kernels
-from cryo2d.em.rotation import TABLE_GROUP_VALUES, RotationTable
+from cryo2d.em.rotation import TABLE_GROUP_VALUES, RotationTable, half_turn_pairs
 
 
 #: The empty-box class's least posterior for a particle to be labelled an empty box (:func:`choose_class`).
@@ -509,6 +509,7 @@ def coarse_references(
     grid: CoarseGrid,
     refs_power: Tensor | None,
     dtype: torch.dtype = torch.float32,
+    pairs: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The coarse stage's references, made once for all chunks of a pass.
 
@@ -522,30 +523,72 @@ def coarse_references(
     dtype : torch dtype
         Of the coarse correlation product (float32, or bfloat16 where
         :func:`bf16_matmul_is_fast`): the coarse stage only ranks poses.
+    pairs : bool
+        The references of half-turn pairs of coarse rotations (:func:`paired_coarse_ok`)
+        split into real and imaginary parts, the first half of the rotations only:
+        the coarse product is then two real products of half its width
+        (float32 only).
 
     Returns
     -------
-    Zc : (K·Rc, 2·Mc) tensor of ``dtype``
-        Real view of the references at the coarse rotations and frequencies.
+    Zc : (K·Rc, 2·Mc) tensor of ``dtype``, or (2, K·Rc/2, Mc) float32 with ``pairs``
+        Real view of the references at the coarse rotations and frequencies;
+        with ``pairs``, the real and the imaginary parts of rotations 0 … Rc/2 − 1
+        (rotation r + Rc/2 is the conjugate of rotation r).
     power_c : (K·Rc, Mc) float tensor
         Their power.
     """
     coarse_r, cm = grid.coarse_r, grid.coarse_m
     K, R, M = refs.shape
     Rc, Mc = len(coarse_r), len(cm)
+    if pairs and (dtype != torch.float32 or not _coarse_pairs(coarse_r, R)):
+        raise ValueError(f"coarse references in pairs need float32 and half-turn pairs of coarse rotations, "
+                         f"not {dtype} and {Rc} of {R}")
     if isinstance(refs, Tensor):
-        Zc = torch.view_as_real(refs[:, coarse_r][:, :, cm].contiguous()).reshape(K * Rc, 2 * Mc).to(dtype)
-        return Zc, refs_power[:, coarse_r % refs_power.shape[1]][:, :, cm].reshape(K * Rc, Mc)
-    Zc = torch.empty((K * Rc, 2 * Mc), dtype=dtype, device=cm.device)
+        Z = refs[:, coarse_r][:, :, cm]
+        power_c = refs_power[:, coarse_r % refs_power.shape[1]][:, :, cm].reshape(K * Rc, Mc)
+        if pairs:
+            Zh = Z[:, : Rc // 2].reshape(K * Rc // 2, Mc)
+            return torch.stack([Zh.real, Zh.imag]).contiguous(), power_c
+        return torch.view_as_real(Z.contiguous()).reshape(K * Rc, 2 * Mc).to(dtype), power_c
+    Zc = torch.empty((2, K * Rc // 2, Mc) if pairs else (K * Rc, 2 * Mc), dtype=dtype, device=cm.device)
     power_c = torch.empty((K * Rc, Mc), device=cm.device)
     per = max(1, TABLE_GROUP_VALUES // (Rc * M))
     for k0 in range(0, K, per):
         k = torch.arange(k0, min(K, k0 + per), device=cm.device)
         Z = refs.rows((k[:, None] * R + coarse_r[None, :]).reshape(-1))[:, cm]
-        rows = slice(k0 * Rc, k0 * Rc + len(Z))
-        Zc[rows] = torch.view_as_real(Z).reshape(len(Z), 2 * Mc).to(dtype)
-        power_c[rows] = Z.abs().square()
+        power_c[k0 * Rc : k0 * Rc + len(Z)] = Z.abs().square()
+        if pairs:  # each class's first Rc/2 rows
+            h = Rc // 2
+            Zh = Z.view(len(k), Rc, Mc)[:, :h].reshape(len(k) * h, Mc)
+            Zc[0, k0 * h : k0 * h + len(Zh)] = Zh.real
+            Zc[1, k0 * h : k0 * h + len(Zh)] = Zh.imag
+        else:
+            Zc[k0 * Rc : k0 * Rc + len(Z)] = torch.view_as_real(Z).reshape(len(Z), 2 * Mc).to(dtype)
     return Zc, power_c
+
+
+def _coarse_pairs(coarse_r: Tensor, n_rot: int) -> bool:
+    """Whether coarse rotation r + Rc/2 is fine rotation coarse_r[r] + R/2 for every r < Rc/2."""
+    Rc = len(coarse_r)
+    if Rc % 2 or n_rot % 2:
+        return False
+    return bool(torch.equal(coarse_r[Rc // 2 :], coarse_r[: Rc // 2] + n_rot // 2))
+
+
+def paired_coarse_ok(psi_rad: Tensor, grid: CoarseGrid | None, dtype: torch.dtype) -> bool:
+    """Whether a pass's coarse product is best made on half-turn pairs (``coarse_references(pairs=True)``).
+
+    On half-turn pairs (:func:`cryo2d.em.rotation.half_turn_pairs`) the correlation of a
+    particle with the conjugate row is Σ Re·Re − Im·Im where the row's own is
+    Σ Re·Re + Im·Im, so two real products of half the width give both: half the
+    multiply-adds. That pays where the product is bound by arithmetic, in float32 on a CPU
+    (AVX2 hosts; 97 -> 52 ms a chunk, benchmarks/README.md, session 47); the bfloat16
+    product of AMX hosts is bound by its output's memory and is not split (session 30).
+    Needs an even number of coarse rotations (R a multiple of 4).
+    """
+    return (grid is not None and dtype == torch.float32 and kernels.available(grid.coarse_r.device)
+            and half_turn_pairs(psi_rad) and _coarse_pairs(grid.coarse_r, len(psi_rad)))
 
 
 def e_step_coarse_to_fine(
@@ -613,9 +656,12 @@ def e_step_coarse_to_fine(
     if refs_power is None and dense:
         refs_power = refs.abs().square()
     Zc, power_c = coarse_references(refs, grid, refs_power) if coarse_refs is None else coarse_refs
+    paired = Zc.dim() == 3  # half-turn pairs: real and imaginary parts of the first Rc/2 rotations
     # Stage 1: coarse exhaustive search.
     Pc, Ec = P[:, cm], phases[coarse_t][:, cm]
-    if Zc.dtype == torch.bfloat16 and kernels.available(X.device):  # made and rounded in one pass, torch's bits
+    if paired:  # each row's real parts, then its imaginary parts
+        Yc = torch.view_as_real(Pc.unsqueeze(1) * Ec.unsqueeze(0)).transpose(2, 3).reshape(b * Tc, 2 * Mc)
+    elif Zc.dtype == torch.bfloat16 and kernels.available(X.device):  # made and rounded in one pass, torch's bits
         Yc = kernels.coarse_images(Pc, Ec)
     else:
         Yc = torch.view_as_real(Pc.unsqueeze(1) * Ec.unsqueeze(0)).reshape(b * Tc, 2 * Mc).to(Zc.dtype)
@@ -629,11 +675,20 @@ def e_step_coarse_to_fine(
     # shift of each (class, rotation) is that of the largest correlation.
     # (torch: the maximum alone, then the best shift of the candidates only, as max with indices
     # over all (class, rotation) columns took 6x longer than amax; kernels.coarse_max finds both at once.)
-    coarse_scores = (Yc @ Zc.T).view(b, Tc, K * Rc)
-    if coarse_scores.dtype == torch.bfloat16 and kernels.available(X.device):  # with each column's best row
-        best_c, best_t = kernels.coarse_max(coarse_scores)
+    if paired:  # rotation r: Σ Re·Re + Im·Im; its half turn r + Rc/2 (the conjugate row): Σ Re·Re − Im·Im
+        re, im = Yc[:, :Mc] @ Zc[0].T, Yc[:, Mc:] @ Zc[1].T  # (b·Tc, K·Rc/2) each
+        if kernels.available(X.device):
+            best_c, best_t = kernels.coarse_max_pairs(re.view(b, Tc, K, Rc // 2), im.view(b, Tc, K, Rc // 2))
+        else:
+            re, im = re.view(b, Tc, K, Rc // 2), im.view(b, Tc, K, Rc // 2)
+            coarse_scores = torch.cat([re + im, re - im], dim=3).view(b, Tc, K * Rc)
+            best_c, best_t = coarse_scores.max(dim=1)
     else:
-        best_c, best_t = coarse_scores.amax(dim=1).float(), None
+        coarse_scores = (Yc @ Zc.T).view(b, Tc, K * Rc)
+        if coarse_scores.dtype == torch.bfloat16 and kernels.available(X.device):  # with each column's best row
+            best_c, best_t = kernels.coarse_max(coarse_scores)
+        else:
+            best_c, best_t = coarse_scores.amax(dim=1).float(), None
     best_lp = (s[:, 0] * best_c - 0.5 * s[:, 0] ** 2 * norm_c).view(b, K, Rc)
     # Candidates: best coarse pose of each class + the n_candidates best (class,
     # rotation) pairs that are local maxima over rotation, each at its best

@@ -24,7 +24,8 @@ memory, not in arithmetic, as torch operations (ribosome 80 px, K = 24:
 - :func:`pose_logp` and :func:`class_sums`, the same poses' log-probabilities
   and their class sums for the soft summary, which torch finishes, and
   :func:`coarse_max`, each coarse (class, rotation)'s best coarse shift and
-  its score (sessions 26-27); :func:`coarse_images`, the coarse stage's
+  its score (sessions 26-27), and :func:`coarse_max_pairs` the same from the
+  float32 products of half-turn pairs (session 47); :func:`coarse_images`, the coarse stage's
   de-shifted images made and rounded to bfloat16 in one pass, and
   :func:`turn_rows`, the M-step's rows a quarter turn apart turned and added
   onto one (session 30); :func:`grow_regions`, the auto mask's regions that
@@ -314,6 +315,31 @@ if numba is not None:
             for j in range(n):  # float32 bits of the best row's bfloat16
                 arg[i, j] = at[j]
                 best[i, j] = np.int32(np.uint16(scores[i, at[j], j])) << 16
+
+    @_jit(fastmath=False)
+    def _coarse_max_pairs(lo, hi, re, im, best, arg):  # pragma: no cover - compiled
+        Tc, K, h = re.shape[1], re.shape[2], re.shape[3]
+        n = K * h
+        top_p = np.empty(n, dtype=np.float32)
+        top_m = np.empty(n, dtype=np.float32)
+        at_p = np.empty(n, dtype=np.int64)
+        at_m = np.empty(n, dtype=np.int64)
+        for i in range(lo, hi):
+            for t in range(Tc):  # row by row: the columns are contiguous
+                a, c = re[i, t].ravel(), im[i, t].ravel()
+                for j in range(n):
+                    p = a[j] + c[j]
+                    m = a[j] - c[j]
+                    if t == 0 or p > top_p[j]:
+                        top_p[j] = p
+                        at_p[j] = t
+                    if t == 0 or m > top_m[j]:
+                        top_m[j] = m
+                        at_m[j] = t
+            for k in range(K):  # class k's columns: its rotations r, then their half turns r + h
+                for r in range(h):
+                    best[i, k, r], arg[i, k, r] = top_p[k * h + r], at_p[k * h + r]
+                    best[i, k, h + r], arg[i, k, h + r] = top_m[k * h + r], at_m[k * h + r]
 
     @_jit(fastmath=False)
     def _class_sums(lo, hi, post, kr_c, R, n_off, out):  # pragma: no cover - compiled
@@ -694,3 +720,21 @@ def coarse_max(scores: Tensor) -> tuple[Tensor, Tensor]:
     arg = np.zeros((b, n), dtype=np.int64)
     _split(_coarse_max16, np.ones(b), (_np(scores.view(torch.int16)), best, arg))
     return torch.from_numpy(best.view(np.float32)), torch.from_numpy(arg)
+
+
+def coarse_max_pairs(re: Tensor, im: Tensor) -> tuple[Tensor, Tensor]:
+    """Each coarse column's best shift and score from the two products of half-turn pairs, in one pass.
+
+    ``re`` and ``im`` (b, Tc, K, h) are Σ Re·Re and Σ Im·Im of each particle's
+    de-shifted coarse images (row t) against rotations 0 … h − 1 of each class
+    (:func:`cryo2d.em.estep.coarse_references` with ``pairs``): rotation r scores
+    ``re + im``, its half turn r + h scores ``re − im``. Returns the scores' maximum
+    over the rows and its row (the first of equal ones, as torch's ``argmax``), as
+    (b, K · 2h) float32 and int64 tensors in the columns' order k · 2h + r,
+    without the (b, Tc, K · 2h) table of scores.
+    """
+    b, _, K, h = re.shape
+    best = np.empty((b, K, 2 * h), dtype=np.float32)
+    arg = np.empty((b, K, 2 * h), dtype=np.int64)
+    _split(_coarse_max_pairs, np.ones(b), (_np(re), _np(im), best, arg))
+    return torch.from_numpy(best.reshape(b, -1)), torch.from_numpy(arg.reshape(b, -1))
