@@ -259,10 +259,11 @@ def test_coarse_to_fine_finds_the_exhaustive_best_pose(psi_deg):
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_coarse_stage_on_half_turn_pairs_scores_like_the_full_product(mode):
+def test_coarse_stage_on_half_turn_pairs_scores_like_the_full_product(mode, monkeypatch):
     """Float32 coarse references in half-turn pairs (real and imaginary parts of half the
     rotations, two real products) give the full product's coarse scores: the same best poses,
-    posteriors and M-step entries, the same coarse maxima and their shifts (kernel and torch)."""
+    posteriors and M-step entries (with the kernels and in torch), the same coarse maxima and
+    their shifts."""
     from cryo2d.em import kernels
     from cryo2d.em.estep import coarse_references, coarse_subgrid, e_step_coarse_to_fine, paired_coarse_ok
 
@@ -287,10 +288,14 @@ def test_coarse_stage_on_half_turn_pairs_scores_like_the_full_product(mode):
     assert Zp.shape == (2, 4 * Rc // 2, Mc) and torch.equal(power_p, power_c)
     full = e_step_coarse_to_fine(*args, grid, mode=mode, refs_power=power, coarse_refs=(Zc, power_c))
     paired = e_step_coarse_to_fine(*args, grid, mode=mode, refs_power=power, coarse_refs=(Zp, power_p))
-    for name in ("best_k", "best_r", "best_t", "entry_i", "entry_t", "entry_k", "entry_r"):
-        assert torch.equal(getattr(paired, name), getattr(full, name)), name
-    for name in ("best_cross", "class_post", "entry_w", "log_evidence"):
-        torch.testing.assert_close(getattr(paired, name), getattr(full, name), msg=name)
+    with monkeypatch.context() as m:  # the torch code (a GPU's) on the same pairs
+        m.setattr(kernels, "available", lambda device: False)
+        paired_torch = e_step_coarse_to_fine(*args, grid, mode=mode, refs_power=power, coarse_refs=(Zp, power_p))
+    for out in (paired, paired_torch):
+        for name in ("best_k", "best_r", "best_t", "entry_i", "entry_t", "entry_k", "entry_r"):
+            assert torch.equal(getattr(out, name), getattr(full, name)), name
+        for name in ("best_cross", "class_post", "entry_w", "log_evidence"):
+            torch.testing.assert_close(getattr(out, name), getattr(full, name), msg=name)
     # The maxima: the kernel against torch on the full product's scores of these particles.
     Pc = (X * args[2])[:, grid.coarse_m]
     Ec = phases[grid.coarse_t][:, grid.coarse_m]
@@ -299,6 +304,8 @@ def test_coarse_stage_on_half_turn_pairs_scores_like_the_full_product(mode):
     re = (Y[..., 0] @ Zp[0].T).view(n, len(grid.coarse_t), 4, Rc // 2)
     im = (Y[..., 1] @ Zp[1].T).view(n, len(grid.coarse_t), 4, Rc // 2)
     if kernels.available("cpu"):
+        split = kernels.coarse_images_split(Pc, Ec)  # real parts, then imaginary parts, of each row
+        torch.testing.assert_close(split, Y.transpose(2, 3).reshape(-1, 2 * Mc), rtol=1e-6, atol=1e-6 * float(Y.abs().max()))
         best, at = kernels.coarse_max_pairs(re, im)
         top = float(scores.abs().max())  # float32 sums in another order: equal to their rounding
         torch.testing.assert_close(best, scores.amax(dim=1), rtol=0, atol=1e-5 * top)

@@ -659,7 +659,9 @@ def e_step_coarse_to_fine(
     paired = Zc.dim() == 3  # half-turn pairs: real and imaginary parts of the first Rc/2 rotations
     # Stage 1: coarse exhaustive search.
     Pc, Ec = P[:, cm], phases[coarse_t][:, cm]
-    if paired:  # each row's real parts, then its imaginary parts
+    if paired and kernels.available(X.device):  # each row's real parts, then its imaginary parts
+        Yc = kernels.coarse_images_split(Pc, Ec)
+    elif paired:
         Yc = torch.view_as_real(Pc.unsqueeze(1) * Ec.unsqueeze(0)).transpose(2, 3).reshape(b * Tc, 2 * Mc)
     elif Zc.dtype == torch.bfloat16 and kernels.available(X.device):  # made and rounded in one pass, torch's bits
         Yc = kernels.coarse_images(Pc, Ec)

@@ -25,7 +25,8 @@ memory, not in arithmetic, as torch operations (ribosome 80 px, K = 24:
   and their class sums for the soft summary, which torch finishes, and
   :func:`coarse_max`, each coarse (class, rotation)'s best coarse shift and
   its score (sessions 26-27), and :func:`coarse_max_pairs` the same from the
-  float32 products of half-turn pairs (session 47); :func:`coarse_images`, the coarse stage's
+  float32 products of half-turn pairs, whose images :func:`coarse_images_split`
+  makes (session 47); :func:`coarse_images`, the coarse stage's
   de-shifted images made and rounded to bfloat16 in one pass, and
   :func:`turn_rows`, the M-step's rows a quarter turn apart turned and added
   onto one (session 30); :func:`grow_regions`, the auto mask's regions that
@@ -296,6 +297,17 @@ if numba is not None:
                 for j in range(2 * Mc):  # to bfloat16, rounded to nearest even (finite values), as torch rounds
                     u = bits[j]
                     o[j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+    @_jit(fastmath=False)
+    def _coarse_images_split(lo, hi, P, phases, out):  # pragma: no cover - compiled
+        Tc, Mc = phases.shape
+        for i in range(lo, hi):
+            for t in range(Tc):
+                o = out[i * Tc + t]
+                for j in range(Mc):  # real parts, then imaginary parts
+                    p, e = P[i, j], phases[t, j]
+                    o[j] = p.real * e.real - p.imag * e.imag
+                    o[Mc + j] = p.real * e.imag + p.imag * e.real
 
     @_jit
     def _coarse_max16(lo, hi, scores, best, arg):  # pragma: no cover - compiled
@@ -703,6 +715,19 @@ def coarse_images(P: Tensor, phases: Tensor) -> Tensor:
     out = np.empty((b * Tc, 2 * Mc), dtype=np.uint16)
     _split(_coarse_images16, np.ones(b), (_np(P), _np(phases), out))
     return torch.from_numpy(out).view(torch.bfloat16)
+
+
+def coarse_images_split(P: Tensor, phases: Tensor) -> Tensor:
+    """The coarse stage's de-shifted images ``P[:, None] * phases[None]`` for the products on half-turn pairs:
+    (b · Tc, 2 · Mc) float32, each row's Mc real parts, then its Mc imaginary parts, made in one
+    pass (torch made the complex products, then copied them into this order).
+
+    ``P`` (b, Mc) and ``phases`` (Tc, Mc) complex64, as for :func:`coarse_images`.
+    """
+    b, (Tc, Mc) = P.shape[0], phases.shape
+    out = np.empty((b * Tc, 2 * Mc), dtype=np.float32)
+    _split(_coarse_images_split, np.ones(b), (_np(P), _np(phases), out))
+    return torch.from_numpy(out)
 
 
 def coarse_max(scores: Tensor) -> tuple[Tensor, Tensor]:
