@@ -583,8 +583,9 @@ def paired_coarse_ok(psi_rad: Tensor, grid: CoarseGrid | None, dtype: torch.dtyp
     particle with the conjugate row is Σ Re·Re − Im·Im where the row's own is
     Σ Re·Re + Im·Im, so two real products of half the width give both: half the
     multiply-adds. That pays where the product is bound by arithmetic, in float32 on a CPU
-    (AVX2 hosts; 97 -> 52 ms a chunk, benchmarks/README.md, session 47); the bfloat16
-    product of AMX hosts is bound by its output's memory and is not split (session 30).
+    (AVX2 hosts; 80 px jobs 16-17 % faster in wall time, benchmarks/README.md, session 47);
+    the bfloat16 product of AMX hosts is bound by its output's memory and is not split
+    (session 30).
     Needs an even number of coarse rotations (R a multiple of 4).
     """
     return (grid is not None and dtype == torch.float32 and kernels.available(grid.coarse_r.device)
