@@ -545,12 +545,11 @@ def coarse_references(
         raise ValueError(f"coarse references in pairs need float32 and half-turn pairs of coarse rotations, "
                          f"not {dtype} and {Rc} of {R}")
     if isinstance(refs, Tensor):
-        Z = refs[:, coarse_r][:, :, cm]
         power_c = refs_power[:, coarse_r % refs_power.shape[1]][:, :, cm].reshape(K * Rc, Mc)
-        if pairs:
-            Zh = Z[:, : Rc // 2].reshape(K * Rc // 2, Mc)
-            return torch.stack([Zh.real, Zh.imag]).contiguous(), power_c
-        return torch.view_as_real(Z.contiguous()).reshape(K * Rc, 2 * Mc).to(dtype), power_c
+        if pairs:  # the first Rc/2 rotations only
+            Zh = refs[:, coarse_r[: Rc // 2]][:, :, cm].reshape(K * Rc // 2, Mc)
+            return torch.stack([Zh.real, Zh.imag]), power_c
+        return torch.view_as_real(refs[:, coarse_r][:, :, cm].contiguous()).reshape(K * Rc, 2 * Mc).to(dtype), power_c
     Zc = torch.empty((2, K * Rc // 2, Mc) if pairs else (K * Rc, 2 * Mc), dtype=dtype, device=cm.device)
     power_c = torch.empty((K * Rc, Mc), device=cm.device)
     per = max(1, TABLE_GROUP_VALUES // (Rc * M))
