@@ -10,7 +10,10 @@ coarse stage (two real products on half-turn pairs of rotations where the
 engine makes them so, ``paired_coarse_ok``; "c2f f32 unpaired" is the one
 complex-as-real product of before, n/a where pairs do not apply), "c2f bf16"
 with the bfloat16 one the engine uses where the hardware multiplies bfloat16
-natively (n/a elsewhere). The heap is tuned as
+natively (n/a elsewhere), "c2f int8" with the int8 one (on pairs where they
+apply) that the engine uses on CPUs with AVX2 and without native bfloat16
+(``int8_matmul_is_fast``; timed on any CPU with the Numba kernels, n/a
+elsewhere). The heap is tuned as
 the engine tunes it (``tune_allocator``), for both sides.
 
     python benchmarks/estep.py [--threads 2] [--repeat 3]
@@ -25,6 +28,7 @@ import time
 
 import torch
 
+from cryo2d.em import kernels
 from cryo2d.em.data import tune_allocator
 from cryo2d.em.estep import (
     bf16_matmul_is_fast,
@@ -96,8 +100,10 @@ def main() -> None:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{args.threads} threads"
     print(f"torch {torch.__version__}, {name}")
     header = ("box", "K", "R", "T", "2M", "b", "exh poses/s", "exh GFLOP/s", "matmul GFLOP/s", "exh/matmul",
-              "c2f poses/s", "c2f speed-up", "c2f f32 unpaired poses/s", "c2f bf16 poses/s", "c2f bf16 speed-up")
+              "c2f poses/s", "c2f speed-up", "c2f f32 unpaired poses/s", "c2f bf16 poses/s", "c2f bf16 speed-up",
+              "c2f int8 poses/s", "c2f int8 speed-up")
     bf16 = bf16_matmul_is_fast(dev)
+    int8 = kernels.available(dev)
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for box, K, psi_step, shift_range, b in SIZES:
@@ -113,7 +119,8 @@ def main() -> None:
         c2f = {}
         paired = paired_coarse_ok(psi_grid(psi_step, device=dev), grid, torch.float32)
         variants = [("f32", torch.float32, paired)] + [("f32 unpaired", torch.float32, False)] * paired
-        for key, dtype, pairs in variants + [("bf16", torch.bfloat16, False)] * bf16:
+        variants += [("bf16", torch.bfloat16, False)] * bf16 + [("int8", torch.int8, paired)] * int8
+        for key, dtype, pairs in variants:
             coarse = coarse_references(refs, grid, power, dtype, pairs=pairs)
             c2f[key] = _best_time(lambda: e_step_coarse_to_fine(
                 X, ctf, inv, refs, phases, prior, scale, grid, refs_power=power, coarse_refs=coarse,
@@ -128,6 +135,8 @@ def main() -> None:
                f"{poses / c2f['f32 unpaired']:.3g}" if paired else "n/a")
         t16 = c2f.get("bf16")
         row += (f"{poses / t16:.3g}", f"{t_exh / t16:.1f}x") if t16 else ("n/a", "n/a")
+        t8 = c2f.get("int8")
+        row += (f"{poses / t8:.3g}", f"{t_exh / t8:.1f}x") if t8 else ("n/a", "n/a")
         print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB")

@@ -83,7 +83,10 @@ def test_shard_bounds_contiguous_in_order():
 
 
 def test_shards_reduce_to_the_single_pass(particles):
-    """pass_shard on three pieces + reduce_pass = pass_over on all (the split itself, without Dask)."""
+    """pass_shard on three pieces + reduce_pass = pass_over on all (the split itself, without Dask).
+
+    Per particle to 1e-4: MKL's float32 products held to AVX2 round by their number of rows, and
+    one max posterior of 300 moved by 1.3e-5 (relative) between the shards and the whole pass."""
     eng = Engine(particles, CONFIG)
     eng.initialise()
     idx = np.arange(len(particles))
@@ -100,7 +103,7 @@ def test_shards_reduce_to_the_single_pass(particles):
     np.testing.assert_array_equal(ncnt3.numpy(), ncnt.numpy())
     assert per3.keys() == per.keys()
     for key in per:
-        np.testing.assert_allclose(per3[key], per[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(per3[key], per[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 @pytest.fixture(scope="module")

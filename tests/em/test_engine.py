@@ -241,14 +241,17 @@ def test_the_torch_path_of_a_gpu_classifies_as_the_cpu_kernels_do(bundled_volume
 
     The coarse stage runs in float32 on every host (the kernels' product on half-turn pairs, torch's
     product of before): in bfloat16 (AMX hosts) the classes' last-bit differences between the two
-    paths round some coarse references to the next bfloat16, and the jobs part after a few iterations."""
+    paths round some coarse references to the next bfloat16, and the jobs part after a few iterations;
+    int8 (AVX2 hosts) has no torch path."""
+    import torch
+
     import cryo2d.em.engine as engine_mod
     from cryo2d.em import kernels
     from cryo2d.simulate import simulate
 
     if not kernels.available("cpu"):
         pytest.skip("Numba not installed")
-    monkeypatch.setattr(engine_mod, "bf16_matmul_is_fast", lambda device: False)
+    monkeypatch.setattr(engine_mod, "coarse_dtype_for", lambda device: torch.float32)
     sim = simulate(*bundled_volume, n_particles=600, box=32, snr=0.5, junk_fraction=0.2, views="discrete", n_views=4,
                    rare_view_fraction=0.1, seed=1)
     particles = helpers.memory_particles(sim.images, sim.pixel_size_angst, ctf=sim.ctf)

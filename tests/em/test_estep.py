@@ -316,6 +316,118 @@ def test_coarse_stage_on_half_turn_pairs_scores_like_the_full_product(mode, monk
         assert torch.equal(best, both.amax(dim=1)) and torch.equal(at, both.argmax(dim=1))
 
 
+@pytest.mark.parametrize("pairs", [False, True])
+def test_int8_coarse_stage_finds_the_float32_poses(pairs):
+    """The int8 coarse stage (balanced, quantised references and images, exact int32 products) ranks
+    as float32 does: the true poses with the float32 scores at low noise (the fine stage is float32),
+    the same poses and posteriors at moderate noise; its coarse maxima are float32's to 0.5 % of their
+    spread; where the references' power falls steeply with frequency and the images' noise with it
+    (real classes and data), the balance of the points keeps the error well below plain per-row
+    quantisation's; the references dequantise to within half a step."""
+    from cryo2d.em import kernels
+    from cryo2d.em.estep import QuantizedRefs, coarse_maxima, coarse_references, coarse_subgrid, e_step_coarse_to_fine
+
+    if not kernels.available("cpu"):
+        pytest.skip("Numba not installed")
+    g, pts, psi, shifts, refs, phases = _search_problem(4, seed=7)  # 36 rotations: 18 coarse, in 9 pairs
+    n = 64
+    k_true, r_true, t_true = torch.arange(n) % 4, (torch.arange(n) * 5) % len(psi), (torch.arange(n) * 3) % len(shifts)
+    grid = coarse_subgrid(shifts, 1.0, len(psi), pts.xy.norm(dim=1), 8.0)
+    cm, Mc = grid.coarse_m, len(grid.coarse_m)
+    radius = pts.xy.norm(dim=1)
+    for noise, falloff in ((0.05, None), (0.3, None), (0.5, 0.3 * 8.0)):
+        env = torch.ones_like(radius) if falloff is None else torch.exp(-((radius / falloff) ** 2))
+        r = refs * env  # with a fall-off, the noise SD falls as the signal does
+        power = r.abs().square()
+        clean = r[k_true, r_true] / phases[t_true]
+        sd = noise * float(clean.abs().mean()) * env
+        X = clean + sd * torch.complex(torch.randn(n, len(pts), generator=g), torch.randn(n, len(pts), generator=g))
+        inv = pts.weight / (2 * sd**2)
+        args = (X, torch.ones(n, len(pts)), inv, r, phases, torch.full((4,), -math.log(4)), torch.ones(n))
+        image_power = inv * pts.weight  # E|X·c·w/σ²|², as Engine._image_power gives it
+        Zf, power_f = coarse_references(r, grid, power, pairs=pairs)
+        Zq, power_q = coarse_references(r, grid, power, torch.int8, pairs=pairs, image_power=image_power)
+        assert isinstance(Zq, QuantizedRefs) and Zq.q.dtype == torch.int8 and torch.equal(power_q, power_f)
+        assert Zq.q.shape == ((2, 4 * 9, Mc) if pairs else (4 * 18, 2 * Mc))
+        assert int(Zq.q.abs().max()) == 63  # the rows use their whole range (7 bits: REF_LEVELS)
+        # dequantised references: within half a step of their (balanced) values
+        Z = r[:, grid.coarse_r[:9] if pairs else grid.coarse_r][:, :, cm].reshape(-1, Mc) / Zq.balance
+        q = torch.cat([Zq.q[0], Zq.q[1]], dim=1) if pairs else Zq.q
+        back = torch.complex(q[:, :Mc].float(), q[:, Mc:].float()) * Zq.scale[:, None]
+        err = torch.maximum((back - Z).real.abs(), (back - Z).imag.abs()).amax(dim=1)
+        assert float((err / Zq.scale).max()) <= 0.5 + 1e-3
+        # the coarse maxima
+        Pc, Ec = (X * inv)[:, cm], phases[grid.coarse_t][:, cm]
+        best_f, at_f, _ = coarse_maxima(Pc, Ec, Zf, 4)
+        best_q, at_q, _ = coarse_maxima(Pc, Ec, Zq, 4)
+        spread = float((best_f.amax(dim=1) - best_f.amin(dim=1)).median())
+        assert float((best_q - best_f).std()) < 5e-3 * spread and float((best_q - best_f).abs().max()) < 2e-2 * spread
+        if pairs:  # the kernels give each column's best shift: nearly always float32's
+            assert float((at_q == at_f).float().mean()) > 0.95
+        if falloff is not None:  # against plain quantisation, each row's own scale only (a_f = 1: image power = reference power)
+            flat, _ = coarse_references(r, grid, power, torch.int8, pairs=pairs,
+                                        image_power=power[:, grid.coarse_r].mean(dim=(0, 1)))
+            assert torch.allclose(flat.balance, torch.ones(Mc), rtol=1e-4) and float(Zq.balance.std()) > 0.1
+            best_flat, _, _ = coarse_maxima(Pc, Ec, flat, 4)
+            assert float((best_q - best_f).std()) < 0.1 * float((best_flat - best_f).std())  # 0.01 here
+            continue
+        full = e_step_coarse_to_fine(*args, grid, mode="soft", refs_power=power, coarse_refs=(Zf, power_f))
+        q8 = e_step_coarse_to_fine(*args, grid, mode="soft", refs_power=power, coarse_refs=(Zq, power_q))
+        assert torch.equal(full.best_k, k_true) and torch.equal(full.best_r, r_true)
+        for name in ("best_k", "best_r", "best_t"):
+            assert torch.equal(getattr(q8, name), getattr(full, name)), name
+        torch.testing.assert_close(q8.best_cross, full.best_cross)
+        torch.testing.assert_close(q8.class_post, full.class_post, rtol=0, atol=1e-4)
+
+
+def test_int8_coarse_images_and_maxima():
+    """kernels.coarse_images8 quantises each particle's de-shifted, balanced rows with one scale
+    (the largest |P·a| over 127) to the nearest integer, as torch rounds them (±1 where float rounding
+    falls on a half); coarse_max_pairs finds the int32 maxima and their rows exactly."""
+    from cryo2d.em import kernels
+
+    if not kernels.available("cpu"):
+        pytest.skip("Numba not installed")
+    g = torch.Generator().manual_seed(4)
+    b, Tc, Mc = 7, 5, 33
+    P = torch.complex(torch.randn(b, Mc, generator=g), torch.randn(b, Mc, generator=g))
+    P[3] = 0  # a particle with nothing: scale 0, rows 0
+    phases = torch.polar(torch.ones(Tc, Mc), 2 * math.pi * torch.rand(Tc, Mc, generator=g))
+    balance = torch.rand(Mc, generator=g) + 0.5
+    rows, scale = kernels.coarse_images8(P, phases, balance)
+    assert rows.dtype == torch.int8 and rows.shape == (b * Tc, 2 * Mc)
+    top = (P.abs() * balance).amax(dim=1)
+    torch.testing.assert_close(scale, top / 127)
+    Y = (P * balance).unsqueeze(1) * phases.unsqueeze(0)  # (b, Tc, Mc)
+    exact = torch.cat([Y.real, Y.imag], dim=2) * torch.where(top > 0, 127 / top, 0.0)[:, None, None]
+    diff = (rows.view(b, Tc, 2 * Mc).float() - torch.round(exact)).abs()
+    assert float(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+    assert float((rows.view(b, Tc, 2 * Mc).float() - exact).abs().max()) <= 0.5 + 1e-4
+    assert int(rows.view(b, Tc, -1)[3].abs().max()) == 0 and float(scale[3]) == 0.0
+    # int32 maxima of re ± im over the rows, as torch's max (first of equal rows)
+    re = torch.randint(-5000, 5000, (b, Tc, 3, 4), generator=g, dtype=torch.int32)
+    im = torch.randint(-5000, 5000, (b, Tc, 3, 4), generator=g, dtype=torch.int32)
+    re[0, 2] = re[0, 1]
+    im[0, 2] = im[0, 1]  # a tie: the first row wins
+    best, at = kernels.coarse_max_pairs(re, im)
+    both = torch.cat([re + im, re - im], dim=3).view(b, Tc, -1)
+    assert best.dtype == torch.int32 and torch.equal(best, both.amax(dim=1)) and torch.equal(at, both.argmax(dim=1))
+
+
+def test_coarse_dtype_follows_the_cpu_flags(monkeypatch):
+    """bfloat16 with AMX-BF16 or AVX512-BF16, int8 with AVX2 alone (and the kernels), else float32."""
+    from cryo2d.em import estep, kernels
+
+    for flags, want in ((["avx2", "amx_bf16"], torch.bfloat16), (["avx2", "avx512_bf16"], torch.bfloat16),
+                        (["avx2", "avx512f"], torch.int8 if kernels.available("cpu") else torch.float32),
+                        (["sse4_2"], torch.float32), ([], torch.float32)):
+        monkeypatch.setattr(estep, "_cpu_flags", lambda flags=flags: flags)
+        assert estep.coarse_dtype_for("cpu") == want, flags
+    monkeypatch.setattr(kernels, "available", lambda device: False)
+    monkeypatch.setattr(estep, "_cpu_flags", lambda: ["avx2"])
+    assert estep.coarse_dtype_for("cpu") == torch.float32  # int8 needs the kernels
+
+
 def test_coarse_to_fine_scores_each_candidate_pose_once():
     """Soft, noisy, one class (its best pose is also the top candidate): every kept pose is
     distinct, and the weight ratio of any two equals exp of their log-likelihood difference

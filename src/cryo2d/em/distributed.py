@@ -142,6 +142,7 @@ def _plan_to_wire(plan: IterationPlan) -> dict:
         "psi_rad": plan.psi_rad.cpu().numpy(), "shifts_px": plan.shifts_px.cpu().numpy(),
         "flat": p.flat.cpu().numpy(), "xy": p.xy.cpu().numpy(), "shell": p.shell.cpu().numpy(),
         "weight": p.weight.cpu().numpy(),
+        "ctf2_shell": None if plan.ctf2_shell is None else plan.ctf2_shell.cpu().numpy(),
     }
 
 
@@ -151,6 +152,7 @@ def _plan_from_wire(w: dict, device) -> IterationPlan:
         r_cur=w["r_cur"], psi_rad=t("psi_rad"), shifts_px=t("shifts_px"),
         points=PointSet(flat=t("flat"), xy=t("xy"), shell=t("shell"), weight=t("weight")),
         temperature=w["temperature"], r_mstep=w["r_mstep"], shift_step=w["shift_step"],
+        ctf2_shell=None if w.get("ctf2_shell") is None else t("ctf2_shell"),
     )
 
 

@@ -27,7 +27,7 @@ from cryo2d.em.estep import (
     SHIFT_REACH,
     CoarseGrid,
     EStepResult,
-    bf16_matmul_is_fast,
+    coarse_dtype_for,
     coarse_references,
     coarse_subgrid,
     deshift_phases,
@@ -38,7 +38,7 @@ from cryo2d.em.estep import (
 )
 from cryo2d.em.geometry import Geometry, PointSet, disc_points, hermitian_grid, make_geometry, soft_mask
 from cryo2d.em.moves import _INIT_READ, _REFINE_CHUNK, ClassMoves
-from cryo2d.em.mstep import PoseSums, class_resolution_shell, estimate_tau2, resolution_shell, solve_classes, ssnr
+from cryo2d.em.mstep import PoseSums, class_resolution_shell, estimate_tau2, resolution_shell, shell_mean, solve_classes, ssnr
 from cryo2d.em.refine import refine_poses
 from cryo2d.em.start import start_classes
 from cryo2d.em.rotation import (
@@ -143,6 +143,7 @@ class IterationPlan:
     temperature: float
     r_mstep: float = math.inf  # M-step points beyond this radius (Fourier px) get no sums this pass
     shift_step: float = 1.0  # step of the shifts' lattice, working px
+    ctf2_shell: Tensor | None = None  # (n_shells,) mean s²·c² of the class sums, for the int8 coarse product; None: none
 
 
 @dataclass
@@ -405,8 +406,9 @@ class Engine(ClassMoves):
         self.rng = np.random.default_rng(config.seed)
         self.state = st.new_state(n, self.K, len(self.mpts), self.n_shells, self.device)
         # The coarse search only ranks poses: bfloat16 where the hardware has it
-        # (64 px, K = 20: 44 -> 41 s a job; benchmarks/README.md, Session 5).
-        self.coarse_dtype = torch.bfloat16 if bf16_matmul_is_fast(self.device) else torch.float32
+        # (64 px, K = 20: 44 -> 41 s a job; benchmarks/README.md, Session 5), else int8 on
+        # x86 CPUs with AVX2 (48-80 px sets 9-18 % faster than float32; session 48).
+        self.coarse_dtype = coarse_dtype_for(self.device)
         self._setup_for, self._setup = None, None  # the last plan's pass set-up (_plan_setup)
         self._views = None  # (angle, classes, grids, rotated) of _masked_views
 
@@ -441,6 +443,24 @@ class Engine(ClassMoves):
         budget, most = chunk_budget(self.device)
         return int(max(1, min(most, budget // per_particle)))
 
+    def _ctf2_shell(self) -> Tensor | None:
+        """Mean s² · c² per shell of the class sums (rotationally averaged); None before anything is summed."""
+        s = self.state
+        total = float(s.counts.sum())
+        if total <= 0:
+            return None
+        return shell_mean(s.den.sum(dim=0) / total, self.mpts.shell, len(s.sigma2_shell))
+
+    @staticmethod
+    def _image_power(plan: IterationPlan, inv_sig: Tensor) -> Tensor | None:
+        """The images' expected power E|X · c · w|² at the E-step points (``inv_sig`` = w / σ²), for
+        the int8 coarse product's balance (:func:`coarse_references`): noise power σ² times the
+        plan's mean CTF² at the point's shell times (w / σ²)². The plan carries the CTF², so a
+        shard on a Dask worker, whose engine has no class sums, balances as the client does."""
+        if plan.ctf2_shell is None:
+            return None
+        return plan.ctf2_shell[plan.points.shell] * inv_sig * plan.points.weight
+
     def _dense_references(self, plan: IterationPlan) -> int | None:
         """None when a pass's rotated references fit :func:`refs_budget`; else how many classes'
         rows a :class:`RotationTable` makes once (the other classes' rows are sampled per chunk)."""
@@ -467,6 +487,7 @@ class Engine(ClassMoves):
             points=disc_points(g.work_box, g.r_min_align, r_cur, half=True, device=self.device),
             temperature=temperature,
             r_mstep=_MSTEP_RADIUS * r_cur + 4.0 if online else math.inf,
+            ctf2_shell=self._ctf2_shell() if self.coarse_dtype == torch.int8 else None,
         )
 
     # ---------------------------------------------------------------- init
@@ -969,7 +990,8 @@ class Engine(ClassMoves):
         inv_sig = plan.points.weight / s.sigma2_shell[plan.points.shell]
         phases, sub, mp, phases_m, grid, e_img, m_img = self._plan_setup(plan)
         coarse = None if grid is None else coarse_references(
-            refs, grid, power, self.coarse_dtype, pairs=paired_coarse_ok(plan.psi_rad, grid, self.coarse_dtype))
+            refs, grid, power, self.coarse_dtype, pairs=paired_coarse_ok(plan.psi_rad, grid, self.coarse_dtype),
+            image_power=self._image_power(plan, inv_sig) if self.coarse_dtype == torch.int8 else None)
         if noise:
             G_full = oversample(self._grid(s.A), cfg.zeropad)
             G_cplx = torch.view_as_complex(G_full.permute(0, 2, 3, 1))  # (K, p, p//2 + 1), no copy

@@ -26,7 +26,8 @@ memory, not in arithmetic, as torch operations (ribosome 80 px, K = 24:
   :func:`coarse_max`, each coarse (class, rotation)'s best coarse shift and
   its score (sessions 26-27), and :func:`coarse_max_pairs` the same from the
   float32 products of half-turn pairs, whose images :func:`coarse_images_split`
-  makes (session 47); :func:`coarse_images`, the coarse stage's
+  makes (session 47), or from the int8 products whose images :func:`coarse_images8`
+  makes and quantises (session 48); :func:`coarse_images`, the coarse stage's
   de-shifted images made and rounded to bfloat16 in one pass, and
   :func:`turn_rows`, the M-step's rows a quarter turn apart turned and added
   onto one (session 30); :func:`grow_regions`, the auto mask's regions that
@@ -309,6 +310,25 @@ if numba is not None:
                     o[j] = p.real * e.real - p.imag * e.imag
                     o[Mc + j] = p.real * e.imag + p.imag * e.real
 
+    @_jit(fastmath=False)
+    def _coarse_images8(lo, hi, P, phases, balance, out, scale):  # pragma: no cover - compiled
+        Tc, Mc = phases.shape
+        for i in range(lo, hi):
+            top = np.float32(0.0)  # the largest |P·a|: no de-shifted part can exceed it
+            for j in range(Mc):
+                a = np.float32(abs(P[i, j])) * balance[j]
+                if a > top:
+                    top = a
+            s = np.float32(127.0) / top if top > 0 else np.float32(0.0)
+            scale[i] = top / np.float32(127.0)
+            for t in range(Tc):
+                o = out[i * Tc + t]
+                for j in range(Mc):  # real parts, then imaginary parts
+                    p, e = P[i, j], phases[t, j]
+                    f = balance[j] * s
+                    o[j] = np.int8(np.rint((p.real * e.real - p.imag * e.imag) * f))
+                    o[Mc + j] = np.int8(np.rint((p.real * e.imag + p.imag * e.real) * f))
+
     @_jit
     def _coarse_max16(lo, hi, scores, best, arg):  # pragma: no cover - compiled
         Tc, n = scores.shape[1], scores.shape[2]
@@ -332,8 +352,8 @@ if numba is not None:
     def _coarse_max_pairs(lo, hi, re, im, best, arg):  # pragma: no cover - compiled
         Tc, K, h = re.shape[1], re.shape[2], re.shape[3]
         n = K * h
-        top_p = np.empty(n, dtype=np.float32)
-        top_m = np.empty(n, dtype=np.float32)
+        top_p = np.empty(n, dtype=best.dtype)  # float32, or int32 for the int8 products
+        top_m = np.empty(n, dtype=best.dtype)
         at_p = np.empty(n, dtype=np.int64)
         at_m = np.empty(n, dtype=np.int64)
         for i in range(lo, hi):
@@ -730,6 +750,31 @@ def coarse_images_split(P: Tensor, phases: Tensor) -> Tensor:
     return torch.from_numpy(out)
 
 
+def coarse_images8(P: Tensor, phases: Tensor, balance: Tensor) -> tuple[Tensor, Tensor]:
+    """The coarse stage's de-shifted images for the int8 product, quantised in one pass.
+
+    Row ``i · Tc + t`` is ``P[i] · a · phases[t]`` (``a`` the ``balance`` of
+    each point), its Mc real parts then its Mc imaginary parts, divided by the
+    particle's scale and rounded to the nearest integer (half to even), as
+    int8. A particle's scale is max_j |P[i, j]| · a_j / 127: the phases have
+    modulus 1, so no part of any of its rows exceeds 127 in magnitude, and all
+    its rows share the scale (a column's best shift is then that of its
+    largest integer correlation). ``P`` (b, Mc) and ``phases`` (Tc, Mc) complex64
+    as for :func:`coarse_images`; ``balance`` (Mc,) float32, positive
+    (:func:`cryo2d.em.estep.coarse_references`).
+
+    Returns
+    -------
+    rows : (b · Tc, 2 · Mc) int8 tensor
+    scale : (b,) float32 tensor; 0 for a particle that is 0 at every point.
+    """
+    b, (Tc, Mc) = P.shape[0], phases.shape
+    out = np.empty((b * Tc, 2 * Mc), dtype=np.int8)
+    scale = np.empty(b, dtype=np.float32)
+    _split(_coarse_images8, np.ones(b), (_np(P), _np(phases), _np(balance.float()), out, scale))
+    return torch.from_numpy(out), torch.from_numpy(scale)
+
+
 def coarse_max(scores: Tensor) -> tuple[Tensor, Tensor]:
     """``scores.amax(dim=1).float()`` and ``scores.argmax(dim=1)`` for bfloat16 ``scores`` (b, Tc, KRc), in one pass.
 
@@ -756,10 +801,11 @@ def coarse_max_pairs(re: Tensor, im: Tensor) -> tuple[Tensor, Tensor]:
     ``re + im``, its half turn r + h scores ``re − im``. Returns the scores' maximum
     over the rows and its row (the first of equal ones, as torch's ``argmax``), as
     (b, K · 2h) float32 and int64 tensors in the columns' order k · 2h + r,
-    without the (b, Tc, K · 2h) table of scores.
+    without the (b, Tc, K · 2h) table of scores. Int32 ``re`` and ``im`` (the int8
+    products, :func:`coarse_images8`) give int32 maxima, exact.
     """
     b, _, K, h = re.shape
-    best = np.empty((b, K, 2 * h), dtype=np.float32)
+    best = np.empty((b, K, 2 * h), dtype=np.int32 if re.dtype == torch.int32 else np.float32)
     arg = np.empty((b, K, 2 * h), dtype=np.int64)
     _split(_coarse_max_pairs, np.ones(b), (_np(re), _np(im), best, arg))
     return torch.from_numpy(best.reshape(b, -1)), torch.from_numpy(arg.reshape(b, -1))
