@@ -625,16 +625,18 @@ def test_coarse_to_fine_empty_box_class_matches_the_exhaustive_search():
     torch.testing.assert_close(c2f.class_post[:, 3], exh.class_post[:, 3], atol=0.05, rtol=0)
 
 
-@pytest.mark.parametrize("search", ["exhaustive", "coarse_to_fine", "coarse_pairs"])
+@pytest.mark.parametrize("search", ["exhaustive", "coarse_to_fine", "coarse_pairs", "coarse_int8"])
 @pytest.mark.parametrize("mode", ["soft", "max_pose", "hard"])
 def test_rotation_table_scores_like_the_dense_references(search, mode, monkeypatch):
     """References sampled from a RotationTable (a few classes at a time) give the dense references' E-step
-    (``coarse_pairs``: the coarse references in half-turn pairs, from either).
+    (``coarse_pairs``: the coarse references in half-turn pairs, from either; ``coarse_int8``: in int8 on
+    pairs, the same integers from either).
 
     The table's rows are the dense rows, but the norms (and, exhaustive, the
     correlations) are summed group by group: same best poses and M-step
     entries, the rest equal up to float rounding.
     """
+    from cryo2d.em import kernels
     from cryo2d.em.estep import coarse_references, coarse_subgrid, e_step_coarse_to_fine
     from cryo2d.em.rotation import RotationTable
 
@@ -660,9 +662,15 @@ def test_rotation_table_scores_like_the_dense_references(search, mode, monkeypat
     if search == "exhaustive":
         dense, lazy = run(refs), run(table)
     else:
-        pairs = search == "coarse_pairs"
-        dense = run(refs, coarse_refs=coarse_references(refs, grid, refs.abs().square(), pairs=pairs))
-        lazy = run(table, coarse_refs=coarse_references(table, grid, None, pairs=pairs))
+        pairs, dtype = search != "coarse_to_fine", torch.int8 if search == "coarse_int8" else torch.float32
+        if dtype == torch.int8 and not kernels.available("cpu"):
+            pytest.skip("Numba not installed")
+        power = pts.weight / (2 * sd**2) * pts.weight  # the images' power, for the int8 balance
+        Zd = coarse_references(refs, grid, refs.abs().square(), dtype, pairs=pairs, image_power=power)
+        Zt = coarse_references(table, grid, None, dtype, pairs=pairs, image_power=power)
+        if dtype == torch.int8:
+            assert torch.equal(Zt[0].q, Zd[0].q) and torch.equal(Zt[0].scale, Zd[0].scale)
+        dense, lazy = run(refs, coarse_refs=Zd), run(table, coarse_refs=Zt)
     for name in ("best_k", "best_r", "best_t", "entry_i", "entry_t", "entry_k", "entry_r"):
         assert torch.equal(getattr(lazy, name), getattr(dense, name)), name
     for name in ("best_cross", "best_norm", "class_post", "entry_w", "log_evidence", "max_prob"):
