@@ -596,14 +596,15 @@ def coarse_references(
     image_power : (M,) float tensor, optional
         The images' expected power ``E|X · c · w|²`` at each E-step point (int8 only;
         default 1). Each reference row is quantised with its own scale (to ±63,
-        :data:`REF_LEVELS`), and each particle's rows with theirs (to ±127), so one strong band of points would leave
-        the others few levels: the points are first balanced, the references
-        divided and the images multiplied by a_f = (ρ_ref(f) / ρ_img(f))^½ (ρ
-        the RMS of each side at the point), so that both sides have the same
-        spectrum (their product's). On the 80 px set C of session 46 this took
-        the coarse log-likelihoods' error from 1.3-1.9 to 0.11-0.16 nats (SD;
-        bfloat16: 0.02) against a spread of 40-80 nats over each particle's
-        poses (benchmarks/README.md, session 48).
+        :data:`REF_LEVELS`), and each particle's rows with theirs (to ±127), so
+        one strong band of points would leave the others few levels: the points
+        are first balanced, the references divided and the images multiplied by
+        a_f = (ρ_ref(f) / ρ_img(f))^½ (ρ the RMS of each side at the point), so
+        that both sides have the same spectrum (their product's). On the 80 px
+        set C of session 46 (8-bit references, each chunk's own image power)
+        this took the coarse log-likelihoods' error from 1.3-1.9 to 0.09-0.16
+        nats (SD; bfloat16: 0.02) against a spread of 40-80 nats over each
+        particle's poses (benchmarks/README.md, session 48).
 
     Returns
     -------
@@ -629,15 +630,20 @@ def coarse_references(
     if isinstance(refs, Tensor):
         power_c = refs_power[:, coarse_r % refs_power.shape[1]][:, :, cm].reshape(K * Rc, Mc)
         Z = refs[:, coarse_r[:h]][:, :, cm].reshape(K * h, Mc)
-    else:
-        Z = torch.empty((K * h, Mc), dtype=torch.complex64, device=cm.device)
+    else:  # bfloat16 rows are written group by group as they are returned (half the bytes of complex rows)
+        bf16 = dtype == torch.bfloat16
+        Z = torch.empty((K * Rc, 2 * Mc) if bf16 else (K * h, Mc), dtype=dtype if bf16 else torch.complex64,
+                        device=cm.device)
         power_c = torch.empty((K * Rc, Mc), device=cm.device)
         per = max(1, TABLE_GROUP_VALUES // (Rc * M))
         for k0 in range(0, K, per):
             k = torch.arange(k0, min(K, k0 + per), device=cm.device)
             Zk = refs.rows((k[:, None] * R + coarse_r[None, :]).reshape(-1))[:, cm]
             power_c[k0 * Rc : k0 * Rc + len(Zk)] = Zk.abs().square()
-            Z[k0 * h : (k0 + len(k)) * h] = Zk.view(len(k), Rc, Mc)[:, :h].reshape(len(k) * h, Mc)
+            rows = Zk.view(len(k), Rc, Mc)[:, :h].reshape(len(k) * h, Mc)
+            Z[k0 * h : (k0 + len(k)) * h] = torch.view_as_real(rows).reshape(len(rows), 2 * Mc).to(dtype) if bf16 else rows
+        if bf16:
+            return Z, power_c
     if dtype == torch.int8:
         return _quantize_references(Z, power_c, image_power, cm, pairs), power_c
     if pairs:
