@@ -455,8 +455,9 @@ class Engine(ClassMoves):
     def _image_power(plan: IterationPlan, inv_sig: Tensor) -> Tensor | None:
         """The images' expected power E|X · c · w|² at the E-step points (``inv_sig`` = w / σ²), for
         the int8 coarse product's balance (:func:`coarse_references`): noise power σ² times the
-        plan's mean CTF² at the point's shell times (w / σ²)². The plan carries the CTF², so a
-        shard on a Dask worker, whose engine has no class sums, balances as the client does."""
+        plan's mean CTF² at the point's shell times (w / σ²)². The plan carries the CTF² (int8
+        only, :meth:`plan`; None otherwise), so a shard on a Dask worker, whose engine has no
+        class sums, balances as the client does."""
         if plan.ctf2_shell is None:
             return None
         return plan.ctf2_shell[plan.points.shell] * inv_sig * plan.points.weight
@@ -991,7 +992,7 @@ class Engine(ClassMoves):
         phases, sub, mp, phases_m, grid, e_img, m_img = self._plan_setup(plan)
         coarse = None if grid is None else coarse_references(
             refs, grid, power, self.coarse_dtype, pairs=paired_coarse_ok(plan.psi_rad, grid, self.coarse_dtype),
-            image_power=self._image_power(plan, inv_sig) if self.coarse_dtype == torch.int8 else None)
+            image_power=self._image_power(plan, inv_sig))
         if noise:
             G_full = oversample(self._grid(s.A), cfg.zeropad)
             G_cplx = torch.view_as_complex(G_full.permute(0, 2, 3, 1))  # (K, p, p//2 + 1), no copy

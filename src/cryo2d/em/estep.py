@@ -484,13 +484,14 @@ def coarse_subgrid(
     return CoarseGrid(coarse.to(dev), neigh.to(dev), torch.arange(0, n_rot, 2, device=dev), coarse_m.to(dev), pairs.to(dev))
 
 
-def _cpu_flags() -> list[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+@functools.cache
+def _cpu_flags() -> tuple[str, ...]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read), read once a process."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return tuple(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return []
+        return ()
 
 
 def bf16_matmul_is_fast(device) -> bool:
