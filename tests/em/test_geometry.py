@@ -126,3 +126,12 @@ def test_outer_mask_smaller_than_the_inner_one_is_an_error_that_names_both():
         make_geometry(BOX, PIX, EMConfig(mask_diameter_outer_angst=BOX * PIX - 10))
     g = make_geometry(BOX, PIX, EMConfig(mask_diameter_outer_angst=BOX * PIX + 10))
     assert g.mask_outer_px > g.mask_inner_px
+
+
+def test_a_mask_of_a_few_pixels_is_an_error_that_says_the_unit():
+    """--mask-diameter 1 (Å, at 10 Å/px) masked every image to zero and put all of them in the empty-box class."""
+    with pytest.raises(Cryo2DError, match=r"^--mask-diameter 7 Å is 3.5 px at 2.000 Å/px: a mask under 4 px leaves "
+                                          r"no particle to classify \(the diameter is in Å\)$"):
+        make_geometry(BOX, PIX, EMConfig(mask_diameter_angst=7.0))
+    g = make_geometry(BOX, PIX, EMConfig(max_res_angst=4.0, mask_diameter_angst=8.0))  # working px = input px
+    assert g.mask_inner_px == pytest.approx(2.0)

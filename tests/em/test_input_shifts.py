@@ -130,6 +130,17 @@ def test_origin_outside_the_box_is_an_error(sim3, tmp_path):
     classify(star, tmp_path / "job", tiny_config(input_shifts=False))
 
 
+def test_shift_range_of_half_the_box_is_an_error(sim3, tmp_path):
+    """A search disc of radius box/2 holds shifts a whole box apart, the same pose once the image wraps
+    (--shift-range 100 on a 36 px box searched 24,817 shifts)."""
+    with pytest.raises(Cryo2DError, match=r"particles.star: --shift-range 16 px is half its 32 px box or more, "
+                                          r"where shifts wrap around onto each other \(give less than 16\)"):
+        classify(sim3.star, tmp_path / "job", tiny_config(shift_range_px=16.0))
+    assert not (tmp_path / "job" / "classes.mrcs").exists()
+    classify(sim3.star, tmp_path / "job", tiny_config(shift_range_px=15.5))
+    assert (tmp_path / "job" / "classes.mrcs").exists()
+
+
 def test_a_second_round_starts_from_the_first_rounds_shifts(sim3, tmp_path, monkeypatch):
     """Class2D, then Class2D on its particles.star (run from the folder its stack paths are relative to):
     the second round's search is centred on the first round's origins, so they stay where it put them."""

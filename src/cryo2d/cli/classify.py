@@ -121,7 +121,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                     help="use the images as they are, even when they look dark")
     p.add_argument("--psi-step", type=float, default=None, help="in-plane angular step, degrees (default: from resolution)")
     p.add_argument("--shift-range", type=float, default=None,
-                   help="largest shift searched, px, around the particle's input shift (default 10%% of the box)")
+                   help="largest shift searched, px, around the particle's input shift, less than half the box "
+                        "(default 10%% of the box)")
     _on_off(p, "input-shifts", True, "start each particle from the origin its STAR file gives (_rlnOriginX/Y[Angst] "
             "of an earlier job), as RELION's Class2D does; the written origins include it (default on)")
     p.add_argument("--shift-step", type=float, default=None, help="shift step, px (default from resolution: box / (4 x search radius in Fourier px), at least one working pixel)")

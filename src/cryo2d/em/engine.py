@@ -392,6 +392,11 @@ class Engine(ClassMoves):
                 raise Cryo2DError(f"{particles.source.name}: particle {i + 1}'s origin puts its centre "
                                   f"{reach[i]:.1f} px from the box centre, outside "
                                   f"its {particles.box} px box (or use --no-input-shifts)")
+        if config.shift_range_px is not None and config.shift_range_px >= particles.box / 2:
+            # Two shifts of a disc this wide can differ by a whole box, which is one pose (the image wraps).
+            raise Cryo2DError(f"{particles.source.name}: --shift-range {config.shift_range_px:g} px is half its "
+                              f"{particles.box} px box or more, where shifts wrap around onto each other "
+                              f"(give less than {particles.box / 2:g})")
         self.particles = particles
         self.config = config
         self.device = torch.device(device)
