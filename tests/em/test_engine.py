@@ -55,7 +55,9 @@ def test_quality_small(bundled_volume, tmp_path):
     the 6 seeds, median NCC 0.986-0.989, no empty class; the empty boxes
     gather in the empty-box class, the doublets are what keeps junk F1 below
     0.9: their best-pose residual is only about one SD above that of the
-    particles of their class, session 12), with
+    particles of their class, session 12; a doublet class made from all 50
+    at their true centres and pair axes kept 1 of them in the last pass,
+    session 49), with
     a margin for the chaotic EM trajectory, and above RELION 3.1 Class2D on
     the same kind of data (benchmarks/README.md: junk F1 0.03, purity 0.59,
     6 empty classes).
