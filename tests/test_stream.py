@@ -173,6 +173,25 @@ def test_settled_file_that_is_not_star_is_an_error(tmp_path):
         stream(tmp_path / "nowhere", tmp_path / "job", EMConfig(n_classes=2), settle_s=0.0, until=1)
 
 
+def test_settings_that_do_not_fit_the_particles_fail_when_the_first_file_is_read(sim3, tmp_path):
+    """A setting refused for the particles' box or pixel size is an error as soon as their file is read,
+    not at the first update (here 6,000 particles away; 100,000 at K = 50)."""
+    stop = threading.Event()
+    timer = threading.Timer(20.0, stop.set)  # without the check, the stream would wait for more particles
+    timer.start()
+    try:
+        for config, message in [
+            (EMConfig(n_classes=3, shift_range_px=16.0), "particles.star: --shift-range 16 px is half its 32 px box"),
+            (EMConfig(n_classes=3, mask_diameter_angst=1.0), "--mask-diameter 1 Å is 0.088 px at 11.400 Å/px"),
+        ]:
+            assert start_threshold(config) > 6 * 300
+            with pytest.raises(Cryo2DError, match=message):
+                stream(sim3.star, tmp_path / "job", config, settle_s=0.0, poll_s=0.01, stop=stop)
+            assert not stop.is_set() and not (tmp_path / "job" / "classes.mrcs").exists()
+    finally:
+        timer.cancel()
+
+
 SMALL = EMConfig(n_classes=3, n_online_iterations=3, batch_size_per_class=10, seed=0)  # start at 90, then every 60
 
 

@@ -43,7 +43,7 @@ from cryo2d._callable import make_callable
 from cryo2d.classify import JOB_FILES, ClassifyResult, finalize, origins_note, subset_particles, write_job
 from cryo2d.contrast import invert_contrast, settle_contrast
 from cryo2d.em.config import EMConfig, check_device
-from cryo2d.em.engine import Engine, final_result
+from cryo2d.em.engine import Engine, check_settings, final_result
 from cryo2d.em.start import start_classes
 from cryo2d.em.state import RunState
 from cryo2d.errors import Cryo2DError
@@ -515,6 +515,7 @@ def _watch(run: "_Stream", source, config: EMConfig, *, poll_s: float, until: in
                 f"then one every {update_threshold(config)} new ones")
     last, stopped, n_pending = None, "", 0
     last_change, last_pending = time.monotonic(), -1
+    checked = run.state is not None  # the settings against the first particles' box and pixel size
     try:
         while True:
             if until is not None and run.update >= until:
@@ -528,6 +529,9 @@ def _watch(run: "_Stream", source, config: EMConfig, *, poll_s: float, until: in
                 if on_note is not None:
                     on_note(note)
             pending = run.pending()
+            if not checked and pending:
+                check_settings(run.watcher.sets[pending[0][0]], config)
+                checked = True
             n_pending = sum(b - a for _, a, b in pending)
             now = time.monotonic()
             if changed or n_pending != last_pending:

@@ -264,6 +264,22 @@ def _same_grid(a: IterationPlan, b: IterationPlan) -> bool:
 PIXEL_SIZE_RTOL = 0.02
 
 
+def check_settings(particles: ParticleSet, config: EMConfig) -> Geometry:
+    """The settings checked against the particles' box and pixel size; the geometry they give.
+
+    :class:`Engine` checks them; a stream checks them as soon as its first
+    particles arrive, not at its first update (100,000 particles later at K = 50).
+    Raises :class:`~cryo2d.errors.Cryo2DError` for a search disc of half the box
+    or more, and for what :func:`make_geometry` refuses.
+    """
+    if config.shift_range_px is not None and config.shift_range_px >= particles.box / 2:
+        # Two shifts of a disc this wide can differ by a whole box, which is one pose (the image wraps).
+        raise Cryo2DError(f"{particles.source.name}: --shift-range {config.shift_range_px:g} px is half its "
+                          f"{particles.box} px box or more, where shifts wrap around onto each other "
+                          f"(give less than {particles.box / 2:g})")
+    return make_geometry(particles.box, _single_pixel_size(particles), config)
+
+
 def _single_pixel_size(particles: ParticleSet) -> float:
     """The run's pixel size, Å: the median of the particles', which may differ by ``PIXEL_SIZE_RTOL``."""
     p = np.asarray(particles.pixel_size_angst, dtype=np.float64)
@@ -392,15 +408,10 @@ class Engine(ClassMoves):
                 raise Cryo2DError(f"{particles.source.name}: particle {i + 1}'s origin puts its centre "
                                   f"{reach[i]:.1f} px from the box centre, outside "
                                   f"its {particles.box} px box (or use --no-input-shifts)")
-        if config.shift_range_px is not None and config.shift_range_px >= particles.box / 2:
-            # Two shifts of a disc this wide can differ by a whole box, which is one pose (the image wraps).
-            raise Cryo2DError(f"{particles.source.name}: --shift-range {config.shift_range_px:g} px is half its "
-                              f"{particles.box} px box or more, where shifts wrap around onto each other "
-                              f"(give less than {particles.box / 2:g})")
         self.particles = particles
         self.config = config
         self.device = torch.device(device)
-        self.geom = make_geometry(particles.box, _single_pixel_size(particles), config)
+        self.geom = check_settings(particles, config)
         g = self.geom
         self.n_shells = g.work_box // 2 + 1
         self.mpts = disc_points(g.work_box, 0.0, g.r_max, half=True, device=self.device)
