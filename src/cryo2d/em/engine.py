@@ -269,9 +269,18 @@ def check_settings(particles: ParticleSet, config: EMConfig) -> Geometry:
 
     :class:`Engine` checks them; a stream checks them as soon as its first
     particles arrive, not at its first update (100,000 particles later at K = 50).
-    Raises :class:`~cryo2d.errors.Cryo2DError` for a search disc of half the box
-    or more, and for what :func:`make_geometry` refuses.
+    Raises :class:`~cryo2d.errors.Cryo2DError` for an input origin (used with
+    ``config.input_shifts``) that puts a particle's centre outside its box, a
+    search disc of half the box or more, and for what :func:`make_geometry` refuses.
     """
+    if config.input_shifts and particles.prior_shift_px is not None:
+        reach = np.abs(particles.prior_shift_px).max(axis=1)  # px from the box centre along x or y
+        outside = reach >= particles.box / 2
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise Cryo2DError(f"{particles.source.name}: particle {i + 1}'s origin puts its centre "
+                              f"{reach[i]:.1f} px from the box centre, outside "
+                              f"its {particles.box} px box (or use --no-input-shifts)")
     if config.shift_range_px is not None and config.shift_range_px >= particles.box / 2:
         # Two shifts of a disc this wide can differ by a whole box, which is one pose (the image wraps).
         raise Cryo2DError(f"{particles.source.name}: --shift-range {config.shift_range_px:g} px is half its "
@@ -400,14 +409,6 @@ class Engine(ClassMoves):
             raise Cryo2DError(f"{particles.source.name}: no CTF parameters (use --no-ctf to classify without CTF)")
         if not config.input_shifts:
             particles = replace(particles, prior_shift_px=None)
-        elif particles.prior_shift_px is not None:
-            reach = np.abs(particles.prior_shift_px).max(axis=1)  # px from the box centre along x or y
-            outside = reach >= particles.box / 2
-            if outside.any():
-                i = int(np.argmax(outside))
-                raise Cryo2DError(f"{particles.source.name}: particle {i + 1}'s origin puts its centre "
-                                  f"{reach[i]:.1f} px from the box centre, outside "
-                                  f"its {particles.box} px box (or use --no-input-shifts)")
         self.particles = particles
         self.config = config
         self.device = torch.device(device)

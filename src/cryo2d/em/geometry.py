@@ -98,14 +98,14 @@ def make_geometry(box: int, pixel_size_angst: float, config: EMConfig) -> Geomet
             f"({box} px at {pixel_size_angst:.3f} Å)"
         )
     work_px = pixel_size_angst * box / work_box
-    if config.mask_diameter_angst is not None and config.mask_diameter_angst < MIN_MASK_PX * pixel_size_angst:
-        # --mask-diameter 1 (Å) on 10 Å pixels masked every image to zero: all went to the empty-box class.
-        raise Cryo2DError(
-            f"--mask-diameter {config.mask_diameter_angst:g} Å is {config.mask_diameter_angst / pixel_size_angst:.2g} px "
-            f"at {pixel_size_angst:.3f} Å/px: a mask under {MIN_MASK_PX} px leaves no particle to classify "
-            "(the diameter is in Å)"
-        )
     if config.mask_diameter_angst is not None:
+        if config.mask_diameter_angst < MIN_MASK_PX * pixel_size_angst:
+            # --mask-diameter 1 (Å) on 10 Å pixels masked every image to zero: all went to the empty-box class.
+            raise Cryo2DError(
+                f"--mask-diameter {config.mask_diameter_angst:g} Å is "
+                f"{config.mask_diameter_angst / pixel_size_angst:.2g} px at {pixel_size_angst:.3f} Å/px: a mask "
+                f"under {MIN_MASK_PX} px leaves no particle to classify (the diameter is in Å)"
+            )
         inner = config.mask_diameter_angst / 2 / work_px
         # A mask wider than the box masks nothing; the particle is not wider than the box (the
         # duplicate distance and the angular step follow it: 1e9 Å made every pick a duplicate).
