@@ -12,7 +12,10 @@ from test_rotation import analytic_blobs
 from cryo2d.ctf import ctf_2d
 from cryo2d.em.estep import EStepResult, deshift_phases
 from cryo2d.em.geometry import disc_points, hermitian_grid
-from cryo2d.em.mstep import PoseSums, class_resolution_shell, estimate_tau2, resolution_shell, shell_mean, solve_classes, ssnr
+from cryo2d.em.mstep import (
+    PoseSums, class_resolution_shell, gamma_quantile, estimate_tau2, resolution_shell, robust_shell_noise, shell_mean,
+    solve_classes, ssnr,
+)
 from cryo2d.em.rotation import half_plane, psi_grid, unrotate_sums
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, shift_images
 from cryo2d.particles import CTFParams
@@ -268,3 +271,57 @@ def test_pose_sums_turn_rows_a_quarter_or_half_turn_apart_onto_one_back_rotation
     monkeypatch.setattr(mstep.kernels, "available", lambda device: False)
     num_t, den_t = torch_sums.class_frame()
     assert torch.equal(num_t, num) and torch.equal(den_t, den)
+
+
+def test_gamma_quantile_matches_scipy():
+    from scipy.stats import gamma
+
+    k = np.array([0.5, 1.0, 1.5, 4.0, 6.0, 28.5, 200.0])
+    for p in (0.5, 0.999):
+        np.testing.assert_allclose(gamma_quantile(torch.from_numpy(k), p).numpy(), gamma.ppf(p, k), rtol=1e-9)
+    assert abs(float(gamma_quantile(torch.tensor([1.0]), 0.5)[0]) - math.log(2)) < 1e-12  # exponential: ln 2
+
+
+def _shell_residuals(rng, n, sigma2, points):
+    """(n, n_shells) summed |residual|² of Gaussian noise with variance sigma2[shell] at each half-plane point."""
+    m = len(points.shell)
+    origin = (points.xy == 0).all(dim=1).numpy()
+    var = sigma2[points.shell.numpy()]
+    re = rng.standard_normal((n, m)) * np.sqrt(np.where(origin, var, var / 2))
+    im = np.where(origin, 0.0, rng.standard_normal((n, m)) * np.sqrt(var / 2))
+    out = np.zeros((n, len(sigma2)))
+    np.add.at(out.T, points.shell.numpy(), (re**2 + im**2).T)
+    return torch.from_numpy(out)
+
+
+def test_robust_shell_noise_is_the_noise_power_and_ignores_low_frequency_junk():
+    """Gaussian residuals with a falling spectrum, 3,000 particles: the trimmed σ² per shell matches the true
+    one as the mean does; with 5 % of the images 50x stronger at shells 0-2 (ice gradients) the mean is
+    inflated about 3.5x there, the trimmed estimate not at all (those images are left out)."""
+    rng = np.random.default_rng(0)
+    points = disc_points(32, 0, 15, half=True)
+    n_shells = 16
+    sigma2 = 100.0 / (1.0 + (np.arange(n_shells) / 4.0) ** 2) + 5.0
+    counts = torch.bincount(points.shell, minlength=n_shells).double()
+    resid = _shell_residuals(rng, 3000, sigma2, points)
+    clean = robust_shell_noise(resid, counts).numpy()
+    tol = np.where(np.arange(n_shells) == 0, 0.08, 0.04)  # shell 0 is one real value a particle
+    assert np.all(np.abs(clean / sigma2 - 1) < tol), clean / sigma2
+    junk = resid.clone()
+    junk[:150, :3] *= 50.0
+    mean = (junk.sum(dim=0) / (3000 * counts)).numpy()
+    robust = robust_shell_noise(junk, counts).numpy()
+    assert np.all(mean[:3] / sigma2[:3] > 3.0), mean[:3] / sigma2[:3]
+    assert np.all(np.abs(robust / sigma2 - 1) < tol), robust / sigma2
+    np.testing.assert_allclose(robust[3:], clean[3:])  # the shells the junk does not touch
+    mean_clean = (resid.sum(dim=0) / (3000 * counts)).numpy()
+    np.testing.assert_allclose(clean[1:], mean_clean[1:], rtol=0.01)  # 1 in 1,000 left out, and the mean corrected
+
+
+def test_robust_shell_noise_skips_shells_without_points():
+    points = disc_points(32, 3, 10, half=True)  # a high-pass: shells 0-2 hold no points
+    counts = torch.bincount(points.shell, minlength=12).double()
+    resid = _shell_residuals(np.random.default_rng(1), 500, np.full(12, 7.0), points)
+    est = robust_shell_noise(resid, counts).numpy()
+    assert np.all(est[:3] == 0) and np.all(est[11:] == 0)
+    assert np.all(np.abs(est[3:11] / 7.0 - 1) < 0.06), est
