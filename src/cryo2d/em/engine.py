@@ -60,7 +60,7 @@ _NULL_FROM = 0.5
 # figures": margin 3 before the class masks, 2 with them).
 _RES_MARGIN = 2.0
 _DISTINCT_MARGIN = 6.0
-# Fewest typical particles whose per-shell median sets the noise model; fewer: their mean.
+# Fewest typical particles for the noise model's per-shell trimming (mstep.robust_shell_noise); fewer: their mean.
 _ROBUST_MIN = 8
 # Each class's own mask for the search (config.auto_mask): the class low-passed
 # (Gaussian, sigma = box / _AUTO_BLUR), thresholded at _AUTO_MASK of its

@@ -344,7 +344,6 @@ def class_resolution_shell(snr: Tensor) -> Tensor:
     return first.clamp(min=1)
 
 
-
 #: The χ² quantile beyond which a particle's residual at a shell is left out of the noise model (:func:`robust_shell_noise`).
 NOISE_TRIM_P = 0.999
 
