@@ -15,6 +15,7 @@ with τ²_k the class's signal power per shell (DESIGN §2).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -392,13 +393,27 @@ def robust_shell_noise(shell_resid: Tensor, shell_points: Tensor, trim_p: float 
     shells without points.
     """
     pts = shell_points.to(shell_resid.dtype)
-    dof = 2 * pts
-    dof[0] = torch.clamp(dof[0] - 1, min=0)  # shell 0 holds the origin alone, a real value
-    k = dof.clamp(min=1).double() / 2
+    median_ratio, cut_ratio, truncated = (
+        x.to(shell_resid) for x in _chi2_ratios(tuple(shell_points.tolist()), trim_p)
+    )
     per = shell_resid / pts.clamp(min=1)
-    first = torch.quantile(per, 0.5, dim=0) / (gamma_quantile(k, 0.5) / k).to(per)
-    g_cut = gamma_quantile(k, trim_p)
-    keep = per <= first * (g_cut / k).to(per)
+    first = torch.quantile(per, 0.5, dim=0) / median_ratio
+    keep = per <= first * cut_ratio
     kept_mean = (per * keep).sum(dim=0) / keep.sum(dim=0).clamp(min=1)
-    truncated = (torch.special.gammainc(k + 1, g_cut) / torch.special.gammainc(k, g_cut)).to(per)
     return torch.where(pts > 0, kept_mean / truncated, torch.zeros_like(kept_mean))
+
+
+@functools.lru_cache(maxsize=64)
+def _chi2_ratios(points: tuple, trim_p: float) -> tuple[Tensor, Tensor, Tensor]:
+    """For shells of ``points`` half-plane points: the median, the ``trim_p`` quantile and the mean below
+    that quantile of χ²_d / d (d = 2 · points, 1 for the origin's shell 0), float64 on the CPU.
+
+    They depend on the shells alone, which stay the same from pass to pass at
+    one resolution, so they are computed once (each bisection is 64 steps).
+    """
+    dof = 2 * torch.tensor(points, dtype=torch.float64)
+    dof[0] = torch.clamp(dof[0] - 1, min=0)  # shell 0 holds the origin alone, a real value
+    k = dof.clamp(min=1) / 2
+    g_cut = gamma_quantile(k, trim_p)
+    truncated = torch.special.gammainc(k + 1, g_cut) / torch.special.gammainc(k, g_cut)
+    return gamma_quantile(k, 0.5) / k, g_cut / k, truncated
