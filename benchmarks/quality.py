@@ -26,6 +26,7 @@ Presets:
     $ python benchmarks/quality.py                      # ~35 min of RELION the first time
     $ python benchmarks/quality.py --relion-background  # start RELION, score what is ready
     $ python benchmarks/quality.py --preset peer --relion-force  # RELION rerun now, beside cryo2d
+    $ python benchmarks/quality.py --preset peer --runs 3  # three seeds of each tool, and their means
     $ python benchmarks/quality.py --small --map ../shared/data/maps/emd_3488.mrc --sim-args '--pixel-size 2.5'
 
 ``--map`` simulates from another molecule (its own cache entries and README
@@ -35,6 +36,12 @@ RELION's results are cached by input and command, so only the first run of a
 preset waits for it. A speed ratio needs both programs run on the host as it
 is at the time (the 2-core host's speed drifts within a day, and not alike for
 both): ``--relion-force`` reruns RELION, and the notes say when each ran.
+
+One run of either program scores as its seed falls: on the `peer` set RELION's
+median NCC was 0.936, 0.833 and 0.895 from ``--random_seed`` 1, 2 and 3
+(benchmarks/README.md, session 53). ``--runs N`` runs each tool N times on the
+same simulation (cryo2d's EM seeds and RELION's seeds differ; each RELION run
+has its own cache entry) and adds a row of each tool's means.
 """
 from __future__ import annotations
 
@@ -185,6 +192,26 @@ def table_row(tool: str, timing: dict, s: dict) -> list[str]:
     return [fmt.format(v) if v is not None else "–" for (_, fmt), v in zip(COLUMNS, values)]
 
 
+def mean_row(tool: str, runs: list[tuple[str, dict, dict]]) -> list[str]:
+    """A table row of the means of several runs' times and scores; the rare view as "kept in k of n"."""
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    timing = {key: mean([t.get(key, t.get("user_cpu_s") if key == "cpu_s" else None) for _, t, _ in runs])
+              for key in ("wall_s", "cpu_s", "peak_rss_mb")}
+    scores = {key: mean([s[key] for _, _, s in runs])
+              for key in ("junk_f1", "purity", "median_ncc", "n_particle_classes", "n_junk_classes", "n_empty_classes")}
+    row = table_row(tool, timing, {**scores, "rare_view_recovered": None})
+    kept = [s["rare_view_recovered"] for _, _, s in runs]
+    if all(k is not None for k in kept):
+        row[[c for c, _ in COLUMNS].index("rare view kept")] = f"{sum(kept)} of {len(kept)}"
+    for col in ("#particle classes", "#junk classes", "#empty"):
+        i = [c for c, _ in COLUMNS].index(col)
+        row[i] = f"{float(row[i]):.1f}"
+    return row
+
+
 def markdown_table(rows: list[list[str]]) -> str:
     head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
@@ -227,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", "-K", type=int)
     p.add_argument("--n-views", type=int, help="discrete views / uniform bins")
     p.add_argument("--seed", type=int, default=0, help="simulation and cryo2d seed (RELION gets seed + 1)")
+    p.add_argument("--runs", type=int, default=1,
+                   help="runs of each tool on the one simulation: cryo2d with EM seeds seed ... seed + runs - 1, "
+                        "RELION with --random_seed seed + 1 ... seed + runs; a row each and a row of their means "
+                        "(single runs of either depend on its seed: benchmarks/README.md, session 53)")
     p.add_argument("--map", default="bundled", help="3D map to simulate from (default: the bundled EMD-1832)")
     p.add_argument("--sim-args", default="", help="extra cryo2d simulate arguments (one string), e.g. '--pixel-size 2.5'")
     p.add_argument("--classify-args", default="", help="extra cryo2d classify arguments (one string)")
@@ -249,8 +280,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    started = time.time()  # RELION runs queued since then ran in this run, the others came from the cache
     if args.relion_force and args.relion_background:
         parser.error("--relion-force runs RELION in the foreground; drop --relion-background")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     name = args.preset or ("small" if args.small else "hard")
     p = dict(PRESETS[name])
     for key, value in (("n", args.n), ("box", args.box), ("snr", args.snr),
@@ -268,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     sim_cmd = simulate(p, sim_dir, args.seed, shlex.split(args.sim_args), args.map)
     star = sim_dir / "particles.star"
     rows, notes, commands = [], [], {"simulate": sim_cmd}
+    groups: dict[str, list[int]] = {}  # a tool's rows (one per seed), for the row of their means
 
     if not args.skip_cryo2d:
         if classify_available():
@@ -285,49 +320,64 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append((f"{tool} --mask-diameter {d:g}", job.parent / f"{job.name}-m{d:g}",
                              [*shlex.split(args.classify_args), "--mask-diameter", f"{d:g}"]))
             for label, job_dir, extra in runs:
-                timing = run_cryo2d(star, job_dir, p["classes"], args.seed, extra)
-                commands[label] = timing["command"]
-                if timing["returncode"] == 0:
-                    rows.append((label, timing, score_job(job_dir, sim_dir)))
-                else:
-                    notes.append(f"{label} failed (exit {timing['returncode']}); see {job_dir}.log")
+                for em_seed in range(args.seed, args.seed + args.runs):
+                    run_label = label if args.runs == 1 else f"{label} (EM seed {em_seed})"
+                    run_dir = job_dir if em_seed == args.seed else job_dir.parent / f"{job_dir.name}-e{em_seed}"
+                    timing = run_cryo2d(star, run_dir, p["classes"], em_seed, extra)
+                    commands[run_label] = timing["command"]
+                    if timing["returncode"] == 0:
+                        rows.append((run_label, timing, score_job(run_dir, sim_dir)))
+                        groups.setdefault(label, []).append(len(rows) - 1)
+                    else:
+                        notes.append(f"{run_label} failed (exit {timing['returncode']}); see {run_dir}.log")
         else:
             notes.append("`cryo2d classify` is not available in this checkout yet; only RELION was scored.")
 
     if not args.skip_relion:
-        kwargs = dict(
-            n_classes=p["classes"],
-            diameter_angst=particle_diameter_angst(sim_dir),
-            iterations=args.relion_iter,
-            seed=args.seed + 1,
-            threads=2,
-        )
-        cache_dir = relion.cache_dir_for(star, **kwargs)
-        meta = relion.read_meta(cache_dir)
-        if not relion.is_done(meta) and args.relion_background:
-            if not (meta and meta.get("status") in ("running", "queued") and relion._pid_alive(int(meta["pid"]))):
-                cli = [str(star), "--K", str(kwargs["n_classes"]), "--diameter", str(kwargs["diameter_angst"]),
-                       "--iter", str(kwargs["iterations"]), "--seed", str(kwargs["seed"]), "--background"]
-                relion.main(cli)
-            notes.append(f"RELION is running in the background ({cache_dir}); rerun this script when it is done.")
-        else:
-            meta = relion.run_relion(star, force=args.relion_force, **kwargs)
-        if relion.is_done(meta):
-            if meta.get("started"):
-                notes.append(f"RELION ran from {meta['started']} ({'in this run' if args.relion_force else 'cached'}).")
-            if "loadavg_start" in meta:
-                notes.append(f"load average (1 min) at RELION's start / end: {meta['loadavg_start'][0]:.1f} / "
-                             f"{meta['loadavg_end'][0]:.1f} on {os.cpu_count()} cores (wall times are contended "
-                             "when it exceeds the cores; CPU s is not).")
-            commands["relion"] = f"(cd {meta['cwd']} && {meta['command']})"
-            rows.append((f"RELION 3.1 ({kwargs['iterations']} it)", meta, score_job(cache_dir, sim_dir)))
-        elif meta and meta.get("status") == "failed":
-            notes.append(f"RELION failed (exit {meta.get('returncode')}); see {cache_dir / 'relion.log'}")
+        label = f"RELION 3.1 ({args.relion_iter} it)"
+        for relion_seed in range(args.seed + 1, args.seed + 1 + args.runs):
+            run_label = label if args.runs == 1 else f"{label}, seed {relion_seed}"
+            said = "" if args.runs == 1 else f"{run_label}: "
+            kwargs = dict(
+                n_classes=p["classes"],
+                diameter_angst=particle_diameter_angst(sim_dir),
+                iterations=args.relion_iter,
+                seed=relion_seed,
+                threads=2,
+            )
+            cache_dir = relion.cache_dir_for(star, **kwargs)
+            meta = relion.read_meta(cache_dir)
+            if not relion.is_done(meta) and args.relion_background:
+                if not (meta and meta.get("status") in ("running", "queued") and relion._pid_alive(int(meta["pid"]))):
+                    cli = [str(star), "--K", str(kwargs["n_classes"]), "--diameter", str(kwargs["diameter_angst"]),
+                           "--iter", str(kwargs["iterations"]), "--seed", str(kwargs["seed"]), "--background"]
+                    relion.main(cli)
+                notes.append(f"{said}RELION is running in the background ({cache_dir}); rerun this script when it is done.")
+            else:
+                meta = relion.run_relion(star, force=args.relion_force, **kwargs)
+            if relion.is_done(meta):
+                if meta.get("started"):
+                    fresh = args.relion_force or meta.get("queued_at", 0) >= started
+                    notes.append(f"{said}RELION ran from {meta['started']} ({'in this run' if fresh else 'cached'}).")
+                if "loadavg_start" in meta:
+                    notes.append(f"{said}load average (1 min) at RELION's start / end: {meta['loadavg_start'][0]:.1f} / "
+                                 f"{meta['loadavg_end'][0]:.1f} on {os.cpu_count()} cores (wall times are contended "
+                                 "when it exceeds the cores; CPU s is not).")
+                commands[run_label.replace("RELION 3.1 ", "relion ") if args.runs > 1 else "relion"] = (
+                    f"(cd {meta['cwd']} && {meta['command']})")
+                rows.append((run_label, meta, score_job(cache_dir, sim_dir)))
+                groups.setdefault(label, []).append(len(rows) - 1)
+            elif meta and meta.get("status") == "failed":
+                notes.append(f"{said}RELION failed (exit {meta.get('returncode')}); see {cache_dir / 'relion.log'}")
 
     if rows:
         notes.append(f"median NCC between clean projections of *different* views of this map: "
                      f"{view_baseline_ncc(sim_dir):.3f} (a class average of the wrong view scores about this).")
-    table = markdown_table([table_row(tool, t, s) for tool, t, s in rows])
+    lines_out = [table_row(tool, t, s) for tool, t, s in rows]
+    for label, at in reversed(list(groups.items())):  # each tool's mean row after its last run
+        if len(at) > 1:
+            lines_out.insert(at[-1] + 1, mean_row(f"{label}, mean of {len(at)} runs", [rows[i] for i in at]))
+    table = markdown_table(lines_out)
     print()
     print(table)
     for n in notes:
