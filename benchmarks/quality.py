@@ -183,9 +183,14 @@ COLUMNS = [
 ]
 
 
+def _cpu_s(timing: dict) -> float | None:
+    """CPU seconds of a run: ``cpu_s``, or a RELION cache entry's ``user_cpu_s`` where it has only that."""
+    return timing.get("cpu_s", timing.get("user_cpu_s"))
+
+
 def table_row(tool: str, timing: dict, s: dict) -> list[str]:
     values = [
-        tool, timing.get("wall_s"), timing.get("cpu_s", timing.get("user_cpu_s")), timing.get("peak_rss_mb"),
+        tool, timing.get("wall_s"), _cpu_s(timing), timing.get("peak_rss_mb"),
         s["junk_f1"], s["purity"], {True: "yes", False: "no", None: "n/a"}[s["rare_view_recovered"]], s["median_ncc"], s["n_particle_classes"],
         s["n_junk_classes"], s["n_empty_classes"],
     ]
@@ -198,17 +203,17 @@ def mean_row(tool: str, runs: list[tuple[str, dict, dict]]) -> list[str]:
         values = [v for v in values if v is not None]
         return sum(values) / len(values) if values else None
 
-    timing = {key: mean([t.get(key, t.get("user_cpu_s") if key == "cpu_s" else None) for _, t, _ in runs])
-              for key in ("wall_s", "cpu_s", "peak_rss_mb")}
+    timing = {"wall_s": mean([t.get("wall_s") for _, t, _ in runs]), "cpu_s": mean([_cpu_s(t) for _, t, _ in runs]),
+              "peak_rss_mb": mean([t.get("peak_rss_mb") for _, t, _ in runs])}
     scores = {key: mean([s[key] for _, _, s in runs])
               for key in ("junk_f1", "purity", "median_ncc", "n_particle_classes", "n_junk_classes", "n_empty_classes")}
     row = table_row(tool, timing, {**scores, "rare_view_recovered": None})
+    names = [c for c, _ in COLUMNS]
     kept = [s["rare_view_recovered"] for _, _, s in runs]
     if all(k is not None for k in kept):
-        row[[c for c, _ in COLUMNS].index("rare view kept")] = f"{sum(kept)} of {len(kept)}"
+        row[names.index("rare view kept")] = f"{sum(kept)} of {len(kept)}"
     for col in ("#particle classes", "#junk classes", "#empty"):
-        i = [c for c, _ in COLUMNS].index(col)
-        row[i] = f"{float(row[i]):.1f}"
+        row[names.index(col)] = f"{float(row[names.index(col)]):.1f}"
     return row
 
 
@@ -335,12 +340,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_relion:
         label = f"RELION 3.1 ({args.relion_iter} it)"
+        diameter = particle_diameter_angst(sim_dir)  # reads the STAR file: once, not once per seed
         for relion_seed in range(args.seed + 1, args.seed + 1 + args.runs):
             run_label = label if args.runs == 1 else f"{label}, seed {relion_seed}"
             said = "" if args.runs == 1 else f"{run_label}: "
             kwargs = dict(
                 n_classes=p["classes"],
-                diameter_angst=particle_diameter_angst(sim_dir),
+                diameter_angst=diameter,
                 iterations=args.relion_iter,
                 seed=relion_seed,
                 threads=2,
