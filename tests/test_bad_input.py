@@ -128,6 +128,14 @@ def test_wrong_kind_of_file(tmp_path, info, name, text, problem):
     assert problem in info(path)
 
 
+def test_a_star_file_that_is_not_utf8(star, info):
+    """A Latin-1 micrograph name: the file and line that are not UTF-8, not "no particle block"."""
+    text = star.read_text().replace("mic1.mrc", "mic\u00ef.mrc", 1)
+    star.write_bytes(text.encode("latin-1"))
+    line = text.splitlines().index(next(x for x in text.splitlines() if "mic\u00ef.mrc" in x)) + 1
+    assert f"{star}: not UTF-8 text (byte 0xef on line {line})" in info(star)
+
+
 def test_missing_file(tmp_path, info):
     assert "file not found" in info(tmp_path / "nothing.star")
 

@@ -283,6 +283,20 @@ def test_cs_and_star_give_the_same_classification(star_job, cs_job):
     np.testing.assert_allclose(out["alignments2D/shift"], origin_px, atol=1e-4)
 
 
+def test_a_job_run_again_from_the_other_format_leaves_only_its_own_files(sim3, tmp_path):
+    """A .cs run into a STAR run's folder (and back): no particle file of the earlier run stays to be read instead."""
+    cs, _ = _cs_from_sim(sim3, tmp_path)
+    job = tmp_path / "job"
+    assert main(["classify", str(sim3.star), "-o", str(job), *FAST]) == 0
+    assert (job / "particles.star").exists()
+    assert main(["classify", str(cs), "--project-dir", str(tmp_path), "-o", str(job), *FAST]) == 0
+    assert {p.name for p in job.glob("*particles*")} == {"particles.cs", "particles.csg"}
+    assert {p.name for p in job.glob("class_averages*")} == {"class_averages.cs", "class_averages.csg"}
+    assert main(["classify", str(sim3.star), "-o", str(job), *FAST]) == 0
+    assert {p.name for p in job.glob("*particles*")} == {"particles.star"}
+    assert not list(job.glob("class_averages*"))
+
+
 def test_a_log_file_gets_one_line_per_iteration_and_no_bar_redraws(sim3, tmp_path, capsys):
     """stderr captured (not a terminal, like a cluster job's log): the iteration lines, no carriage returns."""
     assert main(["classify", str(sim3.star), "-o", str(tmp_path / "job"), *FAST]) == 0

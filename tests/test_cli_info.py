@@ -132,3 +132,13 @@ def test_info_metadata_only_star_box_unknown(monkeypatch, capsys):
     code, out, err = run_cli(monkeypatch, capsys, "info", star, "--no-ctf", "--no-images")
     assert code == 0 and err == ""
     assert "box            unknown" in out and "pixel size     1.035 Å" in out
+
+
+def test_info_no_images_and_check_pixels_are_refused_together(tmp_path, monkeypatch, capsys):
+    """The two contradict each other: a usage error naming both, before anything is read or printed."""
+    star, _, _ = make_star_dataset(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        run_cli(monkeypatch, capsys, "info", star, "--no-images", "--check-pixels")
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "argument --check-pixels: not allowed with argument --no-images" in err

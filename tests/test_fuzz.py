@@ -365,7 +365,7 @@ def _replace(old: str, new: str, count: int = -1):
 OPTICS_ROW2 = "opticsGroup2\t2\t200.000000\t2.700000\t0.070000\t2.000000\t16\t2"
 STAR_CASES = {
     "blank": (lambda t: "", "no data block with an _rlnImageName column"),
-    "binary garbage": (lambda t: bytes(range(256)) * 4, "no data block with an _rlnImageName column"),
+    "binary garbage": (lambda t: bytes(range(256)) * 4, "not UTF-8 text (byte 0x80 on line 2)"),
     "no loop_": (_replace("loop_\n", ""), "non-numeric value"),
     "column renamed": (_replace("_rlnImageName", "_rlnImageFile"), "no data block with an _rlnImageName column"),
     "duplicate column": (_replace("_rlnDefocusV #5", "_rlnDefocusU #5"), "data_particles has column _rlnDefocusU more than once"),

@@ -32,6 +32,8 @@ from cryo2d.picks import pick_locations
 JOB_FILES = ("classes.mrcs", "classes_unmasked.mrcs", "classes.star", "class_averages.cs", "class_averages.csg",
              "particles.star", "particles.cs", "particles.csg", "duplicates.star", "duplicates.cs", "duplicates.csg",
              "gallery.png", "iterations.jsonl", "checkpoint.pt")
+#: Of those, the files of the result itself (:func:`write_job`), all from one run.
+_RESULT_FILES = tuple(name for name in JOB_FILES if name not in ("iterations.jsonl", "checkpoint.pt"))
 
 
 @dataclass
@@ -133,7 +135,8 @@ def classify(
     device : str
         "cpu" or "cuda".
     project_dir : path, optional
-        CryoSPARC project folder for .cs blob paths.
+        The project folder that relative image paths start from (CryoSPARC's
+        for .cs blob paths, RELION's for STAR image names).
     resume : bool
         Continue from ``out_dir/checkpoint.pt``.
     skip_bad : bool
@@ -259,10 +262,10 @@ def write_job(final: ClassifyResult, particles: ParticleSet, out: Path, pixel_si
     """Write classes.mrcs, classes.star, particles.star/.cs (+ duplicates), gallery.png; class_averages.cs for .cs."""
     K = len(final.classes)
     write_stack(out / "classes.mrcs", final.classes, pixel_size_angst)
+    written = {"classes.mrcs", "classes.star", "gallery.png"}
     if final.classes_unmasked is not None:  # as RELION's run_unmasked_classes.mrcs
         write_stack(out / "classes_unmasked.mrcs", final.classes_unmasked, pixel_size_angst)
-    else:  # an earlier run's file in this folder would feed select stale junk scores
-        (out / "classes_unmasked.mrcs").unlink(missing_ok=True)
+        written.add("classes_unmasked.mrcs")
     total = max(float(final.counts.sum()), 1.0)
     table = pd.DataFrame(
         {
@@ -278,13 +281,22 @@ def write_job(final: ClassifyResult, particles: ParticleSet, out: Path, pixel_si
         blob_path = project_blob_path(particles, out / "classes.mrcs")
         write_templates(out / "class_averages.cs", blob_path, np.arange(K), final.classes.shape[-1], pixel_size_angst,
                         final.resolution_angst)
+        written |= {"class_averages.cs", "class_averages.csg"}
     keep = final.assignments.keep
-    suffix = ".star" if particles.kind == "star" else ".cs"
+    suffixes = (".star",) if particles.kind == "star" else (".cs", ".csg")
     rows = np.nonzero(keep)[0]
-    write_particles(particles, out / f"particles{suffix}", assignments=final.assignments, rows=rows)
+    write_particles(particles, out / f"particles{suffixes[0]}", assignments=final.assignments, rows=rows)
+    written |= {f"particles{x}" for x in suffixes}
     if (~keep).any():
-        write_particles(particles, out / f"duplicates{suffix}", assignments=final.assignments, rows=np.nonzero(~keep)[0])
+        write_particles(particles, out / f"duplicates{suffixes[0]}", assignments=final.assignments, rows=np.nonzero(~keep)[0])
+        written |= {f"duplicates{x}" for x in suffixes}
     render_gallery(final.classes, final.counts, final.resolution_angst, out / "gallery.png", empty_class=final.empty_class)
+    # An earlier run's outputs that this one does not replace (the other input format's particle
+    # files, duplicates when there are none now, classes_unmasked.mrcs) would be read in place of
+    # this run's by select and rebalance: they go.
+    for name in _RESULT_FILES:
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
 
 
 make_callable(__name__)  # cryo2d.classify(...) calls classify above (cryo2d._callable)

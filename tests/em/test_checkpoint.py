@@ -62,6 +62,32 @@ def test_checkpoint_from_other_data_is_refused(sim3, helpers, interrupted, tmp_p
         run_em(fewer, config, checkpoint=saved, resume=True)
 
 
+def test_checkpoint_from_other_particles_of_the_same_count_is_refused(sim3, particles3, helpers, interrupted, tmp_path):
+    """Another set of as many particles (another simulation, another extraction): their images or defocus differ."""
+    import dataclasses
+
+    import starfile
+
+    from cryo2d.io import read_particles
+    from cryo2d.io.star import write_blocks
+
+    config, _, saved = interrupted
+    ctf = dataclasses.replace(particles3.ctf, defocus_u_angst=particles3.ctf.defocus_u_angst + 100.0)
+    with pytest.raises(Cryo2DError, match="different dataset"):
+        run_em(dataclasses.replace(particles3, ctf=ctf), config, checkpoint=saved, resume=True)
+    blocks = starfile.read(sim3.star, always_dict=True)  # the same rows in another order
+    blocks["particles"] = blocks["particles"].iloc[::-1].reset_index(drop=True)
+    blocks["particles"]["rlnImageName"] = [f"{n.split('@')[0]}@{sim3.folder / n.split('@')[1]}"
+                                           for n in blocks["particles"]["rlnImageName"]]
+    write_blocks(blocks, tmp_path / "reversed.star")  # every value exactly as read
+    with pytest.raises(Cryo2DError, match="different dataset"):
+        run_em(read_particles(tmp_path / "reversed.star"), config, checkpoint=saved, resume=True)
+    # The same particles from a STAR file in another folder (stacks named by their full path): resumed.
+    blocks["particles"] = blocks["particles"].iloc[::-1].reset_index(drop=True)
+    write_blocks(blocks, tmp_path / "same.star")
+    run_em(read_particles(tmp_path / "same.star"), config, checkpoint=saved, resume=True)
+
+
 def test_damaged_checkpoint_is_a_user_error(particles3, interrupted, tmp_path):
     config, _, _ = interrupted
     bad = tmp_path / "bad.pt"

@@ -699,6 +699,11 @@ def test_remove_duplicates(sim3, helpers, tmp_path):
     assert res.n_duplicates == 0
     assert len(starfile.read(tmp_path / "keep" / "particles.star", always_dict=True)["particles"]) == n
     assert not (tmp_path / "keep" / "duplicates.star").exists()
+    # Run again into the first job's folder without removal: its duplicates.star goes with the
+    # run that wrote it (the particle is in particles.star now, and in no other list).
+    classify(star, tmp_path / "rm", helpers.tiny_config(n_online_iterations=1, remove_duplicates=False))
+    assert len(starfile.read(tmp_path / "rm" / "particles.star", always_dict=True)["particles"]) == n
+    assert not (tmp_path / "rm" / "duplicates.star").exists()
 
     # Picks are 64 micrograph px (730 Å) apart: a 1000 Å separation merges neighbours.
     res = classify(star, tmp_path / "far", helpers.tiny_config(n_online_iterations=1, min_separation_angst=1000.0))

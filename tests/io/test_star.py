@@ -5,6 +5,7 @@ import pytest
 import starfile
 from particle_files import make_star_dataset, random_assignments, shared_data
 
+from cryo2d.errors import Cryo2DError
 from cryo2d.io import read_particles, write_particles
 from cryo2d.io.mrc import MRCStack, StackRefs
 
@@ -82,6 +83,33 @@ def test_stack_paths_relative_to_current_folder(tmp_path, monkeypatch):
     np.testing.assert_array_equal(particles.stack.read(np.arange(12)), images)
 
 
+def test_stack_paths_relative_to_the_project_dir(tmp_path, monkeypatch):
+    """--project-dir: RELION's project folder, for a STAR file read from another folder; looked in first."""
+    (tmp_path / "proj" / "Extract").mkdir(parents=True)
+    star, images, _ = make_star_dataset(tmp_path / "proj" / "Extract")
+    table = starfile.read(star, always_dict=True)
+    table["particles"]["rlnImageName"] = table["particles"]["rlnImageName"].str.replace("@", "@Extract/")
+    (tmp_path / "proj" / "Select").mkdir()
+    starfile.write(table, tmp_path / "proj" / "Select" / "particles.star")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(Cryo2DError, match="give that folder with --project-dir"):
+        read_particles("../proj/Select/particles.star")
+    particles = read_particles("../proj/Select/particles.star", project_dir="../proj")
+    np.testing.assert_array_equal(particles.stack.read(np.arange(12)), images)
+
+
+def test_a_box_size_that_the_stacks_do_not_have_is_refused(tmp_path):
+    """_rlnImageSize from before the stacks were rescaled: its pixel size is off too, so nothing is classified."""
+    star, _, _ = make_star_dataset(tmp_path)
+    table = starfile.read(star, always_dict=True)
+    table["optics"]["rlnImageSize"] = 32
+    starfile.write(table, tmp_path / "rescaled.star")
+    assert read_particles(tmp_path / "rescaled.star", open_stacks=False).box == 32
+    with pytest.raises(Cryo2DError, match=r"rescaled.star: the metadata gives 32 px images, but stack\d.mrcs has 16 px"):
+        read_particles(tmp_path / "rescaled.star")
+
+
 def test_stacks_found_beside_the_star_file_are_named_from_the_current_folder(tmp_path, monkeypatch):
     """Names that only work beside the STAR file are rewritten, so the rows written elsewhere still find the stacks."""
     (tmp_path / "data").mkdir()
@@ -154,6 +182,24 @@ def test_write_30_keeps_single_block_and_pixel_origins(tmp_path):
     np.testing.assert_allclose(out["rlnOriginX"], -assignments.shift_px[:, 0], rtol=1e-15)
     np.testing.assert_allclose(out["rlnOriginY"], -assignments.shift_px[:, 1], rtol=1e-15)
     assert "rlnOriginXAngst" not in out
+
+
+@pytest.mark.parametrize("version, given, kept", [("3.0", "rlnOriginXAngst", "rlnOriginXAngst"),
+                                                   ("3.1", "rlnOriginX", "rlnOriginXAngst")])
+def test_origins_in_one_unit_that_read_back_as_the_new_shifts(tmp_path, version, given, kept):
+    """An input's origins in the other unit (Å in a 3.0 file, pixels in a 3.1 file) do not stay beside the new ones."""
+    star, _, ctf = make_star_dataset(tmp_path, version=version)
+    table = starfile.read(star, always_dict=True)
+    table["particles"][given] = 3.0
+    table["particles"][given.replace("X", "Y")] = -1.0
+    starfile.write(table, tmp_path / "old_origins.star")
+    particles = read_particles(tmp_path / "old_origins.star")
+    assignments = random_assignments(len(particles))
+    write_particles(particles, tmp_path / "out.star", assignments)
+    out = starfile.read(tmp_path / "out.star", always_dict=True)["particles"]
+    origins = [c for c in out.columns if c.startswith("rlnOrigin")]
+    assert origins == [kept, kept.replace("X", "Y")]
+    np.testing.assert_allclose(read_particles(tmp_path / "out.star").prior_shift_px, assignments.shift_px, atol=1e-9)
 
 
 def test_zero_shifts_are_written_as_zero_not_minus_zero(tmp_path):

@@ -144,7 +144,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_arg, default=d.seed, help="random seed (default %(default)s)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--threads", type=threads_arg, default=None, help="CPU threads for torch (default: all cores)")
-    p.add_argument("--project-dir", default=None, help="CryoSPARC project folder for .cs / .csg blob paths")
+    p.add_argument("--project-dir", default=None,
+                   help="project folder that relative image paths start from: CryoSPARC's for .cs / .csg blob "
+                        "paths, RELION's for STAR image names (looked in first)")
     p.add_argument("--skip-bad", action="store_true", help="drop images with NaN/Inf pixels (reported) instead of refusing")
     p.add_argument("--resume", action="store_true", help="continue from the job's checkpoint")
 

@@ -27,10 +27,13 @@ from cryo2d.particles import ParticleSet
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="particle file (.star, .cs or .csg)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for programs)")
-    parser.add_argument("--project-dir", metavar="DIR", help=".cs and .csg only: folder that blob/path is relative to")
+    parser.add_argument("--project-dir", metavar="DIR",
+                        help="project folder that relative image paths start from (CryoSPARC's blob/path, "
+                             "RELION's image names)")
     parser.add_argument("--no-ctf", action="store_true", help="do not require CTF columns")
-    parser.add_argument("--no-images", action="store_true", help="metadata only: do not open the image stacks")
-    parser.add_argument("--check-pixels", action="store_true",
+    images = parser.add_mutually_exclusive_group()
+    images.add_argument("--no-images", action="store_true", help="metadata only: do not open the image stacks")
+    images.add_argument("--check-pixels", action="store_true",
                         help="read every image and refuse NaN/Inf pixels; say whether the protein is bright or dark")
 
 

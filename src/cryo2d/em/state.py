@@ -1,6 +1,8 @@
 """Mutable state of a run and its checkpoints (atomic, resumable)."""
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +74,28 @@ def new_state(n: int, K: int, m: int, n_shells: int, device) -> RunState:
     )
 
 
+def particles_digest(particles) -> str:
+    """SHA-1 of what tells one particle set from another: each particle's image (stack file name
+    without its folder, and image number), pixel size and defocus.
+
+    Not the folders: a job and its data moved together, or a stack folder mounted elsewhere,
+    still resume. Another stack of the same name and length (a second simulation, another
+    micrograph's extraction) differs in its defocus values.
+    """
+    h = hashlib.sha1()
+    stack = particles.stack
+    if hasattr(stack, "names") and hasattr(stack, "file_index"):
+        names = [os.path.basename(str(n)) for n in stack.names]
+        h.update("\n".join(names).encode("utf-8"))
+        h.update(np.ascontiguousarray(stack.file_index, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(stack.image_index, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(particles.pixel_size_angst, dtype=np.float64).tobytes())
+    if particles.ctf is not None:
+        for values in (particles.ctf.defocus_u_angst, particles.ctf.defocus_v_angst, particles.ctf.defocus_angle_deg):
+            h.update(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(engine, path: Path, next_iteration: int) -> None:
     """Write the state, the RNG and the iteration counter atomically."""
     path = Path(path)
@@ -81,6 +105,7 @@ def save_checkpoint(engine, path: Path, next_iteration: int) -> None:
         "next_iteration": next_iteration,
         "config": engine.config.to_dict(),
         "n_particles": len(engine.particles),
+        "particles_digest": particles_digest(engine.particles),
         "rng": engine.rng.bit_generator.state,
         "state": {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in s.__dict__.items()},
     }
@@ -95,7 +120,9 @@ def load_checkpoint(engine, path: Path) -> int:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a damaged checkpoint is a user-visible problem
         raise Cryo2DError(f"{path}: cannot read checkpoint ({type(err).__name__})") from None
-    if payload.get("version") != _VERSION or payload.get("n_particles") != len(engine.particles):
+    same = payload.get("n_particles") == len(engine.particles) and payload.get(
+        "particles_digest", particles_digest(engine.particles)) == particles_digest(engine.particles)
+    if payload.get("version") != _VERSION or not same:
         raise Cryo2DError(f"{path}: checkpoint is from a different dataset or version; remove it or drop --resume")
     ours = engine.config.to_dict()
     theirs = payload["config"]

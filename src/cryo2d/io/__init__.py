@@ -43,8 +43,10 @@ def read_particles(
         RELION STAR (3.0 or 3.1+), CryoSPARC ``.cs``, or a CryoSPARC result
         group ``.csg`` (an exported output: its slots' ``.cs`` files merged).
     project_dir : str or PathLike, optional
-        For ``.cs`` and ``.csg``: the CryoSPARC project folder that
-        ``blob/path`` is relative to.
+        The project folder that relative image paths start from: CryoSPARC's
+        for ``.cs`` and ``.csg`` ``blob/path``; RELION's for a STAR file's
+        ``_rlnImageName`` (looked in first, before the STAR file's folder and
+        the current folder).
     no_ctf : bool
         Read no CTF (``ctf`` is None); otherwise missing CTF data is an error.
     open_stacks : bool
@@ -68,7 +70,7 @@ def read_particles(
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".star":
-        particles = read_star(path, no_ctf=no_ctf, open_stacks=False)
+        particles = read_star(path, no_ctf=no_ctf, open_stacks=False, project_dir=project_dir)
     elif suffix == ".cs":
         particles = read_cs(path, project_dir=project_dir, no_ctf=no_ctf, open_stacks=False)
     elif suffix == ".csg":

@@ -490,10 +490,15 @@ class StackRefs:
                 hint = f"; {self.missing_hint}" if self.missing_hint and len(places) > 1 else ""
                 raise Cryo2DError(f"{self.label}: stack file {name} not found (looked for {where}){hint}")
             files.append(found)
-        return MRCStack(
+        stack = MRCStack(
             files, self.file_index, self.image_index,
             label=self.label, names=self.names, index_base=self.index_base, sign=self.sign,
         )
+        if self.box and stack.box != self.box:  # images rescaled after the metadata was written: its pixel size is off too
+            raise Cryo2DError(
+                f"{self.label}: the metadata gives {self.box} px images, but {self.names[0]} has {stack.box} px images"
+            )
+        return stack
 
 
 def _negated(sign: np.ndarray | None, n: int) -> np.ndarray:

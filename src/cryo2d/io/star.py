@@ -39,14 +39,16 @@ OPTIONAL_CTF_COLUMNS = {
 }
 
 
-def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: bool = True) -> ParticleSet:
+def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: bool = True,
+              project_dir: str | os.PathLike | None = None) -> ParticleSet:
     """Read a RELION 3.0 or 3.1+ particle STAR file.
 
     Parameters
     ----------
     path : str or PathLike
-        The STAR file. Stack paths in ``_rlnImageName`` are looked up relative
-        to its folder, then to the current folder (RELION project paths).
+        The STAR file. Relative stack paths in ``_rlnImageName`` are looked
+        up in ``project_dir`` when given, then beside the STAR file, then in
+        the current folder (RELION's names start from its project folder).
     no_ctf : bool
         Do not read CTF columns (``ctf`` is None); otherwise a missing CTF
         column is an error.
@@ -55,6 +57,9 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
         stacks found only beside the STAR file are renamed in the table's
         ``_rlnImageName``, see :func:`open_star_stacks`); False leaves a
         ``StackRefs`` (no file touched, ``box`` from ``_rlnImageSize`` or 0).
+    project_dir : str or PathLike, optional
+        RELION's project folder, the first place relative stack paths are
+        looked up.
 
     Returns
     -------
@@ -84,6 +89,8 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
         raise Cryo2DError(f"{label}: not a readable STAR file ({_one_line(err)})") from err
     finally:
         linecache.clearcache()
+    if not blocks:
+        _refuse_non_utf8(path, label)  # starfile reads such a file as no blocks at all
     blocks = {name: pd.DataFrame([b]) if isinstance(b, dict) else b for name, b in blocks.items()}
     for name, block in blocks.items():
         twice = block.columns[block.columns.duplicated()]
@@ -97,7 +104,7 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
     columns = _merged_columns(table, optics, label)
 
     ctf = None if no_ctf else _ctf(columns, label)
-    refs = _stack_refs(table, optics, path, label)
+    refs = _stack_refs(table, optics, path, label, project_dir)
     pixel_size = _pixel_size(columns, label)
     particles = ParticleSet(
         stack=refs,
@@ -222,6 +229,16 @@ def _prior_shifts(columns: dict[str, pd.Series], pixel_size_angst: np.ndarray, l
     return None
 
 
+def _refuse_non_utf8(path: Path, label: str) -> None:
+    """One line for a STAR file that is not UTF-8 text (the line and byte where it stops being so)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise Cryo2DError(f"{label}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line})") from None
+
+
 def open_star_stacks(particles: ParticleSet) -> ParticleSet:
     """``particles`` (read by ``read_star``) with its stacks opened, and each stack that was found beside
     the STAR file, and not from the current folder, renamed in ``_rlnImageName`` so that the name finds
@@ -265,7 +282,8 @@ def _split_image_names(image_names: pd.Series) -> tuple[pd.Series, pd.Series, pd
     return parts[0], has_at, parts[2].where(has_at, parts[0]).str.strip()
 
 
-def _stack_refs(table: pd.DataFrame, optics: pd.DataFrame | None, path: Path, label: str) -> StackRefs:
+def _stack_refs(table: pd.DataFrame, optics: pd.DataFrame | None, path: Path, label: str,
+                project_dir: str | os.PathLike | None = None) -> StackRefs:
     """Parse ``000001@stack.mrcs`` names (1-based) into 0-based stack references."""
     missing = table["rlnImageName"].isna().to_numpy()
     if missing.any():
@@ -281,8 +299,9 @@ def _stack_refs(table: pd.DataFrame, optics: pd.DataFrame | None, path: Path, la
             f"{label}: bad _rlnImageName {image_names[bad].iloc[0]!r} (expected e.g. 000001@stack.mrcs)"
         )
     codes, names = _factorize(stack_names.tolist())
-    places = [[path.parent / name, Path.cwd() / name] if not Path(name).is_absolute() else [Path(name)]
-              for name in names]
+    first = [Path(project_dir)] if project_dir is not None else []
+    places = [[base / name for base in (*first, path.parent, Path.cwd())] if not Path(name).is_absolute()
+              else [Path(name)] for name in names]
     places = [list(dict.fromkeys(p)) for p in places]
     box = 0
     if optics is not None and "rlnImageSize" in optics and optics["rlnImageSize"].nunique() == 1:
@@ -294,7 +313,8 @@ def _stack_refs(table: pd.DataFrame, optics: pd.DataFrame | None, path: Path, la
         label=label, names=names, candidates=places, file_index=codes,
         image_index=numbers.to_numpy(dtype=np.int64) - 1, index_base=1, box=box,
         missing_hint=("a relative path is read from the STAR file's folder or the current folder: run from the "
-                      "folder it is relative to, as RELION runs in its project folder"),
+                      "folder it is relative to, as RELION runs in its project folder, or give that folder with "
+                      "--project-dir"),
     )
 
 
@@ -319,8 +339,9 @@ def write_star(
         Same length as ``particles``. Adds (or overwrites) ``_rlnClassNumber``
         (class_index + 1), ``_rlnAnglePsi`` (−psi_deg, degrees), ``_rlnOriginXAngst`` /
         ``_rlnOriginYAngst`` (−shift_px × pixel size, Å: RELION's origin is the
-        translation that centres the particle; 3.0 input gets ``_rlnOriginX`` /
-        ``_rlnOriginY`` in pixels), ``_rlnMaxValueProbDistribution``
+        translation that centres the particle; 3.0 input without Å origins gets
+        ``_rlnOriginX`` / ``_rlnOriginY`` in pixels, and the input's origins in
+        the other unit are dropped), ``_rlnMaxValueProbDistribution``
         and ``_rlnNormCorrection`` (scale). ``keep`` is not applied: pass
         ``rows`` to leave particles out.
     rows : (m,) int array or (n,) bool mask, optional
@@ -337,7 +358,9 @@ def write_star(
         assert len(assignments.class_index) == len(particles), "assignments must cover every particle"
         picked = assignments if rows is None else assignments.subset(rows)
         pixel_size_angst = particles.pixel_size_angst if rows is None else particles.pixel_size_angst[rows]
-        table = _with_assignments(table, picked, pixel_size_angst, extra.get("optics") is not None)
+        # Origins in Å as RELION 3.1 writes them, or in pixels for a 3.0 file that has them so.
+        angstrom = extra.get("optics") is not None or "rlnOriginXAngst" in table.columns
+        table = _with_assignments(table, picked, pixel_size_angst, angstrom)
     optics = extra.get("optics")
     blocks = dict(extra.get("blocks") or ({"optics": optics} if optics is not None else {}))
     blocks[extra.get("particles_block", "particles")] = table
@@ -375,11 +398,15 @@ def _with_assignments(
     # --apply_transformation; tests/io/test_relion_poses.py): the origin undoes our
     # shift and ψ our counter-clockwise rotation, so both are negated.
     table["rlnAnglePsi"] = np.mod(-np.asarray(a.psi_deg, dtype=np.float64), 360.0)
-    # 0 − x, not −x: a zero shift is written 0.0, not -0.0.
+    # 0 − x, not −x: a zero shift is written 0.0, not -0.0. The input's origins in the other
+    # unit are the old poses: left in, they would disagree with these (and a reader that
+    # prefers them, ours included, would take the old ones).
     if angstrom_origins:
+        table = table.drop(columns=[c for c in ("rlnOriginX", "rlnOriginY") if c in table.columns])
         table["rlnOriginXAngst"] = 0.0 - shift_px[:, 0] * pixel_size_angst
         table["rlnOriginYAngst"] = 0.0 - shift_px[:, 1] * pixel_size_angst
     else:
+        table = table.drop(columns=[c for c in ("rlnOriginXAngst", "rlnOriginYAngst") if c in table.columns])
         table["rlnOriginX"] = 0.0 - shift_px[:, 0]
         table["rlnOriginY"] = 0.0 - shift_px[:, 1]
     table["rlnMaxValueProbDistribution"] = np.asarray(a.max_prob, dtype=np.float64)
