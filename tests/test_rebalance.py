@@ -1,11 +1,13 @@
 """cryo2d rebalance: rotation-invariant grouping of classes, capped shares, seeded drops."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import starfile
 import torch
-from test_select import sim_data, write_job  # noqa: F401 (sim_data is a fixture)
+from test_select import cs_job, sim_data, write_job  # noqa: F401 (sim_data is a fixture)
 
 from cryo2d.cli.main import main
 from cryo2d.fourier import rotate_images
@@ -118,6 +120,39 @@ def test_rebalance_of_a_selection_groups_only_the_selected_classes(dominant_job,
     assert set(kept) == {0, 2, 3} and (np.bincount(kept, minlength=4) / len(kept)).max() <= 0.5 + 1e-9
     counts = starfile.read(job / "classes.star")["rlnClassParticleCount"].to_numpy()
     np.testing.assert_array_equal(supers["rlnClassParticleCount"], counts[[1, 2, 4, 5]])
+
+
+def test_outputs_of_earlier_runs_in_the_folder_go(dominant_job, tmp_path, capsys):
+    """A .cs job's selection over a STAR one's: rebalance read the stale particles.star (0 particles kept)."""
+    job = dominant_job[0]
+    csjob, array = cs_job(job, tmp_path / "csjob")
+    sel = tmp_path / "sel"
+    assert main(["select", str(job), "-o", str(sel), "--classes", "1,2"]) == 0
+    assert main(["select", str(csjob), "-o", str(sel), "--classes", "3,4"]) == 0
+    capsys.readouterr()
+    assert main(["rebalance", str(sel), "-o", str(tmp_path / "r"), "--max-share", "1"]) == 0
+    printed = capsys.readouterr().out
+    n = int(np.isin(array["alignments2D/class"], [2, 3]).sum())
+    assert "without a class" not in printed and f"kept {n} of {n} particles" in printed
+    # rebalance over a selection folder, then select over the rebalance folder: each leaves only its own files
+    rebalance(sel, tmp_path / "r", max_share=1.0)  # .cs over the STAR job's rebalance
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
+        "dropped.cs", "dropped.csg", "particles.cs", "particles.csg", "superclasses.star"]
+    rebalance(job, sel, max_share=1.0)
+    assert sorted(p.name for p in sel.iterdir()) == ["dropped.star", "particles.star", "superclasses.star"]
+    assert main(["select", str(job), "-o", str(sel), "--classes", "5"]) == 0
+    assert sorted(p.name for p in sel.iterdir()) == ["classes.star", "particles.star", "rejected.star", "templates.mrcs"]
+
+
+def test_rebalance_refuses_a_classification_jobs_folder(dominant_job, tmp_path, capsys):
+    job = dominant_job[0]
+    other = shutil.copytree(job, tmp_path / "other")
+    (other / "checkpoint.pt").write_bytes(b"")
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    assert main(["rebalance", str(job), "-o", str(other)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cryo2d: error: {other}: holds a classification job (checkpoint.pt); choose another folder"]
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
 
 
 def test_cap_size_known_answers():

@@ -327,9 +327,9 @@ def test_select_reads_job_from_another_folder(truth_job, tmp_path, monkeypatch):
     assert (tmp_path / "rel_out" / "particles.star").is_file() and result.n_kept > 0
 
 
-def test_cs_job_writes_cs(truth_job, sim_data, tmp_path):
-    """A job whose particles are a .cs file gets particles.cs / rejected.cs with every field kept."""
-    job = _copy_job(truth_job[0], tmp_path / "csjob")
+def cs_job(job: Path, dest: Path) -> tuple[Path, np.ndarray]:
+    """A copy of ``job`` whose particles are a .cs file (the same classes); returns (folder, its array)."""
+    job = _copy_job(job, dest)
     star = starfile.read(job / "particles.star")["particles"]
     (job / "particles.star").unlink()
     n = len(star)
@@ -344,6 +344,12 @@ def test_cs_job_writes_cs(truth_job, sim_data, tmp_path):
     array["alignments2D/shift"] = np.arange(2 * n).reshape(n, 2)
     with open(job / "particles.cs", "wb") as handle:
         np.save(handle, array)
+    return job, array
+
+
+def test_cs_job_writes_cs(truth_job, sim_data, tmp_path):
+    """A job whose particles are a .cs file gets particles.cs / rejected.cs with every field kept."""
+    job, array = cs_job(truth_job[0], tmp_path / "csjob")
     result = select(job, tmp_path / "out", classes=[2, 4])
     kept = np.load(tmp_path / "out" / "particles.cs")
     rejected = np.load(tmp_path / "out" / "rejected.cs")
@@ -359,6 +365,73 @@ def test_cs_job_writes_cs(truth_job, sim_data, tmp_path):
     selection = read_job(tmp_path / "out", selection=True)  # classes 2 and 4 of the job, in that order
     assert selection.numbers.tolist() == [2, 4] and selection.n_classes == 2
     np.testing.assert_array_equal(selection.class_number, np.where(kept["alignments2D/class"] == 1, 1, 2))
+
+
+def test_reselect_into_a_folder_removes_the_other_formats_files(truth_job, tmp_path):
+    """A .cs job's selection into a STAR job's selection folder: its particles.star went on being read."""
+    job = truth_job[0]
+    csjob, array = cs_job(job, tmp_path / "csjob")
+    out = tmp_path / "sel"
+    select(job, out, classes=[1, 2])
+    select(csjob, out, classes=[3])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "classes.star", "particles.cs", "particles.csg", "rejected.cs", "rejected.csg", "templates.mrcs"]
+    selection = read_job(out, selection=True)
+    assert selection.particles.kind == "cs" and selection.numbers.tolist() == [3]
+    assert (selection.class_number == 1).sum() == (array["alignments2D/class"] == 2).sum() > 0
+    select(job, out, classes=[4])  # and back: no .cs or .csg left
+    assert sorted(p.name for p in out.iterdir()) == ["classes.star", "particles.star", "rejected.star", "templates.mrcs"]
+    assert read_job(out, selection=True).numbers.tolist() == [4]
+
+
+@pytest.mark.parametrize("marker", ["checkpoint.pt", "iterations.jsonl", "stream.json", "classes.mrcs"])
+def test_select_refuses_another_jobs_folder(truth_job, tmp_path, capsys, marker):
+    """select -o into another classification job replaced its particles.star and classes.star, breaking it."""
+    job = truth_job[0]
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("particles.star", "classes.star", marker):
+        shutil.copy(job / ("classes.mrcs" if name == marker else name), other / name)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    assert main(["select", str(job), "-o", str(other), "--classes", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cryo2d: error: {other}: holds a classification job ({marker}); choose another folder"]
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    copy = _copy_job(job, tmp_path / "copy")  # a whole job folder as classify writes it
+    (copy / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(Cryo2DError, match=r"copy: holds a classification job \(checkpoint.pt\)"):
+        select(job, copy, classes=[1])
+
+
+def test_select_refuses_particle_files_it_did_not_write(truth_job, sim_data, tmp_path):
+    """The folder of the particle file a job was classified from, or the job's own file by another path."""
+    job = truth_job[0]
+    source = tmp_path / "input"
+    source.mkdir()
+    shutil.copy(sim_data[0] / "particles.star", source / "particles.star")
+    before = (source / "particles.star").read_bytes()
+    with pytest.raises(Cryo2DError, match="input: holds particles.star, not written by cryo2d select or rebalance"):
+        select(job, source, classes=[1])
+    assert (source / "particles.star").read_bytes() == before and sorted(source.iterdir()) == [source / "particles.star"]
+    # A job whose particles.star is a link into a selection folder: selecting into that folder would replace it.
+    select(job, tmp_path / "sel", classes=list(range(1, 8)))
+    linked = _copy_job(job, tmp_path / "linked")
+    (linked / "particles.star").unlink()
+    (linked / "particles.star").symlink_to(tmp_path / "sel" / "particles.star")
+    with pytest.raises(Cryo2DError, match="would write particles.star over its input"):
+        select(linked, tmp_path / "sel", classes=[1])
+    assert read_job(tmp_path / "sel", selection=True).numbers.tolist() == list(range(1, 8))
+
+
+def test_job_markers_cover_the_files_of_a_job():
+    """Every file a classification or stream job writes, and select or rebalance never does, marks a job."""
+    from cryo2d.classify import JOB_FILES
+    from cryo2d.select import JOB_MARKERS, OUTPUT_FILES
+    from cryo2d.stream import CHECKPOINT
+
+    assert set(JOB_FILES) - set(OUTPUT_FILES) <= set(JOB_MARKERS)
+    assert {CHECKPOINT, "stream.json", "updates.jsonl"} <= set(JOB_MARKERS)
+    assert not set(JOB_MARKERS) & set(OUTPUT_FILES)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -32,7 +32,7 @@ from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import radius_grid, resize_images, rotate_images
 from cryo2d.io import write_particles
 from cryo2d.io.star import write_blocks
-from cryo2d.select import Job, output_folder, read_job
+from cryo2d.select import Job, clear_stale_outputs, output_folder, read_job
 
 __all__ = [
     "DEFAULT_SIMILARITY_THRESHOLD",
@@ -316,7 +316,11 @@ def rebalance(
         Created if needed; gets ``particles{.star,.cs}`` (kept),
         ``dropped{.star,.cs}`` and ``superclasses.star`` (block
         ``superclasses``: ``rlnClassNumber``, ``superclass``,
-        ``rlnClassParticleCount``, ``count_after``), each atomically.
+        ``rlnClassParticleCount``, ``count_after``), each atomically. The
+        other files of ``cryo2d.select.OUTPUT_FILES`` there (an earlier
+        select or rebalance run's) are removed; a folder that
+        ``cryo2d.select.output_folder`` refuses (the job's, a classification
+        job's) is an error.
     max_share, n_superclasses, seed
         See ``rebalance_job``.
 
@@ -332,6 +336,7 @@ def rebalance(
         "dropped": out / f"dropped{job.suffix}",
         "superclasses": out / "superclasses.star",
     }
+    clear_stale_outputs(out, list(paths.values()))
     write_particles(job.particles, paths["particles"], rows=np.flatnonzero(result.keep))
     write_particles(job.particles, paths["dropped"], rows=np.flatnonzero(~result.keep))
     valid = (job.class_number >= 1)

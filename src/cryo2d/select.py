@@ -18,6 +18,14 @@ function):
   ``read_job(..., selection=True)`` reads as a job of the selected classes
   (``cryo2d rebalance Select/good``).
 
+The output folder may be an earlier selection (or rebalance) folder: the files
+of those outputs (``OUTPUT_FILES``) that this run does not write are removed,
+so that a ``particles.star`` left by an earlier run never hides the new
+``particles.cs``. ``output_folder`` refuses a classification job's folder
+(one holding a file in ``JOB_MARKERS``) and a folder holding particle files
+that neither command wrote, such as the particle file a job was classified
+from.
+
 Class numbers are 1-based everywhere (``_rlnClassNumber``; a ``.cs`` file's
 0-based ``alignments2D/class`` is converted). A particle with no class
 (number 0) is always rejected.
@@ -48,17 +56,20 @@ from cryo2d._callable import make_callable
 from cryo2d.errors import Cryo2DError
 from cryo2d.io import read_particles, write_particles, write_stack
 from cryo2d.io.csg import select_templates
-from cryo2d.io.outputs import make_output_folder
+from cryo2d.io.outputs import make_output_folder, refuse_overwriting_inputs
 from cryo2d.io.star import write_blocks
 from cryo2d.junk import DEFAULT_MAX_JUNK_SCORE, junk_scores
 from cryo2d.particles import ParticleSet
 
 __all__ = [
+    "JOB_MARKERS",
     "Job",
+    "OUTPUT_FILES",
     "SelectionCriteria",
     "SelectionResult",
     "applied_criteria",
     "choose_classes",
+    "clear_stale_outputs",
     "output_folder",
     "parse_class_list",
     "read_job",
@@ -68,6 +79,22 @@ __all__ = [
 ]
 
 _CLASS_COLUMNS = ("rlnClassNumber", "rlnClassParticleCount", "rlnEstimatedResolution")
+
+_PARTICLE_FILES = tuple(f"{stem}{ext}" for stem in ("particles", "rejected", "dropped") for ext in (".star", ".cs", ".csg"))
+
+#: Every file ``write_selection`` and ``cryo2d.rebalance.rebalance`` may write into their folder (``.csg``: the
+#: result group beside each ``.cs``); those a run does not write are removed from it (``clear_stale_outputs``).
+OUTPUT_FILES = (*_PARTICLE_FILES, "templates.mrcs", "classes.star", "templates.cs", "templates.csg", "superclasses.star")
+
+#: Files that only a classification job writes (``cryo2d.classify.JOB_FILES`` less ``OUTPUT_FILES``, and
+#: ``cryo2d stream``'s own): a folder holding one is a job's, never an output folder of select or rebalance.
+#: Listed here rather than imported, as importing ``cryo2d.classify`` loads torch.
+JOB_MARKERS = ("checkpoint.pt", "stream_checkpoint.pt", "stream.json", "updates.jsonl", "iterations.jsonl",
+               "classes.mrcs", "classes_unmasked.mrcs", "class_averages.cs", "class_averages.csg",
+               "duplicates.star", "duplicates.cs", "duplicates.csg", "gallery.png")
+
+# A folder with one of these was written by select (templates.mrcs) or rebalance (superclasses.star).
+_OUTPUT_MARKERS = ("templates.mrcs", "superclasses.star")
 
 
 @dataclass
@@ -526,11 +553,69 @@ class SelectionResult:
 
 
 def output_folder(job: Job, out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` for outputs derived from ``job``; Cryo2DError if it is the job folder or cannot be made."""
+    """Create ``out_dir`` for outputs derived from ``job``, refusing a folder whose files must not be replaced.
+
+    An empty or new folder, or an earlier output of ``cryo2d select`` or
+    ``cryo2d rebalance`` (re-run with other classes), is accepted.
+
+    Parameters
+    ----------
+    job : Job
+        The job (or selection) read.
+    out_dir : str or PathLike
+        The output folder; created if needed.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    Cryo2DError
+        ``out_dir`` is the job folder; holds a classification job (a file
+        of ``JOB_MARKERS``, e.g. checkpoint.pt); holds particle files that
+        select or rebalance did not write (no templates.mrcs or
+        superclasses.star beside them: e.g. the particle file that a job
+        was classified from); would overwrite the job's particle file; or
+        cannot be made.
+    """
     out = Path(out_dir)
     if out.resolve() == job.folder.resolve():
         raise Cryo2DError(f"{out}: the output folder must differ from the job folder")
+    if out.is_dir():
+        marker = next((name for name in JOB_MARKERS if (out / name).exists()), None)
+        if marker is not None:
+            raise Cryo2DError(f"{out}: holds a classification job ({marker}); choose another folder")
+        foreign = next((name for name in _PARTICLE_FILES if (out / name).exists()), None)
+        if foreign is not None and not any((out / name).is_file() for name in _OUTPUT_MARKERS):
+            raise Cryo2DError(
+                f"{out}: holds {foreign}, not written by cryo2d select or rebalance (an input?); choose another folder"
+            )
+    refuse_overwriting_inputs(out, OUTPUT_FILES, [job.particles.source, *job.particles.extra.get("metafiles", [])])
     return make_output_folder(out)
+
+
+def clear_stale_outputs(out: Path, written: list[Path]) -> None:
+    """Remove the files of ``OUTPUT_FILES`` in ``out`` that this run does not write.
+
+    A ``particles.star`` left by an earlier run beside the new ``particles.cs``
+    (or ``rejected.star`` beside ``dropped.star``) would be read in its place.
+
+    Parameters
+    ----------
+    out : Path
+        The output folder.
+    written : list of Path
+        The files this run writes (a ``.cs`` file's ``.csg`` goes with it).
+    """
+    keep = {Path(path).name for path in written}
+    keep |= {Path(name).with_suffix(".csg").name for name in keep if name.endswith(".cs")}
+    for name in OUTPUT_FILES:
+        if name not in keep:
+            try:
+                (out / name).unlink(missing_ok=True)
+            except OSError as err:
+                raise Cryo2DError(f"{out / name}: cannot remove an earlier run's file ({err.strerror or err})") from None
 
 
 def write_selection(job: Job, classes: list[int] | np.ndarray, out_dir: str | os.PathLike) -> SelectionResult:
@@ -543,8 +628,9 @@ def write_selection(job: Job, classes: list[int] | np.ndarray, out_dir: str | os
         1-based class numbers to keep (may be empty).
     out_dir : str or PathLike
         Created if needed. Gets ``particles{.star,.cs}``, ``rejected{.star,.cs}``,
-        ``templates.mrcs`` and ``classes.star``; each written atomically. Must not be the job
-        folder itself (that would overwrite the job's particles file).
+        ``templates.mrcs`` and ``classes.star``; each written atomically. The other files of
+        ``OUTPUT_FILES`` there (an earlier run's) are removed. Must not be the job folder, another
+        classification job's folder or one holding particle files of others (``output_folder``).
 
     Returns
     -------
@@ -553,8 +639,8 @@ def write_selection(job: Job, classes: list[int] | np.ndarray, out_dir: str | os
     Raises
     ------
     Cryo2DError
-        A class number outside 1..K, or ``out_dir`` equal to the job folder
-        or not creatable.
+        A class number outside 1..K, or an ``out_dir`` that ``output_folder``
+        refuses or cannot create.
     """
     chosen = np.unique(np.asarray(list(classes), dtype=np.int64))
     if len(chosen) and (chosen.min() < 1 or chosen.max() > job.n_classes):
@@ -570,6 +656,10 @@ def write_selection(job: Job, classes: list[int] | np.ndarray, out_dir: str | os
         "templates": out / "templates.mrcs",
         "classes": out / "classes.star",
     }
+    with_templates_cs = job.suffix == ".cs" and (job.folder / "class_averages.cs").is_file()
+    if with_templates_cs:  # as CryoSPARC's templates_selected
+        paths["templates_cs"] = out / "templates.cs"
+    clear_stale_outputs(out, list(paths.values()))
     write_particles(job.particles, paths["particles"], rows=np.flatnonzero(mask))
     write_particles(job.particles, paths["rejected"], rows=np.flatnonzero(~mask))
     box = job.averages.shape[-1]
@@ -579,8 +669,7 @@ def write_selection(job: Job, classes: list[int] | np.ndarray, out_dir: str | os
     table["rlnReferenceImage"] = [f"{i:06d}@templates.mrcs" for i in range(1, len(chosen) + 1)]
     table["rlnClassNumber"] = job.numbers[chosen - 1]
     write_blocks({"classes": table}, paths["classes"])
-    if job.suffix == ".cs" and (job.folder / "class_averages.cs").is_file():  # as CryoSPARC's templates_selected
-        paths["templates_cs"] = out / "templates.cs"
+    if with_templates_cs:
         select_templates(job.folder / "class_averages.cs", chosen - 1, paths["templates_cs"])
     return SelectionResult(chosen, int(mask.sum()), int((~mask).sum()), job.n_classes, paths)
 

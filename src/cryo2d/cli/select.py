@@ -15,6 +15,12 @@ junk score: when most classes are that small, a note says how many it
 rejected. Resolutions are in Å, smaller = better: --min-res 20 keeps classes at
 20 Å or better; --max-res 4 drops classes claiming better than 4 Å.
 
+OUT may be an earlier select (or rebalance) folder, re-run with other classes:
+the files of those outputs that this run does not write go (particles.star
+when it writes particles.cs). A classification job's folder (checkpoint.pt,
+classes.mrcs, ...) or one holding particle files that select and rebalance
+did not write (e.g. the job's input) is refused.
+
 examples:
   $ cryo2d select Class2D/run1 -o Select/run1                  # automatic
   $ cryo2d select Class2D/run1 -o Select/good --classes 1,4,7-9
