@@ -166,7 +166,7 @@ def test_note_on_ctf_boosting_b_factors_once_a_stream(sim3, tmp_path, helpers):
 
 
 def test_settled_file_that_is_not_star_is_an_error(tmp_path):
-    (tmp_path / "broken.star").write_text("data_particles\nloop_\n_rlnImageName #1\n")
+    (tmp_path / "broken.star").write_text("this is not a STAR file\n")
     with pytest.raises(Cryo2DError, match="broken.star"):
         stream(tmp_path, tmp_path / "job", EMConfig(n_classes=2), settle_s=0.0, poll_s=0.01, until=1)
     with pytest.raises(Cryo2DError, match="nowhere: no such folder or file"):
@@ -190,6 +190,24 @@ def test_settings_that_do_not_fit_the_particles_fail_when_the_first_file_is_read
             assert not stop.is_set() and not (tmp_path / "job" / "classes.mrcs").exists()
     finally:
         timer.cancel()
+
+
+def test_stop_when_idle_reads_files_already_there(sim3, tmp_path):
+    """--stop-when-idle 0, or shorter than --settle-seconds: files seen and still settling are read first."""
+    source = Source(sim3.folder)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source.write(folder, "c000", 0, 60)
+    now = [0.0]
+    watcher = ParticleWatcher(folder, settle_s=1.0, clock=lambda: now[0])
+    changed = []
+    for now[0] in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0):  # the STAR file settles at 1.0, then its stack (first looked at) at 2.0
+        changed.append(watcher.poll()[1])
+    assert changed == [True, True, True, True, False, False] and len(watcher.sets["c000.star"]) == 60
+    config = EMConfig(**{**SMALL.to_dict(), "n_online_iterations": 1})
+    for job, settle_s, idle_stop_s in (("idle0", 0.0, 0.0), ("idle_short", 0.4, 0.1)):
+        result = stream(folder, tmp_path / job, config, settle_s=settle_s, poll_s=0.02, idle_stop_s=idle_stop_s)
+        assert (result.stopped, result.updates, result.n_particles, result.n_pending) == ("idle", 1, 60, 0), job
 
 
 SMALL = EMConfig(n_classes=3, n_online_iterations=3, batch_size_per_class=10, seed=0)  # start at 90, then every 60
@@ -278,6 +296,37 @@ def test_growing_star_file(sim3, tmp_path):
         stream(star, tmp_path / "job", SMALL, settle_s=0.0, poll_s=0.01, idle_stop_s=0.2)
 
 
+def test_growing_star_file_without_rows_yet_is_waited_for(sim3, tmp_path):
+    """A growing STAR file that holds only its header (no rows yet) is nothing yet, not an error: read once it grows."""
+    source = Source(sim3.folder)
+    star = tmp_path / "particles.star"
+    write_stack(tmp_path / "s0.mrcs", source.images[:60], 4.0)
+    blocks = source.chunk_blocks("s0", 0, 60)
+    write_blocks({"optics": blocks["optics"], "particles": blocks["particles"].iloc[:0]}, star)
+    config = EMConfig(**{**SMALL.to_dict(), "n_online_iterations": 1})
+    notes: list[str] = []
+    empty = stream(star, tmp_path / "job", config, settle_s=0.0, poll_s=0.02, idle_stop_s=0.1, on_note=notes.append)
+    assert (empty.stopped, empty.updates, empty.n_particles) == ("idle", 0, 0)
+    assert "particles.star: no particles yet, waiting" in notes
+    watcher = ParticleWatcher(star, settle_s=0.0)
+    watcher.poll()
+    watcher.poll()  # settled: read, no particles
+    assert watcher.sets == {} and watcher.read_signature == {} and "particles.star" in watcher.empty_signature
+    write_blocks(blocks, star)
+    grown = stream(star, tmp_path / "job", config, settle_s=0.0, poll_s=0.02, idle_stop_s=0.1)
+    assert (grown.stopped, grown.updates, grown.n_particles) == ("idle", 1, 60)
+    for _ in range(3):  # the file changed; settled; its stack settled
+        watcher.poll()
+    assert len(watcher.sets["particles.star"]) == 60 and watcher.empty_signature == {}
+    # Rows once read, then gone: still refused, by the same watcher or after a restart.
+    write_blocks({"optics": blocks["optics"], "particles": blocks["particles"].iloc[:0]}, star)
+    watcher.poll()
+    with pytest.raises(Cryo2DError, match="particles.star: no particles"):
+        watcher.poll()
+    with pytest.raises(Cryo2DError, match="particles.star: has 0 particles, but 60 were already classified"):
+        stream(star, tmp_path / "job", config, settle_s=0.0, poll_s=0.02, idle_stop_s=0.1)
+
+
 def test_update_with_input_origins_says_so(sim3, tmp_path):
     """The update whose new rows carry origins notes it (they start from them, as in classify); zeros do not."""
     from cryo2d.classify import origins_note
@@ -332,6 +381,18 @@ def test_cli_ctrl_c_stops_cleanly_and_bad_source(sim3, tmp_path):
     bad = subprocess.run([*args[:4], str(tmp_path / "nowhere"), *args[5:]], capture_output=True, text=True)
     assert bad.returncode == 1
     assert bad.stderr.strip() == f"cryo2d: error: {tmp_path / 'nowhere'}: no such folder or file"
+
+
+@pytest.mark.parametrize("option", ["--poll-seconds", "--settle-seconds", "--stop-when-idle"])
+def test_cli_refuses_infinite_seconds(tmp_path, capsys, option):
+    """--poll-seconds inf ended in an OverflowError traceback (time.sleep): each of the three must be finite."""
+    from cryo2d.cli.main import main
+
+    # Refused before the source is looked at (here none, so that an unchecked value ends at once, not never).
+    assert main(["stream", str(tmp_path / "in"), "-o", str(tmp_path / "job"), "--classes", "3", option, "inf"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"cryo2d: error: {option} must be a finite number, got inf" and "Traceback" not in err
+    assert not (tmp_path / "job").exists()
 
 
 def _stream_in_chunks(source: Source, folder: Path, job: Path, config: EMConfig) -> tuple:

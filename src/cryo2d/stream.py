@@ -254,6 +254,9 @@ class _Stream:
         for piece in self.pieces:
             if piece.file in self.watcher.sets:
                 self._checked(piece)
+        for name in sorted(done.keys() & self.watcher.empty_signature.keys()):  # read again after a restart: empty
+            raise Cryo2DError(f"{self.watcher.path(name)}: has 0 particles, but {done[name]} were "
+                              "already classified from it (inputs must only grow)")
         out = []
         for name in sorted(self.watcher.sets):
             n, start = len(self.watcher.sets[name]), done.get(name, 0)
@@ -466,7 +469,9 @@ def stream(
     idle_stop_s : float, optional
         Stop when nothing new has arrived for this many seconds; particles
         that arrived but did not reach the update threshold get a last update
-        first (the first update needs at least ``n_classes`` particles).
+        first (the first update needs at least ``n_classes`` particles). A
+        file seen but not yet settled counts as arriving, so files already
+        there are read first, even with 0 or less than ``settle_s``.
     resume : bool
         Continue the job's stream checkpoint when there is one (the default);
         False starts over.
@@ -534,9 +539,12 @@ def _watch(run: "_Stream", source, config: EMConfig, *, poll_s: float, until: in
                 checked = True
             n_pending = sum(b - a for _, a, b in pending)
             now = time.monotonic()
-            if changed or n_pending != last_pending:
+            # A file or stack new, changed or still settling, or rows newly read, is activity: a look
+            # with any is never idle (not even at idle_stop_s 0), so files seen are read before stopping.
+            active = changed or n_pending != last_pending
+            if active:
                 last_change, last_pending = now, n_pending
-            idle = idle_stop_s is not None and now - last_change >= idle_stop_s
+            idle = idle_stop_s is not None and not active and now - last_change >= idle_stop_s
             need = start_threshold(config) if run.state is None else update_threshold(config)
             enough = n_pending >= need or (idle and n_pending > 0)
             if run.state is None and run.n_particles + n_pending < config.n_classes:

@@ -21,6 +21,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import time
@@ -56,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    for name in ("settle_seconds", "poll_seconds", "stop_when_idle"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):  # inf would never settle, or overflow a sleep
+            raise Cryo2DError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("settle_seconds", "stop_when_idle"):
         value = getattr(args, name)
         if value is not None and not value >= 0:

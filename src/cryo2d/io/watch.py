@@ -13,6 +13,9 @@ once it is complete:
 A file still being written is therefore never read half-way. A file that is
 still yet does not parse, or whose settled stack is truncated, is bad input
 (``Cryo2DError`` naming it): the settle time is the contract with the writer.
+A settled file that holds no particles yet (a growing STAR file's header, its
+particle loop still empty) is not: it is waited for, and read again once it
+changes.
 Hidden files (``.name``) and ``*.tmp`` files, which is how atomic writers name
 their work in progress, are ignored, and so are CryoSPARC's
 ``*passthrough*.cs`` files, which ``read_cs`` reads with the particle file
@@ -95,6 +98,9 @@ class ParticleWatcher:
         stacks opened.
     read_signature : dict of str to (int, int)
         The file's size and mtime at that read.
+    empty_signature : dict of str to (int, int)
+        Files not read yet that held no particles when last looked at, with
+        their size and mtime then (looked at again once these change).
     """
 
     def __init__(self, source: str | os.PathLike, *, settle_s: float, project_dir=None, no_ctf: bool = False,
@@ -115,9 +121,11 @@ class ParticleWatcher:
         self.clock = clock
         self.sets: dict[str, ParticleSet] = {}
         self.read_signature: dict[str, Signature] = {}
+        self.empty_signature: dict[str, Signature] = {}
         self._first_seen: dict[Path, tuple[Signature, float]] = {}
         self._notes_given: set[str] = set()
         self._changed = False
+        self._settling = False
 
     def names(self) -> list[str]:
         """Particle files present now (names relative to the folder), sorted."""
@@ -137,7 +145,11 @@ class ParticleWatcher:
         return self.folder / name
 
     def _settled(self, path: Path) -> bool:
-        """Whether ``path`` exists and has kept its size and mtime for ``settle_s``."""
+        """Whether ``path`` exists and has kept its size and mtime for ``settle_s``.
+
+        A path new or changed since the last look, or still within its
+        settle time, makes this poll's source not idle.
+        """
         sig, now = signature(path), self.clock()
         seen = self._first_seen.get(path)
         if sig is None:
@@ -147,7 +159,10 @@ class ParticleWatcher:
             self._first_seen[path] = (sig, now)
             self._changed = True
             return False
-        return now - seen[1] >= self.settle_s
+        if now - seen[1] < self.settle_s:
+            self._settling = True  # seen and complete soon, perhaps: not idle
+            return False
+        return True
 
     def _note(self, text: str, notes: list[str]) -> None:
         if text not in self._notes_given:
@@ -181,27 +196,32 @@ class ParticleWatcher:
         notes : list of str
             New one-line remarks (each given once), e.g. a stack waited for.
         changed : bool
-            Whether any file or stack was new or changed since the last poll
-            (the source is not idle).
+            Whether any file or stack was new or changed since the last poll,
+            or has not yet stayed unchanged for ``settle_s`` (the source is
+            not idle: a later poll may read it).
 
         Raises
         ------
         Cryo2DError
-            A settled file that cannot be read, or whose stacks are bad.
+            A settled file that cannot be read, or whose stacks are bad. A
+            settled file not read before that holds no particles is not an
+            error: it is noted, and read again once it changes.
         """
         notes: list[str] = []
-        self._changed = False
+        self._changed = self._settling = False
         for name in self.names():
             path = self.path(name)
             sig = signature(path)
-            if sig is None or sig == self.read_signature.get(name):
+            if sig is None or sig == self.read_signature.get(name) or sig == self.empty_signature.get(name):
                 continue
             settled = self._settled(path)
             if _is_cs(name):  # read with its passthrough files: their clocks start with its own
                 settled = self._passthrough_settled() and settled
             if not settled:
                 continue
-            particles = read_particles(path, project_dir=self.project_dir, no_ctf=self.no_ctf, open_stacks=False)
+            particles = self._read(name, sig, notes)
+            if particles is None:
+                continue
             if not self._stacks_ready(particles.stack, name, notes):
                 continue
             self.sets[name] = open_stack(particles)
@@ -212,4 +232,19 @@ class ParticleWatcher:
             if note:  # once a stream: its files come from one export
                 self._boost_noted = True
                 self._note(f"{name}: {note}", notes)
-        return notes, self._changed
+        return notes, self._changed or self._settling
+
+    def _read(self, name: str, sig: Signature, notes: list[str]) -> ParticleSet | None:
+        """The settled file's particles (stacks not opened); None when a file not read before has none yet."""
+        path = self.path(name)
+        try:
+            particles = read_particles(path, project_dir=self.project_dir, no_ctf=self.no_ctf, open_stacks=False)
+        except Cryo2DError as err:
+            # A growing file's header before its first row: nothing yet. Rows once read and now gone: an error.
+            if name in self.sets or str(err) != f"{path}: no particles":
+                raise
+            self.empty_signature[name] = sig
+            self._note(f"{name}: no particles yet, waiting", notes)
+            return None
+        self.empty_signature.pop(name, None)
+        return particles
