@@ -28,9 +28,14 @@ def pick_locations(particles: ParticleSet) -> tuple[np.ndarray, np.ndarray] | No
         psize = np.asarray(particles.pixel_size_angst, dtype=np.float64)
         optics = particles.extra.get("optics")
         for name in ("rlnMicrographPixelSize", "rlnMicrographOriginalPixelSize"):
-            if optics is not None and name in optics.columns and "rlnOpticsGroup" in t.columns:
+            if optics is None or name not in optics.columns:
+                continue
+            if "rlnOpticsGroup" in t.columns:
                 by_group = optics.set_index("rlnOpticsGroup")[name]
                 psize = by_group.reindex(t["rlnOpticsGroup"].to_numpy()).to_numpy(dtype=np.float64)
+                break
+            if len(optics) == 1:  # a particle block without the column: its one group is every particle's
+                psize = np.full(len(t), float(optics[name].iloc[0]))
                 break
         xy = np.stack([t["rlnCoordinateX"].to_numpy(float), t["rlnCoordinateY"].to_numpy(float)], axis=1)
         return t["rlnMicrographName"].astype(str).to_numpy(), xy * psize[:, None]

@@ -24,6 +24,21 @@ def test_read_31_merges_optics_per_particle(tmp_path):
     assert list(particles.extra["blocks"]) == ["optics", "particles"]
 
 
+def test_a_ctf_value_in_both_blocks_is_the_particles_as_relion_reads_it(tmp_path):
+    """RELION 3.1's CTF::readByGroup takes a particle row's value first; pixel sizes stay the optics group's."""
+    star, _, ctf = make_star_dataset(tmp_path)
+    table = starfile.read(star, always_dict=True)
+    table["particles"]["rlnAmplitudeContrast"] = 0.3
+    table["particles"]["rlnVoltage"] = 120.0
+    table["particles"]["rlnImagePixelSize"] = 9.9
+    starfile.write(table, tmp_path / "both.star")
+    particles = read_particles(tmp_path / "both.star")
+    assert particles.ctf.amplitude_contrast.tolist() == [0.3] * 12
+    assert particles.ctf.voltage_kv.tolist() == [120.0] * 12
+    np.testing.assert_array_equal(particles.pixel_size_angst, ctf["pixel_size_angst"])
+    np.testing.assert_allclose(particles.ctf.cs_mm, ctf["cs_mm"], rtol=1e-9)  # only in the optics block
+
+
 def test_ctf_b_factor_and_scale_columns_are_read(tmp_path):
     """_rlnCtfBfactor and _rlnCtfScalefactor (RELION's CTF envelope and amplitude factor) reach the CTF."""
     star, _, _ = make_star_dataset(tmp_path)

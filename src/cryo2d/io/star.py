@@ -71,8 +71,10 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
 
     Notes
     -----
-    Optics-group values take precedence over particle columns of the same
-    name. Pixel size: ``_rlnImagePixelSize``, else ``_rlnDetectorPixelSize``
+    Where a column is in both blocks, the CTF's values (``_CTF_PARTICLE_FIRST``)
+    are the particle's and the others (pixel and box sizes) the optics
+    group's, as RELION 3.1 reads them (``CTF::readByGroup`` looks in the
+    particle row first; pixel sizes come from the optics table). Pixel size: ``_rlnImagePixelSize``, else ``_rlnDetectorPixelSize``
     × 1e4 / ``_rlnMagnification``, else ``_rlnPixelSize``. Values are not
     checked for sign/finiteness here; ``cryo2d.io.read_particles`` does.
     """
@@ -135,8 +137,15 @@ def _particles_block(blocks: dict, label: str) -> str:
     raise Cryo2DError(f"{label}: no data block with an _rlnImageName column (not a particle STAR file?)")
 
 
+# CTF values that RELION 3.1 takes from the particle row when it has them, and from the optics
+# group otherwise (CTF::readByGroup and CTF::readValue).
+_CTF_PARTICLE_FIRST = ("rlnVoltage", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnSphericalAberration",
+                       "rlnCtfBfactor", "rlnCtfScalefactor", "rlnPhaseShift", "rlnAmplitudeContrast")
+
+
 def _merged_columns(table: pd.DataFrame, optics: pd.DataFrame | None, label: str) -> dict[str, pd.Series]:
-    """Per-particle columns: the particle block's, overlaid by its optics group's."""
+    """Per-particle columns: the particle block's, overlaid by its optics group's but for the CTF values the
+    particle block has (``_CTF_PARTICLE_FIRST``)."""
     columns = {name: table[name] for name in table.columns}
     if optics is None:
         return columns
@@ -158,6 +167,8 @@ def _merged_columns(table: pd.DataFrame, optics: pd.DataFrame | None, label: str
             f"{label}: particle rows refer to optics group {groups[unknown].iloc[0]}, which data_optics does not define"
         )
     for name in by_group.columns:
+        if name in _CTF_PARTICLE_FIRST and name in table.columns:
+            continue
         columns[name] = pd.Series(by_group[name].reindex(groups.to_numpy()).to_numpy(), index=table.index)
     return columns
 
