@@ -35,9 +35,11 @@ def test_max_align_res_sets_r_align():
     g = make_geometry(BOX, PIX, EMConfig(max_res_angst=8.0, max_align_res_angst=16.0))
     assert g.r_align == pytest.approx(BOX * PIX / 16.0)
     assert g.work_box == default.work_box  # the class box is unchanged
-    # Never beyond the class-average radius.
-    finer = make_geometry(BOX, PIX, EMConfig(max_res_angst=16.0, max_align_res_angst=8.0))
-    assert finer.r_align == pytest.approx(finer.r_max)
+    # Never beyond the class-average radius: finer than --max-res is refused, and beyond Nyquist it stops there.
+    with pytest.raises(Cryo2DError, match="--max-align-res 8 Å is a higher resolution .* than --max-res 16 Å"):
+        EMConfig(max_res_angst=16.0, max_align_res_angst=8.0).validate()
+    nyquist = make_geometry(BOX, PIX, EMConfig(max_res_angst=PIX, max_align_res_angst=1.5 * PIX))
+    assert nyquist.r_align == pytest.approx(nyquist.r_max)
 
 
 def test_min_align_res_sets_r_min_align():

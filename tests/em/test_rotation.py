@@ -77,7 +77,9 @@ def test_rotated_points_counter_clockwise():
     torch.testing.assert_close(out, torch.tensor([[[0.0, 1.0]]]), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("step,n", [(30.0, 12), (7.5, 48), (1.0, 360), (180.0, 2)])
+# A step that does not divide 360° becomes the next finer one that does, never a coarser one.
+@pytest.mark.parametrize("step,n", [(30.0, 12), (7.5, 48), (1.0, 360), (180.0, 2), (150.0, 3), (100.0, 4),
+                                    (50.0, 8), (7.0, 52)])
 def test_psi_grid(step, n):
     psi = psi_grid(step)
     assert len(psi) == n

@@ -163,6 +163,12 @@ class EMConfig:
                 "refine (give a larger --max-res as well)",
             ),
             (
+                self.max_align_res_angst is None or self.max_align_res_angst >= self.max_res_angst,
+                f"--max-align-res {self.max_align_res_angst or 0:g} Å is a higher resolution (smaller Å) than --max-res "
+                f"{self.max_res_angst:g} Å: the search has no class frequencies beyond --max-res (give a smaller "
+                "--max-res as well)",
+            ),
+            (
                 self.min_align_res_angst is None
                 or self.min_align_res_angst > (self.max_align_res_angst or self.max_res_angst),
                 "--min-align-res must be a lower resolution (larger Å) than --max-align-res",

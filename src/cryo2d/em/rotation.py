@@ -352,8 +352,13 @@ def quarter_turns(points: PointSet, work_box: int) -> tuple[Tensor, Tensor] | No
 
 
 def psi_grid(step_deg: float, device=None) -> Tensor:
-    """Angles 0, step, 2·step, … < 360°, in radians, as a float32 tensor."""
-    n = max(1, int(round(360.0 / step_deg)))
+    """Angles 0, step, 2·step, … < 360°, in radians, as a float32 tensor.
+
+    The step used divides 360° and is never coarser than ``step_deg``: the
+    smallest whole number of angles with a step at most ``step_deg`` (7° → 52
+    angles of 6.92°; the automatic steps divide 360° as they are).
+    """
+    n = max(1, math.ceil(360.0 / step_deg - 1e-9))
     return torch.arange(n, device=device, dtype=torch.float64).mul(2 * math.pi / n).float()
 
 
