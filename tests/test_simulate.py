@@ -137,6 +137,26 @@ def test_images_do_not_depend_on_how_many_are_rendered_at_once(bundled, monkeypa
     np.testing.assert_array_equal(chunked.images, whole.images)
 
 
+def test_a_doublets_truth_is_its_first_particles_pose(bundled):
+    """truth.csv gives a doublet the pose of its first particle, drawn half the pair's offset from the centre."""
+    sim = simulate(*bundled, n_particles=60, box=48, add_noise=False, seed=2, junk_fraction=0.5)
+    t = sim.truth
+    vol, _ = _prepare_volume(*bundled, 48, None)
+    rows = np.flatnonzero(t.kind.to_numpy() == "doublet")
+    assert len(rows) >= 4
+    for i in rows:
+        r = t.iloc[i]
+        clean = rotate_images(project(vol, np.array([r.rot_deg]), np.array([r.tilt_deg])).double(),
+                              torch.tensor([r.psi_deg]))
+        model = ifft2c(fft2c(clean) * ctf_grid(sim.ctf.subset(np.array([i])), 48, sim.pixel_size_angst,
+                                               dtype=torch.float64), real=True)[0].numpy()
+        cc = np.fft.ifft2(np.fft.fft2(sim.images[i].astype(np.float64)) * np.conj(np.fft.fft2(model))).real
+        y, x = np.unravel_index(cc.argmax(), cc.shape)
+        peak = np.array([x, y]) - 48 * (np.array([x, y]) >= 24)  # where the first particle sits
+        assert np.abs(peak - [r.shift_x_px, r.shift_y_px]).max() <= 1.0, (i, peak, r.shift_x_px, r.shift_y_px)
+        assert np.hypot(r.shift_x_px, r.shift_y_px) > 3  # off the pair's centre (0.3 diameters)
+
+
 def test_ground_truth_consistent(bundled):
     sim = simulate(*bundled, n_particles=120, box=BOX, add_noise=False, seed=3, junk_fraction=0.0)
     t = sim.truth
@@ -327,3 +347,35 @@ def test_cli_refuses_a_non_positive_map_pixel_size(tmp_path, capsys):
     assert main(["simulate", "bundled", "-o", str(tmp_path / "sim"), "--map-pixel-size", "inf"]) == 1  # was a traceback
     assert "--map-pixel-size must be positive and finite, got inf" in capsys.readouterr().err
     assert not (tmp_path / "sim").exists()
+
+
+def test_cli_refuses_an_infinite_snr_and_folders_of_other_particles(tmp_path, capsys):
+    """--snr inf made blank 'noise' and 'ice' images; -o over a job's or real data's particle files replaced them."""
+    from cryo2d.cli.main import main
+
+    assert main(["simulate", "bundled", "-o", str(tmp_path / "sim"), "--snr", "inf"]) == 1
+    assert "--snr must be positive and finite, got inf" in capsys.readouterr().err
+    assert not (tmp_path / "sim").exists()
+    small = ["-n", "20", "--box", "16"]
+    assert main(["simulate", "bundled", "-o", str(tmp_path / "sim"), *small]) == 0
+    assert main(["simulate", "bundled", "-o", str(tmp_path / "sim"), *small, "--seed", "1"]) == 0  # a simulation's: replaced
+    for folder, held, message in (("job", "checkpoint.pt", "holds a classification job (checkpoint.pt)"),
+                                  ("extract", "particles.star", "holds particles.star, not from cryo2d simulate (no truth.json)")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / held).write_text("mine")
+        capsys.readouterr()
+        assert main(["simulate", "bundled", "-o", str(tmp_path / folder), *small]) == 1
+        assert capsys.readouterr().err.strip() == f"cryo2d: error: {tmp_path / folder}: {message}; choose another folder"
+        assert [p.name for p in (tmp_path / folder).iterdir()] == [held]
+
+
+@pytest.mark.parametrize("argv, message", [(["-n", "0"], "-n must be at least 1, got 0"),
+                                           (["--box", "4"], "--box must be at least 8, got 4"),
+                                           (["--classes", "0"], "--classes must be at least 1, got 0"),
+                                           (["--snr", "-1"], "--snr must be positive and finite, got -1.0")])
+def test_demo_refuses_bad_values_before_simulating(tmp_path, capsys, argv, message):
+    from cryo2d.cli.main import main
+
+    assert main(["demo", "-o", str(tmp_path / "demo"), *argv]) == 1
+    assert capsys.readouterr().err.strip() == f"cryo2d: error: {message}"
+    assert not (tmp_path / "demo").exists()

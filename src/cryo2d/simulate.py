@@ -818,6 +818,9 @@ def simulate(
 
     # -- shuffle and assemble ------------------------------------------------------
     posed = np.isin(kinds[order], ["particle", "doublet"])
+    true_shift = shifts.astype(np.float64)  # a doublet's: its first component's, drawn off/2 from the pair's centre
+    if n_doublet:
+        true_shift[d0:] -= off / 2
     truth = pd.DataFrame(
         {
             "index": np.arange(n),
@@ -826,8 +829,8 @@ def simulate(
             "rot_deg": rot[order],
             "tilt_deg": tilt[order],
             "psi_deg": np.where(posed, psi[order], np.nan),
-            "shift_x_px": np.where(posed, shifts[order, 0], np.nan),
-            "shift_y_px": np.where(posed, shifts[order, 1], np.nan),
+            "shift_x_px": np.where(posed, true_shift[order, 0], np.nan),
+            "shift_y_px": np.where(posed, true_shift[order, 1], np.nan),
             "scale": scale[order],
             "defocus_u_angst": ctf.defocus_u_angst[order],
             "defocus_v_angst": ctf.defocus_v_angst[order],
@@ -878,6 +881,22 @@ def _particle_diameter_px(volume: np.ndarray) -> float:
 # ---------------------------------------------------------------------------
 
 
+def _refuse_foreign_folder(out: Path) -> None:
+    """Cryo2DError for a folder whose particle files a simulation would replace: a classification
+    job's (its results), or one holding particle files of no earlier simulation (real data)."""
+    if not out.is_dir():
+        return
+    from cryo2d.select import JOB_MARKERS
+
+    marker = next((name for name in JOB_MARKERS if (out / name).exists()), None)
+    if marker is not None:
+        raise Cryo2DError(f"{out}: holds a classification job ({marker}); choose another folder")
+    if not (out / "truth.json").is_file():
+        held = next((name for name in ("particles.star", "particles.mrcs") if (out / name).exists()), None)
+        if held is not None:
+            raise Cryo2DError(f"{out}: holds {held}, not from cryo2d simulate (no truth.json); choose another folder")
+
+
 def write_simulation(sim: SimulatedData, out_dir: str | os.PathLike) -> Path:
     """Write a simulation as RELION 3.1 files plus ground truth.
 
@@ -886,12 +905,16 @@ def write_simulation(sim: SimulatedData, out_dir: str | os.PathLike) -> Path:
     (``data_optics`` + ``data_particles``, ``000001@particles.mrcs`` 1-based),
     ``truth.csv`` (``sim.truth``), ``views.mrcs`` (``sim.view_projections``)
     and ``truth.json`` (rare_view, n_views, pixel_size_angst, snr, seed ...).
+    An earlier simulation's folder is written over; a folder holding a
+    classification job, or particle files without ``truth.json``, is refused
+    (``Cryo2DError``).
 
     Returns
     -------
     Path
         ``out_dir``.
     """
+    _refuse_foreign_folder(Path(out_dir))
     out = make_output_folder(out_dir)
     n, box = sim.images.shape[0], sim.images.shape[-1]
     pixel = float(sim.pixel_size_angst)

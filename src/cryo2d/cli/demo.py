@@ -37,6 +37,13 @@ def run(args: argparse.Namespace) -> int:
     from cryo2d.evaluate import score_job
     from cryo2d.simulate import bundled_map_path, read_map, simulate, write_simulation
 
+    from cryo2d.errors import Cryo2DError
+
+    for flag, value, least in (("-n", args.n, 1), ("--box", args.box, 8), ("--classes", args.classes, 1)):
+        if value < least:  # before 1,500 particles are simulated and written
+            raise Cryo2DError(f"{flag} must be at least {least}, got {value}")
+    if not 0 < args.snr < float("inf"):
+        raise Cryo2DError(f"--snr must be positive and finite, got {args.snr}")
     out = Path(args.out)
     data, job = out / "data", out / "job"
     volume, voxel = read_map(bundled_map_path())

@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
             raise Cryo2DError(f"{name} must be positive, got {value}")
     if args.box < 8:
         raise Cryo2DError(f"--box must be at least 8 px, got {args.box}")
+    if not 0 < args.snr < math.inf:  # inf: noise and ice images would be blank, yet labelled junk
+        raise Cryo2DError(f"--snr must be positive and finite, got {args.snr}")
     sim = simulate(
         volume,
         voxel,
