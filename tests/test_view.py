@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import threading
 from pathlib import Path
 
@@ -122,6 +123,41 @@ def test_save_writes_what_select_writes_and_nothing_else(served, tmp_path):
     assert status == 400 and "99" in json.loads(answer)["error"]
     assert _request(server, "POST", "/api/save", b"{nope", {"Content-Type": "application/json"})[0] == 400
     assert _request(server, "POST", "/files/classes.star", body, {"Content-Type": "application/json"})[0] == 404
+
+
+def test_save_out_of_range_class_is_a_400(served, capsys):
+    server, job = served
+    for number, shown in ((100000000000000000000000, "100000000000000000000000"), (-(10 ** 40), "-1000000000000000000"),
+                          (0, "class 0 ")):  # past int64: used to drop the connection with an OverflowError traceback
+        body = json.dumps({"classes": [1, number]}).encode()
+        status, answer = _request(server, "POST", "/api/save", body, {"Content-Type": "application/json"})
+        assert status == 400, answer
+        error = json.loads(answer)["error"]
+        assert shown in error and f"classes 1-{server.job.n_classes}" in error and len(error) < 120
+    assert not (job / "selected").exists()
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_host_name_given_is_accepted(truth_job):  # noqa: F811
+    name = socket.gethostname().lower()
+    try:
+        server = make_server(truth_job[0], host=name, port=0)
+    except Cryo2DError:
+        pytest.skip(f"host name {name!r} cannot be bound here")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        for host in (f"{name}:{port}", name, f"{name.upper()}:{port}"):  # used to be 403: compared with the bound IP
+            status, body = _request(server, "GET", "/api/classes", headers={"Host": host})
+            assert status == 200, (host, body)
+        assert server.url == f"http://{name}:{port}/"
+        for host in ("evil.example", f"evil.example:{port}", f"{name}.evil.example:{port}", ""):
+            assert _request(server, "GET", "/api/classes", headers={"Host": host})[0] == 403, host
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def _playwright():

@@ -26,7 +26,8 @@ from cryo2d.gallery.server import make_server
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", help="classification job folder")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s; 0 = any free port)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address or host name to listen on (default %(default)s: this machine only)")
     parser.add_argument("-o", "--out", type=out_arg, default=None, help="folder Save writes to (default JOB/selected)")
     parser.add_argument("--verbose", action="store_true", help="print one line per request")
 

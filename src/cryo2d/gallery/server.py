@@ -19,8 +19,9 @@ serves, for one job folder:
 
 Everything else is 404. The job's own files are only read; the only writes
 are the selection's. The server binds 127.0.0.1 unless another host is given,
-answers only requests whose ``Host`` header names a loopback address or the
-bound host (a guard against DNS rebinding), and accepts saves only as
+answers only requests whose ``Host`` header names a loopback address, the
+bound address or the host name it was given (a guard against DNS rebinding),
+and accepts saves only as
 ``application/json`` (a cross-site form cannot send that without a CORS
 preflight, which this server never grants).
 """
@@ -58,6 +59,12 @@ _TILE_PX = 160
 _MAX_BODY = 1 << 20
 
 
+def _bare(host: str) -> str:
+    """``host`` lowercased, without surrounding space and IPv6 brackets."""
+    host = str(host).strip().lower()
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def _package_text(folder: str, name: str) -> str:
     return (resources.files("cryo2d.gallery") / folder / name).read_text(encoding="utf-8")
 
@@ -78,6 +85,9 @@ class ViewServer(ThreadingHTTPServer):
         Where Save writes the selection.
     on_request : callable or None
         Called with one line per request (the CLI's ``--verbose``); None = quiet.
+    host_name : str
+        The host as given (lowercased, without IPv6 brackets), e.g. ``localhost`` or a
+        host name; the ``Host`` header may name it as well as the bound address.
     """
 
     daemon_threads = True
@@ -87,6 +97,7 @@ class ViewServer(ThreadingHTTPServer):
         self.job = job
         self.out_dir = out_dir
         self.on_request = on_request
+        self.host_name = _bare(address[0])
         self._tiles: dict[int, bytes] = {}
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
@@ -100,8 +111,9 @@ class ViewServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        """``http://host:port/`` of the page."""
-        host, port = self.server_address[:2]
+        """``http://host:port/`` of the page, with the host as given (or the bound address when none was)."""
+        bound, port = self.server_address[:2]
+        host = self.host_name or str(bound)
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}/"
 
@@ -193,11 +205,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _host_ok(self) -> bool:
         host = (self.headers.get("Host") or "").strip().lower()
         if host.startswith("["):
-            name = host[: host.find("]") + 1]
+            name = host[1: host.find("]")] if "]" in host else ""
         else:
             name = host.rsplit(":", 1)[0] if ":" in host else host
-        bound = str(self.server.server_address[0]).lower()
-        return name in _LOOPBACK or name == bound or (bound in ("0.0.0.0", "::") and bool(name))
+        bound = _bare(self.server.server_address[0])
+        if not name:
+            return False
+        return name in _LOOPBACK or name in (bound, self.server.host_name) or bound in ("0.0.0.0", "::")
 
     # -- routes --------------------------------------------------------------
     def do_HEAD(self) -> None:
@@ -251,10 +265,17 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ValueError
         except (ValueError, KeyError, TypeError):
             return self._json({"error": 'expected {"classes": [1, 4, 7]}'}, HTTPStatus.BAD_REQUEST)
+        n_classes = self.server.job.n_classes
+        bad = next((c for c in classes if not 1 <= c <= n_classes), None)
+        if bad is not None:  # checked here: numbers past int64 would end write_selection in OverflowError
+            shown = str(bad)
+            shown = shown if len(shown) <= 24 else f"{shown[:20]}... ({len(shown)} digits)"
+            return self._json({"error": f"class {shown} does not exist (the job has classes 1-{n_classes})"},
+                              HTTPStatus.BAD_REQUEST)
         try:
             return self._json(self.server.save(classes))
-        except Cryo2DError as err:
-            return self._json({"error": str(err)}, HTTPStatus.BAD_REQUEST)
+        except (Cryo2DError, ValueError, OverflowError) as err:
+            return self._json({"error": str(err) or type(err).__name__}, HTTPStatus.BAD_REQUEST)
 
 
 def make_server(
