@@ -206,7 +206,7 @@ def test_bad_scale_out_arguments(particles):
     from dataclasses import replace
     from pathlib import Path
 
-    with pytest.raises(Cryo2DError, match="STAR or .cs file"):  # an in-memory set: its pixels would travel
+    with pytest.raises(Cryo2DError, match="STAR, .cs or .csg file"):  # an in-memory set: its pixels would travel
         source_of(replace(particles, source=Path("mem")))
 
 
@@ -275,3 +275,76 @@ def test_cli_workers_match_single_process(particles, tmp_path):
     t1, t2 = (starfile.read(tmp_path / j / "particles.star", always_dict=True)["particles"] for j in ("one", "two"))
     for column in ("rlnClassNumber", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"):
         np.testing.assert_array_equal(t2[column].to_numpy(), t1[column].to_numpy())
+
+
+def test_workers_read_relative_names_from_the_clients_folder(particles, tmp_path, monkeypatch):
+    """A STAR file's image names relative to the client's current folder (RELION's project folder) reach the
+    client's stacks from a worker started elsewhere, not a file of the same name in the worker's folder."""
+    import pickle
+
+    import mrcfile
+    import starfile
+
+    from cryo2d.io import read_particles
+
+    project, elsewhere = tmp_path / "proj", tmp_path / "wd"
+    job = project / "Extract" / "job1"
+    job.mkdir(parents=True)
+    (job / "particles.mrcs").symlink_to(particles.source.parent / "particles.mrcs")
+    blocks = starfile.read(particles.source, always_dict=True)
+    blocks["particles"]["rlnImageName"] = [f"{i + 1:06d}@Extract/job1/particles.mrcs" for i in range(len(particles))]
+    starfile.write(blocks, job / "particles.star")
+    decoy = elsewhere / "Extract" / "job1"
+    decoy.mkdir(parents=True)
+    with mrcfile.new(decoy / "particles.mrcs") as m:  # what the worker's own folder would find
+        m.set_data(np.zeros((len(particles), particles.stack.box, particles.stack.box), dtype=np.float32))
+    monkeypatch.chdir(project)
+    source = source_of(read_particles("Extract/job1/particles.star"), rows=np.array([5, 7, 250]))
+    monkeypatch.chdir(elsewhere)
+    opened = pickle.loads(pickle.dumps(source)).open()  # as a worker gets it
+    np.testing.assert_array_equal(opened.stack.read(np.arange(3)), particles.stack.read(np.array([5, 7, 250])))
+
+
+def test_local_cluster_worker_errors_are_not_logged(capfd):
+    """A task's error reaches the caller alone: the workers print no "Compute Failed" blocks before cryo2d's line."""
+    with dask_client(workers=1) as client:
+        with pytest.raises(ValueError):
+            client.submit(int, "not a number").result()
+    err = capfd.readouterr().err
+    assert "Compute Failed" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("address", ["tls://127.0.0.1:9", "ucx://127.0.0.1:9", "inproc://x"])
+def test_scheduler_protocols_other_than_tcp_are_refused_at_once(address):
+    t0 = time.monotonic()
+    with pytest.raises(Cryo2DError, match=rf"--scheduler {address}: \w+:// is not supported \(only tcp://"):
+        with dask_client(scheduler=address, timeout_s=1):
+            pass
+    assert time.monotonic() - t0 < 1.0  # no Client was built (one left half made hung for 20 s at exit)
+
+
+def test_workers_read_a_result_group(particles, tmp_path):
+    """A CryoSPARC result group (.csg) goes to the workers as itself: they read its particles as the client does."""
+    import pickle
+
+    from cryo2d.io import read_particles
+    from cryo2d.io.cs import structured
+    from cryo2d.io.csg import result_group_text
+
+    n, box = len(particles), particles.stack.box
+    (tmp_path / "J1").mkdir()
+    (tmp_path / "J1" / "stack.mrcs").symlink_to(particles.source.parent / "particles.mrcs")
+    array = structured([
+        ("uid", np.arange(n, dtype=np.uint64) + 100), ("blob/path", np.full(n, b"J1/stack.mrcs", dtype="S16")),
+        ("blob/idx", np.arange(n, dtype=np.uint32)), ("blob/shape", np.full((n, 2), box, dtype=np.uint32)),
+        ("blob/psize_A", np.asarray(particles.pixel_size_angst, dtype=np.float32)),
+    ])
+    with open(tmp_path / "J1" / "particles.cs", "wb") as f:
+        np.save(f, array)
+    csg = tmp_path / "J1" / "particles.csg"
+    csg.write_text(result_group_text("particles.cs", array.dtype.names, n), encoding="utf-8")
+    group = read_particles(csg, project_dir=tmp_path, no_ctf=True)
+    source = source_of(group, project_dir=tmp_path, rows=np.array([5, 7, 250]))
+    assert source.path == str(csg.resolve()) and source.no_ctf
+    opened = pickle.loads(pickle.dumps(source)).open()
+    np.testing.assert_array_equal(opened.stack.read(np.arange(3)), particles.stack.read(np.array([5, 7, 250])))

@@ -55,16 +55,25 @@ class ParticleSource:
     Attributes
     ----------
     path : str
-        Absolute path of the STAR or .cs file (the same path must work on
-        every worker: a shared file system).
+        Absolute path of the STAR, .cs or .csg file (the same path must work
+        on every worker: a shared file system).
     project_dir : str or None
-        CryoSPARC project folder for .cs blob paths.
+        The project folder relative image paths start from (``--project-dir``).
     no_ctf : bool
         Read no CTF (``--no-ctf``).
     rows : (n,) int64 array or None
         The rows of the file that were classified (after ``--skip-bad``); None = all.
     invert_contrast : bool
         Read the images multiplied by -1 (the run inverted them: ``cryo2d.contrast``).
+    stack_folders : tuple of str or None
+        Absolute folders the client found the stack files in: the file's
+        i-th distinct stack name (as it spells it) is read from
+        ``stack_folders[stack_folder[i]] / name`` (-1: an absolute name, read
+        as it is). A worker thus reads the client's files whatever its own
+        current folder (relative names are looked up from the current
+        folder, among others). None: looked up as the reader does.
+    stack_folder : (n_stacks,) int32 array or None
+        See ``stack_folders``.
     """
 
     path: str
@@ -72,14 +81,27 @@ class ParticleSource:
     no_ctf: bool = False
     rows: np.ndarray | None = None
     invert_contrast: bool = False
+    stack_folders: tuple[str, ...] | None = None
+    stack_folder: np.ndarray | None = None
 
     def open(self) -> ParticleSet:
         """Read the particle set (metadata; images are read from the stacks on demand)."""
         from cryo2d.classify import subset_particles
         from cryo2d.contrast import invert_contrast
-        from cryo2d.io import read_particles
+        from cryo2d.io import StackRefs, open_stack, read_particles
 
-        particles = read_particles(self.path, project_dir=self.project_dir, no_ctf=self.no_ctf)
+        found = self.stack_folders is not None and self.stack_folder is not None
+        particles = read_particles(self.path, project_dir=self.project_dir, no_ctf=self.no_ctf, open_stacks=not found)
+        if found:
+            refs = particles.stack
+            if not isinstance(refs, StackRefs) or len(refs.names) != len(self.stack_folder):
+                raise Cryo2DError(
+                    f"{self.path}: the worker reads {len(getattr(refs, 'names', []))} stack files, the client "
+                    f"{len(self.stack_folder)} (is the file the same on every machine?)"
+                )
+            places = [[Path(name)] if i < 0 else [Path(self.stack_folders[i]) / name]
+                      for name, i in zip(refs.names, self.stack_folder.tolist())]
+            particles = open_stack(replace(particles, stack=replace(refs, candidates=places)))
         if self.invert_contrast:
             particles = invert_contrast(particles)
         if self.rows is not None:
@@ -114,24 +136,58 @@ class ConcatSource:
 
 
 def source_of(particles: ParticleSet, project_dir=None, rows: np.ndarray | None = None) -> ParticleSource:
-    """The :class:`ParticleSource` of a set read from a STAR/.cs file.
+    """The :class:`ParticleSource` of a set read from a STAR, .cs or .csg file.
+
+    Relative names (a file given from the current folder, ``project_dir``,
+    the stacks found) are resolved here, from the client's current folder:
+    a worker started elsewhere reads the same files.
 
     Raises
     ------
     Cryo2DError
-        When the set was not read from an existing STAR or .cs file (an
+        When the set was not read from an existing STAR, .cs or .csg file (an
         in-memory set cannot be sent to workers without shipping its pixels).
     """
     path = Path(particles.source)
-    if path.suffix.lower() not in (".star", ".cs") or not path.is_file():
-        raise Cryo2DError(f"{path}: --workers/--scheduler need particles read from a STAR or .cs file")
+    if path.suffix.lower() not in (".star", ".cs", ".csg") or not path.is_file():
+        raise Cryo2DError(f"{path}: --workers/--scheduler need particles read from a STAR, .cs or .csg file")
+    folders, folder = _stack_folders(particles)
     return ParticleSource(
         path=str(path.resolve()),
         project_dir=None if project_dir is None else str(Path(project_dir).resolve()),
         no_ctf=particles.ctf is None,
         rows=None if rows is None else np.asarray(rows, dtype=np.int64),
         invert_contrast=bool(particles.extra.get("contrast_inverted", False)),
+        stack_folders=folders,
+        stack_folder=folder,
     )
+
+
+def _stack_folders(particles: ParticleSet) -> tuple[tuple[str, ...] | None, np.ndarray | None]:
+    """Where the client found each stack file: ``ParticleSource.stack_folders`` and ``stack_folder``.
+
+    (None, None) when the stacks are not open MRC files or a file is not its
+    name below a folder.
+    """
+    from cryo2d.io import MRCStack
+
+    stack = particles.stack
+    while not isinstance(stack, MRCStack) and hasattr(stack, "stack"):  # a subset (--skip-bad) of the file's stack
+        stack = stack.stack
+    if not isinstance(stack, MRCStack):
+        return None, None
+    folders: dict[str, int] = {}
+    folder = np.full(len(stack.names), -1, dtype=np.int32)
+    for i, (name, found) in enumerate(zip(stack.names, stack.files)):
+        relative = Path(name)
+        if relative.is_absolute():
+            continue
+        found = Path.cwd() / found  # as it is when already absolute
+        depth = len(relative.parts)
+        if not 0 < depth <= len(found.parents) or found.parents[depth - 1] / relative != found:
+            return None, None
+        folder[i] = folders.setdefault(str(found.parents[depth - 1]), len(folders))
+    return tuple(folders), folder
 
 
 # ---------------------------------------------------------------- wire formats
@@ -449,8 +505,15 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, tim
     Raises
     ------
     Cryo2DError
-        Both or neither given, ``workers`` < 1, Dask not installed, or the
-        scheduler cannot be reached.
+        Both or neither given, ``workers`` < 1, Dask not installed, the
+        scheduler address is not a ``tcp://`` one, or the scheduler cannot
+        be reached.
+
+    Notes
+    -----
+    The local cluster's processes log only CRITICAL messages: a task's error
+    (e.g. a stack file cut short) reaches the caller as the task's
+    exception, without the workers' "Compute Failed" traceback blocks.
     """
     if (workers is None) == (scheduler is None):
         raise Cryo2DError("give one of --workers N (local cluster) or --scheduler ADDRESS (existing cluster)")
@@ -474,6 +537,11 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, tim
         except ValueError as err:
             raise Cryo2DError(f"--scheduler {scheduler}: not a scheduler address ({err}); give one such as "
                               "tcp://node1:8786") from None
+        # Other protocols need what a Client is not given here (tls: certificates; ucx: ucx-py; inproc: a
+        # scheduler in this process): the Client failed half made, with the hang and traceback above.
+        if scheme != "tcp":
+            raise Cryo2DError(f"--scheduler {scheduler}: {scheme}:// is not supported (only tcp:// addresses, "
+                              "such as tcp://node1:8786)")
         try:
             client = Client(scheduler, timeout=f"{timeout_s}s", set_as_default=False)
         except (OSError, ValueError, TypeError) as err:
@@ -485,7 +553,7 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, tim
             client.close()
         return
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                           silence_logs=logging.ERROR)
+                           silence_logs=logging.CRITICAL)
     # A nanny restarts its worker when it dies; should a nanny give up (its worker
     # killed while starting), adaptive scaling starts a new one.
     cluster.adapt(minimum=workers, maximum=workers)
