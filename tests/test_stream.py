@@ -475,6 +475,8 @@ def test_stream_full_passes_on_dask_workers_match_one_process(sim3, tmp_path, mo
 
     def counted(self, idx, plan, mode, iteration):
         passes.append((len(idx), iteration))
+        # each file's stacks as this process found them: workers started in another folder read the same
+        assert all(part.stack_folders is not None and (part.stack_folder >= 0).all() for part in self.source.parts)
         return run(self, idx, plan, mode, iteration)
 
     monkeypatch.setattr(dist.DaskPass, "run", counted)

@@ -398,15 +398,17 @@ class _Stream:
 
         Workers read the same files and rows as :meth:`combined` joins, in the same order.
         """
-        from cryo2d.em.distributed import ConcatSource, DaskPass, ParticleSource
+        from cryo2d.em.distributed import ConcatSource, DaskPass, ParticleSource, _stack_folders
 
         project = self.watcher.project_dir
-        parts = tuple(
-            ParticleSource(path=str(self.watcher.path(p.file).resolve()),
-                           project_dir=None if project is None else str(Path(project).resolve()),
-                           no_ctf=not self.config.use_ctf, rows=p.rows(), invert_contrast=bool(self.inverted))
-            for p in pieces
-        )
+        parts = []
+        for p in pieces:
+            folders, folder = _stack_folders(self.watcher.sets[p.file])  # the stacks this process found
+            parts.append(ParticleSource(path=str(self.watcher.path(p.file).resolve()),
+                                        project_dir=None if project is None else str(Path(project).resolve()),
+                                        no_ctf=not self.config.use_ctf, rows=p.rows(),
+                                        invert_contrast=bool(self.inverted), stack_folders=folders, stack_folder=folder))
+        parts = tuple(parts)
         return DaskPass(self.client, ConcatSource(parts, str(self.source)), engine)
 
     def _write(self, final: ClassifyResult, particles: ParticleSet, summary: dict, pixel_size_angst: float) -> None:
