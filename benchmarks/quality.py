@@ -99,13 +99,20 @@ def simulate_command(p: dict, out: Path, seed: int, extra: list[str], map_path: 
 
 
 def timed_run(cmd: list[str], log_path: Path, cwd: Path | None = None) -> tuple[int, float, float, float]:
-    """Run a command; return (exit code, wall s, peak RSS MB, user + system CPU s of the child)."""
+    """Run a command; return (exit code, wall s, peak RSS MB, user + system CPU s of the child).
+
+    The command runs under :func:`relion.start_measured`'s launcher, so its peak RSS is its own,
+    not this script's size at the fork.
+    """
+    report = log_path.with_suffix(".rusage.json")
+    report.unlink(missing_ok=True)
     with open(log_path, "w") as log:
         start = time.time()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
-        _, status, rusage = os.wait4(proc.pid, 0)
+        proc = relion.start_measured(cmd, report, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        _, status, _ = os.wait4(proc.pid, 0)
     wall = time.time() - start
-    return os.waitstatus_to_exitcode(status), wall, rusage.ru_maxrss / 1024.0, rusage.ru_utime + rusage.ru_stime
+    usage = relion.measured(report)
+    return os.waitstatus_to_exitcode(status), wall, usage["maxrss_kb"] / 1024.0, usage["cpu_s"]
 
 
 def _shell(cmd: list[str]) -> str:
@@ -360,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                     relion.main(cli)
                 notes.append(f"{said}RELION is running in the background ({cache_dir}); rerun this script when it is done.")
             else:
-                meta = relion.run_relion(star, force=args.relion_force, **kwargs)
+                # At cryo2d's priority: a niced RELION would lose wall time to any other load.
+                meta = relion.run_relion(star, force=args.relion_force, nice=0, **kwargs)
             if relion.is_done(meta):
                 if meta.get("started"):
                     fresh = args.relion_force or meta.get("queued_at", 0) >= started

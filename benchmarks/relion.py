@@ -49,6 +49,41 @@ CACHE_ROOT = Path(__file__).resolve().parent / "_cache" / "relion"
 OUT_PLACEHOLDER = "{OUT}"
 _POLL_S = 2.0
 
+# A child's peak RSS (ru_maxrss) starts from the size of the process it was forked from
+# when it execs: a command started straight from a script that has loaded torch and
+# scored jobs (about 300 MB) reports at least that. Commands therefore run under this
+# small launcher (python -S, about 10 MB), which reports its own child's figures.
+_LAUNCHER = """
+import json, os, sys
+report, nice, cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+pid = os.fork()
+if pid == 0:
+    try:
+        if nice:
+            os.nice(nice)
+        os.execvp(cmd[0], cmd)
+    except OSError as err:
+        sys.stderr.write(f"{cmd[0]}: {err}\\n")
+    os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as out:
+    json.dump({"maxrss_kb": usage.ru_maxrss, "user_s": usage.ru_utime, "cpu_s": usage.ru_utime + usage.ru_stime,
+               "nice": nice}, out)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def start_measured(cmd: list[str], report: Path, *, nice: int = 0, **popen_kwargs) -> subprocess.Popen:
+    """Start ``cmd`` under the launcher, which writes its peak RSS and CPU time to ``report`` (JSON)
+    when it ends (read them with :func:`measured`); ``nice`` is added to its niceness."""
+    return subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, str(report), str(nice), *cmd], **popen_kwargs)
+
+
+def measured(report: Path) -> dict:
+    """The figures :func:`start_measured`'s command left: ``maxrss_kb``, ``user_s``, ``cpu_s``, ``nice``."""
+    return json.loads(Path(report).read_text())
+
 
 def read_star_particles(star: Path):
     """The particle block of a STAR file (pandas DataFrame) and its optics block or None."""
@@ -240,7 +275,8 @@ def run_relion(
     -------
     dict
         ``cache_dir``, ``command`` (shell string), ``cwd``, ``wall_s``,
-        ``peak_rss_mb`` (of relion_refine, from ``wait4``), ``cpu_s`` (its
+        ``peak_rss_mb`` (of relion_refine, from ``wait4`` in :func:`start_measured`'s
+        launcher), ``nice``, ``cpu_s`` (its
         user + system CPU time), ``loadavg_start``/``loadavg_end``,
         ``iteration_times_s`` (seconds since start at which each iteration's
         files appeared), ``returncode`` and ``status`` ("done" or "failed").
@@ -287,13 +323,9 @@ def run_relion(
 
     log = open(cache_dir / "relion.log", "w")
     start = time.time()
-    proc = subprocess.Popen(
-        command,
-        cwd=star.parent,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        preexec_fn=(lambda: os.nice(nice)) if nice else None,
-    )
+    report = cache_dir / "rusage.json"
+    report.unlink(missing_ok=True)
+    proc = start_measured(command, report, nice=nice, cwd=star.parent, stdout=log, stderr=subprocess.STDOUT)
     meta.update(
         status="running", pid=proc.pid, started=time.strftime("%Y-%m-%d %H:%M:%S"), loadavg_start=os.getloadavg()
     )
@@ -316,8 +348,9 @@ def run_relion(
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    _, status, rusage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     wall = time.time() - start
+    usage = measured(report)
     stop.set()
     watcher.join()
     log.close()
@@ -331,9 +364,10 @@ def run_relion(
         status="done" if returncode == 0 else "failed",
         returncode=returncode,
         wall_s=wall,
-        peak_rss_mb=rusage.ru_maxrss / 1024.0,
-        user_cpu_s=rusage.ru_utime,
-        cpu_s=rusage.ru_utime + rusage.ru_stime,
+        peak_rss_mb=usage["maxrss_kb"] / 1024.0,
+        user_cpu_s=usage["user_s"],
+        cpu_s=usage["cpu_s"],
+        nice=nice,
         loadavg_end=os.getloadavg(),
         iteration_times_s={str(k): round(v, 1) for k, v in sorted(times.items())},
         finished=time.strftime("%Y-%m-%d %H:%M:%S"),
