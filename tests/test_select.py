@@ -318,6 +318,11 @@ def test_bad_class_numbers_and_missing_files(truth_job, tmp_path, capsys):
     with pytest.raises(Cryo2DError, match="must differ from the job folder"):
         select(job, job, classes=[1])
     assert parse_class_list("3, 1-2,3") == [1, 2, 3]
+    # A range far past any job's classes: the usual line, not numbers filling memory.
+    huge = parse_class_list("1-100000000000")
+    assert len(huge) < 200_000 and max(huge) == 100_000_000_000
+    with pytest.raises(Cryo2DError, match=r"--classes class \d+ does not exist \(the job has classes 1-"):
+        choose_classes(read_job(job), classes=huge)
 
 
 def test_select_reads_job_from_another_folder(truth_job, tmp_path, monkeypatch):

@@ -87,7 +87,10 @@ def class_similarity(averages: np.ndarray, *, n_psi: int = 36, mirror: bool = Tr
     base = unit(images)  # (K, p)
     angles = torch.arange(n_psi, dtype=torch.float64) * (360.0 / n_psi)
     sim = torch.full((K, K), -1.0, dtype=torch.float32)
-    variants = [images, torch.flip(images, dims=(-1,))] if mirror else [images]
+    # The mirror x -> -x about the centre pixel box // 2, the one rotate_images turns about
+    # (a plain flip mirrors about (box - 1) / 2: one pixel off for even boxes).
+    mirrored = torch.roll(torch.flip(images, dims=(-1,)), shifts=1 - box % 2, dims=-1)
+    variants = [images, mirrored] if mirror else [images]
     for b in range(K):  # one class at a time: memory (2·n_psi, box, box)
         for img in variants:
             rotated = unit(rotate_images(img[b : b + 1].repeat(n_psi, 1, 1), angles, mode="bilinear"))

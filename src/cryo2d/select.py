@@ -369,6 +369,9 @@ class SelectionCriteria:
         return ", ".join(parts) or "none"
 
 
+_MAX_RANGE = 100_000  # class numbers a range expands to at most (parse_class_list)
+
+
 def parse_class_list(text: str, label: str = "--classes") -> list[int]:
     """Parse ``"1,4,7"`` or ``"1-3,8"`` into 1-based class numbers (sorted, unique).
 
@@ -390,7 +393,10 @@ def parse_class_list(text: str, label: str = "--classes") -> list[int]:
             raise Cryo2DError(f"{label}: {part!r} is not a class number or range (e.g. 1,4,7 or 2-5)") from None
         if a < 1 or b < a:
             raise Cryo2DError(f"{label}: {part!r} is not a valid class number or range (classes start at 1)")
-        numbers.update(range(a, b + 1))
+        # No job has 100,000 classes: a longer range is cut there (its end kept, for choose_classes'
+        # "does not exist" line) instead of filling memory with numbers.
+        numbers.update(range(a, min(b, a + _MAX_RANGE) + 1))
+        numbers.add(b)
     if not numbers:
         raise Cryo2DError(f"{label}: no class numbers given")
     return sorted(numbers)
