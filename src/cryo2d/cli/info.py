@@ -1,6 +1,6 @@
 """Summarise a particle file: count, box, pixel size, optics groups, CTF ranges.
 
-Reads a RELION STAR (3.0 or 3.1+) or CryoSPARC .cs file and checks its image
+Reads a RELION STAR (3.0 or 3.1+), CryoSPARC .cs or .csg file and checks its image
 stacks (headers, sizes, image numbers, box sizes). When a stack is missing or
 broken, the metadata is still printed, then the error, and the exit code is 1;
 --no-images skips the stacks.
@@ -30,7 +30,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--project-dir", metavar="DIR",
                         help="project folder that relative image paths start from (CryoSPARC's blob/path, "
                              "RELION's image names)")
-    parser.add_argument("--no-ctf", action="store_true", help="do not require CTF columns")
+    parser.add_argument("--no-ctf", action="store_true", help="leave the CTF columns out (as classify --no-ctf reads the file)")
     images = parser.add_mutually_exclusive_group()
     images.add_argument("--no-images", action="store_true", help="metadata only: do not open the image stacks")
     images.add_argument("--check-pixels", action="store_true",

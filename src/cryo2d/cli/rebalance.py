@@ -5,8 +5,8 @@ mirror-invariant correlation of the class averages, average-linkage
 clustering), then drops particles at random from every superclass holding
 more than --max-share of the particles kept; smaller superclasses keep all
 their particles. Prints the distribution before and after. Writes
-OUT/particles.star (kept; .cs for .cs input), OUT/dropped.star and
-OUT/superclasses.star (class -> superclass, counts before/after). OUT may
+OUT/particles.star (kept) and OUT/dropped.star (.cs, each with its .csg,
+for .cs input) and OUT/superclasses.star (class -> superclass, counts before/after). OUT may
 be an earlier rebalance or select folder (the files of those outputs that
 this run does not write go), not a classification job's folder.
 

@@ -2,9 +2,10 @@
 
 Writes OUT/particles.star (OUT/particles.cs when the job's input was .cs)
 with the rows of the selected classes and every column kept, OUT/rejected.star
-(or .cs) with the others, and OUT/templates.mrcs with the selected class
-averages (for template picking). Class numbers are 1-based, as in
-classes.star and the gallery.
+(or .cs) with the others (each .cs with its .csg), OUT/templates.mrcs with the
+selected class averages (for template picking; also as OUT/templates.cs and
+.csg for a CryoSPARC job) and OUT/classes.star. Class numbers are 1-based, as
+in classes.star and the gallery.
 
 Choose classes by number (--classes, --exclude) and/or by criteria; a class
 must pass every criterion given. With no option at all, automatic selection

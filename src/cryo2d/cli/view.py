@@ -4,7 +4,7 @@ Starts a small web server for JOB and prints its address; open it in a
 browser. Every class is shown with its particle count, resolution and junk
 score, sortable; click classes to select them and press Save: the selection
 is written exactly as `cryo2d select --classes ...` writes it (particles.star
-or .cs, rejected.star or .cs, templates.mrcs) into --out (default
+or .cs, rejected.star or .cs, templates.mrcs, classes.star) into --out (default
 JOB/selected). The job's own files are never changed. The server listens on
 127.0.0.1 (this machine only) unless --host says otherwise; from another
 machine use an SSH tunnel (ssh -L 8000:127.0.0.1:8000 host). Stop it with
