@@ -796,3 +796,23 @@ def test_empty_class_keeps_only_half_posterior_members_in_force_max_runs(bundled
     members = result.class_index == result.empty_class
     assert result.empty_class >= 0 and members.sum() > 50  # 121 (223 before the rule reached these runs, 102 of them weak)
     assert result.class_posterior[members].min() >= NULL_MAJORITY
+
+
+def test_blank_boxes_leave_the_noise_model_as_the_particles_give_it(bundled_volume, helpers, tmp_path):
+    """Half the boxes blank (zero-filled): the noise model is the particles' (it fell to its floor,
+    every shell 1e-4 of the mean, and the particles' classes with it)."""
+    import torch
+
+    from cryo2d.simulate import simulate
+
+    sim = simulate(*bundled_volume, n_particles=300, box=32, snr=0.5, junk_fraction=0.0,
+                   views="discrete", n_views=3, rare_view_fraction=1 / 3, seed=4)
+    images = np.concatenate([sim.images, np.zeros_like(sim.images)])
+    ctf = sim.ctf.subset(np.concatenate([np.arange(300), np.arange(300)]))
+    config = EMConfig(n_classes=4, n_online_iterations=4, batch_size_per_class=40, seed=0)
+    sigma = {}
+    for name, imgs, c in (("particles", sim.images, sim.ctf), ("with blanks", images, ctf)):
+        run_em(helpers.memory_particles(imgs, sim.pixel_size_angst, ctf=c), config, checkpoint=tmp_path / f"{name}.pt")
+        sigma[name] = torch.load(tmp_path / f"{name}.pt", weights_only=False)["state"]["sigma2_shell"].double().numpy()
+    ratio = sigma["with blanks"][1:] / sigma["particles"][1:]
+    assert 0.5 < np.median(ratio) < 2.0, ratio

@@ -1063,6 +1063,10 @@ class Engine(ClassMoves):
                     chi2 = (resid * w_sig).sum(dim=1)
                     per_shell = torch.zeros((len(cidx), self.n_shells), device=dev, dtype=torch.float64)
                     per_shell.index_add_(1, mp.shell, resid.double())
+                # A blank image (zero after normalisation: a padded or zero-filled box) holds no noise to
+                # measure; -1 leaves it out of the noise model (_robust_noise_sums), where a stack half of
+                # such boxes drew every shell's σ² to its floor.
+                chi2 = torch.where(Xm.abs().amax(dim=1) > 0, chi2, torch.full_like(chi2, -1.0))
                 out["chi2"].append(chi2)
                 shell_resid.append(per_shell)
                 p = res.class_post
@@ -1100,9 +1104,12 @@ class Engine(ClassMoves):
         shell 1 (69,500 against 21,100 without it; benchmarks/README.md,
         session 52).
         """
-        med = np.median(chi2)
-        mad = np.median(np.abs(chi2 - med)) * 1.4826
-        typical = torch.from_numpy(chi2 <= med + 5.0 * max(mad, 1e-12)).to(shell_resid.device)
+        measured = chi2 >= 0  # not a blank image (chi2 -1: pass_shard)
+        if not measured.any():
+            return shell_resid.new_zeros(shell_resid.shape[1]), shell_points * 0.0
+        med = np.median(chi2[measured])
+        mad = np.median(np.abs(chi2[measured] - med)) * 1.4826
+        typical = torch.from_numpy(measured & (chi2 <= med + 5.0 * max(mad, 1e-12))).to(shell_resid.device)
         n = float(typical.sum())
         if n < _ROBUST_MIN:
             return shell_resid[typical].sum(dim=0), shell_points * n
