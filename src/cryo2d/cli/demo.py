@@ -34,10 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from cryo2d.classify import classify
     from cryo2d.cli.classify import progress_printer
     from cryo2d.em.config import EMConfig
+    from cryo2d.errors import Cryo2DError
     from cryo2d.evaluate import score_job
     from cryo2d.simulate import bundled_map_path, read_map, simulate, write_simulation
-
-    from cryo2d.errors import Cryo2DError
 
     for flag, value, least in (("-n", args.n, 1), ("--box", args.box, 8), ("--classes", args.classes, 1)):
         if value < least:  # before 1,500 particles are simulated and written

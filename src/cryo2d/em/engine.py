@@ -1142,12 +1142,13 @@ class Engine(ClassMoves):
             idx = np.sort(self.rng.choice(n, size=size, replace=False))
         elif idx is None:
             idx = np.arange(n)
-        if last and cfg.hard_last and (s.null_class >= 0 or not (cfg.force_max_effective and n >= MAX_POSE_BELOW * self.K)):
+        every_pass_hard = cfg.force_max_effective and n >= MAX_POSE_BELOW * self.K
+        if last and cfg.hard_last and (s.null_class >= 0 or not every_pass_hard):
             # hard_class: the empty-box class keeps only the particles that hold half their mass
             # there (estep.choose_class), in force-max runs of many particles too; without an
             # empty-box class those keep their hard pass (the class of the best pose).
             mode = "hard_class"
-        elif cfg.force_max_effective and n >= MAX_POSE_BELOW * self.K:
+        elif every_pass_hard:
             mode = "hard"
         elif cfg.force_max_effective:
             mode = "max_pose"

@@ -74,8 +74,9 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
     Where a column is in both blocks, the CTF's values (``_CTF_PARTICLE_FIRST``)
     are the particle's and the others (pixel and box sizes) the optics
     group's, as RELION 3.1 reads them (``CTF::readByGroup`` looks in the
-    particle row first; pixel sizes come from the optics table). Pixel size: ``_rlnImagePixelSize``, else ``_rlnDetectorPixelSize``
-    × 1e4 / ``_rlnMagnification``, else ``_rlnPixelSize``. Values are not
+    particle row first; pixel sizes come from the optics table). Pixel size:
+    ``_rlnImagePixelSize``, else ``_rlnDetectorPixelSize`` × 1e4 /
+    ``_rlnMagnification``, else ``_rlnPixelSize``. Values are not
     checked for sign/finiteness here; ``cryo2d.io.read_particles`` does.
     """
     path = Path(path)
