@@ -23,7 +23,7 @@ from cryo2d.gallery.render import render_gallery
 from cryo2d.io import check_finite, nonfinite_indices, read_particles, write_particles, write_stack
 from cryo2d.io.cs import passthrough_note, project_blob_path
 from cryo2d.io.csg import write_templates
-from cryo2d.io.outputs import make_output_folder, refuse_overwriting_inputs, write_text_atomic
+from cryo2d.io.outputs import make_output_folder, refuse_overwriting_inputs, remove_stale, write_text_atomic
 from cryo2d.io.star import write_blocks
 from cryo2d.particles import Assignments, ParticleSet
 from cryo2d.picks import pick_locations
@@ -294,9 +294,7 @@ def write_job(final: ClassifyResult, particles: ParticleSet, out: Path, pixel_si
     # An earlier run's outputs that this one does not replace (the other input format's particle
     # files, duplicates when there are none now, classes_unmasked.mrcs) would be read in place of
     # this run's by select and rebalance: they go.
-    for name in _RESULT_FILES:
-        if name not in written:
-            (out / name).unlink(missing_ok=True)
+    remove_stale(out, _RESULT_FILES, written)
 
 
 make_callable(__name__)  # cryo2d.classify(...) calls classify above (cryo2d._callable)

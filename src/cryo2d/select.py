@@ -56,7 +56,7 @@ from cryo2d._callable import make_callable
 from cryo2d.errors import Cryo2DError
 from cryo2d.io import read_particles, write_particles, write_stack
 from cryo2d.io.csg import select_templates
-from cryo2d.io.outputs import make_output_folder, refuse_overwriting_inputs
+from cryo2d.io.outputs import JOB_MARKERS, make_output_folder, refuse_job_folder, refuse_overwriting_inputs, remove_stale
 from cryo2d.io.star import write_blocks
 from cryo2d.junk import DEFAULT_MAX_JUNK_SCORE, junk_scores
 from cryo2d.particles import ParticleSet
@@ -85,13 +85,6 @@ _PARTICLE_FILES = tuple(f"{stem}{ext}" for stem in ("particles", "rejected", "dr
 #: Every file ``write_selection`` and ``cryo2d.rebalance.rebalance`` may write into their folder (``.csg``: the
 #: result group beside each ``.cs``); those a run does not write are removed from it (``clear_stale_outputs``).
 OUTPUT_FILES = (*_PARTICLE_FILES, "templates.mrcs", "classes.star", "templates.cs", "templates.csg", "superclasses.star")
-
-#: Files that only a classification job writes (``cryo2d.classify.JOB_FILES`` less ``OUTPUT_FILES``, and
-#: ``cryo2d stream``'s own): a folder holding one is a job's, never an output folder of select or rebalance.
-#: Listed here rather than imported, as importing ``cryo2d.classify`` loads torch.
-JOB_MARKERS = ("checkpoint.pt", "stream_checkpoint.pt", "stream.json", "updates.jsonl", "iterations.jsonl",
-               "classes.mrcs", "classes_unmasked.mrcs", "class_averages.cs", "class_averages.csg",
-               "duplicates.star", "duplicates.cs", "duplicates.csg", "gallery.png")
 
 # A folder with one of these was written by select (templates.mrcs) or rebalance (superclasses.star).
 _OUTPUT_MARKERS = ("templates.mrcs", "superclasses.star")
@@ -589,9 +582,7 @@ def output_folder(job: Job, out_dir: str | os.PathLike) -> Path:
     if out.resolve() == job.folder.resolve():
         raise Cryo2DError(f"{out}: the output folder must differ from the job folder")
     if out.is_dir():
-        marker = next((name for name in JOB_MARKERS if (out / name).exists()), None)
-        if marker is not None:
-            raise Cryo2DError(f"{out}: holds a classification job ({marker}); choose another folder")
+        refuse_job_folder(out)
         foreign = next((name for name in _PARTICLE_FILES if (out / name).exists()), None)
         if foreign is not None and not any((out / name).is_file() for name in _OUTPUT_MARKERS):
             raise Cryo2DError(
@@ -615,13 +606,7 @@ def clear_stale_outputs(out: Path, written: list[Path]) -> None:
         The files this run writes (a ``.cs`` file's ``.csg`` goes with it).
     """
     keep = {Path(path).name for path in written}
-    keep |= {Path(name).with_suffix(".csg").name for name in keep if name.endswith(".cs")}
-    for name in OUTPUT_FILES:
-        if name not in keep:
-            try:
-                (out / name).unlink(missing_ok=True)
-            except OSError as err:
-                raise Cryo2DError(f"{out / name}: cannot remove an earlier run's file ({err.strerror or err})") from None
+    remove_stale(out, OUTPUT_FILES, keep | {Path(name).with_suffix(".csg").name for name in keep if name.endswith(".cs")})
 
 
 def write_selection(job: Job, classes: list[int] | np.ndarray, out_dir: str | os.PathLike) -> SelectionResult:

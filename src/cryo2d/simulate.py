@@ -50,7 +50,7 @@ from cryo2d.ctf import ctf_grid
 from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import fft2c, freq_grid, ifft2c, radius_grid, rotate_images, shift_images, shift_phase
 from cryo2d.io.mrc import write_stack
-from cryo2d.io.outputs import atomic_path, make_output_folder, write_json_atomic
+from cryo2d.io.outputs import atomic_path, make_output_folder, refuse_job_folder, write_json_atomic
 from cryo2d.io.star import write_blocks
 from cryo2d.particles import CTFParams
 
@@ -886,11 +886,7 @@ def _refuse_foreign_folder(out: Path) -> None:
     job's (its results), or one holding particle files of no earlier simulation (real data)."""
     if not out.is_dir():
         return
-    from cryo2d.select import JOB_MARKERS
-
-    marker = next((name for name in JOB_MARKERS if (out / name).exists()), None)
-    if marker is not None:
-        raise Cryo2DError(f"{out}: holds a classification job ({marker}); choose another folder")
+    refuse_job_folder(out)
     if not (out / "truth.json").is_file():
         held = next((name for name in ("particles.star", "particles.mrcs") if (out / name).exists()), None)
         if held is not None:

@@ -87,6 +87,34 @@ def refuse_overwriting_inputs(out_dir: str | os.PathLike, names: Iterable[str], 
                               "choose another output folder")
 
 
+#: Files that only a classification job writes (``cryo2d.classify.JOB_FILES`` less what select and
+#: rebalance write, and ``cryo2d stream``'s own): a folder holding one is a job's, whose results an
+#: output of select, rebalance or simulate must not replace (:func:`refuse_job_folder`).
+JOB_MARKERS = ("checkpoint.pt", "stream_checkpoint.pt", "stream.json", "updates.jsonl", "iterations.jsonl",
+               "classes.mrcs", "classes_unmasked.mrcs", "class_averages.cs", "class_averages.csg",
+               "duplicates.star", "duplicates.cs", "duplicates.csg", "gallery.png")
+
+
+def refuse_job_folder(out_dir: str | os.PathLike) -> None:
+    """Cryo2DError when ``out_dir`` holds a classification job (a file of ``JOB_MARKERS``)."""
+    out = Path(out_dir)
+    marker = next((name for name in JOB_MARKERS if (out / name).exists()), None)
+    if marker is not None:
+        raise Cryo2DError(f"{out}: holds a classification job ({marker}); choose another folder")
+
+
+def remove_stale(out_dir: str | os.PathLike, names: Iterable[str], written: Iterable[str]) -> None:
+    """Remove the files called one of ``names`` in ``out_dir`` that are not in ``written``: an earlier
+    run's outputs that this run does not replace, which would be read in place of its own."""
+    out, keep = Path(out_dir), set(written)
+    for name in names:
+        if name not in keep:
+            try:
+                (out / name).unlink(missing_ok=True)
+            except OSError as err:
+                raise Cryo2DError(f"{out / name}: cannot remove an earlier run's file ({err.strerror or err})") from None
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
