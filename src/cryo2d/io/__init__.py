@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryo2d.errors import Cryo2DError
+from cryo2d.errors import Cryo2DError, NoParticles
 from cryo2d.io.cs import read_cs, write_cs
 from cryo2d.io.csg import read_csg
 from cryo2d.io.mrc import ArrayStack, MRCStack, StackRefs, check_finite, nonfinite_indices, read_map, write_stack
@@ -98,7 +98,7 @@ def open_stack(particles: ParticleSet) -> ParticleSet:
 def _validate(particles: ParticleSet) -> None:
     label = str(particles.source)
     if len(particles) == 0:
-        raise Cryo2DError(f"{label}: no particles")
+        raise NoParticles(f"{label}: no particles")
     _check_values(label, "pixel size", particles.pixel_size_angst, minimum=0.0)
     ctf = particles.ctf
     if ctf is None:

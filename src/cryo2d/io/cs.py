@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryo2d.errors import Cryo2DError
+from cryo2d.errors import Cryo2DError, NoParticles
 from cryo2d.io.mrc import StackRefs, _is_file, _one_line
 from cryo2d.io.outputs import atomic_path, write_text_atomic
 from cryo2d.particles import Assignments, CTFParams, ParticleSet
@@ -158,7 +158,7 @@ def _check_blob(array: np.ndarray, label: str, passthrough_name: bool = False) -
             hint = " (a CryoSPARC passthrough file: give the job's particle file)" if passthrough_name else ""
             raise Cryo2DError(f"{label}: field {name} missing (no particle images){hint}")
     if len(array) == 0:
-        raise Cryo2DError(f"{label}: no particles")
+        raise NoParticles(f"{label}: no particles")
     if "blob/psize_A" not in array.dtype.names:
         raise Cryo2DError(f"{label}: field blob/psize_A missing (no pixel size)")
 

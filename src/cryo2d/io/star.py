@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from cryo2d.errors import Cryo2DError
+from cryo2d.errors import Cryo2DError, NoParticles
 from cryo2d.io.mrc import StackRefs, _factorize, _is_file, _one_line
 from cryo2d.io.outputs import atomic_path
 from cryo2d.particles import Assignments, CTFParams, ParticleSet
@@ -102,7 +102,7 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
     particles_block = _particles_block(blocks, label)
     table = blocks[particles_block]
     if len(table) == 0:
-        raise Cryo2DError(f"{label}: no particles")
+        raise NoParticles(f"{label}: no particles")
     optics = blocks.get("optics") if particles_block != "optics" else None
     columns = _merged_columns(table, optics, label)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cryo2d.ctf import boost_note
-from cryo2d.errors import Cryo2DError
+from cryo2d.errors import Cryo2DError, NoParticles
 from cryo2d.io import open_stack, read_particles
 from cryo2d.io.cs import is_passthrough, passthrough_note
 from cryo2d.io.mrc import StackRefs, _is_file
@@ -239,9 +239,9 @@ class ParticleWatcher:
         path = self.path(name)
         try:
             particles = read_particles(path, project_dir=self.project_dir, no_ctf=self.no_ctf, open_stacks=False)
-        except Cryo2DError as err:
+        except NoParticles:
             # A growing file's header before its first row: nothing yet. Rows once read and now gone: an error.
-            if name in self.sets or str(err) != f"{path}: no particles":
+            if name in self.sets:
                 raise
             self.empty_signature[name] = sig
             self._note(f"{name}: no particles yet, waiting", notes)
