@@ -398,12 +398,12 @@ class _Stream:
 
         Workers read the same files and rows as :meth:`combined` joins, in the same order.
         """
-        from cryo2d.em.distributed import ConcatSource, DaskPass, ParticleSource, _stack_folders
+        from cryo2d.em.distributed import ConcatSource, DaskPass, ParticleSource, stack_folders_of
 
         project = self.watcher.project_dir
         parts = []
         for p in pieces:
-            folders, folder = _stack_folders(self.watcher.sets[p.file])  # the stacks this process found
+            folders, folder = stack_folders_of(self.watcher.sets[p.file])  # the stacks this process found
             parts.append(ParticleSource(path=str(self.watcher.path(p.file).resolve()),
                                         project_dir=None if project is None else str(Path(project).resolve()),
                                         no_ctf=not self.config.use_ctf, rows=p.rows(),

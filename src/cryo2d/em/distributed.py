@@ -151,7 +151,7 @@ def source_of(particles: ParticleSet, project_dir=None, rows: np.ndarray | None 
     path = Path(particles.source)
     if path.suffix.lower() not in (".star", ".cs", ".csg") or not path.is_file():
         raise Cryo2DError(f"{path}: --workers/--scheduler need particles read from a STAR, .cs or .csg file")
-    folders, folder = _stack_folders(particles)
+    folders, folder = stack_folders_of(particles)
     return ParticleSource(
         path=str(path.resolve()),
         project_dir=None if project_dir is None else str(Path(project_dir).resolve()),
@@ -163,7 +163,7 @@ def source_of(particles: ParticleSet, project_dir=None, rows: np.ndarray | None 
     )
 
 
-def _stack_folders(particles: ParticleSet) -> tuple[tuple[str, ...] | None, np.ndarray | None]:
+def stack_folders_of(particles: ParticleSet) -> tuple[tuple[str, ...] | None, np.ndarray | None]:
     """Where the client found each stack file: ``ParticleSource.stack_folders`` and ``stack_folder``.
 
     (None, None) when the stacks are not open MRC files or a file is not its

@@ -120,8 +120,8 @@ def load_checkpoint(engine, path: Path) -> int:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a damaged checkpoint is a user-visible problem
         raise Cryo2DError(f"{path}: cannot read checkpoint ({type(err).__name__})") from None
-    same = payload.get("n_particles") == len(engine.particles) and payload.get(
-        "particles_digest", particles_digest(engine.particles)) == particles_digest(engine.particles)
+    digest = particles_digest(engine.particles)
+    same = payload.get("n_particles") == len(engine.particles) and payload.get("particles_digest", digest) == digest
     if payload.get("version") != _VERSION or not same:
         raise Cryo2DError(f"{path}: checkpoint is from a different dataset or version; remove it or drop --resume")
     ours = engine.config.to_dict()
