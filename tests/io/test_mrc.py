@@ -248,3 +248,38 @@ def test_read_into_a_given_buffer_matches_read(tmp_path):
         assert got is buf
         np.testing.assert_array_equal(buf, stack.read(idx))
     np.testing.assert_array_equal(MRCStack.from_paths([tmp_path / "a.mrcs"] * 7, np.arange(7)).read(np.arange(2, 6)), f32[2:6])
+
+
+def test_open_files_are_bounded_over_all_stacks(tmp_path, monkeypatch):
+    """Many stacks (a stream's one set per micrograph file) share one bound on open files: 1,100 such
+    stacks once held 1,100 descriptors, past Linux's default limit of 1,024 ("Too many open files")."""
+    monkeypatch.setattr(mrc_module, "MAX_OPEN_FILES_TOTAL", 4)
+    monkeypatch.setattr(mrc_module, "_open_files", type(mrc_module._open_files)())
+    stacks = []
+    for i in range(10):
+        write_mrcs(tmp_path / f"m{i}.mrcs", np.full((2, 8, 8), i, dtype=np.float32))
+        stacks.append(MRCStack([tmp_path / f"m{i}.mrcs"], np.array([0, 0]), np.array([1, 0])))
+    for _ in range(2):
+        for i, stack in enumerate(stacks):
+            np.testing.assert_array_equal(stack.read(np.array([0, 1]))[:, 0, 0], [i, i])
+            assert sum(len(s._handles) for s in stacks) <= 4
+    # The most recently read stacks keep theirs; a closed one reopens on its next read.
+    assert [len(s._handles) for s in stacks] == [0] * 6 + [1] * 4
+    assert stacks[0].read(np.array([1]))[0, 0, 0] == 0
+    assert len(stacks[0]._handles) == 1 and sum(len(s._handles) for s in stacks) == 4
+
+
+def test_a_stack_being_read_keeps_its_files(tmp_path, monkeypatch):
+    """Another stack's files are closed only when its lock is free (not mid-read in another thread)."""
+    monkeypatch.setattr(mrc_module, "MAX_OPEN_FILES_TOTAL", 1)
+    monkeypatch.setattr(mrc_module, "_open_files", type(mrc_module._open_files)())
+    for name in ("a", "b"):
+        write_mrcs(tmp_path / f"{name}.mrcs", np.ones((1, 8, 8), dtype=np.float32))
+    a = MRCStack([tmp_path / "a.mrcs"], np.array([0]), np.array([0]))
+    b = MRCStack([tmp_path / "b.mrcs"], np.array([0]), np.array([0]))
+    a.read(np.array([0]))
+    with a._lock:  # as if a read of a were under way
+        b.read(np.array([0]))
+    assert len(a._handles) == 1 and len(b._handles) == 1
+    a.read(np.array([0]))  # b is free: its file is closed
+    assert len(a._handles) == 1 and len(b._handles) == 0

@@ -135,7 +135,7 @@ def concat_particles(sets: Sequence[ParticleSet], source: str | Path) -> Particl
     elif first.kind == "cs":
         arrays = [p.extra["cs_array"] for p in sets]
         for p, array in zip(sets[1:], arrays[1:]):
-            if array.dtype != arrays[0].dtype:
+            if not _same_fields(array.dtype, arrays[0].dtype):
                 raise Cryo2DError(f"{p.source}: .cs fields differ from those of {first.source}")
         extra["cs_array"] = np.concatenate(arrays)
     return ParticleSet(
@@ -148,6 +148,21 @@ def concat_particles(sets: Sequence[ParticleSet], source: str | Path) -> Particl
         extra=extra,
         prior_shift_px=_joined_shifts(sets),
     )
+
+
+def _same_fields(a: np.dtype, b: np.dtype) -> bool:
+    """Two .cs files' fields are one set's: the same names and types, byte and text strings of any width.
+
+    numpy stores a string field as wide as the file's longest value (blob/path of the J9 and J150
+    extractions: S66, S67) and widens it when joining; it would also turn numbers into strings.
+    """
+    if a.names != b.names:
+        return False
+    for name in a.names:
+        x, y = a[name], b[name]
+        if x != y and not (x.shape == y.shape and x.base.kind == y.base.kind and x.base.kind in "SU"):
+            return False
+    return True
 
 
 def _joined_shifts(sets: Sequence[ParticleSet]) -> np.ndarray | None:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import math
 import os
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -31,7 +33,27 @@ from cryo2d.errors import Cryo2DError
 from cryo2d.io.outputs import atomic_path
 
 HEADER_BYTES = 1024
-MAX_OPEN_FILES = 64
+MAX_OPEN_FILES = 64  # per MRCStack
+
+
+def _open_files_budget() -> int:
+    """Stack files the process keeps open at most: 256, or a quarter of its descriptor limit where
+    that is lower (macOS allows 256 by default), at least 16."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # no such limit here (Windows)
+        return 256
+    return 256 if soft == resource.RLIM_INFINITY else max(16, min(256, soft // 4))
+
+
+# Over all MRCStacks of the process: a stream keeps one set, and one MRCStack, per particle file (RELION
+# writes a STAR file and a stack per micrograph), and each stack's own cap alone let 1,100 such files hold
+# 1,100 descriptors, past the 1,024 that Linux allows a process by default ("Too many open files").
+MAX_OPEN_FILES_TOTAL = _open_files_budget()
+_open_files: OrderedDict[tuple[int, int], weakref.ref] = OrderedDict()  # (stack token, file no.) -> stack
+_open_files_lock = threading.Lock()
+_tokens = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -229,6 +251,7 @@ class MRCStack:
         self.box = self._validate()
         self._handles: OrderedDict[int, io.FileIO] = OrderedDict()
         self._lock = threading.Lock()
+        self._token = next(_tokens)  # this stack's key in the process-wide list of open files
 
     @classmethod
     def from_paths(
@@ -277,16 +300,23 @@ class MRCStack:
         return int(box or 0)
 
     def _file(self, file_no: int) -> io.FileIO:
-        """The open (unbuffered) file ``file_no``; closes the least recently used past ``MAX_OPEN_FILES``."""
+        """The open (unbuffered) file ``file_no`` (called with ``self._lock`` held).
+
+        Closes this stack's least recently used file past ``MAX_OPEN_FILES``,
+        and other stacks' least recently used files past ``MAX_OPEN_FILES_TOTAL``
+        in the whole process (see :func:`_note_open`).
+        """
         handle = self._handles.get(file_no)
         if handle is None:
             handle = open(self.files[file_no], "rb", buffering=0)
             self._handles[file_no] = handle
-            while len(self._handles) > MAX_OPEN_FILES:
-                _, old = self._handles.popitem(last=False)
+            while len(self._handles) > min(MAX_OPEN_FILES, MAX_OPEN_FILES_TOTAL):
+                old_no, old = self._handles.popitem(last=False)
                 old.close()
+                _forget_open(self._token, old_no)
         else:
             self._handles.move_to_end(file_no)
+        _note_open(self, file_no)
         return handle
 
     def _read_images(self, file_no: int, images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -374,7 +404,9 @@ class MRCStack:
         """Close every open file (they reopen on the next read)."""
         with self._lock:
             while self._handles:
-                self._handles.popitem()[1].close()
+                file_no, handle = self._handles.popitem()
+                handle.close()
+                _forget_open(self._token, file_no)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -385,6 +417,7 @@ class MRCStack:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._token = next(_tokens)  # a copy (``inverted``) opens its own files
 
     def __del__(self) -> None:
         for handle in getattr(self, "_handles", {}).values():
@@ -392,6 +425,48 @@ class MRCStack:
                 handle.close()
             except Exception:  # interpreter shutdown: nothing left to release
                 pass
+
+
+def _note_open(stack: MRCStack, file_no: int) -> None:
+    """Mark file ``file_no`` of ``stack`` (open, ``stack._lock`` held) as the most recently used open stack
+    file of the process, and close other stacks' least recently used files past ``MAX_OPEN_FILES_TOTAL``.
+
+    A stack being read by another thread (its lock taken) keeps its files
+    until a later read finds it free; the lock is only tried, never waited
+    for, so two readers cannot block each other. A closed file reopens on
+    its stack's next read.
+    """
+    key = (stack._token, file_no)
+    with _open_files_lock:
+        if key in _open_files:
+            _open_files.move_to_end(key)
+        else:
+            _open_files[key] = weakref.ref(stack)
+        excess = len(_open_files) - MAX_OPEN_FILES_TOTAL
+        if excess <= 0:
+            return
+        for old_key in list(_open_files)[:-1]:
+            if excess <= 0:
+                break
+            other = _open_files[old_key]()
+            if other is not None and other is not stack:
+                if not other._lock.acquire(blocking=False):
+                    continue
+                try:
+                    handle = other._handles.pop(old_key[1], None)
+                    if handle is not None:
+                        handle.close()
+                finally:
+                    other._lock.release()
+            if other is not stack:  # gone (its files closed with it) or closed now
+                del _open_files[old_key]
+                excess -= 1
+
+
+def _forget_open(token: int, file_no: int) -> None:
+    """Take a closed stack file off the process-wide list."""
+    with _open_files_lock:
+        _open_files.pop((token, file_no), None)
 
 
 class ArrayStack:
