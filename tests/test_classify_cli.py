@@ -83,8 +83,25 @@ def test_classes_star(star_job):
     assert classes["rlnClassParticleCount"].sum() == 300
     assert classes["rlnClassDistribution"].sum() == pytest.approx(1.0)
     assert list(classes["rlnClassParticleCount"]) == sorted(classes["rlnClassParticleCount"], reverse=True)
-    assert list(classes["rlnReferenceImage"]) == [f"{k:06d}@classes.mrcs" for k in (1, 2, 3)]
+    assert list(classes["rlnReferenceImage"]) == [f"{k:06d}@{star_job / 'classes.mrcs'}" for k in (1, 2, 3)]  # outside the cwd
     assert (classes["rlnEstimatedResolution"] > 0).all()
+
+
+def test_class_images_are_named_from_the_project_folder(sim3, tmp_path, monkeypatch):
+    """classes.star names classes.mrcs as RELION names run_it025_classes.mrcs, from the folder the job
+    ran in (the project folder), where particles.star's stack names also resolve: ``relion_refine
+    --i Class2D/run1/particles.star --ref Class2D/run1/classes.star`` finds both from there."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["classify", str(sim3.star), "-o", "Class2D/run1", *FAST]) == 0
+    classes = starfile.read("Class2D/run1/classes.star")
+    assert list(classes["rlnReferenceImage"]) == [f"{k:06d}@Class2D/run1/classes.mrcs" for k in (1, 2, 3)]
+    written = mrcfile.read("Class2D/run1/classes.mrcs")
+    for name in classes["rlnReferenceImage"]:
+        number, stack = name.split("@")
+        np.testing.assert_array_equal(mrcfile.read(stack)[int(number) - 1], written[int(number) - 1])
+    assert main(["select", "Class2D/run1", "-o", "Select/job5", "--classes", "1,3"]) == 0
+    templates = starfile.read("Select/job5/classes.star")
+    assert list(templates["rlnReferenceImage"]) == ["000001@Select/job5/templates.mrcs", "000002@Select/job5/templates.mrcs"]
 
 
 def test_particles_star(star_job, sim3):

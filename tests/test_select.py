@@ -7,7 +7,9 @@ CTF not corrected), sorted by count like ``cryo2d classify``.
 """
 from __future__ import annotations
 
+import json
 import shutil
+import threading
 from pathlib import Path
 
 import mrcfile
@@ -18,6 +20,7 @@ import starfile
 import torch
 import yaml
 
+import cryo2d.select as select_module
 from cryo2d.cli.main import main
 from cryo2d.errors import Cryo2DError
 from cryo2d.fourier import rotate_images, shift_images
@@ -207,7 +210,7 @@ def test_select_classes_writes_rows_with_all_columns(truth_job, tmp_path):
     table = starfile.read(out / "classes.star")  # the selected rows, the job's numbers, images in templates.mrcs
     source_table = starfile.read(job / "classes.star")
     assert table["rlnClassNumber"].tolist() == [1, 3]
-    assert table["rlnReferenceImage"].tolist() == ["000001@templates.mrcs", "000002@templates.mrcs"]
+    assert table["rlnReferenceImage"].tolist() == [f"00000{i}@{out / 'templates.mrcs'}" for i in (1, 2)]  # outside the cwd
     np.testing.assert_array_equal(table["rlnClassParticleCount"], source_table["rlnClassParticleCount"].iloc[[0, 2]])
 
 
@@ -268,6 +271,70 @@ def test_classes_too_small_for_the_junk_score_get_a_note(sim_data, tmp_path, cap
     job = read_job(tmp_path / "big")
     chosen = choose_classes(job)
     assert len(chosen) == job.n_classes - 1 and small_classes_note(job, chosen, SelectionCriteria.auto()) is None
+
+
+def test_the_note_counts_only_classes_the_junk_score_rejected(truth_job, tmp_path, capsys):
+    """Junk classes left out by --exclude or --classes were counted as rejected by the junk score.
+
+    ``truth_job`` holds a median of about 45 particles per class, and its three
+    junk classes (45 each) score as junk.
+    """
+    job, names = truth_job
+    junk = [k + 1 for k, name in enumerate(names) if name in JUNK]
+    views = [k + 1 for k, name in enumerate(names) if name not in JUNK]
+    counts = read_job(job).counts
+    assert len(junk) == 3 and np.median(counts) < 100 and (counts[np.array(junk) - 1] < 100).all()
+    out = str(tmp_path / "s")
+    # The user excluded the junk: the junk score rejected nothing, so no note.
+    assert main(["select", str(job), "-o", out, "--exclude", ",".join(map(str, junk)), "--max-junk-score", "0.5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"selected {len(views)} of {len(names)} classes")
+    # The views and one junk class listed: the junk score rejected that one class.
+    listed = ",".join(map(str, views + junk[:1]))
+    assert main(["select", str(job), "-o", out, "--classes", listed, "--max-junk-score", "0.5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and f"rejected 1 classes of fewer than 100 ({counts[junk[0] - 1]} particles)" in lines[1]
+    # Junk classes that --min-particles rejects as well are not the junk score's doing.
+    size = int(counts[np.array(junk) - 1].max())
+    for limit, expected in ((size, 3), (size + 1, 0)):
+        criteria = SelectionCriteria(min_particles=limit, max_junk_score=0.5)
+        job_read = read_job(job)
+        note = small_classes_note(job_read, choose_classes(job_read, criteria=criteria), criteria)
+        assert (note is None) if expected == 0 else f"rejected {expected} classes" in note, (limit, note)
+    # The automatic selection: all three junk classes.
+    assert main(["select", str(job), "-o", out]) == 0
+    assert f"rejected 3 classes of fewer than 100 ({counts[np.array(junk) - 1].sum()} particles)" in capsys.readouterr().out
+
+
+def test_a_stream_job_is_read_only_between_updates(truth_job, tmp_path, monkeypatch, capsys):
+    """A stream job mid-update (stream.json "writing": classes.* of the new update, particles.star of the last)
+    was read as it lay: a class's templates with another class's particles."""
+    job = _copy_job(truth_job[0], tmp_path / "live")
+    state = {"update": 2, "particles": 900, "status": "writing"}
+    (job / "stream.json").write_text(json.dumps(state))
+    monkeypatch.setattr(select_module, "_STREAM_WAIT_S", 0.0, raising=False)
+    assert main(["select", str(job), "-o", str(tmp_path / "s"), "--classes", "1"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stream.json: cryo2d stream is writing update 2" in err[0]
+    assert not (tmp_path / "s").exists()
+    # The stream finishes the update while select waits: the finished files are read.
+    monkeypatch.setattr(select_module, "_STREAM_WAIT_S", 30.0, raising=False)
+    monkeypatch.setattr(select_module, "_STREAM_POLL_S", 0.05, raising=False)
+    particles = starfile.read(job / "particles.star")
+    particles["particles"]["rlnClassNumber"] = 1
+
+    def finish() -> None:
+        starfile.write(particles, job / "particles.star", overwrite=True)
+        (job / "stream.json").write_text(json.dumps({**state, "status": "complete"}))
+
+    timer = threading.Timer(0.3, finish)
+    timer.start()
+    try:
+        result = select(job, tmp_path / "s", classes=[1])
+    finally:
+        timer.join()
+    assert result.n_kept == 900 and result.n_rejected == 0
+    assert read_job(job).counts.tolist() == [900] + [0] * (len(truth_job[1]) - 1)
 
 
 def test_junk_scores_read_the_unmasked_averages(truth_job, tmp_path):

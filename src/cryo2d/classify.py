@@ -24,7 +24,7 @@ from cryo2d.io import check_finite, nonfinite_indices, read_particles, write_par
 from cryo2d.io.cs import passthrough_note, project_blob_path
 from cryo2d.io.csg import write_templates
 from cryo2d.io.outputs import make_output_folder, refuse_overwriting_inputs, remove_stale, write_text_atomic
-from cryo2d.io.star import write_blocks
+from cryo2d.io.star import name_from_here, write_blocks
 from cryo2d.particles import Assignments, ParticleSet
 from cryo2d.picks import pick_locations
 
@@ -269,7 +269,7 @@ def write_job(final: ClassifyResult, particles: ParticleSet, out: Path, pixel_si
     total = max(float(final.counts.sum()), 1.0)
     table = pd.DataFrame(
         {
-            "rlnReferenceImage": [f"{k + 1:06d}@classes.mrcs" for k in range(K)],
+            "rlnReferenceImage": [f"{k + 1:06d}@{name_from_here(out / 'classes.mrcs')}" for k in range(K)],
             "rlnClassNumber": np.arange(1, K + 1),
             "rlnClassParticleCount": final.counts.astype(int),
             "rlnClassDistribution": final.counts / total,

@@ -42,9 +42,11 @@ Resolution criteria, in Å (smaller number = finer detail):
 """
 from __future__ import annotations
 
+import json
 import os
+import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mrcfile
@@ -57,7 +59,7 @@ from cryo2d.errors import Cryo2DError
 from cryo2d.io import read_particles, write_particles, write_stack
 from cryo2d.io.csg import select_templates
 from cryo2d.io.outputs import JOB_MARKERS, make_output_folder, refuse_job_folder, refuse_overwriting_inputs, remove_stale
-from cryo2d.io.star import write_blocks
+from cryo2d.io.star import name_from_here, write_blocks
 from cryo2d.junk import DEFAULT_MAX_JUNK_SCORE, junk_scores
 from cryo2d.particles import ParticleSet
 
@@ -88,6 +90,11 @@ OUTPUT_FILES = (*_PARTICLE_FILES, "templates.mrcs", "classes.star", "templates.c
 
 # A folder with one of these was written by select (templates.mrcs) or rebalance (superclasses.star).
 _OUTPUT_MARKERS = ("templates.mrcs", "superclasses.star")
+
+
+# How long read_job waits for a cryo2d stream to finish writing an update (s), and how often it looks.
+_STREAM_WAIT_S = 60.0
+_STREAM_POLL_S = 0.5
 
 
 @dataclass
@@ -170,6 +177,12 @@ def read_job(job_dir: str | os.PathLike, *, selection: bool = False) -> Job:
         the selected ones, in the order of ``templates.mrcs``, with their
         job numbers in ``Job.numbers``.
 
+    A ``cryo2d stream`` job folder (``stream.json``) is read while its
+    ``stream.json`` says ``"complete"`` with the same update before and after
+    the files are read (the stream replaces them one by one at each update);
+    while it says ``"writing"``, this waits for it, up to ``_STREAM_WAIT_S``
+    seconds.
+
     Returns
     -------
     Job
@@ -179,11 +192,46 @@ def read_job(job_dir: str | os.PathLike, *, selection: bool = False) -> Job:
     Cryo2DError
         A missing folder or file, an unreadable file, a classes.star without
         the class columns or with a different number of classes than
-        classes.mrcs, or particle class numbers outside 1..K.
+        classes.mrcs, particle class numbers outside 1..K, or a stream job
+        still being written after ``_STREAM_WAIT_S`` seconds.
     """
     folder = Path(job_dir)
     if not folder.is_dir():
         raise Cryo2DError(f"{folder}: job folder not found")
+    if not (folder / "stream.json").is_file():
+        return _read_job_files(folder, selection)
+    # A cryo2d stream job: its files are replaced one by one at each update, so they are one update's only
+    # while stream.json says "complete", with the same update before and after they are read.
+    deadline = time.monotonic() + _STREAM_WAIT_S
+    while True:
+        before = _stream_state(folder)
+        try:
+            job = _read_job_files(folder, selection) if before[1] in ("complete", None) else None
+        except Cryo2DError:
+            if _stream_state(folder) == before:
+                raise
+            job = None
+        if job is not None and _stream_state(folder) == before:
+            return job
+        if time.monotonic() >= deadline:
+            raise Cryo2DError(
+                f"{folder / 'stream.json'}: cryo2d stream is writing update {before[0]} (status {before[1]!r} for "
+                f"{_STREAM_WAIT_S:g} s), so the job's files may belong to two updates; try again once it says 'complete'"
+            )
+        time.sleep(_STREAM_POLL_S)
+
+
+def _stream_state(folder: Path) -> tuple[object, object]:
+    """(update, status) of a stream job's ``stream.json``; ("?", "unreadable") when it cannot be read."""
+    try:
+        state = json.loads((folder / "stream.json").read_text(encoding="utf-8"))
+        return state.get("update"), state.get("status")  # no status: written before stream.json had one
+    except (OSError, ValueError, AttributeError):
+        return "?", "unreadable"
+
+
+def _read_job_files(folder: Path, selection: bool) -> Job:
+    """``read_job`` of a folder whose files are not being replaced."""
     if not (folder / "classes.mrcs").is_file() and (folder / "templates.mrcs").is_file():
         if selection:
             return _read_selection(folder)
@@ -484,12 +532,21 @@ def passes(job: Job, criteria: SelectionCriteria) -> np.ndarray:
 _FEW_PARTICLES = 100
 
 
-def small_classes_note(job: Job, chosen: np.ndarray, criteria: SelectionCriteria | None) -> str | None:
+def small_classes_note(
+    job: Job,
+    chosen: np.ndarray,
+    criteria: SelectionCriteria | None,
+    *,
+    classes: list[int] | None = None,
+    exclude: list[int] | None = None,
+) -> str | None:
     """A note when the junk score rejected classes too small for it to judge, else None.
 
     Given when the non-empty classes hold a median of fewer than
     ``_FEW_PARTICLES`` particles and the junk score (``criteria.max_junk_score``)
-    rejected classes of fewer than that many.
+    rejected classes of fewer than that many: classes that ``classes`` and
+    ``exclude`` left in and every other criterion passed, so that only the
+    junk score turned them away.
 
     Parameters
     ----------
@@ -498,6 +555,9 @@ def small_classes_note(job: Job, chosen: np.ndarray, criteria: SelectionCriteria
         The selected 1-based class numbers (``choose_classes``).
     criteria : SelectionCriteria or None
         The criteria applied; no note when they hold no junk score.
+    classes, exclude : list of int, optional
+        The 1-based class numbers given to ``choose_classes`` (a class they
+        leave out was not rejected by the junk score).
     """
     counts = job.counts
     if criteria is None or criteria.max_junk_score is None or not (counts > 0).any():
@@ -505,9 +565,17 @@ def small_classes_note(job: Job, chosen: np.ndarray, criteria: SelectionCriteria
     median = float(np.median(counts[counts > 0]))
     if median >= _FEW_PARTICLES:
         return None
-    rejected = np.ones(job.n_classes, dtype=bool)
-    rejected[np.asarray(chosen, dtype=np.int64) - 1] = False
-    small = rejected & (counts > 0) & (counts < _FEW_PARTICLES)
+    candidate = np.ones(job.n_classes, dtype=bool)
+    if classes is not None:
+        candidate[:] = False
+        candidate[np.asarray(classes, dtype=np.int64) - 1] = True
+    if exclude:
+        candidate[np.asarray(exclude, dtype=np.int64) - 1] = False
+    others = replace(criteria, max_junk_score=None)
+    if not others.is_empty():
+        candidate &= passes(job, others)
+    candidate[np.asarray(chosen, dtype=np.int64) - 1] = False
+    small = candidate & (counts > 0) & (counts < _FEW_PARTICLES)
     small &= junk_scores(job.unmasked, counts) > criteria.max_junk_score
     if not small.any():
         return None
@@ -657,7 +725,7 @@ def write_selection(job: Job, classes: list[int] | np.ndarray, out_dir: str | os
     templates = job.averages[chosen - 1] if len(chosen) else np.zeros((0, box, box), np.float32)
     write_stack(paths["templates"], templates, job.pixel_size_angst)
     table = job.table.iloc[chosen - 1].reset_index(drop=True)
-    table["rlnReferenceImage"] = [f"{i:06d}@templates.mrcs" for i in range(1, len(chosen) + 1)]
+    table["rlnReferenceImage"] = [f"{i:06d}@{name_from_here(paths['templates'])}" for i in range(1, len(chosen) + 1)]
     table["rlnClassNumber"] = job.numbers[chosen - 1]
     write_blocks({"classes": table}, paths["classes"])
     if with_templates_cs:

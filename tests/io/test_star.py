@@ -309,3 +309,52 @@ def test_real_files_write_back_unchanged(tmp_path):
         assert list(written) == list(particles.extra["blocks"])
         for name, block in particles.extra["blocks"].items():
             _assert_columns_equal(written[name], block)
+
+
+@pytest.mark.parametrize("extra, after", [
+    ("", "loop_"),                            # a blank line after loop_
+    ("# the particles", "loop_"),             # a comment line there
+    ("", "_rlnDefocusU"),                     # a blank line between labels
+    ("# defocus in Angstrom", "_rlnDefocusU"),  # a comment line between labels
+])
+def test_blank_and_comment_lines_in_a_loop_header_are_read_as_relion_reads_them(tmp_path, extra, after):
+    """RELION 3.1 (relion_star_handler, relion_refine) reads these headers; starfile stopped the labels at the
+    first such line and the file was refused ("not a readable STAR file (Error tokenizing data ...)")."""
+    star, images, ctf = make_star_dataset(tmp_path)
+    lines = []
+    for line in star.read_text().splitlines():
+        lines.append(line)
+        if line.strip().startswith(after):
+            lines.append(extra)
+    edited = tmp_path / "edited.star"
+    edited.write_text("\n".join(lines) + "\n")
+    particles, plain = read_particles(edited), read_particles(star)
+    assert list(particles.table.columns) == list(plain.table.columns)
+    pd.testing.assert_frame_equal(particles.table, plain.table)
+    pd.testing.assert_frame_equal(particles.extra["optics"], plain.extra["optics"])
+    np.testing.assert_allclose(particles.ctf.defocus_u_angst, ctf["defocus_u_angst"], rtol=1e-9)
+    np.testing.assert_array_equal(particles.pixel_size_angst, ctf["pixel_size_angst"])
+    np.testing.assert_array_equal(particles.stack.read(np.arange(len(particles))), images)
+
+
+def test_a_loop_header_fault_other_than_blank_lines_is_still_refused(tmp_path):
+    star, _, _ = make_star_dataset(tmp_path)
+    text = star.read_text().replace("_rlnDefocusU", "\n_rlnDefocusU", 1)
+    (tmp_path / "bad.star").write_text(text.replace("@", " @", 1))  # a row with a column too many
+    with pytest.raises(Cryo2DError, match=r"bad.star: not a readable STAR file \(Error tokenizing"):
+        read_particles(tmp_path / "bad.star")
+
+
+def test_nan_and_inf_in_a_passed_through_column_are_written_as_read(tmp_path):
+    """A CTF fit's ``nan`` / ``inf`` (e.g. _rlnCtfMaxResolution) is written back as ``nan`` / ``inf``, not as
+    starfile's ``<NA>``, which RELION does not write and other STAR readers take for text."""
+    star, _, _ = make_star_dataset(tmp_path)
+    blocks = starfile.read(star, always_dict=True)
+    blocks["particles"]["rlnCtfMaxResolution"] = [np.nan, np.inf, -np.inf] + [4.5] * 9
+    starfile.write(blocks, star, overwrite=True)
+    write_particles(read_particles(star), tmp_path / "out.star", random_assignments(12))
+    rows = [line.split() for line in (tmp_path / "out.star").read_text().splitlines() if "@" in line]
+    column = list(read_particles(star).table.columns).index("rlnCtfMaxResolution")
+    assert [row[column] for row in rows[:4]] == ["nan", "inf", "-inf", "4.5"]
+    back = read_particles(tmp_path / "out.star").table["rlnCtfMaxResolution"].to_numpy()
+    np.testing.assert_array_equal(back[:4], [np.nan, np.inf, -np.inf, 4.5])

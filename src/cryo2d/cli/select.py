@@ -16,6 +16,9 @@ junk score: when most classes are that small, a note says how many it
 rejected. Resolutions are in Å, smaller = better: --min-res 20 keeps classes at
 20 Å or better; --max-res 4 drops classes claiming better than 4 Å.
 
+JOB may be a running cryo2d stream's folder: it is read between updates
+(while stream.json says "writing", select waits for the update to be written).
+
 OUT may be an earlier select (or rebalance) folder, re-run with other classes:
 the files of those outputs that this run does not write go (particles.star
 when it writes particles.cs). A classification job's folder (checkpoint.pt,
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     chosen = choose_classes(job, classes=classes, exclude=exclude, criteria=criteria)
     result = write_selection(job, chosen, args.out)
     print(result.summary())
-    note = small_classes_note(job, chosen, applied_criteria(classes, exclude, criteria))
+    note = small_classes_note(job, chosen, applied_criteria(classes, exclude, criteria), classes=classes, exclude=exclude)
     if note:
         print(note)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import linecache
 import os
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,15 +84,12 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
     label = str(path)
     if not _is_file(path):
         raise Cryo2DError(f"{label}: file not found")
-    # starfile reads lines through linecache and clears it only after a successful
-    # parse: without these clears, a file rewritten after a failed read reads stale.
-    linecache.clearcache()
     try:
-        blocks = starfile.read(path, always_dict=True)
+        blocks = _read_blocks(path)
     except Exception as err:  # starfile raises many kinds on malformed text
-        raise Cryo2DError(f"{label}: not a readable STAR file ({_one_line(err)})") from err
-    finally:
-        linecache.clearcache()
+        blocks = _read_blocks_with_plain_loop_headers(path)
+        if blocks is None:
+            raise Cryo2DError(f"{label}: not a readable STAR file ({_one_line(err)})") from err
     if not blocks:
         _refuse_non_utf8(path, label)  # starfile reads such a file as no blocks at all
     blocks = {name: pd.DataFrame([b]) if isinstance(b, dict) else b for name, b in blocks.items()}
@@ -127,6 +125,51 @@ def read_star(path: str | os.PathLike, *, no_ctf: bool = False, open_stacks: boo
     if open_stacks:
         particles = open_star_stacks(particles)
     return particles
+
+
+def _read_blocks(path: Path) -> dict:
+    """``starfile.read(path, always_dict=True)``."""
+    # starfile reads lines through linecache and clears it only after a successful
+    # parse: without these clears, a file rewritten after a failed read reads stale.
+    linecache.clearcache()
+    try:
+        return starfile.read(path, always_dict=True)
+    finally:
+        linecache.clearcache()
+
+
+def _read_blocks_with_plain_loop_headers(path: Path) -> dict | None:
+    """The blocks of a STAR file whose loop headers hold blank or comment lines, or None if none does.
+
+    RELION reads such a header (``loop_``, a blank line, then the labels; a
+    ``# ...`` line between labels); ``starfile`` takes the first such line
+    for the end of the labels and fails on the rest. The file is read again
+    from a copy without those lines, so only a file that failed pays for it.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError):
+        return None
+    kept, in_header, dropped = [], False, 0
+    for line in lines:
+        text = line.strip()
+        if text.startswith("loop_"):
+            in_header = True
+        elif in_header and (not text or text.startswith("#")):
+            dropped += 1
+            continue
+        elif in_header and not text.startswith("_"):
+            in_header = False
+        kept.append(line)
+    if not dropped:
+        return None
+    with tempfile.TemporaryDirectory(prefix="cryo2d-star-") as folder:
+        copy = Path(folder) / path.name
+        copy.write_text("".join(kept), encoding="utf-8")
+        try:
+            return _read_blocks(copy)
+        except Exception:  # the file has other faults too: the first error is reported
+            return None
 
 
 def _particles_block(blocks: dict, label: str) -> str:
@@ -251,6 +294,13 @@ def _refuse_non_utf8(path: Path, label: str) -> None:
         raise Cryo2DError(f"{label}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line})") from None
 
 
+def name_from_here(path: str | os.PathLike) -> str:
+    """``path`` as a STAR file names a stack: from the current folder (RELION's project folder), or
+    absolute when it lies outside it (RELION's ``000001@Class2D/job004/run_it025_classes.mrcs``)."""
+    relative = os.path.relpath(os.path.abspath(path))
+    return os.path.abspath(path) if relative.startswith("..") else relative
+
+
 def open_star_stacks(particles: ParticleSet) -> ParticleSet:
     """``particles`` (read by ``read_star``) with its stacks opened, and each stack that was found beside
     the STAR file, and not from the current folder, renamed in ``_rlnImageName`` so that the name finds
@@ -275,8 +325,7 @@ def open_star_stacks(particles: ParticleSet) -> ParticleSet:
         here = Path(name)
         if here.is_absolute() or (_is_file(here) and os.path.samefile(here, found)):
             continue
-        relative = os.path.relpath(os.path.abspath(found))
-        renamed[name] = os.path.abspath(found) if relative.startswith("..") else relative
+        renamed[name] = name_from_here(found)
     if not renamed:
         return particles
     number, has_at, stacks = _split_image_names(particles.table["rlnImageName"].astype(str))
@@ -383,11 +432,12 @@ def write_blocks(blocks: dict[str, pd.DataFrame], path: str | os.PathLike, *, cr
     """Write STAR data blocks atomically and reproducibly.
 
     Floats are written in their shortest exact form (every value reads back
-    exactly) and starfile's timestamped header line becomes
+    exactly), NaN as ``nan`` (as read, and as RELION writes it; starfile's
+    default is ``<NA>``), and starfile's timestamped header line becomes
     ``# Created by <creator>``, so the same tables give the same bytes.
     """
     with atomic_path(path) as tmp:
-        starfile.write(blocks, tmp, float_format=None)
+        starfile.write(blocks, tmp, float_format=None, na_rep="nan")
         lines = tmp.read_text().splitlines(keepends=True)
         if lines and lines[0].startswith("# Created by the starfile"):
             lines[0] = f"# Created by {creator}\n"
