@@ -569,7 +569,7 @@ def test_empty_box_class_has_the_evidence_of_noise_alone():
     hard = e_step(**args, mode="hard", null_class=K1 - 1)
     best_gain = (cross - 0.5 * norm).amax(dim=(1, 2))
     assert torch.equal(hard.best_k == K1 - 1, best_gain < math.log(T * R))
-    # one M-step entry (shift 0, rotation 0) per particle carries the empty class's weight
+    # one M-step entry (zero shift: row 0 here, rotation 0) per particle carries the empty class's weight
     on = res.entry_k == K1 - 1
     assert torch.equal(res.entry_i[on], torch.unique(res.entry_i[on]))
     assert (res.entry_t[on] == 0).all() and (res.entry_r[on] == 0).all()
@@ -622,6 +622,9 @@ def test_coarse_to_fine_empty_box_class_matches_the_exhaustive_search():
         c2f = e_step_coarse_to_fine(*args, grid, mode=mode, null_class=3)
         assert torch.equal(exh.best_k, torch.cat([k_true[:6], torch.full((6,), 3)])), mode
         assert torch.equal(c2f.best_k, exh.best_k), mode
+        for res in (exh, c2f):  # an empty box's pose: rotation 0 at zero shift, not a tie broken by grid order
+            empty = res.best_k == 3
+            assert (res.best_r[empty] == 0).all() and (shifts[res.best_t[empty]] == 0).all(), mode
     torch.testing.assert_close(c2f.class_post[:, 3], exh.class_post[:, 3], atol=0.05, rtol=0)
 
 

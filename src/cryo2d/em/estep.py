@@ -191,6 +191,15 @@ class _Candidates:
 _EXP_FLOOR = -87.0
 
 
+def _zero_shift(phases: Tensor) -> int:
+    """Row of the smallest shift among de-shift phases (T, m): zero shift where the grid has it (all phases 1).
+
+    The empty-box class's one pose lies there: its class (zero) scores alike at every shift, and
+    a tie broken by the order of the grid wrote empty boxes several pixels off their input origin.
+    """
+    return int(phases.real.sum(dim=1).argmax())
+
+
 def choose_class(class_post: Tensor, null_class: int = -1) -> Tensor:
     """(b,) each particle's class from its class posteriors (b, K): the most probable one,
     but the empty-box class ``null_class`` only where it holds ``NULL_MAJORITY`` or more.
@@ -388,9 +397,9 @@ def e_step(
     s = scale.view(b, 1, 1)
     logp = (s * cross - 0.5 * s * s * norm.unsqueeze(1)) / temperature
     logp = logp.view(b, T, K, R) + log_prior.view(1, 1, K, 1)
-    if null_class >= 0:
+    if null_class >= 0:  # one pose: rotation 0 at the smallest shift (_zero_shift)
         logp[:, :, null_class] = float("-inf")
-        logp[:, 0, null_class, 0] = log_prior[null_class] + math.log(T * R)
+        logp[:, _zero_shift(phases), null_class, 0] = log_prior[null_class] + math.log(T * R)
     return _summarise(logp.view(b, -1), _Grid(cross, norm, K, R), mode, max_entries, min_weight, null_class)
 
 
@@ -855,11 +864,15 @@ def e_step_coarse_to_fine(
     top_k, top_r = top // Rc, top % Rc
     cand_k = torch.cat([torch.arange(K, device=X.device).expand(b, K), top_k], dim=1)
     cand_r = torch.cat([cls_r, top_r], dim=1)
+    if null_class >= 0:  # the empty-box class's one pose: rotation 0 at zero shift (below)
+        cand_r[:, null_class] = 0
     cols = cand_k * Rc + cand_r  # (b, nc) columns of the coarse scores
     if best_t is not None:
         cand_t = best_t.gather(1, cols)
     else:
         cand_t = coarse_scores.gather(2, cols.unsqueeze(1).expand(b, Tc, cols.shape[1])).argmax(dim=1)  # coarse shift rows
+    if null_class >= 0:  # its class scores alike at every shift: the best was an arbitrary tie
+        cand_t[:, null_class] = _zero_shift(Ec)
     # Fine neighbourhoods: each candidate's 3 fine rotations × n_off fine shifts (within
     # SHIFT_REACH fine steps of its own). cross[c, r, d] = Re Σ_f P·e(t_c)·conj(Z_cr)·e(d), with
     # e(t) the de-shift phases and e(t_c + d) = e(t_c)·e(d): one product of all candidate
