@@ -50,6 +50,18 @@ def test_info_text(tmp_path, monkeypatch, capsys):
         assert line in out.splitlines()
 
 
+def test_info_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`cryo2d info X | head`: the reader closed the pipe before the text came; no traceback."""
+    import subprocess
+
+    star, _, _ = make_star_dataset(tmp_path)
+    child = subprocess.Popen([sys.executable, "-m", "cryo2d", "info", str(star)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    child.stdout.close()  # before the child has imported anything, let alone written
+    err = child.stderr.read().decode()
+    assert child.wait() == 141 and err == "", err
+
+
 def test_info_input_origins(tmp_path, monkeypatch, capsys):
     """Origins in the file (px in 3.0) are shown as the shifts classify starts from."""
     import starfile

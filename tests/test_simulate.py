@@ -370,8 +370,9 @@ def test_cli_refuses_an_infinite_snr_and_folders_of_other_particles(tmp_path, ca
 
 
 @pytest.mark.parametrize("argv, message", [(["-n", "0"], "-n must be at least 1, got 0"),
-                                           (["--box", "4"], "--box must be at least 8, got 4"),
+                                           (["--box", "10"], "--box must be at least 16, got 10"),
                                            (["--classes", "0"], "--classes must be at least 1, got 0"),
+                                           (["-n", "20", "--classes", "30"], "--classes 30 is more than the 20 particles (-n)"),
                                            (["--snr", "-1"], "--snr must be positive and finite, got -1.0")])
 def test_demo_refuses_bad_values_before_simulating(tmp_path, capsys, argv, message):
     from cryo2d.cli.main import main

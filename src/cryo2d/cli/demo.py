@@ -34,13 +34,16 @@ def run(args: argparse.Namespace) -> int:
     from cryo2d.classify import classify
     from cryo2d.cli.classify import progress_printer
     from cryo2d.em.config import EMConfig
+    from cryo2d.em.geometry import MIN_BOX
     from cryo2d.errors import Cryo2DError
     from cryo2d.evaluate import score_job
     from cryo2d.simulate import bundled_map_path, read_map, simulate, write_simulation
 
-    for flag, value, least in (("-n", args.n, 1), ("--box", args.box, 8), ("--classes", args.classes, 1)):
+    for flag, value, least in (("-n", args.n, 1), ("--box", args.box, MIN_BOX), ("--classes", args.classes, 1)):
         if value < least:  # before 1,500 particles are simulated and written
             raise Cryo2DError(f"{flag} must be at least {least}, got {value}")
+    if args.classes > args.n:
+        raise Cryo2DError(f"--classes {args.classes} is more than the {args.n} particles (-n)")
     if not 0 < args.snr < float("inf"):
         raise Cryo2DError(f"--snr must be positive and finite, got {args.snr}")
     out = Path(args.out)

@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cryo2d: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cryo2d info X | head`: the reader has gone; quiet, as other Unix tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except MemoryError:
         print(f"cryo2d: error: out of memory (RAM).{less}", file=sys.stderr)
         return 1

@@ -69,12 +69,14 @@ class Geometry:
 
 #: Smallest --mask-diameter, in pixels of the input images.
 MIN_MASK_PX = 4
+#: Smallest box classified, px.
+MIN_BOX = 16
 
 
 def make_geometry(box: int, pixel_size_angst: float, config: EMConfig) -> Geometry:
     """Derive the working box and radii from the input box and the config."""
-    if box < 16:
-        raise Cryo2DError(f"images of {box} px are too small to classify (need at least 16 px)")
+    if box < MIN_BOX:
+        raise Cryo2DError(f"images of {box} px are too small to classify (need at least {MIN_BOX} px)")
     length_angst = box * pixel_size_angst
     r_res = length_angst / config.max_res_angst
     if r_res >= box / 2 - 1:
