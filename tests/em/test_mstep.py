@@ -108,6 +108,14 @@ def test_class_resolution_skips_the_low_ctf_dip_and_smooths():
     assert resolution_shell(snr).tolist() == [1, 4, 1, 4]  # the search's first drop, for comparison
 
 
+def test_class_resolution_stays_within_the_band():
+    """Shells past the band (no points: SSNR 0) are not smoothed in: a class with signal up to the band's
+    last shell is reported at that shell, not past it."""
+    snr = torch.tensor([[100.0, 50.0, 40.0, 30.0, 20.0, 0.0, 0.0], [100.0, 50.0, 0.5, 0.3, 0.2, 0.0, 0.0]])
+    assert class_resolution_shell(snr, last=4).tolist() == [4, 2]
+    assert class_resolution_shell(snr).tolist() == [5, 2]  # with the empty shells: shell 5, which holds nothing
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_pose_sums_match_the_defining_sum_over_entries(fused, monkeypatch):
     """S[k, r] = Σ w · s · c · exp(2πi f·t) · X and Q[k, r] = Σ w · s² · c², entry by entry, in float64.

@@ -1339,7 +1339,8 @@ def eng_result(eng: Engine, fine: Engine | None = None) -> EMResult:
         images = images * (src._support_masks(images, circle) if eng.config.auto_mask else circle)
     classes = images.cpu().numpy().astype(np.float32)
     counts = np.bincount(s.class_index[s.class_index >= 0], minlength=eng.K).astype(np.float64)
-    res = np.array([cg.radius_to_angst(float(r)) for r in class_resolution_shell(src.class_ssnr()).cpu()])
+    last = int(src.mpts.shell.max())  # the last shell of the averages' band
+    res = np.array([cg.radius_to_angst(float(r)) for r in class_resolution_shell(src.class_ssnr(), last).cpu()])
     return EMResult(
         classes=classes,
         counts=counts,

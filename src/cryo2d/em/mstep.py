@@ -325,7 +325,7 @@ def _first_true(below: Tensor) -> Tensor:
     return torch.where(below.any(dim=1), below.float().argmax(dim=1), torch.full_like(below[:, 0], below.shape[1], dtype=torch.long))
 
 
-def class_resolution_shell(snr: Tensor) -> Tensor:
+def class_resolution_shell(snr: Tensor, last: int | None = None) -> Tensor:
     """Per class, the last shell before the smoothed SSNR (K, n_shells) drops below 1 after its peak: (K,) int64, ≥ 1.
 
     What a class's resolution is reported as. At the lowest shells the CTF
@@ -335,8 +335,13 @@ def class_resolution_shell(snr: Tensor) -> Tensor:
     conservative radius) then reports the box size. Here the SSNR is
     averaged over 3 neighbouring shells and the drop is looked for after
     its peak; a class whose smoothed SSNR never reaches 1 gets shell 1.
+    ``last``: the last shell that holds points (default: the last of
+    ``snr``); the shells beyond it (SSNR 0, outside the run's band) are not
+    smoothed in, so a class is never reported finer than the band (with
+    them, a high SSNR at the band's edge reached a shell or two past it:
+    22.8 Å for classes made at 25 Å).
     """
-    s = snr[:, 1:].float()
+    s = snr[:, 1 : None if last is None else last + 1].float()
     smooth = torch.nn.functional.avg_pool1d(s[:, None], 3, stride=1, padding=1, count_include_pad=False)[:, 0]
     peak = smooth.argmax(dim=1, keepdim=True)
     index = torch.arange(s.shape[1], device=s.device)[None]
