@@ -18,6 +18,7 @@ from cryo2d.simulate import (
     _SliceProjector,
     _prepare_volume,
     bundled_map_path,
+    dark_map_note,
     euler_to_matrix,
     project,
     read_map,
@@ -275,6 +276,23 @@ def test_written_files(bundled, tmp_path):
     assert not list(out.glob(".*"))  # no temporary files left
 
 
+@pytest.mark.parametrize("order", [(1, 2, 3), (3, 2, 1), (2, 3, 1), (2, 1, 3)])
+def test_a_map_stored_along_other_axes_is_read_as_z_y_x(tmp_path, order):
+    """MAPC, MAPR, MAPS (the axes of the columns, rows and sections): a map stored with sections along x
+    (as some programs write them) reads as the same [z, y, x] volume."""
+    volume = np.random.default_rng(0).standard_normal((10, 12, 14)).astype(np.float32)  # [z, y, x]
+    mapc, mapr, maps = order
+    stored = np.transpose(volume, [3 - maps, 3 - mapr, 3 - mapc])  # data[section, row, column]
+    path = tmp_path / "m.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(stored)
+        mrc.header.mapc, mrc.header.mapr, mrc.header.maps = mapc, mapr, maps
+    read, _ = read_map(path)
+    n = 14
+    np.testing.assert_array_equal(read[2:12, 1:13, :], volume)  # padded to 14³ about its centre
+    assert read.shape == (n, n, n)
+
+
 def test_read_map_errors(tmp_path):
     with pytest.raises(Cryo2DError, match="missing.mrc"):
         read_map(tmp_path / "missing.mrc")
@@ -380,3 +398,91 @@ def test_demo_refuses_bad_values_before_simulating(tmp_path, capsys, argv, messa
     assert main(["demo", "-o", str(tmp_path / "demo"), *argv]) == 1
     assert capsys.readouterr().err.strip() == f"cryo2d: error: {message}"
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_map_of_no_positive_density_is_refused_and_dark_protein_noted(bundled, tmp_path, capsys):
+    """Clipped to its positive part, a map of dark protein gave blank images (all negative) or particles
+    made of the solvent's positive noise (EMD-1832 times -1), labelled as particles all the same."""
+    volume, voxel = bundled
+    with pytest.raises(Cryo2DError, match=r"^simulate: map: no positive density"):
+        simulate(-np.abs(volume), voxel, n_particles=10, box=16)
+    with pytest.raises(Cryo2DError, match=r"^simulate: map: no positive density"):
+        simulate(np.zeros_like(volume), voxel, n_particles=10, box=16)
+    assert dark_map_note(volume) is None  # its smoothed minimum: 0.15 of its maximum
+    assert dark_map_note(-volume).startswith("its strongest density is negative (smoothed: -1.09, against 0.159 ")
+
+    from cryo2d.cli.main import main
+
+    for name, data, code in (("dark.mrc", -volume, 0), ("empty.mrc", np.zeros_like(volume), 1)):
+        path = tmp_path / name
+        with mrcfile.new(path) as mrc:
+            mrc.set_data(data)
+            mrc.voxel_size = voxel
+        assert main(["simulate", str(path), "-o", str(tmp_path / name[:-4]), "-n", "10", "--box", "16"]) == code
+        err = capsys.readouterr().err.strip()
+        if code:
+            assert err == f"cryo2d: error: {path}: no positive density (the simulator needs the protein positive; " \
+                          "a map of dark protein? multiply it by -1)"
+            assert not (tmp_path / name[:-4]).exists()
+        else:
+            assert err.startswith(f"{path}: its strongest density is negative") and "\n" not in err
+
+
+def test_junk_only_sets_are_at_the_asked_snr_whatever_the_maps_scale(bundled):
+    """With no particle the noise was sqrt(1/snr) in the map's own units: the doublets of a map scaled
+    by 1000 stood out 2,000 times above the noise, those of a map scaled by 0.001 vanished in it."""
+    volume, voxel = bundled
+    sims = [simulate(volume * a, voxel, n_particles=60, box=BOX, junk_fraction=1.0, seed=2) for a in (1e-3, 1e3)]
+    assert sims[1].meta["noise_sd"] / sims[0].meta["noise_sd"] == pytest.approx(1e6, rel=1e-4)
+    np.testing.assert_allclose(sims[0].images, sims[1].images, atol=2e-4)
+    # the noise is the one a set with particles would have: the same seed's doublets at half junk
+    half = simulate(volume, voxel, n_particles=60, box=BOX, junk_fraction=0.5, seed=2)
+    inside = (radius_grid(BOX) <= 0.3 * BOX).numpy()
+
+    def contrast(sim):
+        return np.mean([im[inside].var() for im in sim.images[(sim.truth.kind == "doublet").to_numpy()]])
+    assert contrast(sims[0]) == pytest.approx(contrast(half), rel=0.15)
+
+
+def test_preferred_views_refuse_a_rare_view_larger_than_their_other_half(bundled, tmp_path, capsys):
+    """Half the particles go to the preferred view: a rare view fraction of 0.6 was a numpy traceback."""
+    with pytest.raises(Cryo2DError, match=r"rare view fraction 0.6 with preferred views.*at most 0.5"):
+        simulate(*bundled, n_particles=20, box=16, views="preferred", rare_view_fraction=0.6)
+    sim = simulate(*bundled, n_particles=20, box=16, views="preferred", rare_view_fraction=0.5, junk_fraction=0)
+    assert sim.truth.view.value_counts().to_dict() == {8: 10, 9: 10}
+
+    from cryo2d.cli.main import main
+
+    argv = ["simulate", "bundled", "-o", str(tmp_path / "sim"), "-n", "20", "--box", "16", "--views", "preferred"]
+    assert main([*argv, "--rare-fraction", "0.9"]) == 1
+    assert capsys.readouterr().err.startswith("cryo2d: error: simulate: rare view fraction 0.9 with preferred views")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"voltage_kv": 0.0}, r"voltage must be positive and finite, got 0.0"),  # NaN images
+    ({"amplitude_contrast": 1.5}, r"amplitude contrast must be in \[0, 1\), got 1.5"),  # NaN images
+    ({"defocus_range_angst": (30000.0, 10000.0)}, r"defocus range must be two finite values, low then high"),
+    ({"defocus_range_angst": (float("nan"), 1.0)}, r"defocus range must be two finite values"),
+    ({"max_astigmatism_angst": -5.0}, r"maximum astigmatism must be finite, from 0, got -5.0"),
+    ({"scale_sd": -1.0}, r"scale sd must be finite, from 0, got -1.0"),
+    ({"max_shift_px": float("inf")}, r"maximum shift must be finite, from 0, got inf"),
+])
+def test_optics_and_draws_out_of_range_are_refused_by_name(bundled, kwargs, message):
+    with pytest.raises(Cryo2DError, match="^simulate: " + message):
+        simulate(*bundled, n_particles=10, box=16, **kwargs)
+
+
+@pytest.mark.parametrize("units", [1e-15, 1e30])
+def test_a_map_in_any_units_gives_the_same_images(bundled, units):
+    """A map in units of 1e-12 or less gave images left unnormalised (background sd 8e-4 at 1e-15) and
+    views chosen at random (their similarities under a fixed floor); now a power of 2 scales it first."""
+    volume, voxel = bundled
+    ref = simulate(volume, voxel, n_particles=40, box=BOX, seed=4)
+    sim = simulate(volume * np.float32(units), voxel, n_particles=40, box=BOX, seed=4)
+    assert sim.meta["view_rot_deg"] == ref.meta["view_rot_deg"]
+    np.testing.assert_allclose(sim.images, ref.images, atol=1e-5)
+    np.testing.assert_allclose(sim.view_projections / units, ref.view_projections, rtol=1e-5, atol=1e-5)
+    assert sim.meta["noise_sd"] / units == pytest.approx(ref.meta["noise_sd"], rel=1e-6)
+    clean = simulate(volume * np.float32(units), voxel, n_particles=10, box=BOX, seed=4, add_noise=False)
+    clean_ref = simulate(volume, voxel, n_particles=10, box=BOX, seed=4, add_noise=False)
+    np.testing.assert_allclose(clean.images / units, clean_ref.images, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 from cryo2d.cli.classify import out_arg, seed_arg
@@ -35,12 +36,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--junk-fraction", type=float, default=0.1, metavar="F", help="fraction of junk images (default 0.1)")
     parser.add_argument("--views", choices=["discrete", "uniform", "preferred"], default="discrete", help="view distribution (default discrete)")
     parser.add_argument("--n-views", type=int, default=8, metavar="V", help="discrete views / uniform bins (default 8)")
-    parser.add_argument("--rare-fraction", type=float, default=0.03, metavar="F", help="fraction of particles in the rare view, below 1; 0: no rare view (default 0.03)")
+    parser.add_argument("--rare-fraction", type=float, default=0.03, metavar="F", help="fraction of particles in the rare view, below 1 (at most 0.5 with --views preferred); 0: no rare view (default 0.03)")
     parser.add_argument("--seed", type=seed_arg, default=0, metavar="S", help="random seed (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cryo2d.simulate import read_map, simulate, write_simulation
+    from cryo2d.simulate import dark_map_note, read_map, simulate, write_simulation
 
     start = time.perf_counter()
     volume, voxel = read_map(args.map)
@@ -57,19 +58,27 @@ def run(args: argparse.Namespace) -> int:
         raise Cryo2DError(f"--box must be at least 8 px, got {args.box}")
     if not 0 < args.snr < math.inf:  # inf: noise and ice images would be blank, yet labelled junk
         raise Cryo2DError(f"--snr must be positive and finite, got {args.snr}")
-    sim = simulate(
-        volume,
-        voxel,
-        n_particles=args.n_particles,
-        box=args.box,
-        pixel_size_angst=args.pixel_size,
-        snr=args.snr,
-        junk_fraction=args.junk_fraction,
-        views=args.views,
-        n_views=args.n_views,
-        rare_view_fraction=args.rare_fraction,
-        seed=args.seed,
-    )
+    if (note := dark_map_note(volume)) is not None:
+        print(f"{args.map}: {note}", file=sys.stderr)
+    try:
+        sim = simulate(
+            volume,
+            voxel,
+            n_particles=args.n_particles,
+            box=args.box,
+            pixel_size_angst=args.pixel_size,
+            snr=args.snr,
+            junk_fraction=args.junk_fraction,
+            views=args.views,
+            n_views=args.n_views,
+            rare_view_fraction=args.rare_fraction,
+            seed=args.seed,
+        )
+    except Cryo2DError as err:  # a problem of the map's content: name its file
+        prefix = "simulate: map: "
+        if not str(err).startswith(prefix):
+            raise
+        raise Cryo2DError(f"{args.map}: {str(err)[len(prefix):]}") from None
     out = write_simulation(sim, args.out)
     counts = sim.truth["kind"].value_counts().to_dict()
     print(
