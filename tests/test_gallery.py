@@ -29,3 +29,17 @@ def test_empty_class_is_drawn_with_the_other_classes_contrast(tmp_path):
     assert particle.std() > 50 and stretched.std() > 30  # full-range windows
     assert empty.std() < 0.05 * particle.std()  # same window width as the particle: 1 % of its range
     assert abs(empty.mean() - 127.5) < 5  # centred on its own median: mid grey
+
+
+def test_a_single_class_fills_the_gallery_alone(tmp_path):
+    """K = 1: one tile wide (the default layout drew it beside an empty column, half the PNG blank)."""
+    y, x = np.indices((32, 32)) - 16
+    blob = np.exp(-(x**2 + y**2) / 40.0)[None].astype(np.float32)
+    render_gallery(blob, np.array([400]), np.array([15.2]), tmp_path / "one.png", tile_px=TILE)
+    with Image.open(tmp_path / "one.png") as img:
+        assert img.size == (TILE + 2 * PAD, TILE + 16 + 2 * PAD)
+    assert _tiles(tmp_path / "one.png", 1)[0].max() == 255
+    for k, cols in ((2, 2), (3, 2), (7, 4)):  # the about-square layout of more classes is unchanged
+        render_gallery(np.repeat(blob, k, 0), np.full(k, 10), np.full(k, 20.0), tmp_path / f"{k}.png", tile_px=TILE)
+        with Image.open(tmp_path / f"{k}.png") as img:
+            assert img.size[0] == cols * (TILE + PAD) + PAD

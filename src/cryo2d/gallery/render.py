@@ -50,12 +50,13 @@ def render_gallery(
     tile_px : int
         Edge of each tile in the PNG, px.
     columns : int, optional
-        Tiles per row (default: about square).
+        Tiles per row (default: about square, at most K).
     empty_class : int
         The class of empty boxes (0-based), labelled "empty" instead of a resolution; -1 for none.
     """
     k = len(classes)
-    cols = columns or max(1, math.ceil(math.sqrt(k * 1.3)))
+    # About square, but never wider than the classes: one class was drawn beside an empty column.
+    cols = columns or max(1, min(k, math.ceil(math.sqrt(k * 1.3))))
     rows = max(1, math.ceil(k / cols))
     label_h = 16
     pad = 4
