@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from cryo2d.cli.main import main
+from cryo2d.errors import Cryo2DError
 
 FAST = ["--classes", "3", "--online-iterations", "2", "--batch-per-class", "20", "--seed", "0"]
 
@@ -314,6 +315,44 @@ def test_a_job_run_again_from_the_other_format_leaves_only_its_own_files(sim3, t
     assert not list(job.glob("class_averages*"))
 
 
+def test_a_run_stopped_in_an_earlier_jobs_folder_leaves_none_of_its_results(star_job, sim3, tmp_path):
+    """A new run into a finished job's folder, stopped after its first iteration (Ctrl-C): the earlier
+    run's classes and particles are gone with its log and checkpoint, not left for select to read."""
+    from cryo2d.classify import JOB_FILES, classify
+    from cryo2d.em.config import EMConfig
+
+    job = tmp_path / "job"
+    shutil.copytree(star_job, job)
+    results = {"classes.mrcs", "classes_unmasked.mrcs", "classes.star", "particles.star", "gallery.png"}
+    assert results <= {p.name for p in job.iterdir()}
+    records = []
+
+    def stop(record):
+        records.append(record)
+        raise KeyboardInterrupt
+
+    config = EMConfig(n_classes=2, n_online_iterations=2, batch_size_per_class=20)
+    with pytest.raises(KeyboardInterrupt):
+        classify(str(sim3.star), job, config, on_iteration=stop)
+    assert len(records) == 1
+    assert {p.name for p in job.iterdir()} & set(JOB_FILES) == {"iterations.jsonl", "checkpoint.pt"}
+    assert [json.loads(line)["iteration"] for line in (job / "iterations.jsonl").read_text().splitlines()] == [1]
+    # An error before the first iteration (here: a resolution the box cannot hold) leaves the earlier job whole.
+    shutil.rmtree(job)
+    shutil.copytree(star_job, job)
+    before = {p.name: p.read_bytes() for p in job.iterdir()}
+    with pytest.raises(Cryo2DError):
+        classify(str(sim3.star), job, EMConfig(n_classes=2, max_res_angst=1e4))
+    assert {p.name: p.read_bytes() for p in job.iterdir()} == before
+    # Resumed, the stopped run ends with its own results only.
+    shutil.rmtree(job)
+    shutil.copytree(star_job, job)
+    with pytest.raises(KeyboardInterrupt):
+        classify(str(sim3.star), job, config, on_iteration=stop)
+    done = classify(str(sim3.star), job, config, resume=True)
+    assert mrcfile.read(job / "classes.mrcs").shape[0] == 2 == len(done.counts)
+
+
 def test_a_log_file_gets_one_line_per_iteration_and_no_bar_redraws(sim3, tmp_path, capsys):
     """stderr captured (not a terminal, like a cluster job's log): the iteration lines, no carriage returns."""
     assert main(["classify", str(sim3.star), "-o", str(tmp_path / "job"), *FAST]) == 0
@@ -494,6 +533,19 @@ ENGINE_OPTIONS = [
     (["--tau2-fudge", "3"], "tau2_fudge", 3.0),
     (["--seed", "11"], "seed", 11),
 ]
+
+
+def test_every_config_field_has_the_option_that_sets_it():
+    """cryo2d.em.config.FLAGS (what a refused --resume names) holds each EMConfig field's own option."""
+    import dataclasses
+
+    from cryo2d.em.config import FLAGS, EMConfig
+
+    assert set(FLAGS) == {f.name for f in dataclasses.fields(EMConfig)}
+    for argv, field, _ in ENGINE_OPTIONS:
+        option = argv[0].removeprefix("--no-").removeprefix("--")
+        names = FLAGS[field].replace("[no-]", "").replace("--no-", "--").split("/")
+        assert f"--{option}" in names, (argv, FLAGS[field])
 
 
 def _engine_parser():

@@ -185,10 +185,19 @@ def classify(
         on_note(note)
     log_path = out / "iterations.jsonl"
     lines: list[str] = []  # a resumed run replays the checkpoint's records first
+    # A run that starts over replaces an earlier run's checkpoint and log with its first
+    # iteration's; that earlier run's results go then too, so that a run stopped before its end
+    # (Ctrl-C, a crash) does not leave them beside its own log for select and view to read.
+    # Until then (an error while the run starts) the earlier job is left whole.
+    stale_results = not (resume and checkpoint.exists())
 
     def _log(record: dict) -> None:
+        nonlocal stale_results
         lines.append(json.dumps(record))
         write_text_atomic(log_path, "\n".join(lines) + "\n")
+        if stale_results:
+            remove_stale(out, _RESULT_FILES, ())
+            stale_results = False
         if on_iteration is not None:
             on_iteration(record)
 

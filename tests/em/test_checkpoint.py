@@ -55,6 +55,24 @@ def test_checkpoint_from_other_settings_is_refused(particles3, helpers, interrup
         run_em(particles3, helpers.tiny_config(n_online_iterations=4, seed=1), checkpoint=ckpt, resume=True)
 
 
+def test_checkpoint_from_other_settings_names_the_options(particles3, helpers, interrupted, tmp_path):
+    """The error names each differing setting by its option (not its EMConfig field), with both values."""
+    import re
+
+    config, _, saved = interrupted
+    ckpt = tmp_path / "c.pt"
+    shutil.copy(saved, ckpt)
+    other = helpers.tiny_config(n_online_iterations=4, n_full_iterations=config.n_full_iterations + 2,
+                                psi_step_deg=5.0, sort_classes=not config.sort_classes)
+    with pytest.raises(Cryo2DError) as err:
+        run_em(particles3, other, checkpoint=ckpt, resume=True)
+    message = str(err.value)
+    inside = re.search(r"other settings \((.*)\);", message).group(1).split("; ")
+    assert inside == [f"--full-iterations {config.n_full_iterations} there, {config.n_full_iterations + 2} now",
+                      "--psi-step default there, 5 now", "--no-sort"], message
+    assert message.startswith(f"{ckpt}: ") and "\n" not in message
+
+
 def test_checkpoint_from_other_data_is_refused(sim3, helpers, interrupted, tmp_path):
     config, _, saved = interrupted
     fewer = helpers.memory_particles(sim3.sim.images[:200], sim3.sim.pixel_size_angst, ctf=sim3.sim.ctf.subset(np.arange(200)))
@@ -86,6 +104,51 @@ def test_checkpoint_from_other_particles_of_the_same_count_is_refused(sim3, part
     blocks["particles"] = blocks["particles"].iloc[::-1].reset_index(drop=True)
     write_blocks(blocks, tmp_path / "same.star")
     run_em(read_particles(tmp_path / "same.star"), config, checkpoint=saved, resume=True)
+
+
+def test_checkpoint_of_the_same_images_from_other_origins_is_refused(particles3, helpers, tmp_path):
+    """The same images and CTF with other input origins (an earlier Class2D's particles.star): the
+    checkpoint's shifts are from its own origins, so a resume would write every origin off by the
+    difference; refused. Without input shifts the origins are not used, and it resumes."""
+    import dataclasses
+
+    config = helpers.tiny_config(n_online_iterations=2)
+    ckpt = tmp_path / "c.pt"
+    run_em(particles3, config, checkpoint=ckpt)  # the set has no origins
+    prior = np.tile(np.float64([2.0, -1.0]), (len(particles3), 1))
+    moved = dataclasses.replace(particles3, prior_shift_px=prior)
+    with pytest.raises(Cryo2DError, match="different dataset"):
+        run_em(moved, config, checkpoint=ckpt, resume=True)
+    run_em(moved, dataclasses.replace(config, input_shifts=False), checkpoint=tmp_path / "off.pt")
+    shutil.copy(tmp_path / "off.pt", tmp_path / "off2.pt")
+    resumed = run_em(particles3, dataclasses.replace(config, input_shifts=False), checkpoint=tmp_path / "off2.pt",
+                     resume=True)
+    assert np.abs(resumed.shift_px).max() < 3  # its own search's shifts, no origin added
+    ckpt2 = tmp_path / "c2.pt"
+    first = run_em(moved, config, checkpoint=ckpt2)
+    again = run_em(moved, config, checkpoint=ckpt2, resume=True)  # the same origins: resumed
+    np.testing.assert_array_equal(again.shift_px, first.shift_px)
+    with pytest.raises(Cryo2DError, match="different dataset"):
+        run_em(particles3, config, checkpoint=ckpt2, resume=True)
+
+
+def test_checkpoint_of_other_images_left_by_skip_bad_is_refused(particles3, helpers, tmp_path):
+    """--skip-bad classifies a subset of the stack's images: which images they are still tells one
+    set from another (here other images with the first set's CTF), and the same subset resumes."""
+    import dataclasses
+
+    from cryo2d.classify import subset_particles
+
+    config = helpers.tiny_config(n_online_iterations=2)
+    n = len(particles3)
+    kept = subset_particles(particles3, np.arange(1, n))  # image 1 dropped as bad
+    others = dataclasses.replace(subset_particles(particles3, np.arange(0, n - 1)), ctf=kept.ctf)
+    ckpt = tmp_path / "c.pt"
+    first = run_em(kept, config, checkpoint=ckpt)
+    with pytest.raises(Cryo2DError, match="different dataset"):
+        run_em(others, config, checkpoint=ckpt, resume=True)
+    again = run_em(subset_particles(particles3, np.arange(1, n)), config, checkpoint=ckpt, resume=True)
+    np.testing.assert_array_equal(again.class_index, first.class_index)
 
 
 def test_damaged_checkpoint_is_a_user_error(particles3, interrupted, tmp_path):

@@ -11,14 +11,31 @@ from dataclasses import asdict, dataclass
 from cryo2d.errors import Cryo2DError
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
-#: The float parameters and their flags (each must be finite).
-_FLOAT_FLAGS = {
-    "max_res_angst": "--max-res", "average_res_angst": "--average-res", "max_align_res_angst": "--max-align-res",
-    "min_align_res_angst": "--min-align-res", "uncertainty_factor": "--uncertainty-factor",
-    "mask_diameter_angst": "--mask-diameter", "mask_diameter_outer_angst": "--mask-diameter-outer",
-    "recenter_threshold": "--recenter-threshold", "psi_step_deg": "--psi-step", "shift_range_px": "--shift-range",
-    "shift_step_px": "--shift-step", "min_separation_angst": "--min-separation", "tau2_fudge": "--tau2-fudge",
+#: The option of ``cryo2d classify`` that sets each field, as an error message names it (a
+#: checkpoint made with other settings). ``chunk_size`` has none: the Python API alone sets it.
+FLAGS = {
+    "n_classes": "--classes", "max_res_angst": "--max-res", "average_res_angst": "--average-res",
+    "max_align_res_angst": "--max-align-res", "min_align_res_angst": "--min-align-res", "start": "--start",
+    "n_online_iterations": "--online-iterations", "batch_size_per_class": "--batch-per-class",
+    "n_full_iterations": "--full-iterations", "uncertainty_factor": "--uncertainty-factor",
+    "anneal_start": "--anneal-start", "anneal_iterations": "--anneal-iterations", "white_noise": "--white-noise",
+    "force_max": "--[no-]force-max", "mask_diameter_angst": "--mask-diameter",
+    "mask_diameter_outer_angst": "--mask-diameter-outer", "auto_mask": "--[no-]auto-mask",
+    "flatten_solvent": "--[no-]flatten-solvent", "recenter": "--[no-]recenter",
+    "recenter_threshold": "--recenter-threshold", "zeropad": "--zeropad", "estimate_scale": "--estimate-scale",
+    "clamp_solvent": "--clamp-solvent", "non_negative": "--non-negative", "align_filaments": "--align-filaments",
+    "use_ctf": "--no-ctf", "invert_contrast": "--[no-]invert-contrast", "input_shifts": "--[no-]input-shifts",
+    "psi_step_deg": "--psi-step", "shift_range_px": "--shift-range", "shift_step_px": "--shift-step",
+    "coarse_to_fine": "--exhaustive", "hard_last": "--[no-]hard-last", "empty_class": "--[no-]empty-class",
+    "remove_duplicates": "--remove-duplicates/--keep-duplicates", "min_separation_angst": "--min-separation",
+    "sort_classes": "--no-sort", "seed": "--seed", "tau2_fudge": "--tau2-fudge", "chunk_size": "chunk_size",
 }
+#: The float parameters and their flags (each must be finite).
+_FLOAT_FLAGS = {name: FLAGS[name] for name in (
+    "max_res_angst", "average_res_angst", "max_align_res_angst", "min_align_res_angst", "uncertainty_factor",
+    "mask_diameter_angst", "mask_diameter_outer_angst", "recenter_threshold", "psi_step_deg", "shift_range_px",
+    "shift_step_px", "min_separation_angst", "tau2_fudge",
+)}
 #: The starting classes a run can have (``EMConfig.start``, :mod:`cryo2d.em.start`).
 STARTS = ("split", "random")
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cryo2d.em.config import FLAGS
 from cryo2d.errors import Cryo2DError
 from cryo2d.io.outputs import atomic_path
 
@@ -76,23 +77,32 @@ def new_state(n: int, K: int, m: int, n_shells: int, device) -> RunState:
 
 def particles_digest(particles) -> str:
     """SHA-1 of what tells one particle set from another: each particle's image (stack file name
-    without its folder, and image number), pixel size and defocus.
+    without its folder, and image number), pixel size and defocus, and the input origins the
+    search starts from (``prior_shift_px``, px, where the set has them).
 
     Not the folders: a job and its data moved together, or a stack folder mounted elsewhere,
     still resume. Another stack of the same name and length (a second simulation, another
-    micrograph's extraction) differs in its defocus values.
+    micrograph's extraction) differs in its defocus values. The same images with other origins
+    (an earlier Class2D's or Select's particles.star) differ too: a checkpoint's shifts are
+    from its own origins, and the written origins add them to the file's.
     """
     h = hashlib.sha1()
-    stack = particles.stack
+    stack, rows = particles.stack, slice(None)
+    if hasattr(stack, "rows") and hasattr(stack, "stack"):  # the images left by --skip-bad (cryo2d.classify._Subset)
+        stack, rows = stack.stack, np.asarray(stack.rows)
     if hasattr(stack, "names") and hasattr(stack, "file_index"):
         names = [os.path.basename(str(n)) for n in stack.names]
         h.update("\n".join(names).encode("utf-8"))
-        h.update(np.ascontiguousarray(stack.file_index, dtype=np.int64).tobytes())
-        h.update(np.ascontiguousarray(stack.image_index, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(np.asarray(stack.file_index)[rows], dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(np.asarray(stack.image_index)[rows], dtype=np.int64).tobytes())
     h.update(np.ascontiguousarray(particles.pixel_size_angst, dtype=np.float64).tobytes())
     if particles.ctf is not None:
         for values in (particles.ctf.defocus_u_angst, particles.ctf.defocus_v_angst, particles.ctf.defocus_angle_deg):
             h.update(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+    prior = getattr(particles, "prior_shift_px", None)
+    if prior is not None:  # none (no origins, --no-input-shifts): the digest of earlier versions
+        h.update(b"origins")
+        h.update(np.ascontiguousarray(prior, dtype=np.float64).tobytes())
     return h.hexdigest()
 
 
@@ -113,6 +123,16 @@ def save_checkpoint(engine, path: Path, next_iteration: int) -> None:
         torch.save(payload, tmp)
 
 
+def _difference(field: str, theirs, ours) -> str:
+    """A setting in which the checkpoint and this run differ, by its option: an on/off option by its
+    name alone, another with both values (``default``: the option left out)."""
+    flag = FLAGS.get(field, field)
+    if isinstance(ours, bool) and isinstance(theirs, bool):
+        return flag
+    shown = lambda v: "default" if v is None else format(v, "g") if isinstance(v, float) else str(v)  # noqa: E731
+    return f"{flag} {shown(theirs)} there, {shown(ours)} now"
+
+
 def load_checkpoint(engine, path: Path) -> int:
     """Restore ``engine`` from ``path``; returns the iteration to continue from."""
     path = Path(path)
@@ -126,9 +146,10 @@ def load_checkpoint(engine, path: Path) -> int:
         raise Cryo2DError(f"{path}: checkpoint is from a different dataset or version; remove it or drop --resume")
     ours = engine.config.to_dict()
     theirs = payload["config"]
-    diff = [k for k in ours if ours[k] != theirs.get(k)]
+    diff = [_difference(k, theirs.get(k), ours[k]) for k in ours if ours[k] != theirs.get(k)]
     if diff:
-        raise Cryo2DError(f"{path}: checkpoint was made with other settings ({', '.join(diff)}); drop --resume to start again")
+        raise Cryo2DError(f"{path}: checkpoint was made with other settings ({'; '.join(diff)}); give the same "
+                          "options, or drop --resume to start again")
     for k, v in payload["state"].items():
         setattr(engine.state, k, v.to(engine.device) if isinstance(v, Tensor) else v)
     engine.rng.bit_generator.state = payload["rng"]
