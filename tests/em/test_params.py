@@ -76,6 +76,23 @@ def test_min_align_res_removes_low_frequencies(particles3, helpers):
     assert len(plan.points) < len(full.points)
 
 
+def test_the_search_resolution_is_measured_within_the_high_pass(particles3, helpers):
+    """Under --min-align-res the classes' SSNR below the band says nothing about the search: the
+    resolution that sets the search radius starts at the band's first shell (it was held at shell 2,
+    where the low shells' SSNR fell to about 0, and the search at its floor radius all run)."""
+    from cryo2d.em.mstep import resolution_shell
+
+    snr = torch.tensor([[50.0, 40.0, 9.0, 0.0, 0.0, 3.0, 8.0, 2.0, 0.5, 0.1]])
+    assert resolution_shell(snr).tolist() == [2]
+    assert resolution_shell(snr, start=5).tolist() == [7]
+    assert resolution_shell(snr, start=0).tolist() == resolution_shell(snr).tolist()
+    eng, _ = _plan(particles3, helpers.tiny_config(min_align_res_angst=100.0))  # r_min_align 3.6: shells 5 on
+    occupied = torch.ones(1, dtype=torch.bool)
+    assert eng._resolution(snr, occupied)[1] == 7.0
+    eng, _ = _plan(particles3, helpers.tiny_config())
+    assert eng._resolution(snr, occupied)[1] == 2.0
+
+
 def test_max_res_crops_the_working_box(particles3, helpers):
     eng, plan = _plan(particles3, helpers.tiny_config(max_res_angst=60.0))
     assert eng.geom.work_box < 32

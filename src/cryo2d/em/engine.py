@@ -860,10 +860,11 @@ class Engine(ClassMoves):
             tau2 = estimate_tau2(s.num * share, den, sigma2, self.mpts.shell, self.n_shells, cfg.tau2_fudge)
         return ssnr(den, sigma2, tau2, self.mpts.shell, self.n_shells, cfg.tau2_fudge)
 
-    @staticmethod
-    def _resolution(snr: Tensor, occupied: Tensor) -> tuple[Tensor, float]:
-        """Per-class resolution shells (K,) and the best over occupied classes (Fourier px)."""
-        shells = resolution_shell(snr)
+    def _resolution(self, snr: Tensor, occupied: Tensor) -> tuple[Tensor, float]:
+        """Per-class resolution shells (K,) and the best over occupied classes (Fourier px), within the
+        alignment band: under a --min-align-res high-pass the low shells' SSNR can be about 0 (45 Å on
+        48 px at 7.6 Å/px: shells 3-7), which held the search at its floor radius for the whole run."""
+        shells = resolution_shell(snr, start=math.ceil(self.geom.r_min_align + 0.5))  # the first shell wholly in the band
         return shells, float(shells[occupied].max()) if bool(occupied.any()) else 1.0
 
     def _recenter(self, A: Tensor) -> Tensor:

@@ -306,18 +306,22 @@ def ssnr(den: Tensor, sigma2: Tensor, tau2: Tensor, shell: Tensor, n_shells: int
     return (tau2 / fudge) * shell_mean(den / sigma2[None], shell, n_shells)
 
 
-def resolution_shell(snr: Tensor) -> Tensor:
-    """Per class, the last shell before the SSNR first drops below 1 (≥ 1).
+def resolution_shell(snr: Tensor, start: int = 1) -> Tensor:
+    """Per class, the last shell before the SSNR first drops below 1 from shell ``start`` on (≥ 1).
 
     Parameters
     ----------
     snr : (K, n_shells) float
+    start : int
+        First shell looked at: the alignment band's (``--min-align-res``),
+        below which the classes' SSNR says nothing about the search.
 
     Returns
     -------
     (K,) int64 tensor
     """
-    return _first_true(snr[:, 1:] < 1).clamp(min=1)
+    start = max(1, start)
+    return (_first_true(snr[:, start:] < 1) + start - 1).clamp(min=1)
 
 
 def _first_true(below: Tensor) -> Tensor:
