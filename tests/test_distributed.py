@@ -348,3 +348,75 @@ def test_workers_read_a_result_group(particles, tmp_path):
     assert source.path == str(csg.resolve()) and source.no_ctf
     opened = pickle.loads(pickle.dumps(source)).open()
     np.testing.assert_array_equal(opened.stack.read(np.arange(3)), particles.stack.read(np.array([5, 7, 250])))
+
+
+def test_scheduler_lost_mid_pass_is_one_line(particles):
+    """The scheduler stops while a pass runs: a Cryo2DError naming it, not a KeyError from Dask's empty info."""
+    cluster = _local_cluster(1)
+    client = Client(cluster.scheduler_address, timeout="2s", set_as_default=False)
+    try:
+        client.register_plugin(_SlowShards(3.0))
+        eng = Engine(particles, CONFIG)
+        eng.initialise()
+        dask_pass = DaskPass(client, source_of(particles), eng)
+        it = CONFIG.n_online_iterations
+        plan = eng.plan(it, online=False)
+        threading.Timer(1.0, cluster.close).start()  # while the shard sleeps
+        with pytest.raises(Cryo2DError, match=rf"Dask scheduler {cluster.scheduler_address}: connection lost "
+                                              rf"during iteration {it + 1}"):
+            dask_pass(np.arange(len(particles)), plan, "soft", it)
+        with pytest.raises(Cryo2DError, match="connection lost"):  # the next pass (a stream's next update) too
+            DaskPass(client, source_of(particles), eng)
+    finally:
+        client.close()
+        cluster.close()
+
+
+def test_workers_read_the_clients_rows_of_a_file_that_grew(particles, tmp_path):
+    """A stream's growing STAR file names more rows, and a stack still being written, by the time a worker
+    opens it: the worker reads the rows the client read, from the client's stacks (not an error saying the
+    file differs between machines)."""
+    import pickle
+    import shutil
+
+    from cryo2d.io import read_particles
+
+    shutil.copy(particles.source.parent / "particles.mrcs", tmp_path / "m1.mrcs")
+    lines = particles.source.read_text().splitlines(keepends=True)
+    first = next(i for i, line in enumerate(lines) if "@particles.mrcs" in line)
+    header, rows = lines[:first], [line.replace("@particles.mrcs", "@m1.mrcs") for line in lines[first:]]
+    star = tmp_path / "particles.star"
+    star.write_text("".join(header + rows[:100]))
+    client = read_particles(star)
+    source = source_of(client, rows=np.arange(100))  # what a stream's update sends for this file
+    # Then the writer adds rows of a new stack whose name sorts first; its stack is still being written.
+    (tmp_path / "a0.mrcs").write_bytes((tmp_path / "m1.mrcs").read_bytes()[:2000])
+    star.write_text("".join(header + rows[:100] + [r.replace("@m1.mrcs", "@a0.mrcs") for r in rows[100:150]]))
+    opened = pickle.loads(pickle.dumps(source)).open()
+    assert len(opened) == 100
+    np.testing.assert_array_equal(opened.stack.read(np.arange(100)), client.stack.read(np.arange(100)))
+    np.testing.assert_array_equal(opened.ctf.defocus_u_angst, client.ctf.defocus_u_angst[:100])
+
+
+def test_ctrl_c_while_the_local_cluster_starts_is_a_clean_interrupt(capfd):
+    """Ctrl-C while the nannies start their workers: KeyboardInterrupt ("cryo2d: interrupted") once the
+    cluster is closed, not Dask's "Nanny failed to start" tracebacks."""
+    import multiprocessing
+
+    before = len(multiprocessing.active_children())
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with dask_client(workers=1):
+                time.sleep(30)  # not reached when the signal is held, then raised, at the start
+    finally:
+        timer.cancel()
+    assert time.monotonic() - t0 < 25
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "failed to start" not in err, err
+    deadline = time.monotonic() + 10
+    while len(multiprocessing.active_children()) > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(multiprocessing.active_children()) <= before

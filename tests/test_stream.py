@@ -142,6 +142,41 @@ def test_half_written_file_and_missing_stack_are_not_read(sim3, tmp_path):
     np.testing.assert_array_equal(images, source.images[:120])
 
 
+def test_stack_written_before_its_star_file_is_read_with_it(sim3, tmp_path):
+    """RELION writes a micrograph's stack, then rewrites particles.star naming it: once the STAR file has
+    settled, the older stack is read with it, not a settle time later (a STAR file rewritten every 1-2
+    settle times, each time naming a new stack, was never read while its writer ran). A stack modified
+    after its STAR file is still timed from when it was first seen."""
+    source = Source(sim3.folder)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    now = [0.0]
+    watcher = ParticleWatcher(folder, settle_s=5.0, clock=lambda: now[0])
+    t = time.time_ns()
+
+    def write(name: str, start: int, stop: int, stack_ns: int, star_ns: int) -> None:
+        source.write(folder, name, start, stop)
+        os.utime(folder / f"{name}.mrcs", ns=(stack_ns, stack_ns))
+        os.utime(folder / f"{name}.star", ns=(star_ns, star_ns))
+
+    write("c000", 0, 100, t - 10**9, t)  # the stack a second before its STAR file
+    watcher.poll()
+    assert not watcher.sets  # the STAR file first seen
+    now[0] = 5.0
+    watcher.poll()
+    assert list(watcher.sets) == ["c000.star"] and len(watcher.sets["c000.star"]) == 100
+    write("c001", 100, 200, t + 2 * 10**9, t + 10**9)  # the stack after its STAR file: it may still grow
+    now[0] = 6.0
+    watcher.poll()
+    now[0] = 11.0
+    watcher.poll()
+    assert list(watcher.sets) == ["c000.star"]  # the STAR file settled, its stack seen only now
+    now[0] = 16.0
+    watcher.poll()
+    assert sorted(watcher.sets) == ["c000.star", "c001.star"]
+    np.testing.assert_array_equal(watcher.sets["c001.star"].stack.read(np.arange(100)), source.images[100:200])
+
+
 def test_note_on_ctf_boosting_b_factors_once_a_stream(sim3, tmp_path, helpers):
     """Files whose negative B-factors boost the CTF 1000x at Nyquist: one note, naming the first file."""
     blocks, pixel, b_1000x = helpers.relocatable_star(sim3)
@@ -198,6 +233,9 @@ def test_stop_when_idle_reads_files_already_there(sim3, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     source.write(folder, "c000", 0, 60)
+    t = time.time_ns()  # the stack modified after its STAR file: timed from when it is first looked at
+    os.utime(folder / "c000.star", ns=(t, t))
+    os.utime(folder / "c000.mrcs", ns=(t + 10**9, t + 10**9))
     now = [0.0]
     watcher = ParticleWatcher(folder, settle_s=1.0, clock=lambda: now[0])
     changed = []

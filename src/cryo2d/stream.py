@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from cryo2d.io.concat import concat_particles
 from cryo2d.io.outputs import refuse_overwriting_inputs
 from cryo2d.io.watch import ParticleWatcher, row_keys, rows_digest
 from cryo2d.particles import ParticleSet
+from cryo2d.signals import interrupts_held
 
 CHECKPOINT = "stream_checkpoint.pt"
 _VERSION = 1
@@ -129,29 +129,6 @@ class StreamResult:
     pieces: list[Piece] = field(default_factory=list)
     n_skipped: int = 0
     last: ClassifyResult | None = None
-
-
-@contextmanager
-def _sigint_deferred():
-    """Hold Ctrl-C until the block is done (an update's files are written together).
-
-    Yields the list of signals caught meanwhile (the caller stops after its
-    bookkeeping). SIGTERM is held too where it has been made to raise
-    KeyboardInterrupt (the CLI does).
-    """
-    caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-    signums = [signal.SIGINT]
-    if signal.getsignal(signal.SIGTERM) is signal.default_int_handler:
-        signums.append(signal.SIGTERM)
-    old = {n: signal.signal(n, lambda signum, frame: caught.append(signum)) for n in signums}
-    try:
-        yield caught
-    finally:
-        for n, handler in old.items():
-            signal.signal(n, handler)
 
 
 def carry_state(engine: Engine, state: RunState, rng_state: dict) -> None:
@@ -389,7 +366,7 @@ class _Stream:
             "duplicates": final.n_duplicates,
             "time_s": round(time.perf_counter() - t0, 3),
         }
-        with _sigint_deferred() as caught:
+        with interrupts_held() as caught:
             self._write(final, particles, summary, result.geometry.pixel_size_angst)
         return summary, final, bool(caught)
 
@@ -398,16 +375,19 @@ class _Stream:
 
         Workers read the same files and rows as :meth:`combined` joins, in the same order.
         """
-        from cryo2d.em.distributed import ConcatSource, DaskPass, ParticleSource, stack_folders_of
+        from cryo2d.em.distributed import ConcatSource, DaskPass, ParticleSource, stack_folders_of, stack_names_of
 
         project = self.watcher.project_dir
         parts = []
         for p in pieces:
-            folders, folder = stack_folders_of(self.watcher.sets[p.file])  # the stacks this process found
+            read = self.watcher.sets[p.file]
+            folders, folder = stack_folders_of(read)  # the stacks this process found
+            # A worker reads the file as it is then: a growing one may name more rows and stacks, which it leaves out.
             parts.append(ParticleSource(path=str(self.watcher.path(p.file).resolve()),
                                         project_dir=None if project is None else str(Path(project).resolve()),
                                         no_ctf=not self.config.use_ctf, rows=p.rows(),
-                                        invert_contrast=bool(self.inverted), stack_folders=folders, stack_folder=folder))
+                                        invert_contrast=bool(self.inverted), stack_folders=folders, stack_folder=folder,
+                                        stack_names=None if folders is None else stack_names_of(read)))
         parts = tuple(parts)
         return DaskPass(self.client, ConcatSource(parts, str(self.source)), engine)
 

@@ -41,6 +41,7 @@ from cryo2d.em.engine import Engine, IterationPlan, ShardSums
 from cryo2d.em.geometry import PointSet
 from cryo2d.errors import Cryo2DError
 from cryo2d.particles import ParticleSet
+from cryo2d.signals import interrupts_held
 
 #: Engines a worker process keeps (one per run; older runs are dropped).
 _CACHE_SIZE = 2
@@ -74,6 +75,11 @@ class ParticleSource:
         folder, among others). None: looked up as the reader does.
     stack_folder : (n_stacks,) int32 array or None
         See ``stack_folders``.
+    stack_names : tuple of str or None
+        The client's distinct stack names, in the order of ``stack_folder``:
+        a worker finds each of its names' folders by name (a file that grew
+        since the client read it may name more stacks, in another order).
+        None: by position.
     """
 
     path: str
@@ -83,29 +89,56 @@ class ParticleSource:
     invert_contrast: bool = False
     stack_folders: tuple[str, ...] | None = None
     stack_folder: np.ndarray | None = None
+    stack_names: tuple[str, ...] | None = None
 
     def open(self) -> ParticleSet:
-        """Read the particle set (metadata; images are read from the stacks on demand)."""
+        """Read the particle set (metadata; images are read from the stacks on demand).
+
+        Only ``rows`` are kept, and only the stacks they name are opened: a
+        file that grew since the client read it (a stream's growing STAR or
+        ``.cs`` file) may name more rows and stacks, still being written.
+        """
         from cryo2d.classify import subset_particles
         from cryo2d.contrast import invert_contrast
         from cryo2d.io import StackRefs, open_stack, read_particles
 
-        found = self.stack_folders is not None and self.stack_folder is not None
-        particles = read_particles(self.path, project_dir=self.project_dir, no_ctf=self.no_ctf, open_stacks=not found)
-        if found:
-            refs = particles.stack
-            if not isinstance(refs, StackRefs) or len(refs.names) != len(self.stack_folder):
+        particles = read_particles(self.path, project_dir=self.project_dir, no_ctf=self.no_ctf, open_stacks=False)
+        refs = particles.stack
+        if not isinstance(refs, StackRefs):  # opened by its reader: nothing to map
+            particles = open_stack(particles)
+            if self.invert_contrast:
+                particles = invert_contrast(particles)
+            return particles if self.rows is None else subset_particles(particles, self.rows)
+        if self.rows is not None:
+            rows = np.asarray(self.rows, dtype=np.int64)
+            if len(rows) and rows.max() >= len(refs):
+                raise Cryo2DError(f"{self.path}: the worker reads {len(refs)} particles, the client classified "
+                                  f"row {int(rows.max()) + 1} (is the file the same on every machine?)")
+            used, file_index = np.unique(refs.file_index[rows], return_inverse=True)
+            refs = replace(refs, names=[refs.names[i] for i in used], candidates=[refs.candidates[i] for i in used],
+                           file_index=file_index.reshape(-1).astype(np.int64), image_index=refs.image_index[rows],
+                           sign=None if refs.sign is None else refs.sign[rows])
+            particles = subset_particles(particles, rows)
+        if self.stack_folders is not None and self.stack_folder is not None:
+            if self.stack_names is not None:
+                where = dict(zip(self.stack_names, self.stack_folder.tolist()))
+                unknown = [name for name in refs.names if name not in where]
+                if unknown:
+                    raise Cryo2DError(f"{self.path}: the worker reads stack {unknown[0]}, which the client did not "
+                                      "(is the file the same on every machine?)")
+                index = [where[name] for name in refs.names]
+            elif len(refs.names) != len(self.stack_folder):
                 raise Cryo2DError(
-                    f"{self.path}: the worker reads {len(getattr(refs, 'names', []))} stack files, the client "
+                    f"{self.path}: the worker reads {len(refs.names)} stack files, the client "
                     f"{len(self.stack_folder)} (is the file the same on every machine?)"
                 )
-            places = [[Path(name)] if i < 0 else [Path(self.stack_folders[i]) / name]
-                      for name, i in zip(refs.names, self.stack_folder.tolist())]
-            particles = open_stack(replace(particles, stack=replace(refs, candidates=places)))
+            else:
+                index = self.stack_folder.tolist()
+            refs = replace(refs, candidates=[[Path(name)] if i < 0 else [Path(self.stack_folders[i]) / name]
+                                             for name, i in zip(refs.names, index)])
+        particles = open_stack(replace(particles, stack=refs))
         if self.invert_contrast:
             particles = invert_contrast(particles)
-        if self.rows is not None:
-            particles = subset_particles(particles, self.rows)
         return particles
 
 
@@ -160,6 +193,7 @@ def source_of(particles: ParticleSet, project_dir=None, rows: np.ndarray | None 
         invert_contrast=bool(particles.extra.get("contrast_inverted", False)),
         stack_folders=folders,
         stack_folder=folder,
+        stack_names=None if folders is None else stack_names_of(particles),
     )
 
 
@@ -169,12 +203,8 @@ def stack_folders_of(particles: ParticleSet) -> tuple[tuple[str, ...] | None, np
     (None, None) when the stacks are not open MRC files or a file is not its
     name below a folder.
     """
-    from cryo2d.io import MRCStack
-
-    stack = particles.stack
-    while not isinstance(stack, MRCStack) and hasattr(stack, "stack"):  # a subset (--skip-bad) of the file's stack
-        stack = stack.stack
-    if not isinstance(stack, MRCStack):
+    stack = _mrc_stack(particles)
+    if stack is None:
         return None, None
     folders: dict[str, int] = {}
     folder = np.full(len(stack.names), -1, dtype=np.int32)
@@ -188,6 +218,22 @@ def stack_folders_of(particles: ParticleSet) -> tuple[tuple[str, ...] | None, np
             return None, None
         folder[i] = folders.setdefault(str(found.parents[depth - 1]), len(folders))
     return tuple(folders), folder
+
+
+def stack_names_of(particles: ParticleSet) -> tuple[str, ...] | None:
+    """The distinct stack names of the file, as it spells them (``ParticleSource.stack_names``)."""
+    stack = _mrc_stack(particles)
+    return None if stack is None else tuple(stack.names)
+
+
+def _mrc_stack(particles: ParticleSet):
+    """The opened MRC stacks of the file (below a subset's rows), or None."""
+    from cryo2d.io import MRCStack
+
+    stack = particles.stack
+    while not isinstance(stack, MRCStack) and hasattr(stack, "stack"):  # a subset (--skip-bad) of the file's stack
+        stack = stack.stack
+    return stack if isinstance(stack, MRCStack) else None
 
 
 # ---------------------------------------------------------------- wire formats
@@ -388,8 +434,10 @@ class DaskPass:
         self.shards_per_worker = int(shards_per_worker)
         self.worker_timeout_s = float(worker_timeout_s)
         self.spec = RunSpec(f"cryo2d-{uuid.uuid4().hex}", source, engine.config, self.device, len(engine.particles))
+        self.address = None if client is None else getattr(client.scheduler, "address", None)
         self.stats: list[dict] = []
         self._n_submitted = 0
+        self._iteration: int | None = None  # of the pass running (for messages)
         # Workers import, open the particle file and build their Engine while the client runs the online iterations.
         self._warm = [client.submit(warm_up, self.spec, key=f"cryo2d-warm-{self.spec.run_key[7:15]}-{i}", pure=False,
                                     workers=[w]) for i, w in enumerate(self._workers())] if client is not None else []
@@ -400,16 +448,41 @@ class DaskPass:
             return self.engine.pass_over(idx, plan, mode, iteration)
         return self.run(idx, plan, mode, iteration)
 
+    def _connected(self, iteration: int | None = None) -> None:
+        """Raise Cryo2DError once the client has lost its scheduler for good.
+
+        A client whose scheduler stops cancels its futures and tries to
+        reconnect for its connect timeout (status "connecting"), then
+        closes: this waits out the reconnection, and raises unless it worked.
+        """
+        deadline = time.monotonic() + self.worker_timeout_s
+        while self.client.status in ("connecting", "newly-created") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.client.status != "running":
+            iteration = self._iteration if iteration is None else iteration
+            during = "" if iteration is None else f" during iteration {iteration + 1}"
+            raise Cryo2DError(f"Dask scheduler {self.address}: connection lost{during} (did the scheduler stop?)")
+
+    def _worker_names(self) -> list[str]:
+        """The scheduler's workers now (Cryo2DError when the scheduler is gone)."""
+        self._connected()
+        info = self.client.scheduler_info(n_workers=-1)
+        self._connected()
+        return sorted(info.get("workers", {}))
+
     def _workers(self) -> list[str]:
-        workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        workers = self._worker_names()
         if not workers:
             try:
                 self.client.wait_for_workers(1, timeout=self.worker_timeout_s)
             except TimeoutError:
+                self._connected()
                 raise Cryo2DError(
-                    f"Dask scheduler {self.client.scheduler.address}: no workers after {self.worker_timeout_s:g} s"
+                    f"Dask scheduler {self.address}: no workers after {self.worker_timeout_s:g} s"
                 ) from None
-            workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+            except OSError:  # the scheduler went away meanwhile
+                self._connected()  # raises unless the client reconnected
+            workers = self._worker_names()
         return workers
 
     def tasks(self, idx: np.ndarray, plan: IterationPlan, mode: str, n_shards: int) -> list[ShardTask]:
@@ -426,6 +499,7 @@ class DaskPass:
     def run(self, idx: np.ndarray, plan: IterationPlan, mode: str, iteration: int):
         """One pass over ``idx`` on the workers; returns what :meth:`Engine.pass_over` returns."""
         t0 = time.perf_counter()
+        self._iteration = iteration
         self._warm = []  # done or queued ahead of the shards; their results are not needed
         workers = self._workers()
         tasks = self.tasks(idx, plan, mode, self.shards_per_worker * len(workers))
@@ -454,6 +528,7 @@ class DaskPass:
         futures = [self._submit(t, i, iteration) for i, t in enumerate(tasks)]
         retries, alone_since = 0, None
         while True:
+            self._connected(iteration)
             pending = [f for f in futures if f.status == "pending"]
             if pending:
                 try:  # wake up when the first pending shard ends, or after 2 s
@@ -462,6 +537,7 @@ class DaskPass:
                     pass
             for i, f in enumerate(futures):
                 if f.status in ("error", "cancelled"):
+                    self._connected(iteration)  # cancelled because the client closed: not a worker lost
                     lost = f.status == "cancelled" or isinstance(f.exception(), KilledWorker)
                     if not lost or retries >= 2 * len(tasks):
                         f.result()  # raises the task's error (or KilledWorker)
@@ -470,12 +546,12 @@ class DaskPass:
                     futures[i] = self._submit(tasks[i], i, iteration)
             if all(f.status == "finished" for f in futures):
                 return self.client.gather(futures)
-            if self.client.scheduler_info(n_workers=-1)["workers"]:
+            if self._worker_names():
                 alone_since = None
             elif alone_since is None:
                 alone_since = time.monotonic()
             elif time.monotonic() - alone_since > self.worker_timeout_s:
-                raise Cryo2DError(f"Dask scheduler {self.client.scheduler.address}: no workers left for "
+                raise Cryo2DError(f"Dask scheduler {self.address}: no workers left for "
                                   f"{self.worker_timeout_s:g} s during iteration {iteration + 1}")
 
     def _submit(self, task: ShardTask, i: int, iteration: int):
@@ -547,17 +623,30 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None, tim
         except (OSError, ValueError, TypeError) as err:
             msg = " ".join(str(err).split()) or type(err).__name__
             raise Cryo2DError(f"--scheduler {scheduler}: cannot connect ({msg})") from None
+        # A scheduler that stops makes the client log "Failed to reconnect ..." before DaskPass
+        # says so in its one line (Cryo2DError).
+        client_log = logging.getLogger("distributed.client")
+        level = client_log.level
+        client_log.setLevel(logging.CRITICAL)
         try:
             yield client
         finally:
             client.close()
+            client_log.setLevel(level)
         return
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                           silence_logs=logging.CRITICAL)
-    # A nanny restarts its worker when it dies; should a nanny give up (its worker
-    # killed while starting), adaptive scaling starts a new one.
-    cluster.adapt(minimum=workers, maximum=workers)
-    client = Client(cluster, set_as_default=False)
+    # Ctrl-C while the nannies start their workers left Dask's "Nanny failed to start" tracebacks
+    # after "cryo2d: interrupted": it is held until the cluster is up, then closes it.
+    with interrupts_held() as caught:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                               silence_logs=logging.CRITICAL)
+        # A nanny restarts its worker when it dies; should a nanny give up (its worker
+        # killed while starting), adaptive scaling starts a new one.
+        cluster.adapt(minimum=workers, maximum=workers)
+        client = Client(cluster, set_as_default=False)
+    if caught:
+        client.close()
+        cluster.close()
+        raise KeyboardInterrupt
     try:
         yield client
     finally:

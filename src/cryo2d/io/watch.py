@@ -144,11 +144,19 @@ class ParticleWatcher:
     def path(self, name: str) -> Path:
         return self.folder / name
 
-    def _settled(self, path: Path) -> bool:
+    def _settled(self, path: Path, still_since: os.stat_result | None = None) -> bool:
         """Whether ``path`` exists and has kept its size and mtime for ``settle_s``.
 
         A path new or changed since the last look, or still within its
         settle time, makes this poll's source not idle.
+
+        ``still_since``: the stat of a file on the same file system that has
+        kept its size and mtime for ``settle_s`` (the particle file naming
+        this stack). A path last modified before it (its mtime older, by the
+        same file server's clock) has been still at least as long, however
+        recently this process first saw it: a stack written before its STAR
+        file is read with it, not ``settle_s`` later (a STAR file rewritten
+        every 1-2 settle times, each time naming a new stack, was never read).
         """
         sig, now = signature(path), self.clock()
         seen = self._first_seen.get(path)
@@ -158,11 +166,21 @@ class ParticleWatcher:
         if seen is None or seen[0] != sig:
             self._first_seen[path] = (sig, now)
             self._changed = True
-            return False
-        if now - seen[1] < self.settle_s:
+            return self._older(path, sig, still_since)
+        if now - seen[1] < self.settle_s and not self._older(path, sig, still_since):
             self._settling = True  # seen and complete soon, perhaps: not idle
             return False
         return True
+
+    @staticmethod
+    def _older(path: Path, sig: Signature, still_since: os.stat_result | None) -> bool:
+        """Whether ``path`` (of signature ``sig``) was last modified before ``still_since``, on its file system."""
+        if still_since is None or not sig[1] < still_since.st_mtime_ns:  # strictly: coarse mtimes tie
+            return False
+        try:
+            return os.stat(path).st_dev == still_since.st_dev  # one server's clock
+        except (OSError, ValueError):
+            return False
 
     def _note(self, text: str, notes: list[str]) -> None:
         if text not in self._notes_given:
@@ -177,14 +195,14 @@ class ParticleWatcher:
             return True
         return all([self._settled(self.folder / n) for n in names if is_passthrough(n)])  # each one's clock starts
 
-    def _stacks_ready(self, refs: StackRefs, name: str, notes: list[str]) -> bool:
+    def _stacks_ready(self, refs: StackRefs, name: str, notes: list[str], still_since: os.stat_result | None) -> bool:
         ready = True
         for stack_name, places in zip(refs.names, refs.candidates):
             found = next((p for p in places if _is_file(p)), None)
             if found is None:
                 self._note(f"{name}: waiting for stack {stack_name}", notes)
                 ready = False
-            elif not self._settled(found):
+            elif not self._settled(found, still_since):
                 ready = False
         return ready
 
@@ -222,7 +240,14 @@ class ParticleWatcher:
             particles = self._read(name, sig, notes)
             if particles is None:
                 continue
-            if not self._stacks_ready(particles.stack, name, notes):
+            try:  # the file as read, still for settle_s: stacks modified before it are too
+                still = os.stat(path)
+            except (OSError, ValueError):
+                still = None
+            if still is not None and (still.st_size, still.st_mtime_ns) != sig:
+                self._changed = True  # changed while it was read: read again once it settles (not idle)
+                continue
+            if not self._stacks_ready(particles.stack, name, notes, still):
                 continue
             self.sets[name] = open_stack(particles)
             self.read_signature[name] = sig
