@@ -224,16 +224,7 @@ def classify(
 def finalize(result: EMResult, particles: ParticleSet, config: EMConfig) -> ClassifyResult:
     """Sort classes, align filaments, mark duplicates: the job's final numbers."""
     K = len(result.classes)
-    order = sort_order(result.counts) if config.sort_classes else np.arange(K)
-    new_of_old = np.empty(K, dtype=np.int64)
-    new_of_old[order] = np.arange(K)
-    classes = result.classes[order]
-    unmasked = None if result.classes_unmasked is None else result.classes_unmasked[order]
-    class_index = np.where(result.class_index >= 0, new_of_old[np.maximum(result.class_index, 0)], -1)
-    psi = result.psi_deg
-    if config.align_filaments:
-        classes, psi, unmasked = align_vertical(classes, psi, class_index, also=unmasked)
-    keep = np.ones(len(class_index), dtype=bool)
+    keep = np.ones(len(result.class_index), dtype=bool)
     if config.remove_duplicates:
         picks = pick_locations(particles)
         if picks is not None:
@@ -242,7 +233,18 @@ def finalize(result: EMResult, particles: ParticleSet, config: EMConfig) -> Clas
             centre = xy + result.shift_px * psize[:, None]
             sep = config.min_separation_angst or 0.5 * result.geometry.particle_diameter_angst
             keep = duplicate_mask(mic, centre, result.max_prob, sep)
-    counts = np.bincount(class_index[keep & (class_index >= 0)], minlength=K).astype(np.float64)
+    # Sorted by the counts written (duplicates left out): largest first as classes.star says.
+    kept = np.bincount(result.class_index[keep & (result.class_index >= 0)], minlength=K).astype(np.float64)
+    order = sort_order(kept) if config.sort_classes else np.arange(K)
+    new_of_old = np.empty(K, dtype=np.int64)
+    new_of_old[order] = np.arange(K)
+    classes = result.classes[order]
+    unmasked = None if result.classes_unmasked is None else result.classes_unmasked[order]
+    class_index = np.where(result.class_index >= 0, new_of_old[np.maximum(result.class_index, 0)], -1)
+    psi = result.psi_deg
+    if config.align_filaments:
+        classes, psi, unmasked = align_vertical(classes, psi, class_index, also=unmasked)
+    counts = kept[order]
     assignments = Assignments(
         class_index=class_index,
         psi_deg=psi,

@@ -727,6 +727,26 @@ def test_remove_duplicates(sim3, helpers, tmp_path):
     assert res.n_duplicates > 10
 
 
+def test_classes_are_sorted_by_the_counts_written_after_duplicates(particles3, helpers, monkeypatch):
+    """Largest class first by the counts written: with duplicates left out, not the engine's counts
+    (the largest class losing most of its particles as duplicate picks was written first)."""
+    import cryo2d.classify as classify_mod
+
+    config = helpers.tiny_config(n_online_iterations=2)
+    result = _run(particles3, helpers, n_online_iterations=2)
+    n, K = len(result.class_index), len(result.classes)
+    big = int(np.argmax(np.bincount(result.class_index, minlength=K)))
+    members = np.flatnonzero(result.class_index == big)
+    keep = np.ones(n, dtype=bool)
+    keep[members[1:]] = False  # all but one of the largest class are duplicate picks
+    monkeypatch.setattr(classify_mod, "pick_locations", lambda particles: (np.zeros(n), np.zeros((n, 2))))
+    monkeypatch.setattr(classify_mod, "duplicate_mask", lambda *args: keep)
+    final = finalize(result, particles3, config)
+    assert list(final.counts) == sorted(final.counts, reverse=True) and final.counts[-1] == 1
+    np.testing.assert_array_equal(np.bincount(final.assignments.class_index[keep], minlength=K), final.counts)
+    np.testing.assert_array_equal(final.classes[-1], result.classes[big])  # the former largest, now last
+
+
 def test_no_sort_keeps_engine_order(particles3, helpers, tmp_path):
     kw = dict(n_classes=4, n_online_iterations=2)
     engine_counts = _run(particles3, helpers, **kw).counts

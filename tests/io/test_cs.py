@@ -237,9 +237,7 @@ def test_passthrough_file_adds_the_ctf_and_locations(tmp_path, capsys):
     now[0] = 1.2  # the particle file has been still for 1.2 s, the passthrough file for 0.7 s
     watcher.poll()
     assert watcher.sets == {}
-    now[0] = 1.6  # both still for 1 s: the stacks are looked at from now
-    watcher.poll()
-    now[0] = 2.7
+    now[0] = 1.6  # both still for 1 s: the stacks, written before the particle file, are read with it
     notes, _ = watcher.poll()
     assert list(watcher.sets) == [main.name] and watcher.sets[main.name].ctf is not None
     assert notes == [f"{main.name}: read ctf/*, location/* from {through.name} (CryoSPARC's passthrough fields, matched by uid)"]
