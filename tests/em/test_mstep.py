@@ -334,33 +334,3 @@ def test_robust_shell_noise_skips_shells_without_points():
     est = robust_shell_noise(resid, counts).numpy()
     assert np.all(est[:3] == 0) and np.all(est[11:] == 0)
     assert np.all(np.abs(est[3:11] / 7.0 - 1) < 0.06), est
-
-
-def test_a_class_of_one_noise_image_is_not_reported_at_nyquist():
-    """A class of one particle (K near N) whose image is noise: the signal prior from |num/den|² − σ²/den
-    averaged point by point was dominated by the CTF's zeros (1/c² there), so the class's SSNR passed 1
-    out to Nyquist and its average became X/c (a checkerboard of 8x the other classes' SD). The
-    den²-weighted estimate Σ(|num|² − σ²·den) / Σ den² (E|num|² = τ²·den² + σ²·den) finds no signal."""
-    from cryo2d.ctf import ctf_2d
-    from cryo2d.em.geometry import disc_points
-    from cryo2d.particles import CTFParams
-
-    box, apix = 48, 7.6
-    pts = disc_points(box, 0.0, box // 2, half=True)
-    n_shells, m = box // 2 + 1, len(pts)
-    g = torch.Generator().manual_seed(1)
-    one = np.ones(1)
-    shells, power = [], []
-    for _ in range(50):
-        df = float(torch.empty(1).uniform_(10000, 30000, generator=g))
-        ctf = CTFParams(defocus_u_angst=df * one, defocus_v_angst=df * one, defocus_angle_deg=0 * one,
-                        voltage_kv=300 * one, cs_mm=2.7 * one, amplitude_contrast=0.1 * one, phase_shift_deg=0 * one,
-                        bfactor_angst2=0 * one)
-        c = ctf_2d(pts.xy / (box * apix), ctf)[0]
-        X = torch.complex(torch.randn(m, generator=g), torch.randn(m, generator=g)) * 0.5**0.5  # σ² = 1 per point
-        num, den, sigma2 = (c * X)[None], (c * c)[None], torch.ones(m)
-        tau2 = estimate_tau2(num, den, sigma2, pts.shell, n_shells, 2.0)
-        shells.append(int(class_resolution_shell(ssnr(den, sigma2, tau2, pts.shell, n_shells, 2.0), n_shells - 1)[0]))
-        power.append(float(solve_classes(num, den, sigma2, tau2, pts.shell).abs().square().mean()))
-    assert max(shells) < 10, shells
-    assert np.median(power) < 1.0  # no more power than the image itself

@@ -252,9 +252,8 @@ def shell_mean(values: Tensor, shell: Tensor, n_shells: int) -> Tensor:
 def estimate_tau2(num: Tensor, den: Tensor, sigma2: Tensor, shell: Tensor, n_shells: int, fudge: float) -> Tensor:
     """Signal power per class and shell from the unregularised class estimate.
 
-    τ²_k(s) = fudge · Σ_s(|num|² − σ²·den) / Σ_s den², the power of the
-    data-only average less its noise bias (each point weighted by den²:
-    E|num|² = τ²·den² + σ²·den), floored where that is not
+    τ²_k(s) = fudge · mean_s( |num/den|² − σ²/den ), the power of the
+    data-only average less its noise bias, floored where that is not
     positive: at the power whose SSNR (:func:`ssnr`) is 10⁻³, and never above
     10⁻⁶ of the class's largest τ² (the floor of an empty class). A floor of
     10⁻⁶ of the largest τ² alone gave a junk class with a strong low
@@ -277,12 +276,10 @@ def estimate_tau2(num: Tensor, den: Tensor, sigma2: Tensor, shell: Tensor, n_she
     -------
     (K, n_shells) float tensor
     """
-    # E|num|² = τ²·den² + σ²·den at each point: over a shell, Σ(|num|² − σ²·den) / Σ den², which
-    # weights the points by den². The mean of the points' own estimates |num/den|² − σ²/den let the
-    # points near the CTF's zeros (1/c²) rule a class of one or a few particles: a class of one
-    # noise image had an SSNR above 1 out to Nyquist and an average of X/c (K near N).
-    excess = shell_mean(num.real.square() + num.imag.square() - sigma2 * den, shell, n_shells)
-    tau2 = fudge * excess / shell_mean(den.square(), shell, n_shells).clamp(min=1e-30)
+    valid = den > 1e-6 * den.amax(dim=1, keepdim=True).clamp(min=1e-30)
+    safe = torch.where(valid, den, torch.ones_like(den))
+    power = torch.where(valid, (num.abs() / safe) ** 2 - sigma2 / safe, torch.zeros_like(den))
+    tau2 = fudge * shell_mean(power, shell, n_shells)
     precision = shell_mean(den / sigma2, shell, n_shells)  # SSNR = (τ²/fudge) · precision
     floor = torch.minimum(1e-3 * fudge / precision, 1e-6 * tau2.amax(dim=1, keepdim=True).clamp(min=1e-30))
     return torch.maximum(tau2, floor)
