@@ -58,59 +58,6 @@ def test_posteriors_sum_to_one(mode):
     assert ((res.max_prob > 0) & (res.max_prob <= 1 + 1e-6)).all()
 
 
-def test_the_empty_box_class_has_its_evidence_once_when_classes_are_few():
-    """One class and the empty-box class: the coarse stage's candidate list is longer than the local
-    maxima, and its fillers (masked entries) were the empty-box class's rotations, each scored again
-    at its one pose's log-probability: log-odds for an empty box 0.12 above the exhaustive search's."""
-    from cryo2d.em.estep import coarse_subgrid, e_step_coarse_to_fine
-
-    g, pts, psi, shifts, refs, phases = _search_problem(1, seed=4)  # 36 rotations, 29 shifts
-    refs = torch.cat([refs, torch.zeros(1, len(psi), len(pts), dtype=torch.complex64)])
-    n = 40
-    sd = 3.0 * float(refs[:1].abs().mean())
-    r_true, t_true = (torch.arange(n) * 7) % len(psi), (torch.arange(n) * 5) % len(shifts)
-    X = 0.5 * refs[0, r_true] / phases[t_true]
-    X = X + sd * torch.complex(torch.randn(n, len(pts), generator=g), torch.randn(n, len(pts), generator=g))
-    args = (X, torch.ones(n, len(pts)), pts.weight / (2 * sd**2), refs, phases, torch.zeros(2), torch.ones(n))
-    grid = coarse_subgrid(shifts, 1.0, len(psi), pts.xy.norm(dim=1), 12.0)
-    exh = e_step(*args, mode="soft", null_class=1)
-    c2f = e_step_coarse_to_fine(*args, grid, mode="soft", null_class=1)
-    log_odds = lambda post: torch.log(post[:, 1].double() / post[:, 0].double().clamp(min=1e-30))  # noqa: E731
-    assert 0.2 < float(exh.class_post[:, 1].mean()) < 0.9  # neither side certain
-    assert abs(float((log_odds(c2f.class_post) - log_odds(exh.class_post)).median())) < 0.01
-
-
-@pytest.mark.parametrize("mode", ["soft", "max_pose"])
-@pytest.mark.parametrize("search", ["exhaustive", "coarse_to_fine", "coarse_to_fine_torch"])
-def test_the_best_pose_is_in_the_most_probable_class(mode, search, monkeypatch):
-    """Soft passes write a particle's most probable class with its best pose in that class: not the
-    best pose of all classes, which can lie in another class (the angle and shift of one class were
-    written with another's number). Posteriors and M-step entries stay those of all poses."""
-    from cryo2d.em import kernels
-    from cryo2d.em.estep import coarse_subgrid, e_step_coarse_to_fine
-
-    if search == "coarse_to_fine_torch":
-        monkeypatch.setattr(kernels, "available", lambda device: False)
-    g, pts, psi, shifts, refs, phases = _search_problem(3, seed=5)
-    n = 300
-    k_true, r_true, t_true = torch.arange(n) % 3, (torch.arange(n) * 7) % len(psi), (torch.arange(n) * 5) % len(shifts)
-    sd = 10.0 * float(refs.abs().mean())  # class posteriors of 0.8 on average: some best poses lie outside the best class
-    X = refs[k_true, r_true] / phases[t_true]
-    X = X + sd * torch.complex(torch.randn(n, len(pts), generator=g), torch.randn(n, len(pts), generator=g))
-    args = (X, torch.ones(n, len(pts)), pts.weight / (2 * sd**2), refs, phases, torch.zeros(3), torch.ones(n))
-    if search == "exhaustive":
-        res, hard = e_step(*args, mode=mode), e_step(*args, mode="hard")
-    else:
-        grid = coarse_subgrid(shifts, 1.0, len(psi), pts.xy.norm(dim=1), 12.0)
-        res, hard = (e_step_coarse_to_fine(*args, grid, mode=m) for m in (mode, "hard"))
-    assert torch.equal(res.best_k, res.class_post.argmax(dim=1))
-    assert not torch.equal(hard.best_k, hard.class_post.argmax(dim=1))  # the case: a best pose in another class
-    same = hard.best_k == res.best_k  # there the best pose of all classes is the class's best
-    assert torch.equal(res.best_t[same], hard.best_t[same]) and torch.equal(res.best_r[same], hard.best_r[same])
-    moved = ~same
-    assert bool((res.max_prob[moved] < hard.max_prob[moved]).all())  # a lesser pose, in the written class
-
-
 def test_hard_gives_one_entry_of_weight_one():
     args = _problem(noise=8.0)
     n = args["X"].shape[0]

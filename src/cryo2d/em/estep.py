@@ -266,14 +266,8 @@ def _summarise(logp: Tensor, table, mode: str, max_entries: int, min_weight: flo
     post.div_(total)
     log_evidence = (peak + torch.log(total)).squeeze(1)
     class_post = table.class_marginal(post)
-    # The best pose within the class the particle is given, its written pose (hard_class:
-    # choose_class's; soft and max_pose: the most probable class), not of all classes: a
-    # particle's class was written with another class's angle and shift (16 % of soft passes'
-    # particles, 64 px, K = 6). Hard: the class of the best pose.
-    if mode == "hard":
-        inside = None
-    else:
-        inside = table.in_class(choose_class(class_post, null_class) if mode == "hard_class" else class_post.argmax(dim=1))
+    inside = table.in_class(choose_class(class_post, null_class)) if mode == "hard_class" else None
+    # hard_class: the best pose within the class the particle is given (its written pose), not of all classes
     max_prob, best = (post if inside is None else post.masked_fill(~inside, -1.0)).max(dim=1)
     best_t, best_kr = table.decode(best[:, None])
     best_t, best_kr = best_t[:, 0], best_kr[:, 0]
@@ -283,7 +277,7 @@ def _summarise(logp: Tensor, table, mode: str, max_entries: int, min_weight: flo
         col, has = _best_pose_per_class(post, table.column_classes(b), class_post.shape[1])
         entries = _top_entries(torch.where(has, class_post, 0.0), table, max_entries, min_weight, col)
     elif mode != "hard":
-        if mode == "hard_class":  # only the given class's poses are summed
+        if inside is not None:
             post = torch.where(inside, post, 0.0)
             post = post / post.sum(dim=1, keepdim=True)
         entries = _top_entries(post, table, max_entries, min_weight)
@@ -900,8 +894,6 @@ def e_step_coarse_to_fine(
     # and particles with as many go together, so a group's products are as long as its
     # longest list. The copies' scores stay 0; their poses are masked below.
     copy = _repeated(cols)  # (b, nc)
-    if null_class >= 0:  # fillers of a short top list (its masked entries): the empty-box class has one pose
-        copy[:, K:] |= cand_k[:, K:] == null_class
     if prune is not None:  # candidates far below the particle's best coarse pose are not refined
         cand_lp = best_lp.view(b, K * Rc).gather(1, cols) / temperature + log_prior[cand_k]
         if null_class >= 0:
