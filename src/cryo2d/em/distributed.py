@@ -76,10 +76,10 @@ class ParticleSource:
     stack_folder : (n_stacks,) int32 array or None
         See ``stack_folders``.
     stack_names : tuple of str or None
-        The client's distinct stack names, in the order of ``stack_folder``:
-        a worker finds each of its names' folders by name (a file that grew
-        since the client read it may name more stacks, in another order).
-        None: by position.
+        The client's distinct stack names, in the order of ``stack_folder``
+        (given with it): a worker finds each of its names' folders by name (a
+        file that grew since the client read it may name more stacks, in
+        another order, and the worker opens only its rows' stacks).
     """
 
     path: str
@@ -120,22 +120,14 @@ class ParticleSource:
                            sign=None if refs.sign is None else refs.sign[rows])
             particles = subset_particles(particles, rows)
         if self.stack_folders is not None and self.stack_folder is not None:
-            if self.stack_names is not None:
-                where = dict(zip(self.stack_names, self.stack_folder.tolist()))
-                unknown = [name for name in refs.names if name not in where]
-                if unknown:
-                    raise Cryo2DError(f"{self.path}: the worker reads stack {unknown[0]}, which the client did not "
-                                      "(is the file the same on every machine?)")
-                index = [where[name] for name in refs.names]
-            elif len(refs.names) != len(self.stack_folder):
-                raise Cryo2DError(
-                    f"{self.path}: the worker reads {len(refs.names)} stack files, the client "
-                    f"{len(self.stack_folder)} (is the file the same on every machine?)"
-                )
-            else:
-                index = self.stack_folder.tolist()
-            refs = replace(refs, candidates=[[Path(name)] if i < 0 else [Path(self.stack_folders[i]) / name]
-                                             for name, i in zip(refs.names, index)])
+            where = dict(zip(self.stack_names or (), self.stack_folder.tolist()))
+            unknown = [name for name in refs.names if name not in where]
+            if unknown:
+                raise Cryo2DError(f"{self.path}: the worker reads stack {unknown[0]}, which the client did not "
+                                  "(is the file the same on every machine?)")
+            places = [[Path(name)] if where[name] < 0 else [Path(self.stack_folders[where[name]]) / name]
+                      for name in refs.names]
+            refs = replace(refs, candidates=places)
         particles = open_stack(replace(particles, stack=refs))
         if self.invert_contrast:
             particles = invert_contrast(particles)
