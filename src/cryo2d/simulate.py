@@ -55,6 +55,7 @@ from cryo2d.io.star import write_blocks
 from cryo2d.particles import CTFParams
 
 __all__ = [
+    "MapContentError",
     "SimulatedData",
     "bundled_map_path",
     "dark_map_note",
@@ -402,6 +403,14 @@ def dark_map_note(volume: np.ndarray) -> str | None:
     return None
 
 
+class MapContentError(Cryo2DError):
+    """A map the simulator cannot use for what it holds (``problem``); the command names its file."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"simulate: map: {problem}")
+        self.problem = problem
+
+
 def _flatten_solvent(volume: np.ndarray) -> np.ndarray:
     """Clip negative density and zero the solvent (where the map smoothed by σ = 2 voxels is < 10 % of its peak).
 
@@ -411,14 +420,14 @@ def _flatten_solvent(volume: np.ndarray) -> np.ndarray:
 
     Raises
     ------
-    Cryo2DError
+    MapContentError
         The smoothed map has no positive value (dark protein, or an empty map).
     """
     smooth = ndimage.gaussian_filter(volume.astype(np.float64), 2.0)
     top = float(smooth.max())
     if not top > 0:  # clipped, nothing would be left: blank "particles"
-        raise Cryo2DError("simulate: map: no positive density (the simulator needs the protein positive; "
-                          "a map of dark protein? multiply it by -1)")
+        raise MapContentError("no positive density (the simulator needs the protein positive; "
+                              "a map of dark protein? multiply it by -1)")
     inside = smooth > 0.1 * top
     del smooth  # one map-sized float64 array at a time (large maps)
     mask = ndimage.gaussian_filter(inside.astype(np.float64), 1.0)
@@ -713,8 +722,8 @@ def simulate(
     Raises
     ------
     Cryo2DError
-        A setting out of range, or a map with no positive density (messages
-        about the map begin ``simulate: map:``).
+        A setting out of range, or (:class:`MapContentError`, whose messages
+        begin ``simulate: map:``) a map with no positive density.
     """
     volume = np.asarray(volume, dtype=np.float32)
     if volume.ndim != 3 or len(set(volume.shape)) != 1:

@@ -41,7 +41,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cryo2d.simulate import dark_map_note, read_map, simulate, write_simulation
+    from cryo2d.simulate import MapContentError, dark_map_note, read_map, simulate, write_simulation
 
     start = time.perf_counter()
     volume, voxel = read_map(args.map)
@@ -74,11 +74,8 @@ def run(args: argparse.Namespace) -> int:
             rare_view_fraction=args.rare_fraction,
             seed=args.seed,
         )
-    except Cryo2DError as err:  # a problem of the map's content: name its file
-        prefix = "simulate: map: "
-        if not str(err).startswith(prefix):
-            raise
-        raise Cryo2DError(f"{args.map}: {str(err)[len(prefix):]}") from None
+    except MapContentError as err:  # a problem of the map's content: name its file
+        raise Cryo2DError(f"{args.map}: {err.problem}") from None
     out = write_simulation(sim, args.out)
     counts = sim.truth["kind"].value_counts().to_dict()
     print(
