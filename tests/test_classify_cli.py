@@ -496,7 +496,7 @@ ENGINE_OPTIONS = [
     (["--max-align-res", "15"], "max_align_res_angst", 15.0),
     (["--average-res", "4"], "average_res_angst", 4.0),
     (["--min-align-res", "150"], "min_align_res_angst", 150.0),
-    (["--start", "split"], "start", "split"),
+    (["--start", "random"], "start", "random"),
     (["--online-iterations", "9"], "n_online_iterations", 9),
     (["--batch-per-class", "33"], "batch_size_per_class", 33),
     (["--full-iterations", "3"], "n_full_iterations", 3),

@@ -75,9 +75,9 @@ class EMConfig:
     max_align_res_angst: float | None = None
     #: Lowest resolution used by the E-step, a high-pass (None = keep all), Å.
     min_align_res_angst: float | None = None
-    #: Starting classes: "random" averages random subsets at random angles;
-    #: "split" grows them from one class by binary splitting (:mod:`cryo2d.em.start`).
-    start: str = "random"
+    #: Starting classes: "split" grows them from one class by binary splitting
+    #: (:mod:`cryo2d.em.start`); "random" averages random subsets at random angles.
+    start: str = "split"
     n_online_iterations: int = 20
     batch_size_per_class: int = 100
     #: Passes over all particles after the online iterations. A whole run

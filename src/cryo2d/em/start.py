@@ -1,4 +1,4 @@
-"""The starting classes of a run: random subsets (the default), or classes grown by binary splitting.
+"""The starting classes of a run: classes grown by binary splitting (the default), or random subsets.
 
 Random subsets averaged at random angles (:meth:`Engine.initialise`, RELION's
 and CryoSPARC's start) are all close to one rotational blur of the data: the
@@ -19,16 +19,20 @@ the last split, to K, first gives each class's misfits (the class moves'
 misfit groups) a class of their own, where a rarer view hidden in a class
 can grow.
 
-Measured over 21 runs of eight simulated sets (session 38): purity 0.49 → 0.71
-and median NCC 0.938 → 0.969 on haemoglobin at 48 px, 0.62 → 0.82 purity on a
-set with 40 % junk, 0.126 → 0.155 and 0.882 → 0.904 with views uniform over
-the sphere; the bundled 48 px sets as before, but their rare view kept in 7
-of 9 runs instead of 9, and the 5,000-particle `hard` set's in 0 of 3 runs
-instead of 2. Slower: the stages cost about a quarter of the job on those
-sets (3,000 particles of 64 px, K = 20: 19.0 → 23.8 s; they do not grow with
-the number of particles), and where the classes reach a finer resolution
-sooner the searches that follow cost more (TRPV1, 3,000 particles: +60-80 %).
-So it is an option (``--start split``), not the default.
+Session 38 measured it over 21 runs of eight sets (purity 0.49 → 0.71 and
+median NCC 0.938 → 0.969 on haemoglobin at 48 px, 0.126 → 0.155 and 0.882 →
+0.904 with views uniform over the sphere) but found rare views kept less
+often, and left it an option. Session 56 measured it again on the engine of
+then, with two iterations a stage instead of three: over 30 runs (ten sets
+of 1,000-5,000 particles, 48-96 px, discrete and spread views, 10-50 % junk,
+EM seeds 0-2) purity +0.025 (higher in 23 runs, lower in 7), median NCC
++0.010 (16 / 7), junk F1 level (−0.001), the rare view kept in 17 runs, as
+many as from the random start; on 20,000 particles at K = 20 and 50 (4 runs) ahead on
+purity and median NCC in all 4 and on junk F1 in 3 (level in the fourth), the
+rare view kept in 4 runs against 2. It costs about 15 % more CPU time (the
+stages do not grow with the number of particles; on 20,000 particles at
+K = 50, 13 %). It is the default; ``--start random`` is the faster choice
+(benchmarks/README.md, session 56).
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
     from cryo2d.em.engine import Engine
 
 #: Online iterations of each splitting stage.
-STAGE_ITERATIONS = 3
+STAGE_ITERATIONS = 2
 
 
 def stage_sizes(n_classes: int) -> list[int]:
