@@ -153,7 +153,9 @@ def classify(
         looked dark and were inverted (``config.invert_contrast`` None), or
         looked bright and were inverted all the same (True); the particles
         start from their input origins (``config.input_shifts``); a .cs
-        input's CTF or pick locations came from its passthrough file.
+        input's CTF or pick locations came from its passthrough file. Then,
+        one line per stage of the split start (``config.start`` "split") as it
+        ends.
     """
     if workers is not None and scheduler is not None:
         raise Cryo2DError("--workers and --scheduler: give one of them")
@@ -210,7 +212,7 @@ def classify(
             client = stack.enter_context(dask_client(workers=workers, scheduler=scheduler))
             make_pass = partial(DaskPass, client, source)
         result = run_em(particles, config, device=device, on_iteration=_log, checkpoint=checkpoint,
-                        resume=resume, make_pass=make_pass)
+                        resume=resume, make_pass=make_pass, on_note=on_note)
     final = finalize(result, particles, config)
     write_job(final, particles, out, result.geometry.pixel_size_angst)
     final.out_dir = out

@@ -336,7 +336,7 @@ class _Stream:
         cfg = self.config
         pass_fn = self._dask_pass(pieces, engine) if self.client is not None else None
         if self.state is None:
-            start_classes(engine)
+            start_classes(engine, None if on_note is None else (lambda line: on_note(f"{self.source}: {line}")))
             iterations = range(cfg.n_online_iterations + max(cfg.n_full_iterations, 1))
             for it in iterations:
                 record = engine.iterate(it, pass_fn=pass_fn)

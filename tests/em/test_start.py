@@ -97,3 +97,20 @@ def test_a_split_start_run_is_seeded(particles3, helpers):
     assert len(a.history) == config.n_online_iterations + config.n_full_iterations
     other = run_em(particles3, helpers.tiny_config(start="split", seed=1))
     assert not np.array_equal(other.classes, a.classes)
+
+
+def test_the_split_start_says_each_stage_as_it_ends(particles3, helpers):
+    """The stages run before the first iteration: one line each for the user, with its class counts;
+    none from the random start."""
+    from cryo2d.em.engine import run_em
+    from cryo2d.em.start import stage_sizes
+
+    lines = []
+    run_em(particles3, helpers.tiny_config(start="split", n_classes=5), on_note=lines.append)
+    assert stage_sizes(5) == [1, 2, 4]
+    assert [line.split(":")[0] for line in lines] == [f"split start, stage {i} of 3" for i in (1, 2, 3)], lines
+    assert [line.split(": ")[1].split(" in ")[0] for line in lines] == [
+        "1 class, split into 2", "2 classes, split into 4", "4 classes, split into 5"], lines
+    lines.clear()
+    run_em(particles3, helpers.tiny_config(start="random"), on_note=lines.append)
+    assert lines == []

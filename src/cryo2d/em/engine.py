@@ -1237,6 +1237,7 @@ def run_em(
     checkpoint: Path | None = None,
     resume: bool = False,
     make_pass: Callable[[Engine], Callable] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> EMResult:
     """Classify ``particles`` into ``config.n_classes`` 2D classes.
 
@@ -1257,6 +1258,9 @@ def run_em(
         Called once with the :class:`Engine`; returns the ``pass_fn`` that
         every :meth:`Engine.iterate` uses instead of :meth:`Engine.pass_over`
         (e.g. :class:`cryo2d.em.distributed.DaskPass`).
+    on_note : callable, optional
+        Called with a line for the user after each stage of the split start
+        (:func:`cryo2d.em.start.split_start`).
 
     Returns
     -------
@@ -1272,7 +1276,7 @@ def run_em(
             for record in s.history:
                 on_iteration(record)
     else:
-        start_classes(eng)
+        start_classes(eng, on_note)
     n_online, n_full = cfg.n_online_iterations, cfg.n_full_iterations
     total = n_online + max(n_full, 1)
     pass_fn = make_pass(eng) if make_pass is not None else None

@@ -37,7 +37,8 @@ K = 50, 13 %). It is the default; ``--start random`` is the faster choice
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -103,7 +104,7 @@ def split_labels(labels: np.ndarray, fit_z: np.ndarray, n_groups: int, seeds: li
     return new
 
 
-def split_start(engine: Engine) -> None:
+def split_start(engine: Engine, on_stage: Callable[[str], None] | None = None) -> None:
     """Set ``engine``'s starting classes by binary splitting (see the module docstring).
 
     Each stage is an :class:`~cryo2d.em.engine.Engine` of its own on the same
@@ -113,6 +114,8 @@ def split_start(engine: Engine) -> None:
     each sampled particle a class, pose and fit; the next stage (or
     ``engine``) starts from those, its classes split (:func:`split_labels`),
     with the last stage's noise model. With K = 1 this is the random start.
+    ``on_stage`` is called with a line for the user after each stage (its
+    class counts and time), the start's progress before the first iteration.
     """
     from cryo2d.em.engine import Engine  # the engine module imports this one
 
@@ -124,6 +127,7 @@ def split_start(engine: Engine) -> None:
     m = engine.start_sample_size()
     start = None  # (particles, labels, angles, shifts, noise) for the next stage
     for i, k in enumerate(sizes):
+        t0 = time.perf_counter()
         sub_cfg = dataclasses.replace(cfg, n_classes=k, n_online_iterations=STAGE_ITERATIONS, n_full_iterations=0,
                                       empty_class=False, seed=int(engine.rng.integers(2**31)))
         sub = Engine(engine.particles, sub_cfg, str(engine.device))
@@ -143,12 +147,15 @@ def split_start(engine: Engine) -> None:
         labels = split_labels(per["k"], z, target, seeds)
         start = (idx, torch.from_numpy(labels).to(engine.device), torch.from_numpy(per["psi"]).float().to(engine.device),
                  torch.from_numpy(per["shift"]).to(engine.device), sub.state.sigma2_shell, plan.psi_rad)
+        if on_stage is not None:
+            on_stage(f"split start, stage {i + 1} of {len(sizes)}: {k} class{'es' if k > 1 else ''}, "
+                     f"split into {target} in {time.perf_counter() - t0:.1f}s")
     engine.start_from(*start)
 
 
-def start_classes(engine: Engine) -> None:
-    """Set ``engine``'s starting classes as ``engine.config.start`` says."""
+def start_classes(engine: Engine, on_stage: Callable[[str], None] | None = None) -> None:
+    """Set ``engine``'s starting classes as ``engine.config.start`` says (``on_stage``: :func:`split_start`)."""
     if engine.config.start == "split":
-        split_start(engine)
+        split_start(engine, on_stage)
     else:
         engine.initialise()
