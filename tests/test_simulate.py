@@ -486,3 +486,23 @@ def test_a_map_in_any_units_gives_the_same_images(bundled, units):
     clean = simulate(volume * np.float32(units), voxel, n_particles=10, box=BOX, seed=4, add_noise=False)
     clean_ref = simulate(volume, voxel, n_particles=10, box=BOX, seed=4, add_noise=False)
     np.testing.assert_allclose(clean.images / units, clean_ref.images, rtol=1e-5, atol=1e-5)
+
+
+def test_demo_runs_the_job_and_says_the_split_start_stages(tmp_path, capsys):
+    """A small demo end to end: the job's files, the scores on stdout, and on stderr the split start's
+    stage lines (1 → 2 → 4 classes) before the first iteration's."""
+    import json
+
+    from cryo2d.cli.main import main
+
+    assert main(["demo", "-o", str(tmp_path / "demo"), "-n", "300", "--classes", "4", "--box", "32"]) == 0
+    out, err = capsys.readouterr()
+    scores = json.loads(out[out.index("{"):out.rindex("}") + 1])
+    assert 0 <= scores["purity"] <= 1 and scores["n_particle_classes"] + scores["n_junk_classes"] <= 4
+    lines = err.splitlines()
+    stages = [i for i, line in enumerate(lines) if ": split start, stage " in line]
+    assert [lines[i].split(": split start, ")[1].split(" in ")[0] for i in stages] == [
+        "stage 1 of 2: 1 class, split into 2", "stage 2 of 2: 2 classes, split into 4"], err
+    first = next(i for i, line in enumerate(lines) if line.startswith("iter   1 "))
+    assert max(stages) < first
+    assert {"classes.mrcs", "particles.star", "gallery.png"} <= {p.name for p in (tmp_path / "demo/job").iterdir()}

@@ -32,7 +32,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cryo2d.classify import classify
-    from cryo2d.cli.classify import progress_printer
+    from cryo2d.cli.classify import print_note, progress_printer
     from cryo2d.em.config import EMConfig
     from cryo2d.em.geometry import MIN_BOX
     from cryo2d.errors import Cryo2DError
@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"simulated {args.n} particles of {args.box} px at {sim.pixel_size_angst:.2f} Å/px into {data}", file=sys.stderr)
     config = EMConfig(n_classes=args.classes, seed=args.seed)
     with progress_printer(config.n_online_iterations + max(config.n_full_iterations, 1)) as on_iteration:
-        classify(data / "particles.star", job, config, device=args.device, on_iteration=on_iteration)
+        classify(data / "particles.star", job, config, device=args.device, on_iteration=on_iteration,
+                 on_note=lambda text: print_note(data / "particles.star", text))
     scores = score_job(job, data)
     keys = ("junk_f1", "purity", "rare_view_recovered", "median_ncc", "n_particle_classes", "n_junk_classes", "n_empty_classes")
     print(json.dumps({k: scores[k] for k in keys}, indent=1))
