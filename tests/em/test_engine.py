@@ -239,7 +239,7 @@ def test_references_over_budget_are_sampled_with_the_same_result(particles3, hel
 def test_the_torch_path_of_a_gpu_classifies_as_the_cpu_kernels_do(bundled_volume, helpers, monkeypatch, soft, start):
     """A whole job with every step in torch (what ``--device cuda`` runs; here on the CPU, with
     ``kernels.available`` false) against the same job with the Numba kernels: the same labels, angles,
-    shifts and empty-box class, the classes to float rounding. 600 particles of 4 views with 20 %
+    shifts and empty-box class, the classes to float rounding (with ``soft``, nearly the same: see below). 600 particles of 4 views with 20 %
     junk, K = 6, 8 online iterations: the coarse-to-fine search, re-seeded (from the random start)
     and grown classes, the empty-box class and (``soft``) fractional posteriors all run, after the
     split start's stages or the random start.
@@ -267,12 +267,25 @@ def test_the_torch_path_of_a_gpu_classifies_as_the_cpu_kernels_do(bundled_volume
     plain = run_em(particles, config)
     assert compiled.empty_class >= 0
     assert start == "split" or sum(h["reseeded"] for h in compiled.history) >= 2
-    assert np.array_equal(plain.class_index, compiled.class_index)
     assert plain.empty_class == compiled.empty_class
     d = np.angle(np.exp(1j * np.deg2rad(plain.psi_deg - compiled.psi_deg)))
-    assert np.abs(d).max() < 1e-3
-    np.testing.assert_array_equal(plain.shift_px, compiled.shift_px)
-    np.testing.assert_allclose(plain.classes, compiled.classes, rtol=0, atol=1e-4 * np.abs(compiled.classes).max())
+    if not soft:
+        assert np.array_equal(plain.class_index, compiled.class_index)
+        assert np.abs(d).max() < 1e-3
+        np.testing.assert_array_equal(plain.shift_px, compiled.shift_px)
+        np.testing.assert_allclose(plain.classes, compiled.classes, rtol=0, atol=1e-4 * np.abs(compiled.classes).max())
+        return
+    # Soft passes sum only the poses above a weight cutoff, and a weight at the cutoff falls on
+    # either side of it in the two paths' last bits: on an AMD EPYC host (AVX-512) the random
+    # start's sums part by 2e-4 at the second iteration, and the job ends with 3 of 600 labels,
+    # 7 % of the poses and one class at correlation 0.992 apart (session 57).
+    same = plain.class_index == compiled.class_index
+    assert same.mean() >= 0.98
+    same_pose = same & (np.abs(d) < 1e-3) & (plain.shift_px == compiled.shift_px).all(axis=1)
+    assert same_pose.mean() >= 0.85
+    for a, b in zip(plain.classes.astype(np.float64), compiled.classes.astype(np.float64)):
+        if np.abs(b).max() > 0:
+            assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.98
     if soft:
         assert float(compiled.class_posterior.min()) < 0.99  # some particles' weight is spread
 
