@@ -133,8 +133,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     _on_off(p, "flatten-solvent", True, "write the class averages masked as the search sees them (each class's own "
             "mask with --auto-mask, else the circular mask): zero outside the particle (default on)")
     _on_off(p, "hard-last", True, "final pass puts each particle in its best class only (default on)")
-    _on_off(p, "empty-class", True, "from a quarter of the online iterations on (halfway with --start random), one class holds the empty boxes: "
-            "particles that no class explains better than noise alone (default on)")
+    _on_off(p, "empty-class", True, "from a quarter of the online iterations on (halfway with --start random), "
+            "one class holds the empty boxes: particles that no class explains better than noise alone (default on)")
     dup = p.add_mutually_exclusive_group()
     dup.add_argument("--remove-duplicates", dest="remove_duplicates", action="store_true", default=True, help="keep one of each duplicate pick (default)")
     dup.add_argument("--keep-duplicates", dest="remove_duplicates", action="store_false")
